@@ -1,0 +1,1 @@
+"""DiNAT backbone and its neighborhood-attention op."""

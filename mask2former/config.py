@@ -1,0 +1,181 @@
+"""Config keys of the mask2former package.
+
+``add_maskformer2_config`` adds every key of the official Mask2Former code (so its YAML files load
+unchanged) plus this project's keys for the competition loop (datasets, polygon rasterisation,
+validation, copy-paste, evaluation). Call ``add_deeplab_config`` first (poly LR schedule keys).
+"""
+from detectron2.config import CfgNode as CN
+
+
+def add_maskformer2_config(cfg):
+    """Add Mask2Former (official names) and project keys to ``cfg`` in place."""
+    # ------------------------------------------------------------------ input / data mapper
+    # Which dataset mapper the trainer builds: "mask_former_semantic" (the only one here).
+    cfg.INPUT.DATASET_MAPPER_NAME = "mask_former_semantic"
+    # Photometric "SSD" colour jitter (brightness, contrast, saturation, hue) in the train mapper.
+    cfg.INPUT.COLOR_AUG_SSD = False
+    # Retry random crops until no single category covers more than this fraction of the crop
+    # (ignore pixels not counted). 1.0 disables the constraint.
+    cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0
+    # Pad image (with 0) and target (with the ignore label) to a multiple of this in the train
+    # mapper; -1 = no padding in the mapper (the model pads to its own size divisibility).
+    cfg.INPUT.SIZE_DIVISIBILITY = -1
+    # Large-scale-jitter keys of the official code (instance/panoptic mappers; kept for YAML compat).
+    cfg.INPUT.IMAGE_SIZE = 1024
+    cfg.INPUT.MIN_SCALE = 0.1
+    cfg.INPUT.MAX_SCALE = 2.0
+
+    # ------------------------------------------------------------------ solver
+    # Weight decay applied to embedding parameters (query features / positions, level embeddings).
+    cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0
+    # "ADAMW" or "SGD".
+    cfg.SOLVER.OPTIMIZER = "ADAMW"
+    # Learning-rate multiplier for parameters of the backbone.
+    cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
+
+    # ------------------------------------------------------------------ Mask2Former model
+    cfg.MODEL.MASK_FORMER = CN()
+    # Loss on the predictions of every decoder layer (auxiliary losses).
+    cfg.MODEL.MASK_FORMER.DEEP_SUPERVISION = True
+    # Classification weight of the "no object" class.
+    cfg.MODEL.MASK_FORMER.NO_OBJECT_WEIGHT = 0.1
+    # Loss weights (also used as matching costs): classification CE, dice, sigmoid BCE on masks.
+    cfg.MODEL.MASK_FORMER.CLASS_WEIGHT = 1.0
+    cfg.MODEL.MASK_FORMER.DICE_WEIGHT = 1.0
+    cfg.MODEL.MASK_FORMER.MASK_WEIGHT = 20.0
+    # Transformer decoder: attention heads, dropout, FFN width.
+    cfg.MODEL.MASK_FORMER.NHEADS = 8
+    cfg.MODEL.MASK_FORMER.DROPOUT = 0.1
+    cfg.MODEL.MASK_FORMER.DIM_FEEDFORWARD = 2048
+    # Transformer encoder layers inside the decoder module (0 for Mask2Former).
+    cfg.MODEL.MASK_FORMER.ENC_LAYERS = 0
+    # Decoder layers + 1 (the extra one is the prediction made from the learnable queries alone).
+    cfg.MODEL.MASK_FORMER.DEC_LAYERS = 6
+    # Pre-LayerNorm transformer blocks.
+    cfg.MODEL.MASK_FORMER.PRE_NORM = False
+    # Query / transformer width.
+    cfg.MODEL.MASK_FORMER.HIDDEN_DIM = 256
+    # Number of object queries.
+    cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES = 100
+    # Which features feed the transformer decoder: "multi_scale_pixel_decoder" for Mask2Former.
+    cfg.MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE = "res5"
+    # Always add a 1x1 input projection before the decoder, even when widths already match.
+    cfg.MODEL.MASK_FORMER.ENFORCE_INPUT_PROJ = False
+    # Name in TRANSFORMER_DECODER_REGISTRY.
+    cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME = "MultiScaleMaskedTransformerDecoder"
+    # Images are padded to a multiple of this (0/-1: use the backbone's size_divisibility).
+    cfg.MODEL.MASK_FORMER.SIZE_DIVISIBILITY = 32
+    # Points sampled per mask for the mask losses (and the matcher) during training.
+    cfg.MODEL.MASK_FORMER.TRAIN_NUM_POINTS = 112 * 112
+    # PointRend importance sampling: oversampling factor k and importance ratio beta.
+    cfg.MODEL.MASK_FORMER.OVERSAMPLE_RATIO = 3.0
+    cfg.MODEL.MASK_FORMER.IMPORTANCE_SAMPLE_RATIO = 0.75
+
+    cfg.MODEL.MASK_FORMER.TEST = CN()
+    # Output types at inference. Only semantic segmentation is implemented in this project.
+    cfg.MODEL.MASK_FORMER.TEST.SEMANTIC_ON = True
+    cfg.MODEL.MASK_FORMER.TEST.INSTANCE_ON = False
+    cfg.MODEL.MASK_FORMER.TEST.PANOPTIC_ON = False
+    # Thresholds of panoptic/instance inference (kept for YAML compatibility).
+    cfg.MODEL.MASK_FORMER.TEST.OBJECT_MASK_THRESHOLD = 0.0
+    cfg.MODEL.MASK_FORMER.TEST.OVERLAP_THRESHOLD = 0.0
+    # Combine class and mask predictions before resizing to the output size (official option).
+    cfg.MODEL.MASK_FORMER.TEST.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE = False
+
+    # ------------------------------------------------------------------ pixel decoder / head
+    # Channels of the mask features (per-pixel embeddings).
+    cfg.MODEL.SEM_SEG_HEAD.MASK_DIM = 256
+    # Deformable-attention encoder layers in the pixel decoder.
+    cfg.MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS = 0
+    # Name of the pixel decoder in SEM_SEG_HEADS_REGISTRY.
+    cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME = "MSDeformAttnPixelDecoder"
+    # Backbone features the deformable encoder attends over (coarsest three).
+    cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES = ["res3", "res4", "res5"]
+    # Sampling points per head per level, and heads, of the deformable attention.
+    cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS = 4
+    cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS = 8
+    # Implementation of multi-scale deformable attention: "pytorch" (reference, grid_sample) or
+    # "fast" (same numbers, faster path of this project). Both run on CPU and GPU.
+    cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_ATTENTION_IMPL = "fast"
+
+    # ------------------------------------------------------------------ Swin backbone
+    cfg.MODEL.SWIN = CN()
+    # Image size of the ImageNet pretraining (sets the absolute position embedding size if APE).
+    cfg.MODEL.SWIN.PRETRAIN_IMG_SIZE = 224
+    cfg.MODEL.SWIN.PATCH_SIZE = 4
+    cfg.MODEL.SWIN.EMBED_DIM = 96
+    cfg.MODEL.SWIN.DEPTHS = [2, 2, 6, 2]
+    cfg.MODEL.SWIN.NUM_HEADS = [3, 6, 12, 24]
+    cfg.MODEL.SWIN.WINDOW_SIZE = 7
+    cfg.MODEL.SWIN.MLP_RATIO = 4.0
+    cfg.MODEL.SWIN.QKV_BIAS = True
+    # Attention scale override (None: head_dim ** -0.5).
+    cfg.MODEL.SWIN.QK_SCALE = None
+    cfg.MODEL.SWIN.DROP_RATE = 0.0
+    cfg.MODEL.SWIN.ATTN_DROP_RATE = 0.0
+    # Stochastic depth, linearly increasing over blocks up to this rate.
+    cfg.MODEL.SWIN.DROP_PATH_RATE = 0.3
+    # Absolute position embedding.
+    cfg.MODEL.SWIN.APE = False
+    # LayerNorm after patch embedding.
+    cfg.MODEL.SWIN.PATCH_NORM = True
+    cfg.MODEL.SWIN.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    # Activation checkpointing in every Swin block (saves memory, costs time).
+    cfg.MODEL.SWIN.USE_CHECKPOINT = False
+    # Stages frozen during training: -1 none, 0 patch embedding, i >= 1 patch embedding + stages < i.
+    cfg.MODEL.SWIN.FROZEN_STAGES = -1
+
+    # ------------------------------------------------------------------ datasets (project)
+    # Competition data root (train_all.json, train.json, val.json, test.json + batch folders).
+    # When set, registers trash_train_all, trash_train, trash_val and trash_test.
+    cfg.DATASETS.TRASH_ROOT = ""
+    # Extra COCO-polygon datasets, each [name, json_file, image_root]; registered for semantic
+    # segmentation (category ids mapped to contiguous labels 1..K, 0 = background).
+    cfg.DATASETS.COCO_SEMSEG = []
+    # Extra label-map datasets, each [name, image_dir, label_dir, num_classes]; label PNGs hold
+    # class ids, MODEL.SEM_SEG_HEAD.IGNORE_VALUE is ignored.
+    cfg.DATASETS.LABELMAP_SEMSEG = []
+    # Order in which overlapping polygons are drawn: "area_desc" (largest first, smaller on top),
+    # "area_asc", or "file" (json order, later on top).
+    cfg.DATASETS.POLYGON_DRAW_ORDER = "area_desc"
+    # What to do with each problem found when validating a COCO json: "fix", "skip", "error".
+    cfg.DATASETS.VALIDATION = CN()
+    # Duplicate annotation ids: "fix" keeps both (ids are not used for drawing), "skip" drops repeats.
+    cfg.DATASETS.VALIDATION.DUPLICATE_ANNOTATION_ID = "fix"
+    # Polygons with fewer than 3 points: dropped ("skip") or fatal ("error").
+    cfg.DATASETS.VALIDATION.DEGENERATE_POLYGON = "skip"
+    # Coordinates outside the image: clipped ("fix"), annotation dropped ("skip"), or fatal.
+    cfg.DATASETS.VALIDATION.OUT_OF_BOUNDS = "fix"
+    # Polygons of zero or negative area: dropped ("skip") or fatal ("error").
+    cfg.DATASETS.VALIDATION.ZERO_AREA = "skip"
+    # Annotations whose category id is not in "categories": dropped ("skip") or fatal ("error").
+    cfg.DATASETS.VALIDATION.UNKNOWN_CATEGORY = "error"
+    # Images missing on disk / unreadable: dropped ("skip") or fatal ("error").
+    cfg.DATASETS.VALIDATION.MISSING_IMAGE = "error"
+    # Image size on disk differs from the json: "fix" trusts the file (annotations scaled), "skip",
+    # "error".
+    cfg.DATASETS.VALIDATION.SIZE_MISMATCH = "error"
+    # Check every image file on disk at registration (opens headers; slower for huge sets).
+    cfg.DATASETS.VALIDATION.CHECK_FILES = True
+
+    # ------------------------------------------------------------------ copy-paste bank (project)
+    cfg.INPUT.COPY_PASTE = CN()
+    cfg.INPUT.COPY_PASTE.ENABLED = False
+    # Probability that the train mapper takes a bank image instead of an original one.
+    cfg.INPUT.COPY_PASTE.PROB = 0.3
+    # Number of images in the bank, regenerated before training and after every evaluation.
+    cfg.INPUT.COPY_PASTE.BANK_SIZE = 400
+    # Objects pasted per bank image (inclusive range).
+    cfg.INPUT.COPY_PASTE.OBJECTS_PER_IMAGE = [1, 3]
+    # Random scale applied to each pasted object (inclusive range).
+    cfg.INPUT.COPY_PASTE.SCALE_RANGE = [0.5, 1.5]
+    # Gaussian sigma (pixels) of alpha-blended paste edges; 0 = hard edges.
+    cfg.INPUT.COPY_PASTE.BLEND_SIGMA = 0.0
+    # Class sampling weights from the last evaluation: "one_minus_iou" or "uniform".
+    cfg.INPUT.COPY_PASTE.CLASS_WEIGHTING = "one_minus_iou"
+    # Bank folder (relative paths are inside OUTPUT_DIR).
+    cfg.INPUT.COPY_PASTE.DIR = "copy_paste_bank"
+
+    # ------------------------------------------------------------------ evaluation (project)
+    # Write a confusion-matrix picture next to the metrics at every evaluation.
+    cfg.TEST.CONFUSION_MATRIX_PLOT = True

@@ -1,0 +1,1 @@
+"""Mask2Former modeling components; importing registers them."""

@@ -1,0 +1,1 @@
+"""SeMask: semantic-attention Swin backbone, semantic branch head, meta-architecture."""
