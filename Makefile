@@ -12,12 +12,13 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt requirements-build.txt tools/install_detectron2.py
+$(STAMP): requirements.txt requirements-build.txt tools/install_detectron2.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q 'pip>=23,<25'
 	$(PIP) install -r requirements-build.txt
 	$(PIP) install --no-build-isolation -r requirements.txt
 	$(PY) tools/install_detectron2.py
+	$(PIP) install --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 
 demo: $(STAMP)

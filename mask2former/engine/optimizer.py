@@ -1,0 +1,83 @@
+"""Optimizer of the Mask2Former recipe: AdamW/SGD with per-parameter hyper-parameters
+(backbone LR multiplier, no weight decay on norms / embeddings / relative position tables) and
+optional gradient clipping over the full model (``SOLVER.CLIP_GRADIENTS.CLIP_TYPE "full_model"``).
+"""
+import itertools
+from typing import Any, Dict, List, Set
+
+import torch
+from detectron2.solver.build import maybe_add_gradient_clipping
+
+# Normalisation layers whose parameters get SOLVER.WEIGHT_DECAY_NORM.
+NORM_MODULE_TYPES = (
+    torch.nn.BatchNorm1d,
+    torch.nn.BatchNorm2d,
+    torch.nn.BatchNorm3d,
+    torch.nn.SyncBatchNorm,
+    torch.nn.GroupNorm,
+    torch.nn.InstanceNorm1d,
+    torch.nn.InstanceNorm2d,
+    torch.nn.InstanceNorm3d,
+    torch.nn.LayerNorm,
+    torch.nn.LocalResponseNorm,
+)
+
+# Parameter names (last component) that are position tables / embeddings: never weight-decayed.
+NO_DECAY_PARAM_NAMES = ("relative_position_bias_table", "absolute_pos_embed", "rpb")
+
+
+def get_param_groups(cfg, model: torch.nn.Module) -> List[Dict[str, Any]]:
+    """One parameter group per parameter, with its lr and weight decay (the official scheme)."""
+    base_lr = cfg.SOLVER.BASE_LR
+    groups: List[Dict[str, Any]] = []
+    seen: Set[torch.nn.Parameter] = set()
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or param in seen:
+                continue
+            seen.add(param)
+            lr = base_lr
+            weight_decay = cfg.SOLVER.WEIGHT_DECAY
+            if "backbone" in module_name.split("."):
+                lr = lr * cfg.SOLVER.BACKBONE_MULTIPLIER
+            if name in NO_DECAY_PARAM_NAMES:
+                weight_decay = 0.0
+            if isinstance(module, NORM_MODULE_TYPES):
+                weight_decay = cfg.SOLVER.WEIGHT_DECAY_NORM
+            if isinstance(module, torch.nn.Embedding) or name == "level_embed":
+                weight_decay = cfg.SOLVER.WEIGHT_DECAY_EMBED
+            groups.append({"params": [param], "lr": lr, "weight_decay": weight_decay})
+    return groups
+
+
+def add_full_model_gradient_clipping(optim_cls, clip_norm: float):
+    """Subclass ``optim_cls`` so that ``step`` first clips the global grad norm of all params."""
+
+    class FullModelGradientClippingOptimizer(optim_cls):
+        def step(self, closure=None):
+            params = itertools.chain(*[g["params"] for g in self.param_groups])
+            torch.nn.utils.clip_grad_norm_(params, clip_norm)
+            return super().step(closure=closure)
+
+    FullModelGradientClippingOptimizer.__name__ = f"FullModelGradientClipping{optim_cls.__name__}"
+    return FullModelGradientClippingOptimizer
+
+
+def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The optimizer of ``cfg.SOLVER`` for ``model``."""
+    groups = get_param_groups(cfg, model)
+    name = cfg.SOLVER.OPTIMIZER.upper()
+    if name == "SGD":
+        optim_cls, kwargs = torch.optim.SGD, {"momentum": cfg.SOLVER.MOMENTUM}
+    elif name == "ADAMW":
+        optim_cls, kwargs = torch.optim.AdamW, {}
+    else:
+        raise ValueError(f"SOLVER.OPTIMIZER must be ADAMW or SGD, got {cfg.SOLVER.OPTIMIZER!r}")
+    clip = cfg.SOLVER.CLIP_GRADIENTS
+    if clip.ENABLED and clip.CLIP_TYPE == "full_model":
+        optim_cls = add_full_model_gradient_clipping(optim_cls, clip.CLIP_VALUE)
+        optimizer = optim_cls(groups, cfg.SOLVER.BASE_LR, **kwargs)
+    else:
+        # "value" / "norm" clipping per parameter, as in Detectron2.
+        optimizer = maybe_add_gradient_clipping(cfg, optim_cls)(groups, cfg.SOLVER.BASE_LR, **kwargs)
+    return optimizer

@@ -1,0 +1,56 @@
+#!/usr/bin/env python
+"""Train / evaluate Mask2Former, SeMask and DiNAT models for semantic segmentation.
+
+    python train_net.py --config-file configs/m2f_dinat_l.yaml --num-gpus 1 [KEY VALUE ...]
+    python train_net.py --config-file ... --eval-only MODEL.WEIGHTS out/model_final.pth
+    python train_net.py --config-file ... --resume
+"""
+import logging
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.evaluation import verify_results
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+from mask2former.data.datasets import register_datasets_from_cfg
+from mask2former.engine import Trainer, build_cfg
+
+
+def setup(args):
+    """Config from the command line, registered datasets, logging and output dir."""
+    cfg = build_cfg(args.config_file, args.opts)
+    default_setup(cfg, args)
+    for name in ("mask2former", "semask", "dinat"):
+        setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name=name)
+    register_datasets_from_cfg(cfg)
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        results = Trainer.test(cfg, model)
+        verify_results(cfg, results)
+        return results
+
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    logging.getLogger(__name__).info("Command line arguments: %s", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
