@@ -1,0 +1,128 @@
+"""Probability dumps for ensembling: one float16 [K, H, W] ``.npy`` per image, streamed to disk.
+
+Layout of a dump folder::
+
+    index.json      {"format": 1, "classes": [...], "dtype": "float16",
+                     "images": [{"file_name": ..., "path": "000000.npy", "height": H, "width": W}]}
+    000000.npy ...  per-image probabilities, written atomically as they arrive
+
+Memory does not grow with the number of images: only the index entries are kept. ``index.json``
+is written (atomically) when the writer closes, so a folder without it is an interrupted dump.
+"""
+import json
+import os
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+__all__ = ["ProbDumpWriter", "ProbDumpReader", "atomic_write_bytes", "atomic_save_npy"]
+
+INDEX_NAME = "index.json"
+FORMAT_VERSION = 1
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def atomic_save_npy(path: str, array: np.ndarray) -> None:
+    """``np.save`` through a temporary file in the same folder."""
+    tmp = f"{path}.tmp-{os.getpid()}.npy"
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+class ProbDumpWriter:
+    """Streams per-image probabilities of one model into ``out_dir``.
+
+    Use as a context manager; ``add(file_name, probs)`` per image. ``file_name`` is the key the
+    ensemble matches images by (use the dataset's ``file_name`` as written in the json).
+    """
+
+    def __init__(self, out_dir: str, class_names: Sequence[str], model_name: str = ""):
+        self.out_dir = out_dir
+        self.class_names = list(class_names)
+        self.model_name = model_name
+        self._entries: List[dict] = []
+        self._seen: set = set()
+        os.makedirs(out_dir, exist_ok=True)
+
+    def add(self, file_name: str, probs) -> None:
+        if isinstance(probs, torch.Tensor):
+            probs = probs.detach().cpu().numpy()
+        if probs.ndim != 3 or probs.shape[0] != len(self.class_names):
+            raise ValueError(
+                f"{file_name}: expected probabilities [{len(self.class_names)}, H, W], got {probs.shape}"
+            )
+        if file_name in self._seen:
+            raise ValueError(f"{file_name}: added twice to the dump {self.out_dir}")
+        self._seen.add(file_name)
+        name = f"{len(self._entries):06d}.npy"
+        atomic_save_npy(os.path.join(self.out_dir, name), probs.astype(np.float16))
+        self._entries.append(
+            {"file_name": file_name, "path": name, "height": int(probs.shape[1]), "width": int(probs.shape[2])}
+        )
+
+    def close(self) -> None:
+        index = {
+            "format": FORMAT_VERSION,
+            "model": self.model_name,
+            "classes": self.class_names,
+            "dtype": "float16",
+            "images": self._entries,
+        }
+        atomic_write_bytes(os.path.join(self.out_dir, INDEX_NAME), json.dumps(index, indent=1).encode())
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        return False
+
+
+class ProbDumpReader:
+    """Reads a dump folder written by :class:`ProbDumpWriter`."""
+
+    def __init__(self, dump_dir: str):
+        self.dump_dir = dump_dir
+        index_path = os.path.join(dump_dir, INDEX_NAME)
+        if not os.path.isfile(index_path):
+            raise FileNotFoundError(
+                f"{index_path} not found: {dump_dir} is not a probability dump or it was interrupted"
+            )
+        with open(index_path) as f:
+            index = json.load(f)
+        if index.get("format") != FORMAT_VERSION:
+            raise ValueError(f"{index_path}: unsupported dump format {index.get('format')!r}")
+        self.class_names: List[str] = index["classes"]
+        self.model_name: str = index.get("model", "")
+        self._entries: Dict[str, dict] = {e["file_name"]: e for e in index["images"]}
+        self.file_names: List[str] = [e["file_name"] for e in index["images"]]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, file_name: str) -> bool:
+        return file_name in self._entries
+
+    def get(self, file_name: str, dtype=np.float32) -> np.ndarray:
+        """Probabilities [K, H, W] of one image."""
+        entry = self._entries.get(file_name)
+        if entry is None:
+            raise KeyError(f"{file_name} is not in the probability dump {self.dump_dir}")
+        return np.load(os.path.join(self.dump_dir, entry["path"])).astype(dtype)
+
+    def __iter__(self) -> Iterator[Tuple[str, np.ndarray]]:
+        for name in self.file_names:
+            yield name, self.get(name)
+
+    def size_of(self, file_name: str) -> Optional[Tuple[int, int]]:
+        entry = self._entries.get(file_name)
+        return None if entry is None else (entry["height"], entry["width"])
