@@ -157,6 +157,17 @@ def add_maskformer2_config(cfg):
     cfg.DATASETS.VALIDATION.SIZE_MISMATCH = "error"
     # Check every image file on disk at registration (opens headers; slower for huge sets).
     cfg.DATASETS.VALIDATION.CHECK_FILES = True
+    # Also decode every image fully at registration to find truncated / corrupt files (slow).
+    cfg.DATASETS.VALIDATION.VERIFY_IMAGES = False
+    # Several images with one id (annotations cannot be attributed): "skip" drops them all, "error".
+    cfg.DATASETS.VALIDATION.DUPLICATE_IMAGE_ID = "error"
+    # Several image entries naming one file: "fix" merges their annotations, "skip" keeps the first.
+    cfg.DATASETS.VALIDATION.DUPLICATE_FILE_NAME = "fix"
+    # Annotations whose image_id is not in "images": dropped ("skip") or fatal ("error").
+    cfg.DATASETS.VALIDATION.ORPHAN_ANNOTATION = "skip"
+    # json size equals the raw size of an EXIF-rotated image: "fix" rotates the annotations into the
+    # displayed frame (what read_image returns), "skip" drops the image, "error".
+    cfg.DATASETS.VALIDATION.EXIF_ROTATION = "fix"
 
     # ------------------------------------------------------------------ copy-paste bank (project)
     cfg.INPUT.COPY_PASTE = CN()

@@ -1,0 +1,186 @@
+"""Set criterion of Mask2Former: Hungarian matching, then classification and point-sampled mask
+losses on the final prediction and (deep supervision) on every auxiliary prediction."""
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn import functional as F
+
+from detectron2.utils import comm
+
+from .point_sampling import (
+    calculate_uncertainty,
+    get_uncertain_point_coords_with_randomness,
+    point_sample,
+)
+
+
+def sigmoid_ce_loss(inputs: torch.Tensor, targets: torch.Tensor, num_masks: float) -> torch.Tensor:
+    """
+    Sigmoid binary cross-entropy averaged over the points of each mask, summed over masks and
+    divided by ``num_masks``. inputs (logits), targets: [N, P].
+    """
+    loss = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
+    return loss.mean(1).sum() / num_masks
+
+
+def dice_loss(inputs: torch.Tensor, targets: torch.Tensor, num_masks: float) -> torch.Tensor:
+    """
+    Dice loss ``1 - (2 |s t| + 1) / (|s| + |t| + 1)`` (``s = sigmoid(inputs)``) per mask, summed
+    over masks and divided by ``num_masks``. inputs (logits), targets: [N, P].
+    """
+    probs = inputs.sigmoid()
+    numerator = 2 * (probs * targets).sum(-1)
+    denominator = probs.sum(-1) + targets.sum(-1)
+    return (1 - (numerator + 1) / (denominator + 1)).sum() / num_masks
+
+
+class SetCriterion(nn.Module):
+    """
+    Loss of mask-classification models (DETR-style set prediction).
+
+    For each prediction set (the final one and every entry of "aux_outputs"), queries are
+    matched to targets by ``matcher``; then
+
+    * "labels": cross-entropy of all queries' class logits, unmatched queries having the
+      "no object" class ``num_classes``, weighted by ``empty_weight`` (1 for real classes,
+      ``eos_coef`` for "no object");
+    * "masks": on the matched masks only, sigmoid BCE and dice on ``num_points`` points per mask
+      chosen by PointRend importance sampling of the predicted mask, each summed over masks and
+      divided by the number of target masks in the batch (averaged over processes, >= 1).
+
+    Returns unweighted losses "loss_ce", "loss_mask", "loss_dice" and, for auxiliary prediction
+    i, "loss_ce_{i}", ...; ``weight_dict`` holds the weights the meta-architecture applies.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        matcher: nn.Module,
+        weight_dict: Dict[str, float],
+        eos_coef: float,
+        losses: Sequence[str],
+        num_points: int,
+        oversample_ratio: float,
+        importance_sample_ratio: float,
+    ):
+        """
+        Args:
+            num_classes: number of classes, without "no object".
+            matcher: returns per image (prediction indices, target indices).
+            weight_dict: loss name -> weight (used by the caller).
+            eos_coef: classification weight of the "no object" class.
+            losses: subset of ("labels", "masks").
+            num_points, oversample_ratio, importance_sample_ratio: point sampling of mask losses.
+        """
+        super().__init__()
+        unknown = set(losses) - {"labels", "masks"}
+        if unknown:
+            raise ValueError(f"unknown losses {sorted(unknown)}")
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.weight_dict = weight_dict
+        self.eos_coef = eos_coef
+        self.losses = list(losses)
+        empty_weight = torch.ones(num_classes + 1)
+        empty_weight[-1] = eos_coef
+        self.register_buffer("empty_weight", empty_weight)
+        self.num_points = num_points
+        self.oversample_ratio = oversample_ratio
+        self.importance_sample_ratio = importance_sample_ratio
+
+    @staticmethod
+    def _src_index(indices) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(batch index, query index) of every matched prediction."""
+        batch = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
+        return batch, torch.cat([src for src, _ in indices])
+
+    def loss_labels(self, outputs, targets, indices, num_masks) -> Dict[str, torch.Tensor]:
+        """Weighted cross-entropy over all queries ("no object" for unmatched ones)."""
+        logits = outputs["pred_logits"].float()
+        target_classes = torch.full(
+            logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device
+        )
+        batch_idx, src_idx = self._src_index(indices)
+        matched_classes = torch.cat(
+            [t["labels"][tgt.to(t["labels"].device)] for t, (_, tgt) in zip(targets, indices)]
+        )
+        target_classes[batch_idx.to(logits.device), src_idx.to(logits.device)] = matched_classes.to(
+            logits.device
+        )
+        loss = F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight)
+        return {"loss_ce": loss}
+
+    def loss_masks(self, outputs, targets, indices, num_masks) -> Dict[str, torch.Tensor]:
+        """Sigmoid BCE and dice of matched masks on importance-sampled points."""
+        pred_masks = outputs["pred_masks"]
+        batch_idx, src_idx = self._src_index(indices)
+        src_masks = pred_masks[batch_idx.to(pred_masks.device), src_idx.to(pred_masks.device)]
+        if src_masks.shape[0] == 0:
+            # no target in the batch: zero losses that keep the graph connected
+            zero = pred_masks.sum() * 0.0
+            return {"loss_mask": zero, "loss_dice": zero.clone()}
+        target_masks = torch.cat(
+            [t["masks"][tgt.to(t["masks"].device)] for t, (_, tgt) in zip(targets, indices)]
+        )
+        src_masks = src_masks[:, None]
+        target_masks = target_masks[:, None].to(src_masks)
+
+        with torch.no_grad():
+            point_coords = get_uncertain_point_coords_with_randomness(
+                src_masks,
+                calculate_uncertainty,
+                self.num_points,
+                self.oversample_ratio,
+                self.importance_sample_ratio,
+            )
+            point_labels = point_sample(target_masks, point_coords).squeeze(1)
+        point_logits = point_sample(src_masks, point_coords).squeeze(1)
+        return {
+            "loss_mask": sigmoid_ce_loss(point_logits, point_labels, num_masks),
+            "loss_dice": dice_loss(point_logits, point_labels, num_masks),
+        }
+
+    def get_loss(self, loss, outputs, targets, indices, num_masks) -> Dict[str, torch.Tensor]:
+        loss_fns = {"labels": self.loss_labels, "masks": self.loss_masks}
+        return loss_fns[loss](outputs, targets, indices, num_masks)
+
+    def num_masks(self, targets, device) -> float:
+        """Number of target masks per process: averaged over processes, at least 1."""
+        num = torch.as_tensor(
+            [float(sum(len(t["labels"]) for t in targets))], dtype=torch.float32, device=device
+        )
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(num)
+        return torch.clamp(num / comm.get_world_size(), min=1).item()
+
+    def forward(self, outputs, targets: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+        """
+        Args:
+            outputs: dict with "pred_logits" [B, Q, K + 1], "pred_masks" [B, Q, h, w] and
+                optionally "aux_outputs" (a list of such dicts).
+            targets: B dicts with "labels" [T_b] (int64) and "masks" [T_b, H, W] (binary; the
+                masks cover the same padded image as the predictions).
+
+        Returns:
+            dict of unweighted losses.
+        """
+        num_masks = self.num_masks(targets, outputs["pred_logits"].device)
+        prediction_sets = [("", outputs)] + [
+            (f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", []))
+        ]
+        losses = {}
+        for suffix, predictions in prediction_sets:
+            indices = self.matcher(predictions, targets)
+            for loss in self.losses:
+                terms = self.get_loss(loss, predictions, targets, indices, num_masks)
+                losses.update({k + suffix: v for k, v in terms.items()})
+        return losses
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, eos_coef={self.eos_coef}, losses={self.losses}, "
+            f"num_points={self.num_points}, oversample_ratio={self.oversample_ratio}, "
+            f"importance_sample_ratio={self.importance_sample_ratio}"
+        )

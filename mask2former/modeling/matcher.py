@@ -1,0 +1,128 @@
+"""Hungarian matching between predicted and ground-truth masks (Mask2Former)."""
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+from torch.nn import functional as F
+
+from .point_sampling import point_sample
+
+
+def batch_sigmoid_ce_cost(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """
+    Mean sigmoid binary cross-entropy of every prediction against every target.
+
+    Args:
+        inputs: [N, P] logits.
+        targets: [M, P] binary targets.
+
+    Returns:
+        [N, M] costs ``mean_p BCE(inputs[n, p], targets[m, p])``.
+    """
+    # BCE(x, t) = softplus(x) - x * t, so the sum over points is one matrix product.
+    neg = F.softplus(inputs).sum(-1, keepdim=True)
+    return (neg - inputs @ targets.t()) / inputs.shape[1]
+
+
+def batch_dice_cost(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """
+    Dice loss (with +1 smoothing) of every prediction against every target.
+
+    Args:
+        inputs: [N, P] logits.
+        targets: [M, P] binary targets.
+
+    Returns:
+        [N, M] costs ``1 - (2 |s t| + 1) / (|s| + |t| + 1)`` with ``s = sigmoid(inputs)``.
+    """
+    probs = inputs.sigmoid()
+    numerator = 2 * (probs @ targets.t())
+    denominator = probs.sum(-1)[:, None] + targets.sum(-1)[None, :]
+    return 1 - (numerator + 1) / (denominator + 1)
+
+
+class HungarianMatcher(nn.Module):
+    """
+    One-to-one assignment of predictions (queries) to targets minimising
+    ``cost_class * (-p[target class]) + cost_mask * BCE + cost_dice * dice``.
+
+    The mask costs are computed on ``num_points`` points drawn uniformly at random per image and
+    shared by all predicted and target masks, so no [Q, T, H, W] intermediate is formed. Costs are
+    computed in float32 even under autocast. Unmatched predictions are "no object".
+    """
+
+    def __init__(
+        self,
+        cost_class: float = 1,
+        cost_mask: float = 1,
+        cost_dice: float = 1,
+        num_points: int = 12544,
+    ):
+        super().__init__()
+        if cost_class == 0 and cost_mask == 0 and cost_dice == 0:
+            raise ValueError("all matching costs are 0")
+        if num_points <= 0:
+            raise ValueError(f"num_points must be positive, got {num_points}")
+        self.cost_class = cost_class
+        self.cost_mask = cost_mask
+        self.cost_dice = cost_dice
+        self.num_points = num_points
+
+    @torch.no_grad()
+    def cost_matrix(
+        self, pred_logits: torch.Tensor, pred_masks: torch.Tensor, labels, masks
+    ) -> torch.Tensor:
+        """
+        The [Q, T] matching cost of one image (float32, on the predictions' device).
+
+        Args:
+            pred_logits: [Q, K + 1] class logits.
+            pred_masks: [Q, h, w] mask logits.
+            labels: [T] target classes.
+            masks: [T, H, W] binary target masks (any resolution: coordinates are normalised).
+        """
+        device = pred_masks.device
+        with torch.autocast(device_type=device.type, enabled=False):
+            cost_class = -pred_logits.float().softmax(-1)[:, labels]
+            coords = torch.rand(1, self.num_points, 2, device=device)
+            out_points = point_sample(pred_masks[None].float(), coords)[0]
+            tgt_points = point_sample(masks[None].to(device=device, dtype=torch.float32), coords)[0]
+            cost_mask = batch_sigmoid_ce_cost(out_points, tgt_points)
+            cost_dice = batch_dice_cost(out_points, tgt_points)
+        return self.cost_class * cost_class + self.cost_mask * cost_mask + self.cost_dice * cost_dice
+
+    @torch.no_grad()
+    def forward(
+        self, outputs: Dict[str, torch.Tensor], targets: Sequence[Dict[str, torch.Tensor]]
+    ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """
+        Args:
+            outputs: dict with "pred_logits" [B, Q, K + 1] and "pred_masks" [B, Q, h, w].
+            targets: B dicts with "labels" [T_b] and "masks" [T_b, H, W].
+
+        Returns:
+            B tuples (index_i, index_j) of int64 CPU tensors of length min(Q, T_b): prediction
+            index_i[k] is matched to target index_j[k]; index_i is sorted.
+        """
+        indices = []
+        for b, target in enumerate(targets):
+            labels = target["labels"]
+            if labels.numel() == 0:
+                empty = torch.empty(0, dtype=torch.int64)
+                indices.append((empty, empty.clone()))
+                continue
+            cost = self.cost_matrix(
+                outputs["pred_logits"][b], outputs["pred_masks"][b], labels, target["masks"]
+            )
+            rows, cols = linear_sum_assignment(cost.cpu().numpy())
+            indices.append(
+                (torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64))
+            )
+        return indices
+
+    def extra_repr(self) -> str:
+        return (
+            f"cost_class={self.cost_class}, cost_mask={self.cost_mask}, "
+            f"cost_dice={self.cost_dice}, num_points={self.num_points}"
+        )

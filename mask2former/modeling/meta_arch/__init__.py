@@ -1,0 +1,5 @@
+"""Mask-classification head and meta-architecture; importing registers them."""
+from .mask_former_head import MaskFormerHead, build_pixel_decoder
+from .mask_former_model import MaskFormer, semantic_inference_naive
+
+__all__ = ["MaskFormerHead", "build_pixel_decoder", "MaskFormer", "semantic_inference_naive"]

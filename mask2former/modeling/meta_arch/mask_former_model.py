@@ -1,0 +1,304 @@
+"""The MaskFormer / Mask2Former meta-architecture (semantic segmentation)."""
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_sem_seg_head
+from detectron2.modeling.backbone import Backbone
+from detectron2.structures import ImageList
+
+from ..criterion import SetCriterion
+from ..matcher import HungarianMatcher
+
+# Semantic inference resizes, squashes and combines the Q mask logits a band of output rows at a
+# time; a band holds about this many values of all queries (CPU: stays in cache; GPU: few launches).
+_BAND_ELEMENTS_CPU = 1 << 19
+_BAND_ELEMENTS_GPU = 1 << 24
+
+
+def semantic_inference_naive(mask_cls: torch.Tensor, mask_pred: torch.Tensor) -> torch.Tensor:
+    """
+    The semantic segmentation of one image from its mask classification (the definition):
+    ``einsum("qc,qhw->chw", softmax(mask_cls)[..., :-1], sigmoid(mask_pred))``.
+
+    Args:
+        mask_cls: [Q, K + 1] class logits (last = "no object").
+        mask_pred: [Q, H, W] mask logits.
+
+    Returns:
+        [K, H, W] per-class scores.
+    """
+    probs = F.softmax(mask_cls, dim=-1)[..., :-1]
+    return torch.einsum("qc,qhw->chw", probs, mask_pred.sigmoid())
+
+
+def _linear_taps(in_size: int, out_size: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """
+    The 1-D taps of ``F.interpolate(mode="bilinear", align_corners=False)`` resizing an axis of
+    ``in_size`` to ``out_size``: output ``i`` = ``sum_k weight[i, k] * input[index[i, k]]``.
+
+    Returns:
+        index [out_size, 2] (int64) and weight [out_size, 2] (float32).
+    """
+    scale = torch.tensor(in_size, dtype=torch.float32) / out_size
+    src = ((torch.arange(out_size, dtype=torch.float32) + 0.5) * scale - 0.5).clamp(min=0)
+    i0 = src.floor().long().clamp(max=in_size - 1)
+    i1 = (i0 + 1).clamp(max=in_size - 1)
+    lambda1 = (src - i0).clamp(0, 1)
+    index = torch.stack([i0, i1], dim=1)
+    weight = torch.stack([1 - lambda1, lambda1], dim=1)
+    return index.to(device), weight.to(device)
+
+
+def _compose_taps(first, second):
+    """Taps of resizing with ``first`` then with ``second`` (a separable linear map again)."""
+    index1, weight1 = first
+    index2, weight2 = second
+    index = index1[index2].flatten(1)
+    weight = (weight2[:, :, None] * weight1[index2]).flatten(1)
+    return index, weight
+
+
+def _apply_taps(x: torch.Tensor, dim: int, index: torch.Tensor, weight: torch.Tensor):
+    """Resize ``x`` along ``dim`` with 1-D taps (see ``_linear_taps``)."""
+    shape = [1] * x.dim()
+    shape[dim] = -1
+    out = x.index_select(dim, index[:, 0]) * weight[:, 0].view(shape)
+    for k in range(1, index.shape[1]):
+        out.addcmul_(x.index_select(dim, index[:, k]), weight[:, k].view(shape))
+    return out
+
+
+@META_ARCH_REGISTRY.register()
+class MaskFormer(nn.Module):
+    """
+    Mask-classification semantic segmentation: backbone -> ``sem_seg_head`` (pixel decoder +
+    transformer decoder) -> per-query class and mask logits, trained with ``criterion``
+    (Hungarian matching + set losses). Inference combines them into per-class scores.
+
+    Subclasses (e.g. SeMask) can extend the pieces separately: ``preprocess_image``,
+    ``prepare_targets``, ``losses`` (receives the backbone features and batched inputs, so an
+    extra per-pixel loss can be added), ``inference`` and ``semantic_inference``.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        sem_seg_head: nn.Module,
+        criterion: nn.Module,
+        num_queries: int,
+        size_divisibility: int,
+        sem_seg_postprocess_before_inference: bool,
+        pixel_mean: Sequence[float],
+        pixel_std: Sequence[float],
+        semantic_on: bool = True,
+    ):
+        """
+        Args:
+            backbone: a detectron2 Backbone.
+            sem_seg_head: returns {"pred_logits", "pred_masks", "aux_outputs"} from the features.
+            criterion: a SetCriterion (its ``weight_dict`` weights the losses).
+            num_queries: number of queries.
+            size_divisibility: images are padded to a multiple of this; <= 0 uses the
+                backbone's ``size_divisibility``.
+            sem_seg_postprocess_before_inference: resize the mask logits to the output size
+                before combining them with the classes (official option); otherwise combine at
+                the (padded-input) resolution and resize the per-class scores.
+            pixel_mean, pixel_std: per-channel normalisation of the input image.
+            semantic_on: output "sem_seg" (the only inference implemented).
+        """
+        super().__init__()
+        if not semantic_on:
+            raise ValueError("only semantic segmentation inference is implemented (semantic_on)")
+        self.backbone = backbone
+        self.sem_seg_head = sem_seg_head
+        self.criterion = criterion
+        self.num_queries = num_queries
+        if size_divisibility <= 0:
+            size_divisibility = self.backbone.size_divisibility
+        self.size_divisibility = size_divisibility
+        self.sem_seg_postprocess_before_inference = sem_seg_postprocess_before_inference
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        self.semantic_on = semantic_on
+
+    @classmethod
+    def build_criterion(cls, cfg, num_classes: int) -> SetCriterion:
+        """The matcher and set criterion of ``cfg.MODEL.MASK_FORMER`` (official weights)."""
+        mf = cfg.MODEL.MASK_FORMER
+        matcher = HungarianMatcher(
+            cost_class=mf.CLASS_WEIGHT,
+            cost_mask=mf.MASK_WEIGHT,
+            cost_dice=mf.DICE_WEIGHT,
+            num_points=mf.TRAIN_NUM_POINTS,
+        )
+        weight_dict = {
+            "loss_ce": mf.CLASS_WEIGHT,
+            "loss_mask": mf.MASK_WEIGHT,
+            "loss_dice": mf.DICE_WEIGHT,
+        }
+        if mf.DEEP_SUPERVISION:
+            # one auxiliary prediction per decoder block: DEC_LAYERS - 1
+            weight_dict.update(
+                {f"{k}_{i}": v for i in range(mf.DEC_LAYERS - 1) for k, v in list(weight_dict.items())}
+            )
+        return SetCriterion(
+            num_classes,
+            matcher=matcher,
+            weight_dict=weight_dict,
+            eos_coef=mf.NO_OBJECT_WEIGHT,
+            losses=["labels", "masks"],
+            num_points=mf.TRAIN_NUM_POINTS,
+            oversample_ratio=mf.OVERSAMPLE_RATIO,
+            importance_sample_ratio=mf.IMPORTANCE_SAMPLE_RATIO,
+        )
+
+    @classmethod
+    def from_config(cls, cfg):
+        mf = cfg.MODEL.MASK_FORMER
+        if mf.TEST.PANOPTIC_ON or mf.TEST.INSTANCE_ON:
+            raise ValueError("MODEL.MASK_FORMER.TEST.PANOPTIC_ON / INSTANCE_ON are not implemented")
+        backbone = build_backbone(cfg)
+        sem_seg_head = build_sem_seg_head(cfg, backbone.output_shape())
+        return {
+            "backbone": backbone,
+            "sem_seg_head": sem_seg_head,
+            "criterion": cls.build_criterion(cfg, sem_seg_head.num_classes),
+            "num_queries": mf.NUM_OBJECT_QUERIES,
+            "size_divisibility": mf.SIZE_DIVISIBILITY,
+            "sem_seg_postprocess_before_inference": mf.TEST.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "semantic_on": mf.TEST.SEMANTIC_ON,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def forward(self, batched_inputs: List[Dict]):
+        """
+        Args:
+            batched_inputs: one dict per image with "image" (uint8 or float [C, H, W]) and, in
+                training, "instances" (``gt_classes`` [N] and ``gt_masks`` [N, H, W] tensor or
+                BitMasks); optionally "height"/"width", the requested output size.
+
+        Returns:
+            training: dict of weighted losses. Inference: one dict per image with "sem_seg",
+            [K, height, width] per-class scores.
+        """
+        images = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensor)
+        outputs = self.sem_seg_head(features)
+        if self.training:
+            return self.losses(outputs, features, batched_inputs, images)
+        return self.inference(outputs, batched_inputs, images)
+
+    def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
+        """Normalise the images and pad them into one batch (size divisibility)."""
+        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        return ImageList.from_tensors(images, self.size_divisibility)
+
+    def prepare_targets(self, gt_instances, images: ImageList) -> List[Dict[str, torch.Tensor]]:
+        """Per-image {"labels", "masks"} with the masks zero-padded to the padded image size."""
+        h_pad, w_pad = images.tensor.shape[-2:]
+        targets = []
+        for instances in gt_instances:
+            gt_masks = instances.gt_masks
+            gt_masks = gt_masks if isinstance(gt_masks, torch.Tensor) else gt_masks.tensor
+            padded = gt_masks.new_zeros((gt_masks.shape[0], h_pad, w_pad))
+            padded[:, : gt_masks.shape[1], : gt_masks.shape[2]] = gt_masks
+            targets.append({"labels": instances.gt_classes, "masks": padded})
+        return targets
+
+    def losses(self, outputs, features, batched_inputs, images) -> Dict[str, torch.Tensor]:
+        """
+        The weighted training losses (names in ``criterion.weight_dict``; others are dropped).
+        ``features`` (backbone outputs) are unused here; subclasses may add losses on them.
+        """
+        del features
+        if "instances" not in batched_inputs[0]:
+            raise ValueError("training inputs need 'instances' (gt_classes, gt_masks)")
+        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        targets = self.prepare_targets(gt_instances, images)
+        losses = self.criterion(outputs, targets)
+        weight_dict = self.criterion.weight_dict
+        return {k: v * weight_dict[k] for k, v in losses.items() if k in weight_dict}
+
+    def inference(self, outputs, batched_inputs, images: ImageList) -> List[Dict]:
+        """Per image {"sem_seg": [K, height, width]} from the final predictions."""
+        padded_size = tuple(images.tensor.shape[-2:])
+        results = []
+        for mask_cls, mask_pred, inputs, image_size in zip(
+            outputs["pred_logits"], outputs["pred_masks"], batched_inputs, images.image_sizes
+        ):
+            output_size = (inputs.get("height", image_size[0]), inputs.get("width", image_size[1]))
+            sem_seg = self.semantic_inference(
+                mask_cls, mask_pred, padded_size, tuple(image_size), output_size
+            )
+            results.append({"sem_seg": sem_seg})
+        return results
+
+    def semantic_inference(
+        self,
+        mask_cls: torch.Tensor,
+        mask_pred: torch.Tensor,
+        padded_size: Tuple[int, int],
+        image_size: Tuple[int, int],
+        output_size: Tuple[int, int],
+    ) -> torch.Tensor:
+        """
+        Semantic scores of one image, equal (up to float rounding) to the official procedure:
+        the mask logits are upsampled (bilinear) to the padded input size and cropped to the
+        image size; then either (default) ``semantic_inference_naive`` is applied and the
+        [K, H, W] scores are resized to ``output_size``, or (``sem_seg_postprocess_before_
+        inference``) the mask logits are resized to ``output_size`` first.
+
+        The resizes are applied as separable 1-D taps (the upsampling is only evaluated inside
+        the crop, and two successive resizes are composed into one), a band of output rows at
+        a time, so the [Q, H, W] upsampled logits and their sigmoid are never materialised.
+
+        Args:
+            mask_cls: [Q, K + 1] class logits.
+            mask_pred: [Q, h, w] mask logits of the padded image.
+            padded_size, image_size, output_size: (height, width) of the padded input, of the
+                image inside it, and of the requested output.
+
+        Returns:
+            float32 [K, output_size[0], output_size[1]].
+        """
+        mask_cls = mask_cls.float()
+        mask_pred = mask_pred.float()
+        device = mask_pred.device
+        taps = []
+        for axis in range(2):
+            crop = _linear_taps(mask_pred.shape[axis + 1], padded_size[axis], device)
+            crop = (crop[0][: image_size[axis]], crop[1][: image_size[axis]])
+            if self.sem_seg_postprocess_before_inference and output_size[axis] != image_size[axis]:
+                crop = _compose_taps(crop, _linear_taps(image_size[axis], output_size[axis], device))
+            taps.append(crop)
+        (index_y, weight_y), (index_x, weight_x) = taps
+
+        probs_t = F.softmax(mask_cls, dim=-1)[:, :-1].t().contiguous()  # [K, Q]
+        rows_resized = _apply_taps(mask_pred, 2, index_x, weight_x)  # [Q, h, W']
+        num_queries, _, out_w = rows_resized.shape
+        out_h = index_y.shape[0]
+        scores = mask_pred.new_empty((probs_t.shape[0], out_h, out_w))
+        budget = _BAND_ELEMENTS_CPU if device.type == "cpu" else _BAND_ELEMENTS_GPU
+        band = max(1, budget // (num_queries * out_w))
+        for start in range(0, out_h, band):
+            stop = min(start + band, out_h)
+            masks = _apply_taps(rows_resized, 1, index_y[start:stop], weight_y[start:stop])
+            masks = masks.sigmoid_().flatten(1)  # [Q, rows * W']
+            scores[:, start:stop] = (probs_t @ masks).view(-1, stop - start, out_w)
+
+        if tuple(scores.shape[-2:]) != tuple(output_size):
+            scores = F.interpolate(
+                scores[None], size=output_size, mode="bilinear", align_corners=False
+            )[0]
+        return scores

@@ -1,0 +1,378 @@
+"""Multi-scale deformable attention (Deformable DETR), pure PyTorch.
+
+Two implementations of the same operator are provided, both running on CPU and GPU without a
+compiled extension:
+
+* :func:`ms_deform_attn_pytorch`: the reference. One ``grid_sample`` per level, then a weighted
+  sum over levels and points (the official PyTorch path of Deformable DETR / Mask2Former).
+* :func:`ms_deform_attn_fast`: the same numbers (forward and backward, fp32 rounding), computed
+  as a sparse weighted gather. Every sampling point is expanded into its four bilinear corners;
+  the output row of each (query, head) is the weighted sum of the 4 * n_levels * n_points value
+  rows the corners point at, which one ``F.embedding_bag`` call computes without materialising
+  the sampled values. The value maps are zero-padded so that corners outside a map read zeros
+  (``grid_sample``'s ``padding_mode="zeros"``) without validity masks. The backward pass sorts
+  the corners by the value row they read once and uses sparse CSR products for the gradients of
+  the values (a scatter-add, as a transposed sparse-dense product) and of the corner weights
+  (a sampled dense-dense product), from which autograd derives the gradients of the sampling
+  locations and attention weights.
+
+:class:`MSDeformAttn` is the attention module with the official parameter names and
+initialisation.
+"""
+import math
+import warnings
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "MSDeformAttn",
+    "ms_deform_attn_pytorch",
+    "ms_deform_attn_fast",
+    "MS_DEFORM_ATTN_IMPLS",
+]
+
+SpatialShapes = Union[torch.Tensor, Sequence[Sequence[int]]]
+
+
+def _shape_list(value_spatial_shapes: SpatialShapes) -> List[Tuple[int, int]]:
+    """(H, W) of each level as python ints (a [L, 2] tensor or a list of pairs)."""
+    if isinstance(value_spatial_shapes, torch.Tensor):
+        value_spatial_shapes = value_spatial_shapes.tolist()
+    return [(int(h), int(w)) for h, w in value_spatial_shapes]
+
+
+def ms_deform_attn_pytorch(
+    value: torch.Tensor,
+    value_spatial_shapes: SpatialShapes,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Reference multi-scale deformable attention (bilinear ``grid_sample`` per level).
+
+    Args:
+        value: [N, S, M, D], the flattened maps of all levels (S = sum of H_l * W_l), M heads.
+        value_spatial_shapes: [L, 2] (H_l, W_l) per level, as a tensor or a list of pairs.
+        sampling_locations: [N, Lq, M, L, P, 2] normalised (x, y) in [0, 1]; (0, 0) is the
+            top-left corner of the top-left pixel (``align_corners=False``); points outside
+            sample zeros.
+        attention_weights: [N, Lq, M, L, P].
+
+    Returns:
+        [N, Lq, M * D].
+    """
+    shapes = _shape_list(value_spatial_shapes)
+    n, _, m, d = value.shape
+    _, lq, _, n_levels, n_points, _ = sampling_locations.shape
+    value_list = value.split([h * w for h, w in shapes], dim=1)
+    sampling_grids = 2 * sampling_locations - 1
+    sampled = []
+    for level, (h, w) in enumerate(shapes):
+        # [N, H*W, M, D] -> [N*M, D, H, W]
+        value_l = value_list[level].flatten(2).transpose(1, 2).reshape(n * m, d, h, w)
+        # [N, Lq, M, P, 2] -> [N*M, Lq, P, 2]
+        grid_l = sampling_grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
+        sampled.append(
+            F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False)
+        )
+    # [N, Lq, M, L, P] -> [N*M, 1, Lq, L*P]
+    weights = attention_weights.transpose(1, 2).reshape(n * m, 1, lq, n_levels * n_points)
+    output = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1).view(n, m * d, lq)
+    return output.transpose(1, 2).contiguous()
+
+
+# ------------------------------------------------------------------------------------------ fast
+# Zero padding of each level map in the gather table: 1 row/column before, 2 after. Sampling
+# coordinates are clamped to [-1, size] (pixel units), so a corner lies in [-1, size + 1].
+_PAD_BEFORE = 1
+_PAD_AFTER = 2
+
+
+def _padded_value_table(value: torch.Tensor, shapes: List[Tuple[int, int]]):
+    """Zero-pad every level map and flatten all of them into one gather table.
+
+    Returns:
+        table: [N * Sp * M, D], row ``(n * Sp + s) * M + m`` holds head m of padded position s
+            of image n (Sp = total padded positions of all levels);
+        level_starts: first padded position of each level;
+        row_lengths: padded width of each level.
+    """
+    n, _, m, d = value.shape
+    pad = (0, 0, _PAD_BEFORE, _PAD_AFTER, _PAD_BEFORE, _PAD_AFTER)
+    padded, level_starts, row_lengths = [], [], []
+    start = 0
+    for (h, w), value_l in zip(shapes, value.split([h * w for h, w in shapes], dim=1)):
+        padded.append(F.pad(value_l.reshape(n, h, w, m * d), pad).flatten(1, 2))
+        level_starts.append(start)
+        row_lengths.append(w + _PAD_BEFORE + _PAD_AFTER)
+        start += (h + _PAD_BEFORE + _PAD_AFTER) * (w + _PAD_BEFORE + _PAD_AFTER)
+    table = torch.cat(padded, dim=1).reshape(n * start * m, d)
+    return table, level_starts, row_lengths
+
+
+def _bilinear_corners(
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    shapes: List[Tuple[int, int]],
+    level_starts: List[int],
+    row_lengths: List[int],
+    index_dtype: torch.dtype,
+):
+    """Table rows and weights of the 4 bilinear corners of every sampling point.
+
+    Everything is computed in a "planar" layout (corner, level, point outermost, the
+    N * Lq * M bags innermost): in the natural layout every broadcast over levels or corners
+    makes the innermost loop 2 or 4 elements long, several times slower on CPU.
+
+    Returns:
+        index: [4, L * P, N * Lq * M] rows of the padded table; corners ordered
+            (x0, y0), (x0 + 1, y0), (x0, y0 + 1), (x0 + 1, y0 + 1);
+        weight: same shape, bilinear weight times attention weight (differentiable w.r.t.
+            both inputs).
+    """
+    n, lq, m, n_levels, n_points, _ = sampling_locations.shape
+    bags = n * lq * m
+    device, dtype = sampling_locations.device, sampling_locations.dtype
+    sizes = torch.tensor([[w for _, w in shapes], [h for h, _ in shapes]], dtype=dtype, device=device)
+    sizes = sizes.view(2, n_levels, 1, 1)
+    # [N, Lq, M, L, P, 2] -> [2, L, P, bags]
+    locations = sampling_locations.reshape(bags, n_levels, n_points, 2).permute(3, 1, 2, 0).contiguous()
+
+    # pixel coordinates (pixel centres at integers), clamped to [-1, size]: beyond that both
+    # corners read zeros anyway, and the clamp keeps every corner inside the padded map (with
+    # zero gradient w.r.t. the location, as grid_sample has there).
+    pixel = torch.addcmul(locations.new_tensor(-0.5), locations, sizes)
+    pixel = torch.clamp(pixel, min=locations.new_tensor(-1.0), max=sizes)
+    corner0 = pixel.detach().floor()
+    frac = pixel - corner0
+
+    # row of corner (x0, y0): (n * Sp + start_l + (y0 + 1) * row_l + (x0 + 1)) * M + m
+    corner0 = corner0.to(index_dtype)
+    row_len = torch.tensor(row_lengths, dtype=index_dtype, device=device).view(n_levels, 1, 1)
+    level_base = torch.tensor(
+        [(start + _PAD_BEFORE * (row + 1)) * m for start, row in zip(level_starts, row_lengths)],
+        dtype=index_dtype,
+        device=device,
+    ).view(n_levels, 1, 1)
+    padded_positions = level_starts[-1] + (shapes[-1][0] + _PAD_BEFORE + _PAD_AFTER) * row_lengths[-1]
+    image_head = (
+        torch.arange(n, dtype=index_dtype, device=device).view(n, 1, 1) * (padded_positions * m)
+        + torch.arange(m, dtype=index_dtype, device=device).view(1, 1, m)
+    ).expand(n, lq, m).reshape(bags)
+    row0 = corner0[1] * (row_len * m) + corner0[0] * m + (level_base + image_head)
+    corner_offsets = torch.stack(
+        [torch.zeros_like(row_len), torch.ones_like(row_len), row_len, row_len + 1]
+    ) * m  # [4, L, 1, 1]
+    index = row0.unsqueeze(0) + corner_offsets  # [4, L, P, bags]
+
+    fx, fy = frac.unbind(0)
+    weights = attention_weights.reshape(bags, n_levels, n_points).permute(1, 2, 0).contiguous()
+    weight_y = torch.stack([1 - fy, fy]) * weights
+    weight_x = torch.stack([1 - fx, fx])
+    weight = weight_y.unsqueeze(1) * weight_x.unsqueeze(0)  # [y corner, x corner, L, P, bags]
+
+    shape = (4, n_levels * n_points, bags)
+    return index.reshape(shape), weight.reshape(shape)
+
+
+def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: Tuple[int, int]):
+    """A sparse CSR matrix from trusted indices (no invariant checks, no beta-API warning)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        return torch.sparse_csr_tensor(crow, col, values, size=size, check_invariants=False)
+
+
+class _CornerGather(torch.autograd.Function):
+    """``out[b] = sum_{c, k} weight[c, k, b] * table[index[c, k, b]]`` with a fast backward.
+
+    table [R, D]; index [4, K, B] (int32/int64); weight [4, K, B] -> out [B, D].
+    The backward needs the 4 corners of a point to be ``index[0] + o_c`` with offsets
+    ``o_c >= 0`` constant within contiguous table ranges (one range per image and level), so that
+    sorting the points by their first corner sorts every corner.
+    """
+
+    @staticmethod
+    def forward(ctx, table, index, weight):
+        ctx.save_for_backward(table, index, weight)
+        num_bags = index.shape[-1]
+        # bag-major copies for embedding_bag: [B, 4 * K]
+        return F.embedding_bag(
+            index.permute(2, 0, 1).reshape(num_bags, -1),
+            table,
+            per_sample_weights=weight.permute(2, 0, 1).reshape(num_bags, -1),
+            mode="sum",
+        )
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        table, index, weight = ctx.saved_tensors
+        need_table, _, need_weight = ctx.needs_input_grad
+        grad_out = grad_out.contiguous()
+        num_rows = table.shape[0]
+        _, points_per_bag, num_bags = index.shape
+        # Sort the points (enumerated bag-major) by the table row of their first corner, once.
+        # Then the rows of every corner are sorted too and the bags within a row ascend:
+        # canonical CSR matrices (table rows x bags), one per corner.
+        order = torch.argsort(index[0].t().reshape(-1), stable=True)
+        bags = torch.div(order, points_per_bag, rounding_mode="floor")
+        planar_pos = (order - bags * points_per_bag) * num_bags + bags  # position in [K, B]
+        bags = bags.to(index.dtype)
+        grad_table = torch.zeros_like(table) if need_table else None
+        grad_weight = torch.empty_like(weight) if need_weight else None
+        for c in range(4):
+            rows = index[c].reshape(-1).index_select(0, planar_pos)
+            weights = weight[c].reshape(-1).index_select(0, planar_pos)
+            crow = index.new_zeros(num_rows + 1)
+            crow[1:] = torch.cumsum(torch.bincount(rows, minlength=num_rows), 0)
+            if need_table:
+                # transposed product: row r of the table gets sum of weight * grad_out[bag]
+                grad_table += F.embedding_bag(bags, grad_out, crow[:-1], per_sample_weights=weights, mode="sum")
+            if need_weight:
+                corner = _csr(crow, bags, weights, (num_rows, num_bags))
+                dots = torch.sparse.sampled_addmm(corner, table, grad_out.t(), beta=0.0).values()
+                grad_weight[c].view(-1).index_copy_(0, planar_pos, dots)
+        return grad_table, None, grad_weight
+
+
+def ms_deform_attn_fast(
+    value: torch.Tensor,
+    value_spatial_shapes: SpatialShapes,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Multi-scale deformable attention as a sparse weighted gather; same arguments, result and
+    gradients as :func:`ms_deform_attn_pytorch` (up to fp32 rounding)."""
+    shapes = _shape_list(value_spatial_shapes)
+    n, s, m, d = value.shape
+    lq = sampling_locations.shape[1]
+    if s != sum(h * w for h, w in shapes):
+        raise ValueError(f"value has {s} positions, spatial shapes {shapes} give another number")
+    table, level_starts, row_lengths = _padded_value_table(value, shapes)
+    index_dtype = torch.int32 if table.shape[0] < 2**31 else torch.int64
+    index, weight = _bilinear_corners(
+        sampling_locations, attention_weights, shapes, level_starts, row_lengths, index_dtype
+    )
+    output = _CornerGather.apply(table, index, weight.to(table.dtype))
+    return output.view(n, lq, m * d)
+
+
+MS_DEFORM_ATTN_IMPLS = {"pytorch": ms_deform_attn_pytorch, "fast": ms_deform_attn_fast}
+
+
+# ---------------------------------------------------------------------------------------- module
+class MSDeformAttn(nn.Module):
+    """Multi-scale deformable attention module (Deformable DETR), official names and init.
+
+    Each query predicts, per head, level and point, a sampling offset (relative to its reference
+    point, in pixels of that level) and an attention weight (softmax over levels x points), and
+    attends to bilinearly sampled values.
+    """
+
+    def __init__(
+        self,
+        d_model: int = 256,
+        n_levels: int = 4,
+        n_heads: int = 8,
+        n_points: int = 4,
+        impl: str = "fast",
+    ):
+        """
+        Args:
+            d_model: hidden dimension (divisible by ``n_heads``).
+            n_levels: number of feature levels.
+            n_heads: number of attention heads.
+            n_points: sampling points per head per level.
+            impl: "fast" or "pytorch" (see :data:`MS_DEFORM_ATTN_IMPLS`); same numbers.
+        """
+        super().__init__()
+        if d_model % n_heads != 0:
+            raise ValueError(f"d_model must be divisible by n_heads, got {d_model} and {n_heads}")
+        if impl not in MS_DEFORM_ATTN_IMPLS:
+            raise ValueError(f"Unknown deformable attention impl {impl!r}; one of {sorted(MS_DEFORM_ATTN_IMPLS)}")
+        self.d_model = d_model
+        self.n_levels = n_levels
+        self.n_heads = n_heads
+        self.n_points = n_points
+        self.impl = impl
+
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self._reset_parameters()
+
+    def _reset_parameters(self):
+        """Official init: offsets start on a ring of directions (one per head), the i-th point at
+        distance i + 1 (max-norm); uniform attention; xavier projections."""
+        nn.init.constant_(self.sampling_offsets.weight, 0.0)
+        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
+        grid = torch.stack([thetas.cos(), thetas.sin()], -1)
+        grid = grid / grid.abs().max(-1, keepdim=True)[0]
+        grid = grid.view(self.n_heads, 1, 1, 2).repeat(1, self.n_levels, self.n_points, 1)
+        grid = grid * torch.arange(1, self.n_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.view(-1))
+        nn.init.constant_(self.attention_weights.weight, 0.0)
+        nn.init.constant_(self.attention_weights.bias, 0.0)
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.constant_(self.value_proj.bias, 0.0)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.constant_(self.output_proj.bias, 0.0)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        reference_points: torch.Tensor,
+        input_flatten: torch.Tensor,
+        input_spatial_shapes: SpatialShapes,
+        input_level_start_index: Optional[torch.Tensor] = None,
+        input_padding_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """
+        Args:
+            query: [N, Lq, C].
+            reference_points: [N, Lq, L, 2] normalised (x, y) in [0, 1] (of the padded maps), or
+                [N, Lq, L, 4] boxes (cx, cy, w, h).
+            input_flatten: [N, S, C], all levels flattened and concatenated.
+            input_spatial_shapes: [L, 2] (H, W) per level.
+            input_level_start_index: [L] start of each level in ``input_flatten``; implied by the
+                shapes, accepted for the official signature.
+            input_padding_mask: optional bool [N, S], True on padded positions (their values are
+                zeroed).
+
+        Returns:
+            [N, Lq, C].
+        """
+        n, len_q, _ = query.shape
+        _, len_in, _ = input_flatten.shape
+        shapes = _shape_list(input_spatial_shapes)
+        if sum(h * w for h, w in shapes) != len_in:
+            raise ValueError(f"input_flatten has {len_in} positions, spatial shapes {shapes} another number")
+
+        value = self.value_proj(input_flatten)
+        if input_padding_mask is not None:
+            value = value.masked_fill(input_padding_mask[..., None], 0.0)
+        value = value.view(n, len_in, self.n_heads, self.d_model // self.n_heads)
+        offsets = self.sampling_offsets(query).view(n, len_q, self.n_heads, self.n_levels, self.n_points, 2)
+        weights = self.attention_weights(query).view(n, len_q, self.n_heads, self.n_levels * self.n_points)
+        weights = F.softmax(weights, -1).view(n, len_q, self.n_heads, self.n_levels, self.n_points)
+
+        with torch.autocast(device_type=query.device.type, enabled=False):
+            offsets = offsets.float()
+            if reference_points.shape[-1] == 2:
+                normalizer = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float32, device=query.device)
+                locations = (
+                    reference_points[:, :, None, :, None, :].float()
+                    + offsets / normalizer[None, None, None, :, None, :]
+                )
+            elif reference_points.shape[-1] == 4:
+                ref = reference_points[:, :, None, :, None, :].float()
+                locations = ref[..., :2] + offsets / self.n_points * ref[..., 2:] * 0.5
+            else:
+                raise ValueError(
+                    f"Last dim of reference_points must be 2 or 4, got {reference_points.shape[-1]}"
+                )
+            output = MS_DEFORM_ATTN_IMPLS[self.impl](value.float(), shapes, locations, weights.float())
+        return self.output_proj(output.to(query.dtype))

@@ -1,0 +1,327 @@
+"""The masked-attention multi-scale transformer decoder of Mask2Former (Cheng et al., 2022).
+
+Module and parameter names follow the official implementation, so official checkpoints load
+unchanged (``transformer_self_attention_layers.{i}.self_attn``,
+``transformer_cross_attention_layers.{i}.multihead_attn``, ``transformer_ffn_layers.{i}.linear1``,
+``decoder_norm``, ``query_feat``, ``query_embed``, ``level_embed``, ``input_proj.{l}``,
+``class_embed``, ``mask_embed.layers.{k}``).
+"""
+from typing import Callable, Dict, List, Optional, Sequence
+
+import fvcore.nn.weight_init as weight_init
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from detectron2.config import configurable
+from detectron2.layers import Conv2d
+
+from ..position_encoding import PositionEmbeddingSine
+from .registry import TRANSFORMER_DECODER_REGISTRY
+
+
+class _ResidualBlock(nn.Module):
+    """A residual branch with a LayerNorm, either before the branch (pre-norm) or after the sum."""
+
+    def __init__(self, d_model: int, dropout: float, normalize_before: bool):
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.normalize_before = normalize_before
+
+    def _xavier_init(self):
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+
+    def _residual(self, tgt: torch.Tensor, branch: Callable[[torch.Tensor], torch.Tensor]):
+        if self.normalize_before:
+            return tgt + self.dropout(branch(self.norm(tgt)))
+        return self.norm(tgt + self.dropout(branch(tgt)))
+
+
+class SelfAttentionLayer(_ResidualBlock):
+    """Self-attention among the queries; queries and keys get the query position embedding."""
+
+    def __init__(self, d_model: int, nhead: int, dropout: float = 0.0, normalize_before=False):
+        super().__init__(d_model, dropout, normalize_before)
+        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self._xavier_init()
+
+    def forward(self, tgt: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
+        """tgt, query_pos: [B, Q, C]."""
+
+        def attend(x):
+            q = x + query_pos
+            return self.self_attn(q, q, value=x, need_weights=False)[0]
+
+        return self._residual(tgt, attend)
+
+
+class CrossAttentionLayer(_ResidualBlock):
+    """Queries attend to the flattened pixel features of one scale, optionally masked."""
+
+    def __init__(self, d_model: int, nhead: int, dropout: float = 0.0, normalize_before=False):
+        super().__init__(d_model, dropout, normalize_before)
+        self.multihead_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self._xavier_init()
+
+    def forward(
+        self,
+        tgt: torch.Tensor,
+        memory: torch.Tensor,
+        attn_mask: Optional[torch.Tensor],
+        pos: torch.Tensor,
+        query_pos: torch.Tensor,
+    ) -> torch.Tensor:
+        """
+        Args:
+            tgt, query_pos: [B, Q, C] queries and their position embedding.
+            memory, pos: [B, HW, C] pixel features and their position embedding.
+            attn_mask: bool [B * nheads, Q, HW], True where a query may not attend, or None.
+        """
+        key = memory + pos
+
+        def attend(x):
+            return self.multihead_attn(
+                x + query_pos, key, value=memory, attn_mask=attn_mask, need_weights=False
+            )[0]
+
+        return self._residual(tgt, attend)
+
+
+class FFNLayer(_ResidualBlock):
+    """Two-layer feed-forward block with ReLU."""
+
+    def __init__(self, d_model: int, dim_feedforward=2048, dropout=0.0, normalize_before=False):
+        super().__init__(d_model, dropout, normalize_before)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self._xavier_init()
+
+    def forward(self, tgt: torch.Tensor) -> torch.Tensor:
+        return self._residual(
+            tgt, lambda x: self.linear2(self.dropout(F.relu(self.linear1(x))))
+        )
+
+
+class MLP(nn.Module):
+    """A stack of ``num_layers`` linear layers with ReLU between them."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+        super().__init__()
+        dims_in = [input_dim] + [hidden_dim] * (num_layers - 1)
+        dims_out = [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims_in, dims_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+def masked_attention_mask(mask_logits: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """
+    The masked-attention mask of Mask2Former from mask logits already at the attended scale.
+
+    A query may attend to a pixel only where its predicted mask is on (sigmoid >= 0.5). A query
+    whose mask is off everywhere attends everywhere instead (its row is un-masked), so no query
+    is left without keys.
+
+    Args:
+        mask_logits: [B, Q, h, w] mask logits at the resolution of the attended features.
+        num_heads: attention heads; the mask is repeated per head.
+
+    Returns:
+        bool tensor [B * num_heads, Q, h * w] (batch-major, as nn.MultiheadAttention expects),
+        True where attention is blocked.
+    """
+    blocked = mask_logits.detach().flatten(2).sigmoid() < 0.5
+    blocked[blocked.all(dim=-1)] = False
+    return blocked.repeat_interleave(num_heads, dim=0)
+
+
+@TRANSFORMER_DECODER_REGISTRY.register()
+class MultiScaleMaskedTransformerDecoder(nn.Module):
+    """
+    Learnable queries refined by ``dec_layers`` blocks of (masked cross-attention, self-attention,
+    FFN), attending round-robin to three feature scales (lowest resolution first). Class and mask
+    predictions are made from the learnable queries and after every block; each prediction's mask
+    (resized to the next scale) restricts the next cross-attention.
+
+    Mask logits are ``einsum(mask_embed(query), mask_features)``. The attention masks are computed
+    from the mask features resized to each scale, which equals resizing the full-resolution mask
+    logits (bilinear resizing is linear and commutes with the channel contraction), so that
+    full-resolution masks of intermediate layers are only computed when they are returned.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        in_channels: int,
+        mask_classification: bool = True,
+        *,
+        num_classes: int,
+        hidden_dim: int,
+        num_queries: int,
+        nheads: int,
+        dim_feedforward: int,
+        dec_layers: int,
+        pre_norm: bool,
+        mask_dim: int,
+        enforce_input_project: bool,
+        dropout: float = 0.0,
+    ):
+        """
+        Args:
+            in_channels: channels of the three input feature maps.
+            mask_classification: must be True (class prediction per query).
+            num_classes: number of classes (a "no object" logit is added).
+            hidden_dim: transformer width.
+            num_queries: number of queries.
+            nheads: attention heads.
+            dim_feedforward: hidden width of the FFN blocks.
+            dec_layers: number of decoder blocks (config DEC_LAYERS - 1).
+            pre_norm: pre-LayerNorm blocks instead of post-LayerNorm.
+            mask_dim: channels of the mask features.
+            enforce_input_project: add the 1x1 input projections even if in_channels == hidden_dim.
+            dropout: dropout inside the attention and FFN blocks (official code: 0).
+        """
+        super().__init__()
+        if not mask_classification:
+            raise ValueError("MultiScaleMaskedTransformerDecoder only supports mask classification")
+        self.mask_classification = mask_classification
+        self.num_heads = nheads
+        self.num_layers = dec_layers
+        self.num_queries = num_queries
+        self.num_feature_levels = 3
+
+        self.pe_layer = PositionEmbeddingSine(hidden_dim // 2, normalize=True)
+
+        self.transformer_self_attention_layers = nn.ModuleList(
+            SelfAttentionLayer(hidden_dim, nheads, dropout, pre_norm) for _ in range(dec_layers)
+        )
+        self.transformer_cross_attention_layers = nn.ModuleList(
+            CrossAttentionLayer(hidden_dim, nheads, dropout, pre_norm) for _ in range(dec_layers)
+        )
+        self.transformer_ffn_layers = nn.ModuleList(
+            FFNLayer(hidden_dim, dim_feedforward, dropout, pre_norm) for _ in range(dec_layers)
+        )
+        self.decoder_norm = nn.LayerNorm(hidden_dim)
+
+        self.query_feat = nn.Embedding(num_queries, hidden_dim)
+        self.query_embed = nn.Embedding(num_queries, hidden_dim)
+        self.level_embed = nn.Embedding(self.num_feature_levels, hidden_dim)
+
+        self.input_proj = nn.ModuleList()
+        for _ in range(self.num_feature_levels):
+            if in_channels != hidden_dim or enforce_input_project:
+                proj = Conv2d(in_channels, hidden_dim, kernel_size=1)
+                weight_init.c2_xavier_fill(proj)
+            else:
+                proj = nn.Sequential()
+            self.input_proj.append(proj)
+
+        self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
+        self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
+
+    @classmethod
+    def from_config(cls, cfg, in_channels, mask_classification):
+        if cfg.MODEL.MASK_FORMER.DEC_LAYERS < 1:
+            raise ValueError("MODEL.MASK_FORMER.DEC_LAYERS must be >= 1")
+        return {
+            "in_channels": in_channels,
+            "mask_classification": mask_classification,
+            "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
+            "hidden_dim": cfg.MODEL.MASK_FORMER.HIDDEN_DIM,
+            "num_queries": cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES,
+            "nheads": cfg.MODEL.MASK_FORMER.NHEADS,
+            "dim_feedforward": cfg.MODEL.MASK_FORMER.DIM_FEEDFORWARD,
+            # the prediction from the learnable queries counts as one of DEC_LAYERS predictions
+            "dec_layers": cfg.MODEL.MASK_FORMER.DEC_LAYERS - 1,
+            "pre_norm": cfg.MODEL.MASK_FORMER.PRE_NORM,
+            "enforce_input_project": cfg.MODEL.MASK_FORMER.ENFORCE_INPUT_PROJ,
+            "mask_dim": cfg.MODEL.SEM_SEG_HEAD.MASK_DIM,
+            "dropout": cfg.MODEL.MASK_FORMER.DROPOUT,
+        }
+
+    def forward(
+        self,
+        x: Sequence[torch.Tensor],
+        mask_features: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+        return_aux: Optional[bool] = None,
+    ) -> Dict[str, object]:
+        """
+        Args:
+            x: three feature maps [B, in_channels, H_l, W_l], lowest resolution first.
+            mask_features: [B, mask_dim, H, W] per-pixel embeddings (1/4 scale).
+            mask: unused (padding is not masked, as in the official code).
+            return_aux: return the predictions of the learnable queries and of every block but
+                the last as "aux_outputs" (deep supervision). Default: ``self.training``.
+
+        Returns:
+            dict with "pred_logits" [B, Q, num_classes + 1], "pred_masks" [B, Q, H, W] and
+            "aux_outputs": a list of ``dec_layers`` such dicts (empty if not ``return_aux``).
+        """
+        del mask
+        if len(x) != self.num_feature_levels:
+            raise ValueError(f"expected {self.num_feature_levels} feature maps, got {len(x)}")
+        if return_aux is None:
+            return_aux = self.training
+
+        src, pos, level_mask_features = [], [], []
+        for i, feature in enumerate(x):
+            pos.append(self.pe_layer(feature).flatten(2).transpose(1, 2).to(feature.dtype))
+            projected = self.input_proj[i](feature).flatten(2)
+            src.append((projected + self.level_embed.weight[i][None, :, None]).transpose(1, 2))
+            level_mask_features.append(
+                F.interpolate(
+                    mask_features, size=feature.shape[-2:], mode="bilinear", align_corners=False
+                )
+            )
+
+        batch_size = mask_features.shape[0]
+        query_pos = self.query_embed.weight.unsqueeze(0).expand(batch_size, -1, -1)
+        output = self.query_feat.weight.unsqueeze(0).expand(batch_size, -1, -1)
+
+        predictions_class: List[torch.Tensor] = []
+        predictions_mask: List[Optional[torch.Tensor]] = []
+        attn_mask = None
+        for i in range(self.num_layers + 1):
+            if i > 0:
+                level = (i - 1) % self.num_feature_levels
+                output = self.transformer_cross_attention_layers[i - 1](
+                    output, src[level], attn_mask, pos=pos[level], query_pos=query_pos
+                )
+                output = self.transformer_self_attention_layers[i - 1](output, query_pos)
+                output = self.transformer_ffn_layers[i - 1](output)
+
+            is_last = i == self.num_layers
+            decoder_output = self.decoder_norm(output)
+            predictions_class.append(self.class_embed(decoder_output))
+            mask_embed = self.mask_embed(decoder_output)
+            if is_last or return_aux:
+                predictions_mask.append(
+                    torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features)
+                )
+            if not is_last:
+                next_level = i % self.num_feature_levels
+                attn_logits = torch.einsum(
+                    "bqc,bchw->bqhw", mask_embed, level_mask_features[next_level]
+                )
+                attn_mask = masked_attention_mask(attn_logits, self.num_heads)
+
+        aux_outputs = []
+        if return_aux:
+            aux_outputs = [
+                {"pred_logits": c, "pred_masks": m}
+                for c, m in zip(predictions_class[:-1], predictions_mask[:-1])
+            ]
+        return {
+            "pred_logits": predictions_class[-1],
+            "pred_masks": predictions_mask[-1],
+            "aux_outputs": aux_outputs,
+        }
