@@ -260,25 +260,51 @@ def _na2d_dense_grid(query, key, value, rpb, kernel_size: int, max_tile: int, ma
         return x.permute(0, 1, 2, 3, 5, 6, 4)
 
     q_tiles, k_regions, v_regions = query_tiles(query), key_regions(key), key_regions(value)
-    logits_per_tile_row = n * heads * cols.num_tiles * rows.tile * cols.tile * rows.region * cols.region
-    chunk = max(1, max_logits // logits_per_tile_row)
-    biases = {}  # chunks with the same row patterns (all interior ones) share their bias
-    outputs = []
-    for first in range(0, rows.num_tiles, chunk):
-        rows_ = slice(first, min(first + chunk, rows.num_tiles))
-        row_patterns = rows.pattern_of_tile[rows_]
-        bias_key = tuple(row_patterns.tolist())
-        if bias_key not in biases:
-            biases[bias_key] = table[:, row_patterns[:, None], cols.pattern_of_tile[None, :]]
-        q_t = q_tiles[:, :, rows_].flatten(4, 5)  # [N, heads, tr, tw, Th*Tw, D]
-        k_t = k_regions[:, :, rows_].flatten(4, 5)  # [N, heads, tr, tw, Rh*Rw, D]
-        v_t = v_regions[:, :, rows_].flatten(4, 5)
-        logits = torch.matmul(q_t, k_t.transpose(-1, -2)) + biases[bias_key]
-        outputs.append(torch.matmul(logits.softmax(dim=-1), v_t))  # [N, heads, tr, tw, Th*Tw, Dv]
-    out = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
-    out = out.unflatten(4, (rows.tile, cols.tile))  # [N, heads, tiles_h, tiles_w, Th, Tw, Dv]
+    n_chunks, head_chunks, row_chunks = _chunk_ranges(
+        n, heads, rows.num_tiles, cols.num_tiles * rows.tile * cols.tile * rows.region * cols.region, max_logits
+    )
+    biases = {}  # chunks with the same heads and row patterns (all interior ones) share their bias
+    out_n = []
+    for n_ in n_chunks:
+        out_h = []
+        for h_ in head_chunks:
+            out_r = []
+            for r_ in row_chunks:
+                row_patterns = rows.pattern_of_tile[r_]
+                bias_key = (h_.start, h_.stop, tuple(row_patterns.tolist()))
+                if bias_key not in biases:
+                    head_table = table if table.shape[0] == 1 else table[h_]
+                    biases[bias_key] = head_table[:, row_patterns[:, None], cols.pattern_of_tile[None, :]]
+                q_t = q_tiles[n_, h_, r_].flatten(4, 5)  # [n, h, tr, tw, Th*Tw, D]
+                k_t = k_regions[n_, h_, r_].flatten(4, 5)  # [n, h, tr, tw, Rh*Rw, D]
+                v_t = v_regions[n_, h_, r_].flatten(4, 5)
+                logits = torch.matmul(q_t, k_t.transpose(-1, -2))
+                logits += biases[bias_key]
+                out_r.append(torch.matmul(logits.softmax(dim=-1), v_t))  # [n, h, tr, tw, Th*Tw, Dv]
+            out_h.append(_cat(out_r, dim=2))
+        out_n.append(_cat(out_h, dim=1))
+    out = _cat(out_n, dim=0).unflatten(4, (rows.tile, cols.tile))  # [N, heads, tiles_h, tiles_w, Th, Tw, Dv]
     out = out.permute(0, 1, 2, 4, 3, 5, 6).flatten(2, 3).flatten(3, 4)
     return out[:, :, -rows.first_query : height - rows.first_query, -cols.first_query : width - cols.first_query]
+
+
+def _cat(tensors, dim: int):
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
+
+
+def _ranges(total: int, step: int):
+    return [slice(i, min(i + step, total)) for i in range(0, total, step)]
+
+
+def _chunk_ranges(n: int, heads: int, tile_rows: int, logits_per_tile_row: int, max_logits: int):
+    """Split ``[N, heads, tile rows]`` into chunks of at most ``max_logits`` logits (at least one
+    tile row of one head): whole samples if they fit, else heads of one sample, else tile rows."""
+    per_head = tile_rows * logits_per_tile_row
+    if heads * per_head <= max_logits:
+        return _ranges(n, max_logits // (heads * per_head)), [slice(0, heads)], [slice(0, tile_rows)]
+    if per_head <= max_logits:
+        return _ranges(n, 1), _ranges(heads, max_logits // per_head), [slice(0, tile_rows)]
+    return _ranges(n, 1), _ranges(heads, 1), _ranges(tile_rows, max(1, max_logits // logits_per_tile_row))
 
 
 class _GroupClass(NamedTuple):

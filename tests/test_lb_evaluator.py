@@ -141,8 +141,9 @@ def test_confusion_matrix_rejects_bad_input():
     with pytest.raises(ValueError, match="shapes differ"):
         confusion_matrix(GT1, PRED2, 5, IGNORE)
     # Everything ignored: an empty matrix, not an error.
+    all_ignored = np.full((2, 2), IGNORE)
     np.testing.assert_array_equal(
-        confusion_matrix(np.full((2, 2), IGNORE), np.zeros((2, 2), int), 3, IGNORE), np.zeros((3, 3))
+        confusion_matrix(all_ignored, np.zeros((2, 2), int), 3, IGNORE), np.zeros((3, 3))
     )
 
 
@@ -213,6 +214,20 @@ def test_evaluator_order_of_arrival_does_not_matter(hand_dataset):
     assert forward["mIoU"] == pytest.approx(MIOU)
 
 
+def test_tied_scores_go_to_the_first_class(hand_dataset):
+    name, records = hand_dataset
+    evaluator = LBSemSegEvaluator(name, gt_loader=read_label_png)
+    evaluator.reset()
+    scores = torch.zeros(len(CLASSES), 2, 3)
+    scores[1:3] = 1.0  # Paper and Metal tie everywhere -> Paper
+    inputs = [{k: records[1][k] for k in ("file_name", "image_id", "height", "width")}]
+    evaluator.process(inputs, [{"sem_seg": scores}])
+    res = evaluator.evaluate()["sem_seg"]
+    assert res["IoU-Paper"] == 0.0  # predicted everywhere, absent from GT
+    assert res["IoU-Metal"] == 0.0  # would be 3/6 if ties went to Metal
+    assert res["pACC"] == 0.0
+
+
 def test_evaluator_without_plot_and_without_predictions(hand_dataset, tmp_path):
     name, records = hand_dataset
     evaluator = LBSemSegEvaluator(
@@ -234,7 +249,9 @@ def test_size_mismatch_names_the_image(hand_dataset):
     with pytest.raises(ValueError, match=r"shape \(3, 2, 3\), expected \[5, H, W\]"):
         evaluator.process(inputs, [{"sem_seg": torch.zeros(3, 2, 3)}])
     with pytest.raises(KeyError, match="not_in_dataset.jpg"):
-        evaluator.process([{"file_name": "not_in_dataset.jpg"}], [{"sem_seg": torch.zeros(5, 2, 3)}])
+        evaluator.process(
+            [{"file_name": "not_in_dataset.jpg"}], [{"sem_seg": torch.zeros(5, 2, 3)}]
+        )
 
 
 def test_dataset_without_ground_truth_is_refused(tmp_path):

@@ -14,12 +14,27 @@ from detectron2.structures import BitMasks, Instances
 
 from mask2former.modeling.criterion import SetCriterion
 from mask2former.modeling.matcher import HungarianMatcher
-from mask2former.modeling.meta_arch import MaskFormer, MaskFormerHead, semantic_inference_naive
+from mask2former.modeling.meta_arch import (
+    MaskFormer,
+    MaskFormerHead,
+    resized_semantic_inference,
+    semantic_inference_naive,
+)
 from mask2former.modeling.transformer_decoder import MultiScaleMaskedTransformerDecoder
 
 NUM_CLASSES = 4  # background + 3 shapes
 HIDDEN, QUERIES, MASK_DIM, CONV_DIM = 32, 8, 32, 32
 DEC_LAYERS = 3  # config value: 2 decoder blocks + the prediction of the learnable queries
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a shared, busy machine the
+    thread synchronisation dominates (measured: 0.04 s vs 1.3 s per training step)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class TinyBackbone(Backbone):
@@ -199,18 +214,16 @@ def test_semantic_inference_equals_official_definition(before, image_size, outpu
     torch.testing.assert_close(got.double(), expected, rtol=0, atol=2e-6)
 
 
-def test_semantic_inference_bands_do_not_change_the_result(monkeypatch):
-    """A band of one row at a time gives the same scores as the default bands."""
-    from mask2former.modeling.meta_arch import mask_former_model
-
-    model = build_model()
+@pytest.mark.parametrize("resize_masks_first", [False, True])
+def test_semantic_inference_bands_do_not_change_the_result(resize_masks_first):
+    """Bands of one output row give the same scores as one band for the whole image."""
     g = torch.Generator().manual_seed(1)
     mask_cls = torch.randn(QUERIES, NUM_CLASSES + 1, generator=g)
     mask_pred = torch.randn(QUERIES, 16, 16, generator=g)
-    default = model.semantic_inference(mask_cls, mask_pred, (64, 64), (61, 57), (61, 57))
-    monkeypatch.setattr(mask_former_model, "_BAND_ELEMENTS_CPU", 1)
-    one_row = model.semantic_inference(mask_cls, mask_pred, (64, 64), (61, 57), (61, 57))
-    torch.testing.assert_close(one_row, default, rtol=0, atol=1e-6)
+    args = (mask_cls, mask_pred, (64, 64), (61, 57), (70, 50), resize_masks_first)
+    whole = resized_semantic_inference(*args, band_elements=10**9)
+    one_row = resized_semantic_inference(*args, band_elements=1)
+    torch.testing.assert_close(one_row, whole, rtol=0, atol=1e-6)
 
 
 def test_inference_shapes_and_values_for_a_batch_of_different_sizes():
@@ -278,7 +291,7 @@ def test_tiny_model_overfits_synthetic_images():
     samples = [training_input(*synthetic_sample(i)) for i in range(4)]
     labels = [s["sem_seg"] for s in samples]
     model = build_model(num_points=256)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=4e-3, weight_decay=0.0)
 
     def evaluate():
         model.eval()
@@ -291,7 +304,7 @@ def test_tiny_model_overfits_synthetic_images():
     initial_miou = evaluate()
     losses = []
     model.train()
-    for _ in range(150):
+    for _ in range(70):
         loss = sum(model(samples).values())
         optimizer.zero_grad()
         loss.backward()
@@ -300,7 +313,7 @@ def test_tiny_model_overfits_synthetic_images():
     final_miou = evaluate()
     assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
     assert background_only < 0.25
-    assert final_miou > 0.7, (initial_miou, final_miou)
+    assert final_miou > 0.75, (initial_miou, final_miou)
 
 
 def test_state_dict_round_trip_gives_identical_outputs():

@@ -103,13 +103,19 @@ def test_save_panel_writes_png(tmp_path):
 
 
 def test_plot_confusion_matrix_png(tmp_path):
+    def grey_pixels(picture):
+        return int(np.all(picture == 208, axis=-1).sum())  # "#d0d0d0": rows without GT
+
     cm = np.array([[5, 1, 0], [0, 0, 0], [2, 0, 3]])  # class 1 has no GT pixels: grey row
     path = tmp_path / "cm.png"
     plot_confusion_matrix(cm, NAMES, str(path), title="test")
     picture = cv2.imread(str(path))
     assert picture is not None and picture.shape[0] >= 300 and picture.shape[1] >= 300
-    # The fully correct cell would be darkest blue; there is none, but row 0 (5/6) is dark.
+    assert grey_pixels(picture) > 5000  # a whole row of cells
     assert os.listdir(tmp_path) == ["cm.png"]
+    cm[1, 1] = 1
+    plot_confusion_matrix(cm, NAMES, str(path))
+    assert grey_pixels(cv2.imread(str(path))) < 100
     with pytest.raises(ValueError, match="does not match"):
         plot_confusion_matrix(cm, NAMES[:2], str(tmp_path / "bad.png"))
     assert not (tmp_path / "bad.png").exists()

@@ -228,7 +228,9 @@ class LBSemSegEvaluator(DatasetEvaluator):
                     f"prediction for image {file_name!r} has shape {tuple(scores.shape)}, "
                     f"expected [{self._num_classes}, H, W] class scores"
                 )
-            pred = scores.argmax(dim=0).cpu().numpy()
+            # max(...).indices equals argmax(dim=0) (first maximal class on ties) and is several
+            # times faster on CPU for a leading class dimension.
+            pred = scores.max(dim=0).indices.cpu().numpy()
             gt = np.asarray(self._gt_loader(record))
             if gt.ndim != 2:
                 raise ValueError(

@@ -1,5 +1,5 @@
 """The MaskFormer / Mask2Former meta-architecture (semantic segmentation)."""
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -14,7 +14,7 @@ from ..criterion import SetCriterion
 from ..matcher import HungarianMatcher
 
 # Semantic inference resizes, squashes and combines the Q mask logits a band of output rows at a
-# time; a band holds about this many values of all queries (CPU: stays in cache; GPU: few launches).
+# time; a band holds about this many values (CPU: stays in cache; GPU: few kernel launches).
 _BAND_ELEMENTS_CPU = 1 << 19
 _BAND_ELEMENTS_GPU = 1 << 24
 
@@ -53,23 +53,98 @@ def _linear_taps(in_size: int, out_size: int, device) -> Tuple[torch.Tensor, tor
     return index.to(device), weight.to(device)
 
 
-def _compose_taps(first, second):
-    """Taps of resizing with ``first`` then with ``second`` (a separable linear map again)."""
-    index1, weight1 = first
-    index2, weight2 = second
-    index = index1[index2].flatten(1)
-    weight = (weight2[:, :, None] * weight1[index2]).flatten(1)
-    return index, weight
+def _resize_matrix(in_size: int, out_sizes: Sequence[Tuple[int, int]], device) -> torch.Tensor:
+    """
+    The [n, in_size] matrix of successive 1-D bilinear resizes (align_corners=False), each
+    followed by a crop: ``out_sizes`` is a list of (resized size, kept leading entries).
+    """
+    matrix = torch.eye(in_size, dtype=torch.float32)
+    size = in_size
+    for resized, kept in out_sizes:
+        index, weight = _linear_taps(size, resized, "cpu")
+        step = torch.zeros(resized, size).scatter_add_(1, index, weight)
+        matrix = (step @ matrix)[:kept]
+        size = kept
+    return matrix.to(device)
 
 
-def _apply_taps(x: torch.Tensor, dim: int, index: torch.Tensor, weight: torch.Tensor):
-    """Resize ``x`` along ``dim`` with 1-D taps (see ``_linear_taps``)."""
-    shape = [1] * x.dim()
-    shape[dim] = -1
-    out = x.index_select(dim, index[:, 0]) * weight[:, 0].view(shape)
-    for k in range(1, index.shape[1]):
-        out.addcmul_(x.index_select(dim, index[:, k]), weight[:, k].view(shape))
-    return out
+def resized_semantic_inference(
+    mask_cls: torch.Tensor,
+    mask_pred: torch.Tensor,
+    padded_size: Tuple[int, int],
+    image_size: Tuple[int, int],
+    output_size: Tuple[int, int],
+    resize_masks_first: bool = False,
+    band_elements: Optional[int] = None,
+) -> torch.Tensor:
+    """
+    Semantic scores of one image, equal (up to float rounding) to the official procedure:
+    the mask logits are upsampled (bilinear) to the padded input size and cropped to the image
+    size; then either (default) ``semantic_inference_naive`` is applied and the [K, H, W] scores
+    are resized to ``output_size``, or (``resize_masks_first``, the official
+    SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE) the mask logits are resized to ``output_size``
+    first.
+
+    Bilinear resizing is separable: the width is resized first (on the low-resolution rows,
+    cropped), then a band of output rows at a time is made by one matrix product with the rows
+    of the (banded) height-resize matrix, squashed by the sigmoid in place and combined with the
+    class probabilities. The [Q, H, W] upsampled logits and their sigmoid are never
+    materialised, padding is never upsampled, and two successive resizes become one product.
+
+    Args:
+        mask_cls: [Q, K + 1] class logits.
+        mask_pred: [Q, h, w] mask logits of the padded image.
+        padded_size, image_size, output_size: (height, width) of the padded input, of the image
+            inside it, and of the requested output.
+        resize_masks_first: see above.
+        band_elements: values (rows x queries x width) per band; default: a device-dependent
+            size (``_BAND_ELEMENTS_CPU`` / ``_BAND_ELEMENTS_GPU``). It does not change results.
+
+    Returns:
+        float32 [K, output_size[0], output_size[1]].
+    """
+    mask_cls = mask_cls.float()
+    mask_pred = mask_pred.float()
+    device = mask_pred.device
+    num_queries, low_h, _ = mask_pred.shape
+    resize_first = [resize_masks_first and output_size[i] != image_size[i] for i in range(2)]
+
+    # width: [h, Q, w] -> [h, Q, W'] (rows outermost, so that row bands are contiguous)
+    rows = mask_pred.transpose(0, 1)
+    rows = F.interpolate(rows, size=padded_size[1], mode="linear", align_corners=False)
+    rows = rows[..., : image_size[1]]
+    if resize_first[1]:
+        rows = F.interpolate(rows, size=output_size[1], mode="linear", align_corners=False)
+    rows = rows.contiguous()
+    out_w = rows.shape[-1]
+
+    # height: a [H', h] matrix, applied a band of output rows at a time
+    steps = [(padded_size[0], image_size[0])]
+    if resize_first[0]:
+        steps.append((output_size[0], output_size[0]))
+    height_matrix = _resize_matrix(low_h, steps, device)
+    out_h = height_matrix.shape[0]
+    nonzero = height_matrix != 0
+    first_src = nonzero.float().argmax(1).tolist()
+    last_src = (low_h - 1 - nonzero.flip(1).float().argmax(1)).tolist()
+
+    probs_t = F.softmax(mask_cls, dim=-1)[:, :-1].t().contiguous()  # [K, Q]
+    flat_rows = rows.view(low_h, -1)
+    scores = mask_pred.new_empty((out_h, probs_t.shape[0], out_w))
+    if band_elements is None:
+        band_elements = _BAND_ELEMENTS_CPU if device.type == "cpu" else _BAND_ELEMENTS_GPU
+    band = max(1, band_elements // (num_queries * out_w))
+    for start in range(0, out_h, band):
+        stop = min(start + band, out_h)
+        src0, src1 = min(first_src[start:stop]), max(last_src[start:stop]) + 1
+        masks = height_matrix[start:stop, src0:src1] @ flat_rows[src0:src1]
+        masks = masks.view(stop - start, num_queries, out_w).sigmoid_()
+        scores[start:stop] = torch.matmul(probs_t, masks)  # [rows, K, W']
+    scores = scores.permute(1, 0, 2).contiguous()
+
+    if tuple(scores.shape[-2:]) != tuple(output_size):
+        scores = F.interpolate(scores[None], size=output_size, mode="bilinear", align_corners=False)[0]
+    return scores
 
 
 @META_ARCH_REGISTRY.register()
@@ -252,53 +327,12 @@ class MaskFormer(nn.Module):
         image_size: Tuple[int, int],
         output_size: Tuple[int, int],
     ) -> torch.Tensor:
-        """
-        Semantic scores of one image, equal (up to float rounding) to the official procedure:
-        the mask logits are upsampled (bilinear) to the padded input size and cropped to the
-        image size; then either (default) ``semantic_inference_naive`` is applied and the
-        [K, H, W] scores are resized to ``output_size``, or (``sem_seg_postprocess_before_
-        inference``) the mask logits are resized to ``output_size`` first.
-
-        The resizes are applied as separable 1-D taps (the upsampling is only evaluated inside
-        the crop, and two successive resizes are composed into one), a band of output rows at
-        a time, so the [Q, H, W] upsampled logits and their sigmoid are never materialised.
-
-        Args:
-            mask_cls: [Q, K + 1] class logits.
-            mask_pred: [Q, h, w] mask logits of the padded image.
-            padded_size, image_size, output_size: (height, width) of the padded input, of the
-                image inside it, and of the requested output.
-
-        Returns:
-            float32 [K, output_size[0], output_size[1]].
-        """
-        mask_cls = mask_cls.float()
-        mask_pred = mask_pred.float()
-        device = mask_pred.device
-        taps = []
-        for axis in range(2):
-            crop = _linear_taps(mask_pred.shape[axis + 1], padded_size[axis], device)
-            crop = (crop[0][: image_size[axis]], crop[1][: image_size[axis]])
-            if self.sem_seg_postprocess_before_inference and output_size[axis] != image_size[axis]:
-                crop = _compose_taps(crop, _linear_taps(image_size[axis], output_size[axis], device))
-            taps.append(crop)
-        (index_y, weight_y), (index_x, weight_x) = taps
-
-        probs_t = F.softmax(mask_cls, dim=-1)[:, :-1].t().contiguous()  # [K, Q]
-        rows_resized = _apply_taps(mask_pred, 2, index_x, weight_x)  # [Q, h, W']
-        num_queries, _, out_w = rows_resized.shape
-        out_h = index_y.shape[0]
-        scores = mask_pred.new_empty((probs_t.shape[0], out_h, out_w))
-        budget = _BAND_ELEMENTS_CPU if device.type == "cpu" else _BAND_ELEMENTS_GPU
-        band = max(1, budget // (num_queries * out_w))
-        for start in range(0, out_h, band):
-            stop = min(start + band, out_h)
-            masks = _apply_taps(rows_resized, 1, index_y[start:stop], weight_y[start:stop])
-            masks = masks.sigmoid_().flatten(1)  # [Q, rows * W']
-            scores[:, start:stop] = (probs_t @ masks).view(-1, stop - start, out_w)
-
-        if tuple(scores.shape[-2:]) != tuple(output_size):
-            scores = F.interpolate(
-                scores[None], size=output_size, mode="bilinear", align_corners=False
-            )[0]
-        return scores
+        """Semantic scores [K, *output_size] of one image (see ``resized_semantic_inference``)."""
+        return resized_semantic_inference(
+            mask_cls,
+            mask_pred,
+            padded_size,
+            image_size,
+            output_size,
+            resize_masks_first=self.sem_seg_postprocess_before_inference,
+        )

@@ -112,39 +112,43 @@ def _padded_value_table(value: torch.Tensor, shapes: List[Tuple[int, int]]):
     return table, level_starts, row_lengths
 
 
+def _level_sizes(shapes: List[Tuple[int, int]], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(W, H) of each level as a [L, 1, 2, 1] tensor (broadcasts over planar [L, P, 2, B])."""
+    return torch.tensor([[w, h] for h, w in shapes], dtype=dtype, device=device).view(len(shapes), 1, 2, 1)
+
+
 def _bilinear_corners(
-    sampling_locations: torch.Tensor,
-    attention_weights: torch.Tensor,
+    pixel: torch.Tensor,
+    weights: torch.Tensor,
     shapes: List[Tuple[int, int]],
     level_starts: List[int],
     row_lengths: List[int],
+    num_images: int,
+    num_heads: int,
     index_dtype: torch.dtype,
 ):
     """Table rows and weights of the 4 bilinear corners of every sampling point.
 
-    Everything is computed in a "planar" layout (corner, level, point outermost, the
-    N * Lq * M bags innermost): in the natural layout every broadcast over levels or corners
-    makes the innermost loop 2 or 4 elements long, several times slower on CPU.
+    Inputs and outputs use a "planar" layout (level, point, coordinate or corner outermost, the
+    B = N * Lq * M bags innermost and contiguous): in the natural layout every broadcast over
+    levels or corners makes the innermost loop 2 or 4 elements long, several times slower on CPU.
+
+    Args:
+        pixel: [L, P, 2, B] sampling (x, y) in pixels of their level (pixel centres at integers).
+        weights: [L, P, B] attention weights.
 
     Returns:
-        index: [4, L * P, N * Lq * M] rows of the padded table; corners ordered
+        index: [4, L * P, B] rows of the padded table; corners ordered
             (x0, y0), (x0 + 1, y0), (x0, y0 + 1), (x0 + 1, y0 + 1);
         weight: same shape, bilinear weight times attention weight (differentiable w.r.t.
-            both inputs).
+            ``pixel`` and ``weights``).
     """
-    n, lq, m, n_levels, n_points, _ = sampling_locations.shape
-    bags = n * lq * m
-    device, dtype = sampling_locations.device, sampling_locations.dtype
-    sizes = torch.tensor([[w for _, w in shapes], [h for h, _ in shapes]], dtype=dtype, device=device)
-    sizes = sizes.view(2, n_levels, 1, 1)
-    # [N, Lq, M, L, P, 2] -> [2, L, P, bags]
-    locations = sampling_locations.reshape(bags, n_levels, n_points, 2).permute(3, 1, 2, 0).contiguous()
-
-    # pixel coordinates (pixel centres at integers), clamped to [-1, size]: beyond that both
-    # corners read zeros anyway, and the clamp keeps every corner inside the padded map (with
-    # zero gradient w.r.t. the location, as grid_sample has there).
-    pixel = torch.addcmul(locations.new_tensor(-0.5), locations, sizes)
-    pixel = torch.clamp(pixel, min=locations.new_tensor(-1.0), max=sizes)
+    n_levels, n_points, _, bags = pixel.shape
+    m = num_heads
+    device = pixel.device
+    # Clamp to [-1, size]: beyond that both corners read zeros anyway, and the clamp keeps every
+    # corner inside the padded map (with zero gradient w.r.t. the location, as grid_sample).
+    pixel = torch.clamp(pixel, min=pixel.new_tensor(-1.0), max=_level_sizes(shapes, pixel.dtype, device))
     corner0 = pixel.detach().floor()
     frac = pixel - corner0
 
@@ -158,20 +162,19 @@ def _bilinear_corners(
     ).view(n_levels, 1, 1)
     padded_positions = level_starts[-1] + (shapes[-1][0] + _PAD_BEFORE + _PAD_AFTER) * row_lengths[-1]
     image_head = (
-        torch.arange(n, dtype=index_dtype, device=device).view(n, 1, 1) * (padded_positions * m)
+        torch.arange(num_images, dtype=index_dtype, device=device).view(-1, 1, 1) * (padded_positions * m)
         + torch.arange(m, dtype=index_dtype, device=device).view(1, 1, m)
-    ).expand(n, lq, m).reshape(bags)
-    row0 = corner0[1] * (row_len * m) + corner0[0] * m + (level_base + image_head)
+    ).expand(num_images, bags // (num_images * m), m).reshape(bags)
+    row0 = corner0[:, :, 1] * (row_len * m) + corner0[:, :, 0] * m + (level_base + image_head)
     corner_offsets = torch.stack(
         [torch.zeros_like(row_len), torch.ones_like(row_len), row_len, row_len + 1]
     ) * m  # [4, L, 1, 1]
-    index = row0.unsqueeze(0) + corner_offsets  # [4, L, P, bags]
+    index = row0.unsqueeze(0) + corner_offsets  # [4, L, P, B]
 
-    fx, fy = frac.unbind(0)
-    weights = attention_weights.reshape(bags, n_levels, n_points).permute(1, 2, 0).contiguous()
+    fx, fy = frac[:, :, 0], frac[:, :, 1]
     weight_y = torch.stack([1 - fy, fy]) * weights
     weight_x = torch.stack([1 - fx, fx])
-    weight = weight_y.unsqueeze(1) * weight_x.unsqueeze(0)  # [y corner, x corner, L, P, bags]
+    weight = weight_y.unsqueeze(1) * weight_x.unsqueeze(0)  # [y corner, x corner, L, P, B]
 
     shape = (4, n_levels * n_points, bags)
     return index.reshape(shape), weight.reshape(shape)
@@ -197,11 +200,11 @@ class _CornerGather(torch.autograd.Function):
     def forward(ctx, table, index, weight):
         ctx.save_for_backward(table, index, weight)
         num_bags = index.shape[-1]
-        # bag-major copies for embedding_bag: [B, 4 * K]
+        # bag-major copies for embedding_bag, [B, 4 * K] (a 2-D transpose: blocked copy kernel)
         return F.embedding_bag(
-            index.permute(2, 0, 1).reshape(num_bags, -1),
+            index.reshape(-1, num_bags).t().contiguous(),
             table,
-            per_sample_weights=weight.permute(2, 0, 1).reshape(num_bags, -1),
+            per_sample_weights=weight.reshape(-1, num_bags).t().contiguous(),
             mode="sum",
         )
 
@@ -236,6 +239,24 @@ class _CornerGather(torch.autograd.Function):
         return grad_table, None, grad_weight
 
 
+def _ms_deform_attn_fast_planar(
+    value: torch.Tensor, shapes: List[Tuple[int, int]], pixel: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """Fast path on planar inputs: pixel [L, P, 2, N*Lq*M] (x, y in pixels of their level),
+    weights [L, P, N*Lq*M]; value [N, S, M, D] -> [N, Lq, M * D]."""
+    n, s, m, d = value.shape
+    bags = pixel.shape[-1]
+    if s != sum(h * w for h, w in shapes):
+        raise ValueError(f"value has {s} positions, spatial shapes {shapes} give another number")
+    table, level_starts, row_lengths = _padded_value_table(value, shapes)
+    index_dtype = torch.int32 if table.shape[0] < 2**31 else torch.int64
+    index, weight = _bilinear_corners(
+        pixel, weights, shapes, level_starts, row_lengths, n, m, index_dtype
+    )
+    output = _CornerGather.apply(table, index, weight.to(table.dtype))
+    return output.view(n, bags // (n * m), m * d)
+
+
 def ms_deform_attn_fast(
     value: torch.Tensor,
     value_spatial_shapes: SpatialShapes,
@@ -245,17 +266,14 @@ def ms_deform_attn_fast(
     """Multi-scale deformable attention as a sparse weighted gather; same arguments, result and
     gradients as :func:`ms_deform_attn_pytorch` (up to fp32 rounding)."""
     shapes = _shape_list(value_spatial_shapes)
-    n, s, m, d = value.shape
-    lq = sampling_locations.shape[1]
-    if s != sum(h * w for h, w in shapes):
-        raise ValueError(f"value has {s} positions, spatial shapes {shapes} give another number")
-    table, level_starts, row_lengths = _padded_value_table(value, shapes)
-    index_dtype = torch.int32 if table.shape[0] < 2**31 else torch.int64
-    index, weight = _bilinear_corners(
-        sampling_locations, attention_weights, shapes, level_starts, row_lengths, index_dtype
-    )
-    output = _CornerGather.apply(table, index, weight.to(table.dtype))
-    return output.view(n, lq, m * d)
+    n, lq, m, n_levels, n_points, _ = sampling_locations.shape
+    bags = n * lq * m
+    # [N, Lq, M, L, P, 2] -> planar [L, P, 2, B] (a 2-D transpose), then to pixels
+    locations = sampling_locations.reshape(bags, -1).t().contiguous().view(n_levels, n_points, 2, bags)
+    sizes = _level_sizes(shapes, locations.dtype, locations.device)
+    pixel = torch.addcmul(locations.new_tensor(-0.5), locations, sizes)
+    weights = attention_weights.reshape(bags, -1).t().contiguous().view(n_levels, n_points, bags)
+    return _ms_deform_attn_fast_planar(value, shapes, pixel, weights)
 
 
 MS_DEFORM_ATTN_IMPLS = {"pytorch": ms_deform_attn_pytorch, "fast": ms_deform_attn_fast}
@@ -355,24 +373,45 @@ class MSDeformAttn(nn.Module):
         if input_padding_mask is not None:
             value = value.masked_fill(input_padding_mask[..., None], 0.0)
         value = value.view(n, len_in, self.n_heads, self.d_model // self.n_heads)
-        offsets = self.sampling_offsets(query).view(n, len_q, self.n_heads, self.n_levels, self.n_points, 2)
+        offsets = self.sampling_offsets(query)
         weights = self.attention_weights(query).view(n, len_q, self.n_heads, self.n_levels * self.n_points)
-        weights = F.softmax(weights, -1).view(n, len_q, self.n_heads, self.n_levels, self.n_points)
+        weights = F.softmax(weights, -1)
 
         with torch.autocast(device_type=query.device.type, enabled=False):
-            offsets = offsets.float()
-            if reference_points.shape[-1] == 2:
-                normalizer = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float32, device=query.device)
-                locations = (
-                    reference_points[:, :, None, :, None, :].float()
-                    + offsets / normalizer[None, None, None, :, None, :]
-                )
-            elif reference_points.shape[-1] == 4:
-                ref = reference_points[:, :, None, :, None, :].float()
-                locations = ref[..., :2] + offsets / self.n_points * ref[..., 2:] * 0.5
-            else:
+            # half precision (AMP) is not enough for sampling locations: compute in fp32 (or fp64)
+            dtype = torch.promote_types(value.dtype, torch.float32)
+            value, offsets, weights = value.to(dtype), offsets.to(dtype), weights.to(dtype)
+            reference_points = reference_points.to(dtype)
+            if reference_points.shape[-1] not in (2, 4):
                 raise ValueError(
                     f"Last dim of reference_points must be 2 or 4, got {reference_points.shape[-1]}"
                 )
-            output = MS_DEFORM_ATTN_IMPLS[self.impl](value.float(), shapes, locations, weights.float())
+            if self.impl == "fast" and reference_points.shape[-1] == 2:
+                output = self._fast_point_attention(value, shapes, reference_points, offsets, weights)
+            else:
+                offsets = offsets.view(n, len_q, self.n_heads, self.n_levels, self.n_points, 2)
+                weights = weights.view(n, len_q, self.n_heads, self.n_levels, self.n_points)
+                ref = reference_points[:, :, None, :, None, :]
+                if reference_points.shape[-1] == 2:
+                    normalizer = torch.tensor([[w, h] for h, w in shapes], dtype=dtype, device=query.device)
+                    locations = ref + offsets / normalizer[None, None, None, :, None, :]
+                else:
+                    locations = ref[..., :2] + offsets / self.n_points * ref[..., 2:] * 0.5
+                output = MS_DEFORM_ATTN_IMPLS[self.impl](value, shapes, locations, weights)
         return self.output_proj(output.to(query.dtype))
+
+    def _fast_point_attention(self, value, shapes, reference_points, offsets, weights):
+        """The "fast" implementation fed directly in its planar layout: sampling pixels are
+        ``reference * size - 0.5 + offset`` (the same locations as the official
+        ``reference + offset / size``, without materialising them)."""
+        n, len_q, n_levels, _ = reference_points.shape
+        bags = n * len_q * self.n_heads
+        sizes = torch.tensor([[w, h] for h, w in shapes], dtype=value.dtype, device=value.device)
+        # reference pixel per level, repeated over heads: [L, 1, 2, B]
+        ref_pixel = torch.addcmul(sizes.new_tensor(-0.5), reference_points, sizes)
+        ref_pixel = ref_pixel[:, :, None].expand(n, len_q, self.n_heads, n_levels, 2)
+        ref_pixel = ref_pixel.reshape(bags, n_levels * 2).t().contiguous().view(n_levels, 1, 2, bags)
+        # offsets [N, Lq, M * L * P * 2] -> [L, P, 2, B] (2-D transposes: blocked copy kernel)
+        offsets = offsets.reshape(bags, -1).t().contiguous().view(n_levels, self.n_points, 2, bags)
+        weights = weights.reshape(bags, -1).t().contiguous().view(n_levels, self.n_points, bags)
+        return _ms_deform_attn_fast_planar(value, shapes, offsets + ref_pixel, weights)

@@ -1,0 +1,88 @@
+"""Convert an official DiNAT (or NAT) ImageNet checkpoint into Detectron2 backbone weights.
+
+The official classification checkpoints (SHI-Labs/Neighborhood-Attention-Transformer,
+``classification/``) hold the model's state dict, possibly wrapped in ``{"model": ...}`` or
+``{"state_dict": ...}``. The backbone uses the same parameter names, so conversion only drops the
+classifier (``head.*``) and the final norm (``norm.*``; the Detectron2 backbone has one norm per
+output level instead, ``norm0..norm3``, which stay randomly initialised) and prefixes every name with
+``backbone.``. The result ``{"model": {"backbone.<name>": tensor}}`` loads with ``MODEL.WEIGHTS``.
+
+Note: the Mask2Former DiNAT-L config uses 6/12/24/48 heads while the ImageNet DiNAT-L checkpoints
+have 4/8/16/32, so their ``rpb`` tables (first dimension = heads) do not match and Detectron2's
+checkpointer skips them with a warning, exactly as with the official code.
+"""
+import os
+import pickle
+import tempfile
+from typing import Dict, Tuple
+
+import torch
+
+__all__ = ["convert_dinat_checkpoint", "convert_dinat_state_dict", "load_dinat_state_dict"]
+
+# Parameters every DiNAT/NAT checkpoint has (conv tokenizer, first attention block).
+_REQUIRED_KEYS = ("patch_embed.proj.0.weight", "levels.0.blocks.0.attn.qkv.weight")
+# Classification-only parameters, not part of the backbone.
+_DROPPED_PREFIXES = ("head.", "norm.")
+
+
+def load_dinat_state_dict(path: str, trusted: bool = False) -> Dict[str, torch.Tensor]:
+    """Read the state dict of an official DiNAT checkpoint file.
+
+    Args:
+        path: ``.pth`` file.
+        trusted: unpickle arbitrary Python objects (e.g. training checkpoints that also store
+            their argparse namespace). Only for files you trust; by default only tensors and plain
+            containers are loaded.
+    """
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=not trusted)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{path}: holds Python objects other than tensors; if you trust the file, convert it "
+            f"with --trusted. ({e})"
+        ) from e
+    for wrapper in ("model", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path}: not a DiNAT checkpoint (no state dict of tensors found).")
+    return obj
+
+
+def convert_dinat_state_dict(state: Dict[str, torch.Tensor], source: str = "state dict"):
+    """Official DiNAT state dict -> ``({"backbone.<name>": tensor}, dropped names)``."""
+    if any(name.startswith("backbone.") for name in state):
+        raise ValueError(f"{source}: already a Detectron2 checkpoint (names start with 'backbone.'); load it directly.")
+    missing = [name for name in _REQUIRED_KEYS if name not in state]
+    if missing:
+        raise ValueError(
+            f"{source}: not an official DiNAT/NAT checkpoint: missing {missing} "
+            f"(first names: {sorted(state)[:5]})."
+        )
+    converted, dropped = {}, []
+    for name, tensor in state.items():
+        if name.startswith(_DROPPED_PREFIXES):
+            dropped.append(name)
+        else:
+            converted["backbone." + name] = tensor
+    return converted, dropped
+
+
+def convert_dinat_checkpoint(src: str, dst: str, trusted: bool = False) -> Tuple[int, list]:
+    """Convert the checkpoint file ``src`` and write ``{"model": ...}`` to ``dst`` atomically.
+
+    Returns ``(number of converted tensors, dropped names)``.
+    """
+    converted, dropped = convert_dinat_state_dict(load_dinat_state_dict(src, trusted), source=src)
+    out_dir = os.path.dirname(os.path.abspath(dst))
+    os.makedirs(out_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".tmp_dinat_", suffix=".pth")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"model": converted}, f)
+        os.replace(tmp, dst)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return len(converted), dropped

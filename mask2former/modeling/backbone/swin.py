@@ -1,0 +1,662 @@
+"""Swin Transformer backbone (Liu et al. 2021) with the official module layout.
+
+Parameter and buffer names follow the official segmentation code (and therefore the Mask2Former
+checkpoints and the D2-converted ImageNet checkpoints): ``patch_embed.proj``, ``patch_embed.norm``,
+``absolute_pos_embed``, ``layers.{i}.blocks.{j}.{norm1, attn.qkv, attn.proj,
+attn.relative_position_bias_table, attn.relative_position_index, norm2, mlp.fc1, mlp.fc2}``,
+``layers.{i}.downsample.{reduction, norm}`` and one output norm ``norm{i}`` per output stage.
+
+The backbone is meant to be extended (e.g. SeMask adds a semantic layer to each stage): stages are
+built by :meth:`SwinTransformer.build_stage` and run by :meth:`SwinTransformer.forward_stage`, and a
+stage splits into :meth:`SwinStage.forward_blocks` and :meth:`SwinStage.forward_downsample`.
+"""
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint as checkpoint
+from torch import nn
+
+from detectron2.config import configurable
+from detectron2.modeling import BACKBONE_REGISTRY, Backbone, ShapeSpec
+
+__all__ = [
+    "DropPath",
+    "Mlp",
+    "window_partition",
+    "window_reverse",
+    "relative_position_index",
+    "shifted_window_attention_mask",
+    "WindowLayout",
+    "WindowAttention",
+    "SwinTransformerBlock",
+    "PatchMerging",
+    "SwinStage",
+    "PatchEmbed",
+    "SwinTransformer",
+    "D2SwinTransformer",
+]
+
+# Additive attention-mask value between tokens of different regions in a shifted window (the
+# official value; exp(-100) is ~4e-44, so these keys get no weight).
+_MASKED = -100.0
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: zero the residual branch of a whole sample with probability ``drop_prob``
+    during training (and rescale the kept ones by 1 / (1 - drop_prob))."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
+class Mlp(nn.Module):
+    """Two-layer perceptron with GELU (``fc1``, ``fc2``)."""
+
+    def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
+    """[B, H, W, C] (H, W multiples of the window) -> [B * nW, window_size**2, C], windows in
+    row-major order, tokens row-major inside a window."""
+    b, h, w, c = x.shape
+    x = x.view(b, h // window_size, window_size, w // window_size, window_size, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size * window_size, c)
+
+
+def window_reverse(windows: torch.Tensor, window_size: int, h: int, w: int) -> torch.Tensor:
+    """Inverse of :func:`window_partition`: [B * nW, window_size**2, C] -> [B, H, W, C]."""
+    c = windows.shape[-1]
+    x = windows.view(-1, h // window_size, w // window_size, window_size, window_size, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, h, w, c)
+
+
+def relative_position_index(window_size: Tuple[int, int]) -> torch.Tensor:
+    """[Wh*Ww, Wh*Ww] index into the (2Wh-1)(2Ww-1) bias table for each (query, key) pair of a
+    window: ``(dy + Wh - 1) * (2Ww - 1) + (dx + Ww - 1)`` with (dy, dx) = query - key."""
+    wh, ww = window_size
+    coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")).flatten(1)
+    relative = coords[:, :, None] - coords[:, None, :]  # 2, N, N
+    return (relative[0] + wh - 1) * (2 * ww - 1) + (relative[1] + ww - 1)
+
+
+def shifted_window_attention_mask(
+    padded_h: int, padded_w: int, window_size: int, shift_size: int, device: torch.device
+) -> torch.Tensor:
+    """Additive mask [nW, N, N] of the shifted windows (0 within a region, -100 across).
+
+    After the cyclic shift by ``-shift_size`` the last window row/column holds tokens from two
+    regions of the (padded) map that are not neighbours; tokens only attend within their region.
+    """
+    regions = torch.zeros((1, padded_h, padded_w, 1), device=device)
+    slices = (
+        slice(0, -window_size),
+        slice(-window_size, -shift_size),
+        slice(-shift_size, None),
+    )
+    label = 0
+    for h in slices:
+        for w in slices:
+            regions[:, h, w, :] = label
+            label += 1
+    windows = window_partition(regions, window_size).squeeze(-1)  # nW, N
+    different = windows.unsqueeze(1) != windows.unsqueeze(2)
+    return torch.zeros(different.shape, device=device).masked_fill_(different, _MASKED)
+
+
+class WindowLayout:
+    """Where every token of an H x W map goes in the (shifted) windows, and back.
+
+    The official block pads the normalised map with zeros to multiples of the window, rolls it by
+    ``-shift_size``, partitions it into windows and undoes the three steps afterwards (six
+    copies). The same is done here with one gather each way:
+
+    * ``partition_index`` [nW * N]: for every window slot (windows row-major, tokens row-major),
+      the source token in ``cat([tokens, zero_row])``, index ``H * W`` for padding;
+    * ``reverse_index`` [H * W]: for every token, its window slot;
+    * ``attn_mask``: :func:`shifted_window_attention_mask` if ``shift_size > 0``, else None.
+    """
+
+    def __init__(self, h: int, w: int, window_size: int, shift_size: int, device: torch.device):
+        self.h, self.w = h, w
+        self.window_size, self.shift_size = window_size, shift_size
+        hp, wp = -(-h // window_size) * window_size, -(-w // window_size) * window_size
+        rows = torch.arange(hp, device=device).view(hp, 1)
+        cols = torch.arange(wp, device=device).view(1, wp)
+        source = torch.where((rows < h) & (cols < w), rows * w + cols, torch.full_like(rows * cols, h * w))
+        if shift_size > 0:
+            source = torch.roll(source, shifts=(-shift_size, -shift_size), dims=(0, 1))
+        self.partition_index = window_partition(source.view(1, hp, wp, 1), window_size).reshape(-1)
+        valid = self.partition_index < h * w
+        slots = torch.arange(self.partition_index.numel(), device=device)
+        self.reverse_index = torch.empty(h * w, dtype=torch.long, device=device)
+        self.reverse_index[self.partition_index[valid]] = slots[valid]
+        self.attn_mask = (
+            shifted_window_attention_mask(hp, wp, window_size, shift_size, device) if shift_size > 0 else None
+        )
+
+    def partition(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, H*W, C] -> [B * nW, N, C] (zero padding, cyclic shift, window partition)."""
+        b, _, c = x.shape
+        x = torch.cat([x, x.new_zeros(b, 1, c)], dim=1)
+        return x.index_select(1, self.partition_index).view(-1, self.window_size**2, c)
+
+    def reverse(self, windows: torch.Tensor) -> torch.Tensor:
+        """[B * nW, N, C] -> [B, H*W, C] (inverse of :meth:`partition`, padding dropped)."""
+        c = windows.shape[-1]
+        num_slots = self.partition_index.numel()
+        return windows.reshape(-1, num_slots, c).index_select(1, self.reverse_index)
+
+
+class WindowAttention(nn.Module):
+    """Window multi-head self-attention with a learned relative position bias.
+
+    Args:
+        dim: channels.
+        window_size: (Wh, Ww).
+        num_heads: attention heads.
+        qkv_bias: learnable bias of the q, k, v projection.
+        qk_scale: attention scale override (default head_dim ** -0.5).
+        attn_drop: dropout on the attention weights.
+        proj_drop: dropout on the output.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        window_size: Tuple[int, int],
+        num_heads: int,
+        qkv_bias: bool = True,
+        qk_scale: Optional[float] = None,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ):
+        super().__init__()
+        self.dim = dim
+        self.window_size = tuple(window_size)
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.scale = qk_scale or head_dim**-0.5
+
+        wh, ww = self.window_size
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads))
+        # a persistent buffer, as in the official code (present in the official checkpoints)
+        self.register_buffer("relative_position_index", relative_position_index(self.window_size))
+
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    def relative_position_bias(self) -> torch.Tensor:
+        """[num_heads, N, N] bias of every (query, key) pair of a window."""
+        n = self.window_size[0] * self.window_size[1]
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        return bias.view(n, n, self.num_heads).permute(2, 0, 1)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """
+        Args:
+            x: [B * nW, N, C] tokens of the windows (window-major, the nW windows of an image
+                consecutive).
+            mask: optional additive mask [nW, N, N] (0 / -100) of the shifted windows.
+
+        Returns:
+            [B * nW, N, C].
+        """
+        b_, n, c = x.shape
+        qkv = self.qkv(x).reshape(b_, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each [B*nW, nH, N, hd]
+        bias = self.relative_position_bias().unsqueeze(0)  # 1, nH, N, N
+        if mask is not None:
+            # fold the window mask into the bias: [B * nW, nH, N, N] (a view for B = 1)
+            num_windows = mask.shape[0]
+            bias = bias + mask.unsqueeze(1).to(bias.dtype)
+            bias = bias.expand(b_ // num_windows, num_windows, self.num_heads, n, n).reshape(b_, self.num_heads, n, n)
+        x = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=bias.to(q.dtype),
+            dropout_p=self.attn_drop.p if self.training else 0.0,
+            scale=self.scale,
+        )
+        x = x.transpose(1, 2).reshape(b_, n, c)
+        return self.proj_drop(self.proj(x))
+
+
+class SwinTransformerBlock(nn.Module):
+    """Swin block: (shifted) window attention + MLP, pre-norm residuals.
+
+    Feature maps whose size is not a multiple of the window are zero-padded (after ``norm1``)
+    at the bottom / right before the window partition; padded tokens take part as keys as in the
+    official code.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: int = 7,
+        shift_size: int = 0,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        qk_scale: Optional[float] = None,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        norm_layer=nn.LayerNorm,
+    ):
+        super().__init__()
+        if not 0 <= shift_size < window_size:
+            raise ValueError(f"shift_size must be in [0, window_size), got {shift_size} and {window_size}")
+        self.dim = dim
+        self.num_heads = num_heads
+        self.window_size = window_size
+        self.shift_size = shift_size
+        self.mlp_ratio = mlp_ratio
+
+        self.norm1 = norm_layer(dim)
+        self.attn = WindowAttention(
+            dim,
+            window_size=(window_size, window_size),
+            num_heads=num_heads,
+            qkv_bias=qkv_bias,
+            qk_scale=qk_scale,
+            attn_drop=attn_drop,
+            proj_drop=drop,
+        )
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), drop=drop)
+
+    def forward(self, x: torch.Tensor, layout: WindowLayout) -> torch.Tensor:
+        """
+        Args:
+            x: [B, H*W, C].
+            layout: the :class:`WindowLayout` of the map for this block's window and shift.
+        """
+        b, length, c = x.shape
+        if length != layout.h * layout.w:
+            raise ValueError(f"input has {length} tokens, expected {layout.h} x {layout.w}")
+        if (layout.window_size, layout.shift_size) != (self.window_size, self.shift_size):
+            raise ValueError("window layout does not match the block's window / shift size")
+        windows = self.attn(layout.partition(self.norm1(x)), mask=layout.attn_mask)
+        x = x + self.drop_path(layout.reverse(windows))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchMerging(nn.Module):
+    """2x2 patch merging: concatenate each 2x2 neighbourhood (odd sizes zero-padded), LayerNorm,
+    linear 4C -> 2C (``norm``, ``reduction``)."""
+
+    def __init__(self, dim: int, norm_layer=nn.LayerNorm):
+        super().__init__()
+        self.dim = dim
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.norm = norm_layer(4 * dim)
+
+    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """[B, H*W, C] -> [B, ceil(H/2) * ceil(W/2), 2C]."""
+        b, _, c = x.shape
+        x = x.view(b, h, w, c)
+        if h % 2 or w % 2:
+            x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
+        # official channel order: (0, 0), (1, 0), (0, 1), (1, 1) as (row, column) offsets
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
+        return self.reduction(self.norm(x.view(b, -1, 4 * c)))
+
+
+class SwinStage(nn.Module):
+    """One Swin stage ("BasicLayer" in the official code): ``depth`` blocks alternating regular
+    and shifted windows, then an optional :class:`PatchMerging` (``downsample``)."""
+
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        window_size: int = 7,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        qk_scale: Optional[float] = None,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: Union[float, Sequence[float]] = 0.0,
+        norm_layer=nn.LayerNorm,
+        downsample: bool = False,
+        use_checkpoint: bool = False,
+    ):
+        super().__init__()
+        self.window_size = window_size
+        self.shift_size = window_size // 2
+        self.depth = depth
+        self.use_checkpoint = use_checkpoint
+        drop_paths = list(drop_path) if isinstance(drop_path, (list, tuple)) else [drop_path] * depth
+        self.blocks = nn.ModuleList(
+            [
+                SwinTransformerBlock(
+                    dim=dim,
+                    num_heads=num_heads,
+                    window_size=window_size,
+                    shift_size=0 if i % 2 == 0 else window_size // 2,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    qk_scale=qk_scale,
+                    drop=drop,
+                    attn_drop=attn_drop,
+                    drop_path=drop_paths[i],
+                    norm_layer=norm_layer,
+                )
+                for i in range(depth)
+            ]
+        )
+        self.downsample = PatchMerging(dim=dim, norm_layer=norm_layer) if downsample else None
+
+    def forward_blocks(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """Run the blocks on [B, H*W, C] tokens."""
+        layouts = {}
+        for blk in self.blocks:
+            if blk.shift_size not in layouts:
+                layouts[blk.shift_size] = WindowLayout(h, w, self.window_size, blk.shift_size, x.device)
+            layout = layouts[blk.shift_size]
+            if self.use_checkpoint and torch.is_grad_enabled():
+                x = checkpoint.checkpoint(blk, x, layout, use_reentrant=False)
+            else:
+                x = blk(x, layout)
+        return x
+
+    def forward_downsample(self, x: torch.Tensor, h: int, w: int) -> Tuple[torch.Tensor, int, int]:
+        """Patch merging of the stage output (identity for the last stage)."""
+        if self.downsample is None:
+            return x, h, w
+        return self.downsample(x, h, w), (h + 1) // 2, (w + 1) // 2
+
+    def forward(self, x: torch.Tensor, h: int, w: int):
+        """Returns (stage output [B, H*W, C], next-stage input, its H, its W)."""
+        x = self.forward_blocks(x, h, w)
+        x_down, hd, wd = self.forward_downsample(x, h, w)
+        return x, x_down, hd, wd
+
+
+class PatchEmbed(nn.Module):
+    """Patch embedding: strided conv ``proj`` (input zero-padded to a multiple of the patch) and
+    optional LayerNorm ``norm``."""
+
+    def __init__(self, patch_size: int = 4, in_chans: int = 3, embed_dim: int = 96, norm_layer=None):
+        super().__init__()
+        self.patch_size = (patch_size, patch_size)
+        self.in_chans = in_chans
+        self.embed_dim = embed_dim
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = norm_layer(embed_dim) if norm_layer is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C_in, H, W] -> [B, embed_dim, ceil(H/p), ceil(W/p)]."""
+        _, _, h, w = x.shape
+        ph, pw = self.patch_size
+        if h % ph or w % pw:
+            x = F.pad(x, (0, (pw - w % pw) % pw, 0, (ph - h % ph) % ph))
+        x = self.proj(x)
+        if self.norm is not None:
+            wh, ww = x.shape[2:]
+            x = self.norm(x.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(-1, self.embed_dim, wh, ww)
+        return x
+
+
+class SwinTransformer(nn.Module):
+    """Swin Transformer backbone returning the normalised outputs of the selected stages.
+
+    Args:
+        pretrain_img_size: image size of the pretraining (size of the absolute position
+            embedding, if ``ape``).
+        patch_size: patch size of the embedding.
+        in_chans: input channels.
+        embed_dim: channels of the first stage (stage i has embed_dim * 2**i).
+        depths: blocks per stage.
+        num_heads: attention heads per stage.
+        window_size: attention window.
+        mlp_ratio: MLP hidden width / channels.
+        qkv_bias, qk_scale: see :class:`WindowAttention`.
+        drop_rate: dropout after the embedding, in the MLPs and attention outputs.
+        attn_drop_rate: dropout on attention weights.
+        drop_path_rate: stochastic depth, increasing linearly from 0 over all blocks.
+        norm_layer: normalisation layer class.
+        ape: learned absolute position embedding (interpolated bicubically to the input).
+        patch_norm: LayerNorm after the patch embedding.
+        out_indices: stages whose outputs are returned (each gets an output norm ``norm{i}``).
+        frozen_stages: -1 none; 0 freezes the patch embedding; 1 also the absolute position
+            embedding; k >= 2 also stages 0 .. k-2 (official semantics). Frozen parts have
+            ``requires_grad=False`` and stay in eval mode.
+        use_checkpoint: activation checkpointing of every block (less memory, more time).
+    """
+
+    def __init__(
+        self,
+        pretrain_img_size: int = 224,
+        patch_size: int = 4,
+        in_chans: int = 3,
+        embed_dim: int = 96,
+        depths: Sequence[int] = (2, 2, 6, 2),
+        num_heads: Sequence[int] = (3, 6, 12, 24),
+        window_size: int = 7,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        qk_scale: Optional[float] = None,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.2,
+        norm_layer=nn.LayerNorm,
+        ape: bool = False,
+        patch_norm: bool = True,
+        out_indices: Sequence[int] = (0, 1, 2, 3),
+        frozen_stages: int = -1,
+        use_checkpoint: bool = False,
+    ):
+        super().__init__()
+        if len(depths) != len(num_heads):
+            raise ValueError(f"depths {depths} and num_heads {num_heads} differ in length")
+        self.pretrain_img_size = pretrain_img_size
+        self.num_layers = len(depths)
+        self.embed_dim = embed_dim
+        self.ape = ape
+        self.patch_norm = patch_norm
+        self.out_indices = tuple(sorted(out_indices))
+        self.frozen_stages = frozen_stages
+        self.num_features = [int(embed_dim * 2**i) for i in range(self.num_layers)]
+
+        self.patch_embed = PatchEmbed(
+            patch_size=patch_size,
+            in_chans=in_chans,
+            embed_dim=embed_dim,
+            norm_layer=norm_layer if patch_norm else None,
+        )
+        if ape:
+            resolution = (pretrain_img_size // patch_size, pretrain_img_size // patch_size)
+            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, embed_dim, *resolution))
+        self.pos_drop = nn.Dropout(p=drop_rate)
+
+        # stochastic depth rate of every block, increasing linearly
+        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.layers = nn.ModuleList()
+        for i in range(self.num_layers):
+            self.layers.append(
+                self.build_stage(
+                    i,
+                    dim=self.num_features[i],
+                    depth=depths[i],
+                    num_heads=num_heads[i],
+                    window_size=window_size,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    qk_scale=qk_scale,
+                    drop=drop_rate,
+                    attn_drop=attn_drop_rate,
+                    drop_path=dpr[sum(depths[:i]) : sum(depths[: i + 1])],
+                    norm_layer=norm_layer,
+                    downsample=i < self.num_layers - 1,
+                    use_checkpoint=use_checkpoint,
+                )
+            )
+        for i in self.out_indices:
+            self.add_module(f"norm{i}", norm_layer(self.num_features[i]))
+
+        self.apply(self._init_weights)
+        if ape:
+            nn.init.trunc_normal_(self.absolute_pos_embed, std=0.02)
+        self._freeze_stages()
+
+    def build_stage(self, index: int, **kwargs) -> nn.Module:
+        """Build stage ``index`` from the :class:`SwinStage` arguments; override to extend the
+        stages. The returned module must be callable as ``stage(x, h, w)`` like
+        :class:`SwinStage`, or :meth:`forward_stage` must be overridden too."""
+        return SwinStage(**kwargs)
+
+    @staticmethod
+    def _init_weights(m: nn.Module):
+        # the official Swin initialisation (weights are normally loaded from a checkpoint)
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.constant_(m.bias, 0)
+            nn.init.constant_(m.weight, 1.0)
+
+    def _freeze_stages(self):
+        frozen = []
+        if self.frozen_stages >= 0:
+            frozen.append(self.patch_embed)
+        if self.frozen_stages >= 2:
+            frozen.append(self.pos_drop)
+            frozen.extend(self.layers[i] for i in range(self.frozen_stages - 1))
+        for module in frozen:
+            module.eval()
+            for param in module.parameters():
+                param.requires_grad = False
+        if self.frozen_stages >= 1 and self.ape:
+            self.absolute_pos_embed.requires_grad = False
+
+    def train(self, mode: bool = True):
+        """Switch train/eval mode, keeping frozen stages in eval mode."""
+        super().train(mode)
+        self._freeze_stages()
+        return self
+
+    def forward_embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
+        """Image [B, C, H, W] -> tokens [B, h*w, embed_dim], h, w."""
+        x = self.patch_embed(x)
+        h, w = x.shape[2:]
+        if self.ape:
+            x = x + F.interpolate(self.absolute_pos_embed, size=(h, w), mode="bicubic")
+        x = x.flatten(2).transpose(1, 2)
+        return self.pos_drop(x), h, w
+
+    def forward_stage(self, index: int, x: torch.Tensor, h: int, w: int):
+        """Run stage ``index``: returns (stage output, next-stage input, next h, next w)."""
+        return self.layers[index](x, h, w)
+
+    def forward_output(self, index: int, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """Normalise the tokens of stage ``index`` and reshape to a [B, C, h, w] map."""
+        x = getattr(self, f"norm{index}")(x)
+        return x.view(-1, h, w, self.num_features[index]).permute(0, 3, 1, 2).contiguous()
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Image [B, C, H, W] -> {"res{i+2}": [B, embed_dim * 2**i, ceil(H / 2**(i+2)), ...]}
+        for the stages in ``out_indices`` (later stages are not run)."""
+        x, h, w = self.forward_embed(x)
+        outs = {}
+        for i in range(max(self.out_indices) + 1):
+            x_out, x, next_h, next_w = self.forward_stage(i, x, h, w)
+            if i in self.out_indices:
+                outs[f"res{i + 2}"] = self.forward_output(i, x_out, h, w)
+            h, w = next_h, next_w
+        return outs
+
+
+_STAGE_NAMES = ("res2", "res3", "res4", "res5")
+
+
+@BACKBONE_REGISTRY.register()
+class D2SwinTransformer(SwinTransformer, Backbone):
+    """Detectron2 wrapper of :class:`SwinTransformer`: features "res2".."res5" at strides 4, 8,
+    16, 32 with embed_dim * 2**i channels, built from ``cfg.MODEL.SWIN``."""
+
+    @configurable
+    def __init__(self, *, out_features: Sequence[str] = _STAGE_NAMES, **kwargs):
+        """
+        Args:
+            out_features: subset of "res2".."res5" to return.
+            kwargs: arguments of :class:`SwinTransformer` (except ``out_indices``).
+        """
+        unknown = [name for name in out_features if name not in _STAGE_NAMES]
+        if unknown:
+            raise ValueError(f"Unknown Swin output features {unknown}; choose from {_STAGE_NAMES}")
+        super().__init__(out_indices=[_STAGE_NAMES.index(name) for name in out_features], **kwargs)
+        self._out_features = list(out_features)
+        self._out_feature_strides = {name: 2 ** (i + 2) for i, name in enumerate(_STAGE_NAMES)}
+        self._out_feature_channels = {name: self.num_features[i] for i, name in enumerate(_STAGE_NAMES)}
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: Optional[ShapeSpec] = None):
+        swin = cfg.MODEL.SWIN
+        return {
+            "pretrain_img_size": swin.PRETRAIN_IMG_SIZE,
+            "patch_size": swin.PATCH_SIZE,
+            "in_chans": input_shape.channels if input_shape is not None else 3,
+            "embed_dim": swin.EMBED_DIM,
+            "depths": swin.DEPTHS,
+            "num_heads": swin.NUM_HEADS,
+            "window_size": swin.WINDOW_SIZE,
+            "mlp_ratio": swin.MLP_RATIO,
+            "qkv_bias": swin.QKV_BIAS,
+            "qk_scale": swin.QK_SCALE,
+            "drop_rate": swin.DROP_RATE,
+            "attn_drop_rate": swin.ATTN_DROP_RATE,
+            "drop_path_rate": swin.DROP_PATH_RATE,
+            "ape": swin.APE,
+            "patch_norm": swin.PATCH_NORM,
+            "frozen_stages": swin.FROZEN_STAGES,
+            "use_checkpoint": swin.USE_CHECKPOINT,
+            "out_features": swin.OUT_FEATURES,
+        }
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """
+        Args:
+            x: [N, C, H, W]; any size works (maps are padded internally), multiples of
+                :attr:`size_divisibility` give the nominal strides exactly.
+        """
+        if x.dim() != 4:
+            raise ValueError(f"SwinTransformer takes an input of shape (N, C, H, W), got {tuple(x.shape)}")
+        return super().forward(x)
+
+    def output_shape(self) -> Dict[str, ShapeSpec]:
+        return {
+            name: ShapeSpec(channels=self._out_feature_channels[name], stride=self._out_feature_strides[name])
+            for name in self._out_features
+        }
+
+    @property
+    def size_divisibility(self) -> int:
+        return 32

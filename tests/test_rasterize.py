@@ -1,0 +1,141 @@
+"""COCO polygons -> label map: pixel agreement with pycocotools, draw order, records."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_util
+
+from mask2former.data.rasterize import (
+    draw_order_indices,
+    polygon_area,
+    polygon_mask,
+    polygons_to_label_map,
+    record_to_label_map,
+)
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def ann_to_mask(segmentation, height, width):
+    """What ``COCO.annToMask`` does for a polygon annotation."""
+    rles = mask_util.frPyObjects(segmentation, height, width)
+    return mask_util.decode(mask_util.merge(rles)).astype(bool)
+
+
+def full_mask(polygons, height, width):
+    mask, box = polygon_mask(polygons, height, width)
+    out = np.zeros((height, width), dtype=bool)
+    if mask is not None:
+        r0, r1, c0, c1 = box
+        out[r0:r1, c0:c1] = mask
+    return out
+
+
+def random_polygon(rng, height, width, kind):
+    k = int(rng.integers(3, 14))
+    if kind == "star":  # concave, simple
+        angles = np.sort(rng.uniform(0, 2 * np.pi, k))
+        radius = rng.uniform(0.2, 0.5, k) * min(height, width)
+        cx, cy = rng.uniform(0, width), rng.uniform(0, height)
+        xy = np.stack([cx + radius * np.cos(angles), cy + radius * np.sin(angles)], 1).reshape(-1)
+    elif kind == "tangled":  # random vertex order: self-intersecting
+        xy = rng.uniform(-0.2, 1.2, 2 * k) * np.tile([width, height], k)
+    elif kind == "decimals":  # 0.1-step coordinates, the worst case for 5x rounding
+        xy = np.round(rng.uniform(-3, 1.1, 2 * k) * np.tile([width, height], k), 1)
+    else:  # half / quarter pixel grid
+        xy = rng.integers(-4, 4 * max(height, width), 2 * k) / 4.0
+    return xy.tolist()
+
+
+@pytest.mark.parametrize("kind", ["star", "tangled", "decimals", "grid"])
+def test_polygon_mask_matches_pycocotools(kind):
+    rng = np.random.default_rng(["star", "tangled", "decimals", "grid"].index(kind))
+    for _ in range(150):
+        height, width = (int(v) for v in rng.integers(1, 48, 2))
+        polygons = [random_polygon(rng, height, width, kind) for _ in range(int(rng.integers(1, 4)))]
+        np.testing.assert_array_equal(full_mask(polygons, height, width), ann_to_mask(polygons, height, width))
+
+
+def test_polygon_entirely_outside_and_on_pixel_edges():
+    outside = [[-10.0, -10.0, -2.0, -10.0, -2.0, -3.0]]
+    assert polygon_mask(outside, 8, 8) == (None, None)
+    square = [[1.0, 1.0, 4.0, 1.0, 4.0, 3.0, 1.0, 3.0]]  # exactly on pixel boundaries
+    expected = np.zeros((5, 6), dtype=bool)
+    expected[1:3, 1:4] = True
+    np.testing.assert_array_equal(full_mask(square, 5, 6), expected)
+    np.testing.assert_array_equal(full_mask(square, 5, 6), ann_to_mask(square, 5, 6))
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not available")
+def test_real_taco_polygons_at_reduced_scale():
+    with open(SHARED_DATA / "taco" / "annotations.json") as f:
+        data = json.load(f)
+    images = {img["id"]: img for img in data["images"]}
+    scale = 1 / 8
+    checked = 0
+    for ann in data["annotations"][::6]:
+        img = images[ann["image_id"]]
+        height, width = int(img["height"] * scale), int(img["width"] * scale)
+        polygons = [[v * scale for v in p] for p in ann["segmentation"]]
+        np.testing.assert_array_equal(full_mask(polygons, height, width), ann_to_mask(polygons, height, width))
+        checked += 1
+    assert checked > 700
+
+
+def square(x0, y0, size, category):
+    x1, y1 = x0 + size, y0 + size
+    return {"segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]], "category_id": category}
+
+
+def test_area_orders():
+    small, large = square(2, 2, 4, 1), square(0, 0, 10, 2)
+    anns = [small, large]  # the small one comes first in the json
+    assert polygons_to_label_map(anns, 12, 12, "area_desc")[3, 3] == 1  # smaller on top
+    assert polygons_to_label_map(anns, 12, 12, "area_asc")[3, 3] == 2
+    assert polygons_to_label_map(anns, 12, 12, "file")[3, 3] == 2  # later on top
+    label = polygons_to_label_map(anns, 12, 12)
+    assert label[8, 8] == 2 and label[11, 11] == 0
+    with pytest.raises(ValueError, match="draw_order"):
+        polygons_to_label_map(anns, 12, 12, "largest")
+
+
+def test_area_ties_keep_json_order():
+    first, second = square(0, 0, 6, 3), square(2, 2, 6, 4)  # same area, overlapping
+    for order in ("area_desc", "area_asc", "file"):
+        assert draw_order_indices([first, second], 10, 10, order) == [0, 1]
+        assert polygons_to_label_map([first, second], 10, 10, order)[4, 4] == 4
+
+
+def test_area_is_polygon_area_of_all_parts():
+    assert polygon_area([0, 0, 4, 0, 4, 2, 0, 2]) == 8.0
+    two_parts = {"segmentation": [[0, 0, 3, 0, 3, 3, 0, 3], [5, 5, 8, 5, 8, 8, 5, 8]], "category_id": 1}
+    one_big = square(0, 0, 4, 2)  # area 16 < 9 + 9: drawn after (on top of) the two-part one
+    label = polygons_to_label_map([one_big, two_parts], 10, 10, "area_desc")
+    assert label[1, 1] == 2 and label[6, 6] == 1
+
+
+def test_rle_segmentation_and_label_range():
+    mask = np.zeros((6, 7), dtype=np.uint8, order="F")
+    mask[1:4, 2:5] = 1
+    rle = mask_util.encode(mask)
+    rle["counts"] = rle["counts"].decode("ascii")
+    label = polygons_to_label_map([{"segmentation": rle, "category_id": 9}], 6, 7)
+    np.testing.assert_array_equal(label == 9, mask.astype(bool))
+    with pytest.raises(ValueError, match="does not fit"):
+        polygons_to_label_map([square(0, 0, 2, 300)], 4, 4)
+    assert polygons_to_label_map([square(0, 0, 2, 300)], 4, 4, dtype=np.uint16)[0, 0] == 300
+
+
+def test_record_to_label_map(tmp_path):
+    record = {"height": 12, "width": 12, "annotations": [square(2, 2, 4, 1), square(0, 0, 10, 2)]}
+    assert record_to_label_map(record)[3, 3] == 1  # default: area_desc
+    assert record_to_label_map(record, draw_order="file")[3, 3] == 2
+    assert record_to_label_map({"height": 3, "width": 4, "annotations": []}).shape == (3, 4)
+    png = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    Image.fromarray(png).save(tmp_path / "label.png")
+    np.testing.assert_array_equal(record_to_label_map({"sem_seg_file_name": str(tmp_path / "label.png")}), png)
+    Image.fromarray(np.zeros((3, 4, 3), dtype=np.uint8)).save(tmp_path / "rgb.png")
+    with pytest.raises(ValueError, match="rgb.png.*single-channel"):
+        record_to_label_map({"sem_seg_file_name": str(tmp_path / "rgb.png")})
