@@ -241,7 +241,8 @@ def _na2d_dense_grid(query, key, value, rpb, kernel_size: int, max_tile: int, ma
 
     Returns ``[N, heads, H, W, Dv]``.
     """
-    n, heads, height, width, _ = query.shape
+    n, heads, height, width, dim = query.shape
+    dim_v = value.shape[-1]
     rows = _axis_tiling(height, kernel_size, max_tile, query.device)
     cols = _axis_tiling(width, kernel_size, max_tile, query.device)
     table = _bias_table(rows, cols, rpb, query.dtype)  # [heads|1, Ph, Pw, Th*Tw, Rh*Rw]
@@ -272,15 +273,19 @@ def _na2d_dense_grid(query, key, value, rpb, kernel_size: int, max_tile: int, ma
             for r_ in row_chunks:
                 row_patterns = rows.pattern_of_tile[r_]
                 bias_key = (h_.start, h_.stop, tuple(row_patterns.tolist()))
+                chunk_shape = (n_.stop - n_.start, h_.stop - h_.start, len(row_patterns), cols.num_tiles)
                 if bias_key not in biases:
                     head_table = table if table.shape[0] == 1 else table[h_]
-                    biases[bias_key] = head_table[:, row_patterns[:, None], cols.pattern_of_tile[None, :]]
-                q_t = q_tiles[n_, h_, r_].flatten(4, 5)  # [n, h, tr, tw, Th*Tw, D]
-                k_t = k_regions[n_, h_, r_].flatten(4, 5)  # [n, h, tr, tw, Rh*Rw, D]
-                v_t = v_regions[n_, h_, r_].flatten(4, 5)
-                logits = torch.matmul(q_t, k_t.transpose(-1, -2))
-                logits += biases[bias_key]
-                out_r.append(torch.matmul(logits.softmax(dim=-1), v_t))  # [n, h, tr, tw, Th*Tw, Dv]
+                    bias = head_table[:, row_patterns[:, None], cols.pattern_of_tile[None, :]]
+                    biases[bias_key] = bias.expand(*chunk_shape[1:], -1, -1).reshape(1, -1, *bias.shape[-2:])
+                # 4-D [samples, heads * tile rows * tile cols, tokens, D] tensors: the layout of
+                # scaled_dot_product_attention's fused CPU kernel (the mask broadcasts over the
+                # samples). With a mask that requires grad, PyTorch runs its math backend.
+                q_t = q_tiles[n_, h_, r_].reshape(chunk_shape[0], -1, rows.tile * cols.tile, dim)
+                k_t = k_regions[n_, h_, r_].reshape(chunk_shape[0], -1, rows.region * cols.region, dim)
+                v_t = v_regions[n_, h_, r_].reshape(chunk_shape[0], -1, rows.region * cols.region, dim_v)
+                out = F.scaled_dot_product_attention(q_t, k_t, v_t, attn_mask=biases[bias_key], scale=1.0)
+                out_r.append(out.view(*chunk_shape, -1, dim_v))  # [n, h, tr, tw, Th*Tw, Dv]
             out_h.append(_cat(out_r, dim=2))
         out_n.append(_cat(out_h, dim=1))
     out = _cat(out_n, dim=0).unflatten(4, (rows.tile, cols.tile))  # [N, heads, tiles_h, tiles_w, Th, Tw, Dv]

@@ -1,19 +1,26 @@
-"""Tests of the MaskFormer meta-architecture and MaskFormerHead with tiny stand-in backbone and
-pixel decoder (the real ones are tested end to end in test_meta_arch_end_to_end when present)."""
+"""Tests of the MaskFormer meta-architecture and MaskFormerHead: with a tiny stand-in backbone and
+pixel decoder, and end to end from the tiny config with the real Swin and MSDeformAttn decoder."""
 import io
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
+from detectron2.modeling import build_model as build_detectron2_model
 from detectron2.modeling.backbone import Backbone
 from detectron2.modeling.postprocessing import sem_seg_postprocess
+from detectron2.projects.deeplab import add_deeplab_config
 from detectron2.structures import BitMasks, Instances
 
+from mask2former.config import add_maskformer2_config
+from mask2former.modeling.backbone import swin  # noqa: F401  (registers D2SwinTransformer)
 from mask2former.modeling.criterion import SetCriterion
 from mask2former.modeling.matcher import HungarianMatcher
+from mask2former.modeling.pixel_decoder import msdeformattn  # noqa: F401  (registers the decoder)
 from mask2former.modeling.meta_arch import (
     MaskFormer,
     MaskFormerHead,
@@ -25,6 +32,8 @@ from mask2former.modeling.transformer_decoder import MultiScaleMaskedTransformer
 NUM_CLASSES = 4  # background + 3 shapes
 HIDDEN, QUERIES, MASK_DIM, CONV_DIM = 32, 8, 32, 32
 DEC_LAYERS = 3  # config value: 2 decoder blocks + the prediction of the learnable queries
+TINY_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "tiny" / "m2f_swin_tiny_cpu.yaml")
+NUM_CLASSES_TRASH = 11
 
 
 @pytest.fixture(autouse=True)
@@ -345,3 +354,59 @@ def test_head_rejects_unsupported_transformer_in_feature():
             transformer_predictor=nn.Identity(),
             transformer_in_feature="res5",
         )
+
+
+def tiny_swin_cfg():
+    """The tiny CPU config (real Swin backbone and MSDeformAttn pixel decoder), made smaller."""
+    cfg = get_cfg()
+    add_deeplab_config(cfg)
+    add_maskformer2_config(cfg)
+    cfg.merge_from_file(TINY_CONFIG)
+    cfg.MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS = 1
+    cfg.MODEL.MASK_FORMER.DEC_LAYERS = 3
+    cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES = 8
+    cfg.MODEL.MASK_FORMER.TRAIN_NUM_POINTS = 256
+    # the pixel decoder requires its heads to equal MASK_FORMER.NHEADS (the official coupling)
+    cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS = cfg.MODEL.MASK_FORMER.NHEADS
+    return cfg
+
+
+def test_end_to_end_from_config_with_swin_and_msdeformattn():
+    cfg = tiny_swin_cfg()
+    torch.manual_seed(0)
+    model = build_detectron2_model(cfg)
+    assert isinstance(model, MaskFormer)
+    assert isinstance(model.sem_seg_head, MaskFormerHead)
+    assert model.sem_seg_head.predictor.num_layers == 2
+    keys = list(model.state_dict())
+    for prefix in ("backbone.", "sem_seg_head.pixel_decoder.", "sem_seg_head.predictor.query_feat"):
+        assert any(k.startswith(prefix) for k in keys), prefix
+    assert set(model.criterion.weight_dict) == {
+        f"loss_{n}{s}" for n in ("ce", "mask", "dice") for s in ("", "_0", "_1")
+    }
+
+    samples = [training_input(*synthetic_sample(0, size=64)), training_input(*synthetic_sample(1, size=48))]
+    samples[1]["image"] = samples[1]["image"][:, :, :37]
+    samples[1]["instances"] = training_input(samples[1]["image"], samples[1]["sem_seg"][:, :37])["instances"]
+    model.train()
+    losses = model(samples)
+    assert set(losses) == set(model.criterion.weight_dict)
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    assert model.sem_seg_head.predictor.query_feat.weight.grad.abs().sum() > 0
+    assert next(model.backbone.parameters()).grad is not None
+
+    model.eval()
+    inputs = [{"image": samples[0]["image"], "height": 96, "width": 96}, {"image": samples[1]["image"]}]
+    with torch.no_grad():
+        results = model(inputs)
+        images = model.preprocess_image(inputs)
+        outputs = model.sem_seg_head(model.backbone(images.tensor))
+    assert [r["sem_seg"].shape for r in results] == [(NUM_CLASSES_TRASH, 96, 96), (NUM_CLASSES_TRASH, 48, 37)]
+    for i, (image_size, output_size) in enumerate([((64, 64), (96, 96)), ((48, 37), (48, 37))]):
+        expected = official_semantic_inference(
+            outputs["pred_logits"][i], outputs["pred_masks"][i], tuple(images.tensor.shape[-2:]),
+            image_size, output_size, before=False,
+        )
+        torch.testing.assert_close(results[i]["sem_seg"].double(), expected, rtol=0, atol=2e-6)

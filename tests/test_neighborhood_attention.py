@@ -121,15 +121,21 @@ def test_reference_matches_dense_natten_attention(case):
 
 
 # ----------------------------------------------------------------------------- tiled path
-@pytest.mark.parametrize("use_rpb", [True, False], ids=["rpb", "no_rpb"])
+# (use rpb, max_tile, max_logits): default tiling, small tiles, and chunks smaller than one tile
+# row of one head (the three chunking levels of the tiled path).
+TILED_SETTINGS = {
+    "default": (True, 8, 1 << 22),
+    "default_no_rpb": (False, 8, 1 << 22),
+    "small_tiles": (True, 3, 4000),
+    "row_chunks": (True, 4, 300),
+}
+
+
+@pytest.mark.parametrize("setting", list(TILED_SETTINGS))
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-@pytest.mark.parametrize(
-    "max_tile,max_logits",
-    [(8, 1 << 22), (3, 4000), (4, 300)],
-    ids=["default", "small_tiles", "row_chunks"],
-)
-def test_tiled_matches_reference(case, use_rpb, max_tile, max_logits):
+def test_tiled_matches_reference(case, setting):
     batch, height, width, heads, kernel, dilation = case
+    use_rpb, max_tile, max_logits = TILED_SETTINGS[setting]
     q, k, v, rpb, grad_out = _inputs(batch, height, width, heads, kernel)
     rpb = rpb if use_rpb else None
     ref_out, ref_grads = _forward_backward(
@@ -142,6 +148,9 @@ def test_tiled_matches_reference(case, use_rpb, max_tile, max_logits):
     torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-12)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-11)
+    with torch.no_grad():  # inference takes PyTorch's fused attention kernel instead
+        out = na2d_tiled(q, k, v, rpb, kernel, dilation, max_tile=max_tile, max_logits=max_logits)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("length,kernel,max_tile", [(128, 11, 8), (129, 11, 8), (40, 7, 3), (12, 11, 8), (100, 3, 8)])
@@ -161,6 +170,18 @@ def test_tiling_windows_inside_key_regions(length, kernel, max_tile):
             code = t.patterns[t.pattern_of_tile[tile], a]
             assert int((code >= 0).sum()) == kernel
     assert covered == length
+
+
+def test_chunk_ranges_split_samples_heads_then_rows():
+    def sizes(ranges):
+        return [r.stop - r.start for r in ranges]
+
+    n, h, r = na._chunk_ranges(5, 4, 3, 10, max_logits=250)  # 120 logits per sample
+    assert (sizes(n), sizes(h), sizes(r)) == ([2, 2, 1], [4], [3])
+    n, h, r = na._chunk_ranges(2, 4, 3, 10, max_logits=70)  # 30 per head
+    assert (sizes(n), sizes(h), sizes(r)) == ([1, 1], [2, 2], [3])
+    n, h, r = na._chunk_ranges(1, 2, 5, 10, max_logits=25)
+    assert (sizes(n), sizes(h), sizes(r)) == ([1], [1, 1], [2, 2, 1])
 
 
 def test_tiled_float32_close_to_float64_reference():

@@ -4,10 +4,14 @@ import math
 import pytest
 import torch
 
+from torch.nn import functional as F
+
 from mask2former.modeling.point_sampling import (
+    bilinear_resize_matrix,
     calculate_uncertainty,
     get_uncertain_point_coords_with_randomness,
     point_sample,
+    resize_bilinear,
 )
 
 
@@ -118,3 +122,25 @@ def test_invalid_ratios_raise():
         get_uncertain_point_coords_with_randomness(logits, calculate_uncertainty, 4, 0.5, 0.5)
     with pytest.raises(ValueError):
         get_uncertain_point_coords_with_randomness(logits, calculate_uncertainty, 4, 2.0, 1.5)
+
+
+@pytest.mark.parametrize("in_size, out_size", [(4, 16), (5, 7), (16, 4), (13, 5), (6, 6), (1, 3)])
+def test_bilinear_resize_matrix_matches_interpolate(in_size, out_size):
+    matrix = bilinear_resize_matrix(in_size, out_size, dtype=torch.float64)
+    assert matrix.shape == (out_size, in_size)
+    # column j = response to a unit impulse at input j
+    impulses = torch.eye(in_size, dtype=torch.float64)[:, None, :]
+    expected = F.interpolate(impulses, size=out_size, mode="linear", align_corners=False)[:, 0].t()
+    torch.testing.assert_close(matrix, expected, rtol=0, atol=1e-7)
+    torch.testing.assert_close(matrix.sum(1), torch.ones(out_size, dtype=torch.float64))
+    assert ((matrix != 0).sum(1) <= 2).all()
+
+
+@pytest.mark.parametrize("size", [(16, 20), (3, 5), (8, 9)])
+def test_resize_bilinear_matches_interpolate(size):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 8, 9, generator=g, dtype=torch.float64)
+    expected = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    got = resize_bilinear(x, size)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)

@@ -1,7 +1,6 @@
 """Synthetic trash dataset: competition format, determinism, classes, masks."""
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest

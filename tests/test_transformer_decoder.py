@@ -14,6 +14,7 @@ from mask2former.modeling.transformer_decoder import (
 )
 from mask2former.modeling.transformer_decoder.mask2former_transformer_decoder import (
     masked_attention_mask,
+    multi_head_attention,
 )
 
 HIDDEN, QUERIES, HEADS, FFN, MASK_DIM, CLASSES = 32, 8, 4, 64, 24, 5
@@ -141,18 +142,17 @@ def test_gradients_reach_every_parameter():
     assert missing == []
 
 
-def masked_attention_mask_loops(mask_logits, num_heads):
+def masked_attention_mask_loops(mask_logits):
     """Direct computation: blocked where sigmoid < 0.5, rows blocked everywhere un-blocked."""
     batch, queries = mask_logits.shape[:2]
     flat = mask_logits.flatten(2)
-    out = torch.zeros(batch * num_heads, queries, flat.shape[-1], dtype=torch.bool)
+    out = torch.zeros(batch, queries, flat.shape[-1], dtype=torch.bool)
     for b in range(batch):
         for q in range(queries):
             row = [bool(torch.sigmoid(v) < 0.5) for v in flat[b, q]]
             if all(row):
                 row = [False] * len(row)
-            for h in range(num_heads):
-                out[b * num_heads + h, q] = torch.tensor(row)
+            out[b, q] = torch.tensor(row)
     return out
 
 
@@ -163,11 +163,29 @@ def test_masked_attention_mask_function():
     logits[1, 4] = torch.rand(3, 4, generator=g) + 0.1  # fully on
     logits[1, 2] = -1.0
     logits[1, 2, 2, 3] = 0.5  # a single allowed pixel
-    mask = masked_attention_mask(logits, num_heads=3)
-    assert mask.dtype == torch.bool and mask.shape == (6, 5, 12)
-    assert torch.equal(mask, masked_attention_mask_loops(logits, 3))
-    assert not mask[0:3, 1].any()
-    assert mask[3:6, 2].sum(-1).tolist() == [11, 11, 11]
+    mask = masked_attention_mask(logits)
+    assert mask.dtype == torch.bool and mask.shape == (2, 5, 12)
+    assert torch.equal(mask, masked_attention_mask_loops(logits))
+    assert not mask[0, 1].any()
+    assert mask[1, 2].sum().item() == 11
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_multi_head_attention_equals_nn_multihead_attention(with_mask):
+    torch.manual_seed(0)
+    attn = torch.nn.MultiheadAttention(HIDDEN, HEADS, batch_first=True).eval()
+    query = torch.randn(2, 7, HIDDEN)
+    key = torch.randn(2, 11, HIDDEN)
+    value = torch.randn(2, 11, HIDDEN)
+    mask = None
+    if with_mask:
+        mask = torch.rand(2, 7, 11) < 0.6
+        mask[mask.all(-1)] = False
+    got = multi_head_attention(attn, query, key, value, mask)
+    # nn.MultiheadAttention wants the mask repeated per head, batch-major
+    repeated = None if mask is None else mask.repeat_interleave(HEADS, dim=0)
+    expected = attn(query, key, value, attn_mask=repeated, need_weights=False)[0]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
 def capture_attention_masks(decoder):
@@ -198,10 +216,10 @@ def test_masks_used_by_cross_attention_match_official_construction(pre_norm):
         resized = F.interpolate(
             predictions[i], size=LEVEL_SIZES[i % 3], mode="bilinear", align_corners=False
         )
-        expected = masked_attention_mask_loops(resized, HEADS)
+        expected = masked_attention_mask_loops(resized)
         # the decoder resizes the mask features instead (same linear map): only logits
         # within rounding distance of 0 may differ
-        ambiguous = (resized.abs() < 1e-4).flatten(2).repeat_interleave(HEADS, 0)
+        ambiguous = (resized.abs() < 1e-4).flatten(2)
         assert mask.shape == expected.shape
         assert torch.equal(mask[~ambiguous], expected[~ambiguous])
         assert not mask.all(dim=-1).any()

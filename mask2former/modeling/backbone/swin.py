@@ -444,7 +444,8 @@ class SwinTransformer(nn.Module):
         norm_layer: normalisation layer class.
         ape: learned absolute position embedding (interpolated bicubically to the input).
         patch_norm: LayerNorm after the patch embedding.
-        out_indices: stages whose outputs are returned (each gets an output norm ``norm{i}``).
+        out_indices: stages whose outputs are returned (each gets an output norm ``norm{i}``);
+            None: all.
         frozen_stages: -1 none; 0 freezes the patch embedding; 1 also the absolute position
             embedding; k >= 2 also stages 0 .. k-2 (official semantics). Frozen parts have
             ``requires_grad=False`` and stay in eval mode.
@@ -469,7 +470,7 @@ class SwinTransformer(nn.Module):
         norm_layer=nn.LayerNorm,
         ape: bool = False,
         patch_norm: bool = True,
-        out_indices: Sequence[int] = (0, 1, 2, 3),
+        out_indices: Optional[Sequence[int]] = None,
         frozen_stages: int = -1,
         use_checkpoint: bool = False,
     ):
@@ -481,7 +482,9 @@ class SwinTransformer(nn.Module):
         self.embed_dim = embed_dim
         self.ape = ape
         self.patch_norm = patch_norm
-        self.out_indices = tuple(sorted(out_indices))
+        self.out_indices = tuple(range(self.num_layers)) if out_indices is None else tuple(sorted(out_indices))
+        if not self.out_indices or not all(0 <= i < self.num_layers for i in self.out_indices):
+            raise ValueError(f"out_indices must be a non-empty subset of 0..{self.num_layers - 1}, got {out_indices}")
         self.frozen_stages = frozen_stages
         self.num_features = [int(embed_dim * 2**i) for i in range(self.num_layers)]
 

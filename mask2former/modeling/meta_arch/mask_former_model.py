@@ -12,6 +12,7 @@ from detectron2.structures import ImageList
 
 from ..criterion import SetCriterion
 from ..matcher import HungarianMatcher
+from ..point_sampling import bilinear_resize_matrix
 
 # Semantic inference resizes, squashes and combines the Q mask logits a band of output rows at a
 # time; a band holds about this many values (CPU: stays in cache; GPU: few kernel launches).
@@ -35,35 +36,15 @@ def semantic_inference_naive(mask_cls: torch.Tensor, mask_pred: torch.Tensor) ->
     return torch.einsum("qc,qhw->chw", probs, mask_pred.sigmoid())
 
 
-def _linear_taps(in_size: int, out_size: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """
-    The 1-D taps of ``F.interpolate(mode="bilinear", align_corners=False)`` resizing an axis of
-    ``in_size`` to ``out_size``: output ``i`` = ``sum_k weight[i, k] * input[index[i, k]]``.
-
-    Returns:
-        index [out_size, 2] (int64) and weight [out_size, 2] (float32).
-    """
-    scale = torch.tensor(in_size, dtype=torch.float32) / out_size
-    src = ((torch.arange(out_size, dtype=torch.float32) + 0.5) * scale - 0.5).clamp(min=0)
-    i0 = src.floor().long().clamp(max=in_size - 1)
-    i1 = (i0 + 1).clamp(max=in_size - 1)
-    lambda1 = (src - i0).clamp(0, 1)
-    index = torch.stack([i0, i1], dim=1)
-    weight = torch.stack([1 - lambda1, lambda1], dim=1)
-    return index.to(device), weight.to(device)
-
-
-def _resize_matrix(in_size: int, out_sizes: Sequence[Tuple[int, int]], device) -> torch.Tensor:
+def _resize_matrix(in_size: int, steps: Sequence[Tuple[int, int]], device) -> torch.Tensor:
     """
     The [n, in_size] matrix of successive 1-D bilinear resizes (align_corners=False), each
-    followed by a crop: ``out_sizes`` is a list of (resized size, kept leading entries).
+    followed by a crop: ``steps`` is a list of (resized size, kept leading entries).
     """
-    matrix = torch.eye(in_size, dtype=torch.float32)
+    matrix = torch.eye(in_size)
     size = in_size
-    for resized, kept in out_sizes:
-        index, weight = _linear_taps(size, resized, "cpu")
-        step = torch.zeros(resized, size).scatter_add_(1, index, weight)
-        matrix = (step @ matrix)[:kept]
+    for resized, kept in steps:
+        matrix = (bilinear_resize_matrix(size, resized) @ matrix)[:kept]
         size = kept
     return matrix.to(device)
 
@@ -85,11 +66,12 @@ def resized_semantic_inference(
     SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE) the mask logits are resized to ``output_size``
     first.
 
-    Bilinear resizing is separable: the width is resized first (on the low-resolution rows,
-    cropped), then a band of output rows at a time is made by one matrix product with the rows
-    of the (banded) height-resize matrix, squashed by the sigmoid in place and combined with the
-    class probabilities. The [Q, H, W] upsampled logits and their sigmoid are never
-    materialised, padding is never upsampled, and two successive resizes become one product.
+    Bilinear resizing is separable and linear: per axis, upsampling, cropping and the optional
+    second resize are one matrix. The width is resized first (on the low-resolution rows), then
+    a band of output rows at a time is made by one product with rows of the (banded) height
+    matrix, squashed by the sigmoid in place and combined with the class probabilities. The
+    [Q, H, W] upsampled logits and their sigmoid are never materialised and padding is never
+    upsampled.
 
     Args:
         mask_cls: [Q, K + 1] class logits.
@@ -106,30 +88,25 @@ def resized_semantic_inference(
     mask_cls = mask_cls.float()
     mask_pred = mask_pred.float()
     device = mask_pred.device
-    num_queries, low_h, _ = mask_pred.shape
-    resize_first = [resize_masks_first and output_size[i] != image_size[i] for i in range(2)]
+    num_queries, low_h, low_w = mask_pred.shape
+    # per axis: upsample to the padded size, crop to the image, (optionally) resize to the output
+    matrices = []
+    for axis, low in enumerate((low_h, low_w)):
+        steps = [(padded_size[axis], image_size[axis])]
+        if resize_masks_first and output_size[axis] != image_size[axis]:
+            steps.append((output_size[axis], output_size[axis]))
+        matrices.append(_resize_matrix(low, steps, device))
+    height_matrix, width_matrix = matrices
+    out_h, out_w = height_matrix.shape[0], width_matrix.shape[0]
 
-    # width: [h, Q, w] -> [h, Q, W'] (rows outermost, so that row bands are contiguous)
-    rows = mask_pred.transpose(0, 1)
-    rows = F.interpolate(rows, size=padded_size[1], mode="linear", align_corners=False)
-    rows = rows[..., : image_size[1]]
-    if resize_first[1]:
-        rows = F.interpolate(rows, size=output_size[1], mode="linear", align_corners=False)
-    rows = rows.contiguous()
-    out_w = rows.shape[-1]
-
-    # height: a [H', h] matrix, applied a band of output rows at a time
-    steps = [(padded_size[0], image_size[0])]
-    if resize_first[0]:
-        steps.append((output_size[0], output_size[0]))
-    height_matrix = _resize_matrix(low_h, steps, device)
-    out_h = height_matrix.shape[0]
+    # width first, on the low-resolution rows: [h, Q, W'] (rows outermost: bands are contiguous)
+    flat_rows = (mask_pred.transpose(0, 1) @ width_matrix.t()).view(low_h, -1)
+    # the output rows of a band only depend on a few consecutive input rows
     nonzero = height_matrix != 0
     first_src = nonzero.float().argmax(1).tolist()
     last_src = (low_h - 1 - nonzero.flip(1).float().argmax(1)).tolist()
 
     probs_t = F.softmax(mask_cls, dim=-1)[:, :-1].t().contiguous()  # [K, Q]
-    flat_rows = rows.view(low_h, -1)
     scores = mask_pred.new_empty((out_h, probs_t.shape[0], out_w))
     if band_elements is None:
         band_elements = _BAND_ELEMENTS_CPU if device.type == "cpu" else _BAND_ELEMENTS_GPU

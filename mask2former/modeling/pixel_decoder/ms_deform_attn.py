@@ -374,22 +374,22 @@ class MSDeformAttn(nn.Module):
             value = value.masked_fill(input_padding_mask[..., None], 0.0)
         value = value.view(n, len_in, self.n_heads, self.d_model // self.n_heads)
         offsets = self.sampling_offsets(query)
-        weights = self.attention_weights(query).view(n, len_q, self.n_heads, self.n_levels * self.n_points)
-        weights = F.softmax(weights, -1)
+        logits = self.attention_weights(query)
 
         with torch.autocast(device_type=query.device.type, enabled=False):
             # half precision (AMP) is not enough for sampling locations: compute in fp32 (or fp64)
             dtype = torch.promote_types(value.dtype, torch.float32)
-            value, offsets, weights = value.to(dtype), offsets.to(dtype), weights.to(dtype)
+            value, offsets, logits = value.to(dtype), offsets.to(dtype), logits.to(dtype)
             reference_points = reference_points.to(dtype)
             if reference_points.shape[-1] not in (2, 4):
                 raise ValueError(
                     f"Last dim of reference_points must be 2 or 4, got {reference_points.shape[-1]}"
                 )
             if self.impl == "fast" and reference_points.shape[-1] == 2:
-                output = self._fast_point_attention(value, shapes, reference_points, offsets, weights)
+                output = self._fast_point_attention(value, shapes, reference_points, offsets, logits)
             else:
                 offsets = offsets.view(n, len_q, self.n_heads, self.n_levels, self.n_points, 2)
+                weights = F.softmax(logits.view(n, len_q, self.n_heads, self.n_levels * self.n_points), -1)
                 weights = weights.view(n, len_q, self.n_heads, self.n_levels, self.n_points)
                 ref = reference_points[:, :, None, :, None, :]
                 if reference_points.shape[-1] == 2:
@@ -400,10 +400,11 @@ class MSDeformAttn(nn.Module):
                 output = MS_DEFORM_ATTN_IMPLS[self.impl](value, shapes, locations, weights)
         return self.output_proj(output.to(query.dtype))
 
-    def _fast_point_attention(self, value, shapes, reference_points, offsets, weights):
+    def _fast_point_attention(self, value, shapes, reference_points, offsets, logits):
         """The "fast" implementation fed directly in its planar layout: sampling pixels are
         ``reference * size - 0.5 + offset`` (the same locations as the official
-        ``reference + offset / size``, without materialising them)."""
+        ``reference + offset / size``, without materialising them) and the softmax runs over the
+        planar logits (a softmax over 12 contiguous values per row is several times slower)."""
         n, len_q, n_levels, _ = reference_points.shape
         bags = n * len_q * self.n_heads
         sizes = torch.tensor([[w, h] for h, w in shapes], dtype=value.dtype, device=value.device)
@@ -411,7 +412,9 @@ class MSDeformAttn(nn.Module):
         ref_pixel = torch.addcmul(sizes.new_tensor(-0.5), reference_points, sizes)
         ref_pixel = ref_pixel[:, :, None].expand(n, len_q, self.n_heads, n_levels, 2)
         ref_pixel = ref_pixel.reshape(bags, n_levels * 2).t().contiguous().view(n_levels, 1, 2, bags)
-        # offsets [N, Lq, M * L * P * 2] -> [L, P, 2, B] (2-D transposes: blocked copy kernel)
+        # [N, Lq, M * L * P * 2] -> [L, P, 2, B] and [N, Lq, M * L * P] -> [L, P, B]
+        # (2-D transposes: blocked copy kernel)
         offsets = offsets.reshape(bags, -1).t().contiguous().view(n_levels, self.n_points, 2, bags)
-        weights = weights.reshape(bags, -1).t().contiguous().view(n_levels, self.n_points, bags)
+        logits = logits.reshape(bags, -1).t().contiguous()
+        weights = F.softmax(logits, dim=0).view(n_levels, self.n_points, bags)
         return _ms_deform_attn_fast_planar(value, shapes, offsets + ref_pixel, weights)

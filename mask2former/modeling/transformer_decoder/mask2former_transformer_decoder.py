@@ -16,6 +16,7 @@ from torch.nn import functional as F
 from detectron2.config import configurable
 from detectron2.layers import Conv2d
 
+from ..point_sampling import resize_bilinear
 from ..position_encoding import PositionEmbeddingSine
 from .registry import TRANSFORMER_DECODER_REGISTRY
 
@@ -40,6 +41,44 @@ class _ResidualBlock(nn.Module):
         return self.norm(tgt + self.dropout(branch(tgt)))
 
 
+def multi_head_attention(
+    attn: nn.MultiheadAttention,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """
+    The computation of ``attn`` (an ``nn.MultiheadAttention`` with equal query/key/value widths
+    and biases) on batch-first inputs, with an attention mask shared by all heads.
+
+    ``nn.MultiheadAttention`` needs the mask repeated per head ([B * heads, L, S]) and turns it
+    into an additive float mask of that size; here it is broadcast over the heads instead.
+
+    Args:
+        attn: holds the parameters (``in_proj_weight``, ``in_proj_bias``, ``out_proj``) and the
+            attention dropout.
+        query: [B, L, E]; key, value: [B, S, E].
+        attn_mask: bool [B, L, S], True where attention is blocked (MultiheadAttention's
+            convention), or None.
+
+    Returns:
+        [B, L, E]
+    """
+    batch, num_q, dim = query.shape
+    heads = attn.num_heads
+    w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = attn.in_proj_bias.chunk(3)
+    q = F.linear(query, w_q, b_q).view(batch, num_q, heads, -1).transpose(1, 2)
+    k = F.linear(key, w_k, b_k).view(batch, key.shape[1], heads, -1).transpose(1, 2)
+    v = F.linear(value, w_v, b_v).view(batch, value.shape[1], heads, -1).transpose(1, 2)
+    allowed = None if attn_mask is None else ~attn_mask[:, None]
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=allowed, dropout_p=attn.dropout if attn.training else 0.0
+    )
+    return attn.out_proj(out.transpose(1, 2).reshape(batch, num_q, dim))
+
+
 class SelfAttentionLayer(_ResidualBlock):
     """Self-attention among the queries; queries and keys get the query position embedding."""
 
@@ -53,7 +92,7 @@ class SelfAttentionLayer(_ResidualBlock):
 
         def attend(x):
             q = x + query_pos
-            return self.self_attn(q, q, value=x, need_weights=False)[0]
+            return multi_head_attention(self.self_attn, q, q, x)
 
         return self._residual(tgt, attend)
 
@@ -71,21 +110,22 @@ class CrossAttentionLayer(_ResidualBlock):
         tgt: torch.Tensor,
         memory: torch.Tensor,
         attn_mask: Optional[torch.Tensor],
-        pos: torch.Tensor,
+        memory_with_pos: torch.Tensor,
         query_pos: torch.Tensor,
     ) -> torch.Tensor:
         """
         Args:
             tgt, query_pos: [B, Q, C] queries and their position embedding.
-            memory, pos: [B, HW, C] pixel features and their position embedding.
-            attn_mask: bool [B * nheads, Q, HW], True where a query may not attend, or None.
+            memory: [B, HW, C] pixel features (the values).
+            attn_mask: bool [B, Q, HW], True where a query may not attend (shared by all
+                heads), or None.
+            memory_with_pos: [B, HW, C] pixel features plus their position embedding (the keys).
         """
-        key = memory + pos
 
         def attend(x):
-            return self.multihead_attn(
-                x + query_pos, key, value=memory, attn_mask=attn_mask, need_weights=False
-            )[0]
+            return multi_head_attention(
+                self.multihead_attn, x + query_pos, memory_with_pos, memory, attn_mask
+            )
 
         return self._residual(tgt, attend)
 
@@ -122,7 +162,7 @@ class MLP(nn.Module):
         return x
 
 
-def masked_attention_mask(mask_logits: torch.Tensor, num_heads: int) -> torch.Tensor:
+def masked_attention_mask(mask_logits: torch.Tensor) -> torch.Tensor:
     """
     The masked-attention mask of Mask2Former from mask logits already at the attended scale.
 
@@ -132,15 +172,13 @@ def masked_attention_mask(mask_logits: torch.Tensor, num_heads: int) -> torch.Te
 
     Args:
         mask_logits: [B, Q, h, w] mask logits at the resolution of the attended features.
-        num_heads: attention heads; the mask is repeated per head.
 
     Returns:
-        bool tensor [B * num_heads, Q, h * w] (batch-major, as nn.MultiheadAttention expects),
-        True where attention is blocked.
+        bool tensor [B, Q, h * w], True where attention is blocked (the same for all heads).
     """
     blocked = mask_logits.detach().flatten(2).sigmoid() < 0.5
     blocked[blocked.all(dim=-1)] = False
-    return blocked.repeat_interleave(num_heads, dim=0)
+    return blocked
 
 
 @TRANSFORMER_DECODER_REGISTRY.register()
@@ -272,16 +310,15 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         if return_aux is None:
             return_aux = self.training
 
-        src, pos, level_mask_features = [], [], []
+        # per level: values (projected features + level embedding), keys (values + position
+        # embedding), and the mask features resized to the level for the attention masks
+        values, keys, level_mask_features = [], [], []
         for i, feature in enumerate(x):
-            pos.append(self.pe_layer(feature).flatten(2).transpose(1, 2).to(feature.dtype))
-            projected = self.input_proj[i](feature).flatten(2)
-            src.append((projected + self.level_embed.weight[i][None, :, None]).transpose(1, 2))
-            level_mask_features.append(
-                F.interpolate(
-                    mask_features, size=feature.shape[-2:], mode="bilinear", align_corners=False
-                )
-            )
+            pos = self.pe_layer(feature).to(feature.dtype)
+            value = self.input_proj[i](feature) + self.level_embed.weight[i][None, :, None, None]
+            values.append(value.flatten(2).transpose(1, 2).contiguous())
+            keys.append((value + pos).flatten(2).transpose(1, 2).contiguous())
+            level_mask_features.append(resize_bilinear(mask_features, feature.shape[-2:]))
 
         batch_size = mask_features.shape[0]
         query_pos = self.query_embed.weight.unsqueeze(0).expand(batch_size, -1, -1)
@@ -294,7 +331,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             if i > 0:
                 level = (i - 1) % self.num_feature_levels
                 output = self.transformer_cross_attention_layers[i - 1](
-                    output, src[level], attn_mask, pos=pos[level], query_pos=query_pos
+                    output, values[level], attn_mask, keys[level], query_pos
                 )
                 output = self.transformer_self_attention_layers[i - 1](output, query_pos)
                 output = self.transformer_ffn_layers[i - 1](output)
@@ -312,7 +349,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
                 attn_logits = torch.einsum(
                     "bqc,bchw->bqhw", mask_embed, level_mask_features[next_level]
                 )
-                attn_mask = masked_attention_mask(attn_logits, self.num_heads)
+                attn_mask = masked_attention_mask(attn_logits)
 
         aux_outputs = []
         if return_aux:
