@@ -87,6 +87,7 @@ def bench_model(args):
 
     from dinat import add_dinat_config
     from mask2former import add_maskformer2_config
+    from mask2former.modeling import meta_arch, pixel_decoder  # noqa: F401  (register MaskFormer, its pixel decoder)
 
     cfg = get_cfg()
     add_deeplab_config(cfg)

@@ -34,6 +34,7 @@ Implementations (all compute the same function, see ``tests/test_neighborhood_at
 * ``"natten"``: :func:`na2d_natten`, NATTEN's fused ``natten.functional.na2d`` (NATTEN >= 0.20);
   no relative positional bias.
 """
+import functools
 import logging
 import math
 from typing import Callable, Dict, NamedTuple, Optional, Tuple
@@ -154,7 +155,7 @@ class _AxisTiling(NamedTuple):
     ``first_key + t * tile + [0, region)``; both ranges may reach outside ``[0, L)`` (zero padding:
     padded queries are dropped, padded keys are masked). Every real query's window lies inside the
     key region of its tile, so the regions are a plain strided view (``Tensor.unfold``) of the
-    padded keys.
+    padded keys. Tiles with the same window pattern form runs of consecutive tiles.
     """
 
     tile: int
@@ -163,7 +164,7 @@ class _AxisTiling(NamedTuple):
     first_query: int  # <= 0
     first_key: int  # <= 0
     patterns: torch.Tensor  # [num_patterns, tile, region] rpb index of each pair, -1 outside the window
-    pattern_of_tile: torch.Tensor  # [num_tiles] index into patterns
+    runs: Tuple[Tuple[slice, int], ...]  # (consecutive tiles, their pattern index)
 
 
 def _tile_layout(length: int, kernel_size: int, max_tile: int) -> Tuple[int, int, int]:
@@ -188,128 +189,136 @@ def _tile_layout(length: int, kernel_size: int, max_tile: int) -> Tuple[int, int
     return best[1:]
 
 
-def _axis_tiling(length: int, kernel_size: int, max_tile: int, device) -> _AxisTiling:
+def _axis_tiling(length: int, kernel_size: int, max_tile: int) -> _AxisTiling:
     tile, num_tiles, first_query = _tile_layout(length, kernel_size, max_tile)
     if num_tiles == 1:
         region, first_key = length, 0
     else:
         region, first_key = tile + kernel_size - 1, first_query - kernel_size // 2
-    tile_start = torch.arange(num_tiles, device=device)[:, None] * tile
+    tile_start = torch.arange(num_tiles)[:, None] * tile
     # Padded queries take the window of the nearest real query (keeps every softmax row finite).
-    queries = (first_query + tile_start + torch.arange(tile, device=device)).clamp(0, length - 1)
-    keys = first_key + tile_start + torch.arange(region, device=device)  # [num_tiles, region]
+    queries = (first_query + tile_start + torch.arange(tile)).clamp(0, length - 1)
+    keys = first_key + tile_start + torch.arange(region)  # [num_tiles, region]
     starts = (queries - kernel_size // 2).clamp(0, length - kernel_size)
     offset = keys[:, None, :] - starts[:, :, None]  # position of the key inside the query's window
     in_window = (offset >= 0) & (offset < kernel_size)
     bias_index = keys[:, None, :] - queries[:, :, None] + kernel_size - 1
     code = torch.where(in_window, bias_index, torch.full_like(bias_index, -1))
     patterns, pattern_of_tile = torch.unique(code.flatten(1), dim=0, return_inverse=True)
-    return _AxisTiling(
-        tile=tile,
-        num_tiles=num_tiles,
-        region=region,
-        first_query=first_query,
-        first_key=first_key,
-        patterns=patterns.view(-1, tile, region),
-        pattern_of_tile=pattern_of_tile,
-    )
+    runs, first = [], 0
+    for t in range(1, num_tiles + 1):
+        if t == num_tiles or pattern_of_tile[t] != pattern_of_tile[first]:
+            runs.append((slice(first, t), int(pattern_of_tile[first])))
+            first = t
+    return _AxisTiling(tile, num_tiles, region, first_query, first_key, patterns.view(-1, tile, region), tuple(runs))
 
 
-def _bias_table(rows: _AxisTiling, cols: _AxisTiling, rpb, dtype) -> torch.Tensor:
+class _GridTiling(NamedTuple):
+    rows: _AxisTiling
+    cols: _AxisTiling
+    code_h: torch.Tensor  # [Ph, 1, Th, 1, Rh, 1] rpb row index (clamped)
+    code_w: torch.Tensor  # [1, Pw, 1, Tw, 1, Rw] rpb column index (clamped)
+    outside: torch.Tensor  # [Ph, Pw, Th, Tw, Rh, Rw] key outside the query's window
+
+
+@functools.lru_cache(maxsize=64)
+def _grid_tiling(height: int, width: int, kernel_size: int, max_tile: int, device: torch.device) -> _GridTiling:
+    """Tiling of an ``H x W`` dense group and its window masks (cached: every block of a level
+    has the same geometry)."""
+    rows = _axis_tiling(height, kernel_size, max_tile)
+    cols = _axis_tiling(width, kernel_size, max_tile)
+    code_h = rows.patterns[:, None, :, None, :, None].to(device)
+    code_w = cols.patterns[None, :, None, :, None, :].to(device)
+    outside = (code_h < 0) | (code_w < 0)
+    return _GridTiling(rows, cols, code_h.clamp(min=0), code_w.clamp(min=0), outside)
+
+
+def _bias_table(grid: _GridTiling, rpb, dtype) -> torch.Tensor:
     """Additive logits bias (rpb inside the window, -inf outside) for every pair of tile patterns.
 
-    Returns ``[heads or 1, row_patterns, col_patterns, tile_h * tile_w, region_h * region_w]``.
+    Returns ``[Ph, Pw, heads or 1, tile_h * tile_w, region_h * region_w]``.
     """
-    code_h = rows.patterns[:, None, :, None, :, None]  # [Ph, 1, Th, 1, Rh, 1]
-    code_w = cols.patterns[None, :, None, :, None, :]  # [1, Pw, 1, Tw, 1, Rw]
-    outside = (code_h < 0) | (code_w < 0)  # [Ph, Pw, Th, Tw, Rh, Rw]
     if rpb is None:
-        table = torch.zeros((1,) + outside.shape, dtype=dtype, device=outside.device)
+        table = torch.zeros(grid.outside.shape, dtype=dtype, device=grid.outside.device)[:, :, None]
     else:
-        table = rpb.to(dtype)[:, code_h.clamp(min=0), code_w.clamp(min=0)]  # [heads, Ph, Pw, ...]
-    return table.masked_fill(outside, float("-inf")).flatten(5, 6).flatten(3, 4)
+        table = rpb.to(dtype)[:, grid.code_h, grid.code_w].movedim(0, 2)  # [Ph, Pw, heads, ...]
+    table = table.masked_fill(grid.outside[:, :, None], float("-inf"))
+    return table.flatten(5, 6).flatten(3, 4)
 
 
 def _pad_axes(x, first_h: int, first_w: int, size_h: int, size_w: int):
-    """Zero-pad ``[N, heads, H, W, D]`` to ``[first, first + size)`` on the two spatial axes."""
-    height, width = x.shape[2], x.shape[3]
-    return F.pad(x, (0, 0, -first_w, size_w + first_w - width, -first_h, size_h + first_h - height))
+    """Zero-pad ``[N, H, W, heads, D]`` to ``[first, first + size)`` on the two spatial axes."""
+    pads = (-first_w, size_w + first_w - x.shape[2], -first_h, size_h + first_h - x.shape[1])
+    return F.pad(x, (0, 0, 0, 0) + pads) if any(pads) else x
 
 
-def _na2d_dense_grid(query, key, value, rpb, kernel_size: int, max_tile: int, max_logits: int):
-    """Dilation-1 neighborhood attention of ``[N, heads, H, W, D]`` tensors (query already scaled).
-
-    Returns ``[N, heads, H, W, Dv]``.
-    """
-    n, heads, height, width, dim = query.shape
+def _na2d_dense_grid(query, key, value, rpb, kernel_size: int, scale: float, max_tile: int, max_logits: int):
+    """Dilation-1 neighborhood attention of ``[N, H, W, heads, D]`` tensors."""
+    n, height, width, heads, dim = query.shape
     dim_v = value.shape[-1]
-    rows = _axis_tiling(height, kernel_size, max_tile, query.device)
-    cols = _axis_tiling(width, kernel_size, max_tile, query.device)
-    table = _bias_table(rows, cols, rpb, query.dtype)  # [heads|1, Ph, Pw, Th*Tw, Rh*Rw]
+    grid = _grid_tiling(height, width, kernel_size, max_tile, query.device)
+    rows, cols = grid.rows, grid.cols
+    table = _bias_table(grid, rpb, query.dtype)
 
-    def query_tiles(x):  # -> [N, heads, tiles_h, tiles_w, Th, Tw, D] (view)
-        x = _pad_axes(x, rows.first_query, cols.first_query,
-                      rows.num_tiles * rows.tile, cols.num_tiles * cols.tile)
-        x = x.unflatten(3, (cols.num_tiles, cols.tile)).unflatten(2, (rows.num_tiles, rows.tile))
-        return x.permute(0, 1, 2, 4, 3, 5, 6)
+    def query_tiles(x):  # -> [N, tiles_h, tiles_w, heads, Th, Tw, D] (view)
+        x = _pad_axes(x, rows.first_query, cols.first_query, rows.num_tiles * rows.tile, cols.num_tiles * cols.tile)
+        x = x.unflatten(2, (cols.num_tiles, cols.tile)).unflatten(1, (rows.num_tiles, rows.tile))
+        return x.permute(0, 1, 3, 5, 2, 4, 6)
 
-    def key_regions(x):  # -> [N, heads, tiles_h, tiles_w, Rh, Rw, D] (strided view)
-        x = _pad_axes(x, rows.first_key, cols.first_key,
-                      (rows.num_tiles - 1) * rows.tile + rows.region,
-                      (cols.num_tiles - 1) * cols.tile + cols.region)
-        x = x.unfold(2, rows.region, rows.tile).unfold(3, cols.region, cols.tile)
+    def key_regions(x):  # -> [N, tiles_h, tiles_w, heads, Rh, Rw, D] (strided view)
+        x = _pad_axes(
+            x, rows.first_key, cols.first_key,
+            (rows.num_tiles - 1) * rows.tile + rows.region, (cols.num_tiles - 1) * cols.tile + cols.region,
+        )
+        x = x.unfold(1, rows.region, rows.tile).unfold(2, cols.region, cols.tile)
         return x.permute(0, 1, 2, 3, 5, 6, 4)
 
-    q_tiles, k_regions, v_regions = query_tiles(query), key_regions(key), key_regions(value)
-    n_chunks, head_chunks, row_chunks = _chunk_ranges(
-        n, heads, rows.num_tiles, cols.num_tiles * rows.tile * cols.tile * rows.region * cols.region, max_logits
-    )
-    biases = {}  # chunks with the same heads and row patterns (all interior ones) share their bias
-    out_n = []
-    for n_ in n_chunks:
-        out_h = []
-        for h_ in head_chunks:
-            out_r = []
-            for r_ in row_chunks:
-                row_patterns = rows.pattern_of_tile[r_]
-                bias_key = (h_.start, h_.stop, tuple(row_patterns.tolist()))
-                chunk_shape = (n_.stop - n_.start, h_.stop - h_.start, len(row_patterns), cols.num_tiles)
-                if bias_key not in biases:
-                    head_table = table if table.shape[0] == 1 else table[h_]
-                    bias = head_table[:, row_patterns[:, None], cols.pattern_of_tile[None, :]]
-                    biases[bias_key] = bias.expand(*chunk_shape[1:], -1, -1).reshape(1, -1, *bias.shape[-2:])
-                # 4-D [samples, heads * tile rows * tile cols, tokens, D] tensors: the layout of
-                # scaled_dot_product_attention's fused CPU kernel (the mask broadcasts over the
-                # samples). With a mask that requires grad, PyTorch runs its math backend.
-                q_t = q_tiles[n_, h_, r_].reshape(chunk_shape[0], -1, rows.tile * cols.tile, dim)
-                k_t = k_regions[n_, h_, r_].reshape(chunk_shape[0], -1, rows.region * cols.region, dim)
-                v_t = v_regions[n_, h_, r_].reshape(chunk_shape[0], -1, rows.region * cols.region, dim_v)
-                out = F.scaled_dot_product_attention(q_t, k_t, v_t, attn_mask=biases[bias_key], scale=1.0)
-                out_r.append(out.view(*chunk_shape, -1, dim_v))  # [n, h, tr, tw, Th*Tw, Dv]
-            out_h.append(_cat(out_r, dim=2))
-        out_n.append(_cat(out_h, dim=1))
-    out = _cat(out_n, dim=0).unflatten(4, (rows.tile, cols.tile))  # [N, heads, tiles_h, tiles_w, Th, Tw, Dv]
-    out = out.permute(0, 1, 2, 4, 3, 5, 6).flatten(2, 3).flatten(3, 4)
-    return out[:, :, -rows.first_query : height - rows.first_query, -cols.first_query : width - cols.first_query]
+    tiles = (query_tiles(query), key_regions(key), key_regions(value))
+    logits_per_tile = heads * rows.tile * cols.tile * rows.region * cols.region
+    out_rows = []
+    for row_run, row_pattern in rows.runs:
+        out_cols = []
+        for col_run, col_pattern in cols.runs:
+            # All tiles of the block share one mask, broadcast over them.
+            mask = table[row_pattern, col_pattern][None]  # [1, heads|1, Th*Tw, Rh*Rw]
+            out_cols.append(_attend_block(tiles, mask, row_run, col_run, scale, logits_per_tile, max_logits))
+        out_rows.append(_cat(out_cols, dim=2))
+    out = _cat(out_rows, dim=1)  # [N, tiles_h, tiles_w, heads, Th*Tw, Dv]
+    out = out.unflatten(4, (rows.tile, cols.tile)).permute(0, 1, 4, 2, 5, 3, 6)
+    out = out.reshape(n, rows.num_tiles * rows.tile, cols.num_tiles * cols.tile, heads, dim_v)
+    return out[:, -rows.first_query : height - rows.first_query, -cols.first_query : width - cols.first_query]
+
+
+def _attend_block(tiles, mask, row_run: slice, col_run: slice, scale: float, logits_per_tile: int, max_logits: int):
+    """Attention of the tiles ``row_run x col_run`` (one shared mask), in chunks of samples or
+    tile rows of at most about ``max_logits`` logits. Returns ``[N, rows, cols, heads, T, Dv]``."""
+    n, heads = tiles[0].shape[0], tiles[0].shape[3]
+    num_rows, num_cols = row_run.stop - row_run.start, col_run.stop - col_run.start
+    per_row = num_cols * logits_per_tile
+    if num_rows * per_row <= max_logits:  # whole samples per chunk
+        sample_chunks, row_chunks = _ranges(n, max_logits // (num_rows * per_row)), [row_run]
+    else:  # tile rows of one sample per chunk
+        sample_chunks, row_chunks = _ranges(n, 1), _ranges(num_rows, max(1, max_logits // per_row), row_run.start)
+    out_samples = []
+    for samples in sample_chunks:
+        out_rows = []
+        for rows_ in row_chunks:
+            # [samples * rows * cols, heads, tokens, D]: the layout of scaled_dot_product_attention's
+            # fused CPU kernel, the mask broadcast over the tiles. (PyTorch runs its math backend
+            # instead when the mask requires grad.)
+            q, k, v = (x[samples, rows_, col_run].flatten(4, 5).flatten(0, 2) for x in tiles)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+            out_rows.append(out.view(samples.stop - samples.start, rows_.stop - rows_.start, num_cols, heads, *out.shape[-2:]))
+        out_samples.append(_cat(out_rows, dim=1))
+    return _cat(out_samples, dim=0)
 
 
 def _cat(tensors, dim: int):
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
 
 
-def _ranges(total: int, step: int):
-    return [slice(i, min(i + step, total)) for i in range(0, total, step)]
-
-
-def _chunk_ranges(n: int, heads: int, tile_rows: int, logits_per_tile_row: int, max_logits: int):
-    """Split ``[N, heads, tile rows]`` into chunks of at most ``max_logits`` logits (at least one
-    tile row of one head): whole samples if they fit, else heads of one sample, else tile rows."""
-    per_head = tile_rows * logits_per_tile_row
-    if heads * per_head <= max_logits:
-        return _ranges(n, max_logits // (heads * per_head)), [slice(0, heads)], [slice(0, tile_rows)]
-    if per_head <= max_logits:
-        return _ranges(n, 1), _ranges(heads, max_logits // per_head), [slice(0, tile_rows)]
-    return _ranges(n, 1), _ranges(heads, 1), _ranges(tile_rows, max(1, max_logits // logits_per_tile_row))
+def _ranges(total: int, step: int, offset: int = 0):
+    return [slice(offset + i, offset + min(i + step, total)) for i in range(0, total, step)]
 
 
 class _GroupClass(NamedTuple):
@@ -337,48 +346,42 @@ def na2d_tiled(
 ):
     """Neighborhood attention in pure PyTorch with bounded memory (default path on CPU).
 
-    Same arguments and result as :func:`na2d_reference`; ``max_tile`` is the largest query-tile
-    side tried (sides up to ``kernel_size`` are always tried) and ``max_logits`` bounds the logits
-    computed at once. Differentiable with autograd (the softmax of
-    every chunk is kept for the backward pass).
+    Same arguments and result as :func:`na2d_reference`. ``max_tile``: largest query-tile side
+    tried (sides up to ``kernel_size`` are always tried); ``max_logits``: about how many logits
+    one chunk covers. Without autograd (or without rpb) the chunks run PyTorch's fused attention
+    kernel; with a rpb that requires grad, PyTorch's math attention (the softmax of every chunk is
+    kept for the backward pass).
     """
     _check_inputs(query, key, value, rpb, kernel_size, dilation)
-    batch, height, width, heads, _ = query.shape
-    query = query * _default_scale(query, scale)
+    scale = _default_scale(query, scale)
     if dilation == 1:
-        q, k, v = (x.permute(0, 3, 1, 2, 4) for x in (query, key, value))  # [B, heads, H, W, D]
-        out = _na2d_dense_grid(q, k, v, rpb, kernel_size, max_tile, max_logits)
-        return out.permute(0, 2, 3, 1, 4)
+        return _na2d_dense_grid(query, key, value, rpb, kernel_size, scale, max_tile, max_logits)
 
+    batch, height, width, heads, _ = query.shape
     pad_h, pad_w = -height % dilation, -width % dilation
     per_group_h, per_group_w = (height + pad_h) // dilation, (width + pad_w) // dilation
 
-    def to_groups(x):  # [B, H, W, heads, D] -> [B, d, d, heads, H/d, W/d, D]
-        x = F.pad(x, (0, 0, 0, 0, 0, pad_w, 0, pad_h))
-        x = x.view(batch, per_group_h, dilation, per_group_w, dilation, heads, x.shape[-1])
-        return x.permute(0, 2, 4, 5, 1, 3, 6)
+    def to_groups(x):  # [B, H, W, heads, D] -> [B, d, d, H/d, W/d, heads, D] (view of the padded x)
+        x = F.pad(x, (0, 0, 0, 0, 0, pad_w, 0, pad_h)) if pad_h or pad_w else x
+        x = x.unflatten(2, (per_group_w, dilation)).unflatten(1, (per_group_h, dilation))
+        return x.permute(0, 2, 4, 1, 3, 5, 6)
 
     q_g, k_g, v_g = to_groups(query), to_groups(key), to_groups(value)
     out = q_g.new_zeros(q_g.shape[:-1] + (value.shape[-1],))
     for rows in _group_classes(height, dilation):
         for cols in _group_classes(width, dilation):
-            sel = (
-                slice(None), rows.groups, cols.groups, slice(None),
-                slice(0, rows.length), slice(0, cols.length),
-            )
+            sel = (slice(None), rows.groups, cols.groups, slice(0, rows.length), slice(0, cols.length))
             n_h, n_w = rows.groups.stop - rows.groups.start, cols.groups.stop - cols.groups.start
 
-            def batch_groups(x):  # -> [B * n_h * n_w, heads, length_h, length_w, D]
-                return x[sel].reshape(-1, heads, rows.length, cols.length, x.shape[-1])
+            def batch_groups(x):  # -> [B * n_h * n_w, length_h, length_w, heads, D]
+                return x[sel].reshape(-1, rows.length, cols.length, heads, x.shape[-1])
 
             res = _na2d_dense_grid(
-                batch_groups(q_g), batch_groups(k_g), batch_groups(v_g), rpb, kernel_size, max_tile,
+                batch_groups(q_g), batch_groups(k_g), batch_groups(v_g), rpb, kernel_size, scale, max_tile,
                 max_logits,
             )
-            out[sel] = res.view(batch, n_h, n_w, heads, rows.length, cols.length, -1)
-    out = out.permute(0, 4, 1, 5, 2, 3, 6).reshape(
-        batch, per_group_h * dilation, per_group_w * dilation, heads, -1
-    )
+            out[sel] = res.view(batch, n_h, n_w, rows.length, cols.length, heads, -1)
+    out = out.permute(0, 3, 1, 4, 2, 5, 6).reshape(batch, per_group_h * dilation, per_group_w * dilation, heads, -1)
     return out[:, :height, :width]
 
 

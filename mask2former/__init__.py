@@ -1,10 +1,10 @@
 """Mask2Former for semantic segmentation, as a Detectron2 project.
 
 Importing the package registers its components with Detectron2's registries (backbones,
-heads, meta-architecture, transformer decoders) and its dataset mapper.
+heads, meta-architecture, transformer decoders).
 """
-from . import data  # noqa: F401  (registers dataset helpers)
-from . import modeling  # noqa: F401  (registers models)
+from . import data  # noqa: F401
+from . import modeling  # noqa: F401
 from .config import add_maskformer2_config
 
 __all__ = ["add_maskformer2_config"]

@@ -64,11 +64,6 @@ def one_hot_scores(pred, num_classes=len(CLASSES)):
     return F.one_hot(torch.as_tensor(pred), num_classes).permute(2, 0, 1).float()
 
 
-def read_label_png(record):
-    """Test gt_loader: the label map of a label-map PNG record."""
-    return cv2.imread(record["sem_seg_file_name"], cv2.IMREAD_UNCHANGED)
-
-
 def write_png(path, array):
     assert cv2.imwrite(str(path), np.asarray(array, dtype=np.uint8))
 
@@ -173,7 +168,7 @@ def test_metrics_of_an_empty_matrix_are_nan():
 def test_evaluator_hand_example(hand_dataset, tmp_path, batch_size):
     name, records = hand_dataset
     out_dir = tmp_path / "eval"
-    evaluator = LBSemSegEvaluator(name, output_dir=str(out_dir), gt_loader=read_label_png)
+    evaluator = LBSemSegEvaluator(name, output_dir=str(out_dir))
     results = run(evaluator, records, [PRED1, PRED2], batch_size)
 
     assert list(results) == ["sem_seg"]
@@ -207,16 +202,46 @@ def test_evaluator_hand_example(hand_dataset, tmp_path, batch_size):
 
 def test_evaluator_order_of_arrival_does_not_matter(hand_dataset):
     name, records = hand_dataset
-    evaluator = LBSemSegEvaluator(name, distributed=False, gt_loader=read_label_png)
+    evaluator = LBSemSegEvaluator(name, distributed=False)
     forward = run(evaluator, records, [PRED1, PRED2])["sem_seg"]
     backward = run(evaluator, records[::-1], [PRED2, PRED1])["sem_seg"]  # reset() between runs
     np.testing.assert_equal(dict(forward), dict(backward))
     assert forward["mIoU"] == pytest.approx(MIOU)
 
 
+def test_custom_gt_loader(tmp_path):
+    records = [{"file_name": f"mem_{i}.jpg", "image_id": i, "height": 2, "width": w}
+               for i, w in ((0, 4), (1, 3))]
+    name = register(records)
+    try:
+        gts = {0: GT1, 1: GT2}
+        evaluator = LBSemSegEvaluator(name, gt_loader=lambda record: gts[record["image_id"]])
+        res = run(evaluator, records, [PRED1, PRED2])["sem_seg"]
+    finally:
+        unregister(name)
+    assert res["mIoU"] == pytest.approx(MIOU)
+
+
+@pytest.mark.parametrize("draw_order, metal_iou", [("area_desc", 0.0), ("file", math.nan)])
+def test_default_gt_loader_rasterises_polygons_in_the_dataset_draw_order(draw_order, metal_iou):
+    """A small Metal square listed before a Paper square covering the whole image: drawn largest
+    first it stays visible (GT Metal never predicted -> 0), in file order it is painted over."""
+    small = {"category_id": 2, "segmentation": [[2, 2, 6, 2, 6, 6, 2, 6]], "iscrowd": 0}
+    large = {"category_id": 1, "segmentation": [[0, 0, 10, 0, 10, 10, 0, 10]], "iscrowd": 0}
+    record = {"file_name": "poly.jpg", "image_id": 0, "height": 10, "width": 10,
+              "annotations": [small, large]}
+    name = register([record], draw_order=draw_order)
+    try:
+        res = run(LBSemSegEvaluator(name), [record], [np.ones((10, 10), dtype=np.int64)])
+    finally:
+        unregister(name)
+    np.testing.assert_equal(res["sem_seg"]["IoU-Metal"], metal_iou)
+    assert res["sem_seg"]["IoU-Paper"] > 0.8
+
+
 def test_tied_scores_go_to_the_first_class(hand_dataset):
     name, records = hand_dataset
-    evaluator = LBSemSegEvaluator(name, gt_loader=read_label_png)
+    evaluator = LBSemSegEvaluator(name)
     evaluator.reset()
     scores = torch.zeros(len(CLASSES), 2, 3)
     scores[1:3] = 1.0  # Paper and Metal tie everywhere -> Paper
@@ -231,7 +256,7 @@ def test_tied_scores_go_to_the_first_class(hand_dataset):
 def test_evaluator_without_plot_and_without_predictions(hand_dataset, tmp_path):
     name, records = hand_dataset
     evaluator = LBSemSegEvaluator(
-        name, output_dir=str(tmp_path / "e"), gt_loader=read_label_png, plot_confusion_matrix=False
+        name, output_dir=str(tmp_path / "e"), plot_confusion_matrix=False
     )
     run(evaluator, records, [PRED1, PRED2])
     assert os.listdir(tmp_path / "e") == ["lb_metrics.json"]
@@ -241,7 +266,7 @@ def test_evaluator_without_plot_and_without_predictions(hand_dataset, tmp_path):
 
 def test_size_mismatch_names_the_image(hand_dataset):
     name, records = hand_dataset
-    evaluator = LBSemSegEvaluator(name, gt_loader=read_label_png)
+    evaluator = LBSemSegEvaluator(name)
     evaluator.reset()
     inputs = [{"file_name": records[1]["file_name"], "image_id": 1, "height": 2, "width": 3}]
     with pytest.raises(ValueError, match=r"image_1\.jpg.* is 4x6 but its ground truth is 2x3"):
@@ -258,7 +283,7 @@ def test_dataset_without_ground_truth_is_refused(tmp_path):
     name = register(make_records(str(tmp_path), [GT2]), has_ground_truth=False)
     try:
         with pytest.raises(ValueError, match="no ground truth"):
-            LBSemSegEvaluator(name, gt_loader=read_label_png)
+            LBSemSegEvaluator(name)
     finally:
         unregister(name)
 
@@ -283,13 +308,15 @@ def random_split(directory, seed, write_labels, num_images=7):
 
 
 def _distributed_worker(rank, world_size, init_method, data_dir, dataset_seed, result_dir):
+    # Forked after the parent used torch's OpenMP pool: one thread, as DataLoader workers do,
+    # or the first parallel op can hang.
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
     try:
         records, preds = random_split(data_dir, dataset_seed, write_labels=False)
         name = register(records)
         evaluator = LBSemSegEvaluator(
-            name, distributed=True, output_dir=os.path.join(result_dir, "eval"),
-            gt_loader=read_label_png,
+            name, distributed=True, output_dir=os.path.join(result_dir, "eval")
         )
         results = run(evaluator, records[rank::world_size], preds[rank::world_size])
         with open(os.path.join(result_dir, f"rank{rank}.pkl"), "wb") as f:
@@ -304,7 +331,7 @@ def test_two_processes_match_single_process(tmp_path):
     records, preds = random_split(str(data_dir), seed=3, write_labels=True)
     name = register(records)
     try:
-        single = run(LBSemSegEvaluator(name, distributed=True, gt_loader=read_label_png), records,
+        single = run(LBSemSegEvaluator(name, distributed=True), records,
                      preds)
     finally:
         unregister(name)

@@ -127,7 +127,7 @@ TILED_SETTINGS = {
     "default": (True, 8, 1 << 22),
     "default_no_rpb": (False, 8, 1 << 22),
     "small_tiles": (True, 3, 4000),
-    "row_chunks": (True, 4, 300),
+    "row_chunks": (True, 4, 300),  # below one tile row: one chunk per tile row
 }
 
 
@@ -156,7 +156,9 @@ def test_tiled_matches_reference(case, setting):
 @pytest.mark.parametrize("length,kernel,max_tile", [(128, 11, 8), (129, 11, 8), (40, 7, 3), (12, 11, 8), (100, 3, 8)])
 def test_tiling_windows_inside_key_regions(length, kernel, max_tile):
     """Every real query's window lies inside its tile's key region (the tiled path's invariant)."""
-    t = na._axis_tiling(length, kernel, max_tile, "cpu")
+    t = na._axis_tiling(length, kernel, max_tile)
+    pattern_of_tile = [p for run, p in t.runs for _ in range(run.start, run.stop)]
+    assert len(pattern_of_tile) == t.num_tiles
     covered = 0
     for tile in range(t.num_tiles):
         for a in range(t.tile):
@@ -167,21 +169,9 @@ def test_tiling_windows_inside_key_regions(length, kernel, max_tile):
             start = min(max(query - kernel // 2, 0), length - kernel)
             region_start = t.first_key + tile * t.tile
             assert region_start <= start and start + kernel <= region_start + t.region
-            code = t.patterns[t.pattern_of_tile[tile], a]
+            code = t.patterns[pattern_of_tile[tile], a]
             assert int((code >= 0).sum()) == kernel
     assert covered == length
-
-
-def test_chunk_ranges_split_samples_heads_then_rows():
-    def sizes(ranges):
-        return [r.stop - r.start for r in ranges]
-
-    n, h, r = na._chunk_ranges(5, 4, 3, 10, max_logits=250)  # 120 logits per sample
-    assert (sizes(n), sizes(h), sizes(r)) == ([2, 2, 1], [4], [3])
-    n, h, r = na._chunk_ranges(2, 4, 3, 10, max_logits=70)  # 30 per head
-    assert (sizes(n), sizes(h), sizes(r)) == ([1, 1], [2, 2], [3])
-    n, h, r = na._chunk_ranges(1, 2, 5, 10, max_logits=25)
-    assert (sizes(n), sizes(h), sizes(r)) == ([1], [1, 1], [2, 2, 1])
 
 
 def test_tiled_float32_close_to_float64_reference():

@@ -7,6 +7,7 @@ import pickle
 import cv2
 import numpy as np
 import pytest
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -255,6 +256,9 @@ def test_read_submission_validates(tmp_path):
 
 
 def _writer_worker(rank, world_size, init_method, path):
+    # Forked after the parent used torch's OpenMP pool: one thread, as DataLoader workers do,
+    # or the first parallel op can hang.
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
     try:
         maps = label_maps()

@@ -257,7 +257,7 @@ def test_masked_attention_changes_the_result():
     assert captured[0].any()
     # a pre-hook replacing the (positional) attention mask by None
     handle = decoder.transformer_cross_attention_layers[0].register_forward_pre_hook(
-        lambda module, args: (args[0], args[1], None)
+        lambda module, args: (*args[:2], None, *args[3:])
     )
     with torch.no_grad():
         unmasked = decoder(feats, mask_features)["pred_logits"]

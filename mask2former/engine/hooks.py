@@ -80,7 +80,8 @@ class CopyPasteBankHook(HookBase):
                 self._pool = ObjectPool(self._records)
             weights = iou if self.class_weighting == "one_minus_iou" else None
             folder = generate_bank(self._records, self.bank_root, self.num_images, weights,
-                                   seed=self.seed + self.generation, pool=self._pool, **self.kwargs)
+                                   seed=self.seed + self.generation, pool=self._pool,
+                                   class_names=self.class_names, **self.kwargs)
             logger.info("copy-paste bank %d written to %s (class IoUs used: %s)", self.generation, folder,
                         "none (uniform)" if weights is None else
                         ", ".join(f"{self.class_names[l]} {v:.3f}" for l, v in sorted(weights.items())))

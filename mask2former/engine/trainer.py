@@ -1,13 +1,21 @@
 """The Detectron2 trainer of this project."""
+import itertools
 import os
 
-from detectron2.data import build_detection_train_loader
-from detectron2.engine import DefaultTrainer
+from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_train_loader
+from detectron2.engine import DefaultTrainer, hooks
 from detectron2.projects.deeplab import build_lr_scheduler
 
+from ..data.copy_paste import CopyPasteSampler
 from ..data.mapper import MaskFormerSemanticDatasetMapper
 from ..evaluation import LBSemSegEvaluator
+from .hooks import CopyPasteBankHook, bank_root_from_cfg
 from .optimizer import build_optimizer
+
+
+def train_records(cfg):
+    """All records of ``cfg.DATASETS.TRAIN`` (the objects the copy-paste bank draws from)."""
+    return list(itertools.chain.from_iterable(DatasetCatalog.get(n) for n in cfg.DATASETS.TRAIN))
 
 
 class Trainer(DefaultTrainer):
@@ -32,7 +40,10 @@ class Trainer(DefaultTrainer):
                 f"INPUT.DATASET_MAPPER_NAME {cfg.INPUT.DATASET_MAPPER_NAME!r} is not supported: "
                 "this project implements semantic segmentation ('mask_former_semantic')"
             )
-        mapper = MaskFormerSemanticDatasetMapper(cfg, True)
+        copy_paste = None
+        if cfg.INPUT.COPY_PASTE.ENABLED:
+            copy_paste = CopyPasteSampler(bank_root_from_cfg(cfg), cfg.INPUT.COPY_PASTE.PROB)
+        mapper = MaskFormerSemanticDatasetMapper(cfg, True, copy_paste=copy_paste)
         return build_detection_train_loader(cfg, mapper=mapper)
 
     @classmethod
@@ -42,3 +53,26 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_lr_scheduler(cls, cfg, optimizer):
         return build_lr_scheduler(cfg, optimizer)
+
+    def build_hooks(self):
+        hook_list = super().build_hooks()
+        cfg = self.cfg
+        if cfg.INPUT.COPY_PASTE.ENABLED:
+            cp = cfg.INPUT.COPY_PASTE
+            bank_hook = CopyPasteBankHook(
+                lambda: train_records(cfg),
+                bank_root_from_cfg(cfg),
+                MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).stuff_classes,
+                eval_period=cfg.TEST.EVAL_PERIOD,
+                num_images=cp.BANK_SIZE,
+                seed=max(cfg.SEED, 0),
+                objects_per_image=cp.OBJECTS_PER_IMAGE,
+                scale_range=cp.SCALE_RANGE,
+                blend_sigma=cp.BLEND_SIGMA,
+                class_weighting=cp.CLASS_WEIGHTING,
+                draw_order=cfg.DATASETS.POLYGON_DRAW_ORDER,
+            )
+            # Right after the evaluation, whose per-class IoUs it reads.
+            eval_index = max(i for i, h in enumerate(hook_list) if isinstance(h, hooks.EvalHook))
+            hook_list.insert(eval_index + 1, bank_hook)
+        return hook_list

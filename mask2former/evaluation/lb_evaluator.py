@@ -24,6 +24,7 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import create_small_table
 
+from ..data.rasterize import record_to_label_map
 from ..utils import atomic_write, visualize
 
 __all__ = [
@@ -197,7 +198,9 @@ class LBSemSegEvaluator(DatasetEvaluator):
         self._num_classes = len(self._class_names)
         self._ignore_label = metadata.get("ignore_label", None)
         if gt_loader is None:
-            gt_loader = _default_gt_loader(metadata.get("draw_order", None))
+            gt_loader = functools.partial(
+                record_to_label_map, draw_order=metadata.get("draw_order", None)
+            )
         self._gt_loader = gt_loader
 
         # file_name -> (position in the dataset, record); the position orders per-image results.
@@ -339,11 +342,3 @@ class LBSemSegEvaluator(DatasetEvaluator):
                 title=f"{self._dataset_name}: mIoU {results['mIoU']:.4f}",
             )
 
-
-def _default_gt_loader(draw_order):
-    """``record_to_label_map`` of the data package with the dataset's polygon draw order."""
-    # Imported on use: tools that score saved predictions pass their own gt_loader and need
-    # not import the data package (and its rasterisation dependencies).
-    from ..data.rasterize import record_to_label_map
-
-    return functools.partial(record_to_label_map, draw_order=draw_order)

@@ -76,7 +76,8 @@ def get_uncertain_point_coords_with_randomness(
     uncertainties = uncertainty_func(point_sample(coarse_logits, candidates))
     num_uncertain = int(importance_sample_ratio * num_points)
     num_random = num_points - num_uncertain
-    idx = torch.topk(uncertainties[:, 0, :], k=num_uncertain, dim=1).indices
+    # the order of the selected points is irrelevant: skip sorting them (about 2x faster)
+    idx = torch.topk(uncertainties[:, 0, :], k=num_uncertain, dim=1, sorted=False).indices
     point_coords = torch.gather(candidates, 1, idx.unsqueeze(-1).expand(-1, -1, 2))
     if num_random > 0:
         point_coords = torch.cat(
@@ -91,14 +92,16 @@ def bilinear_resize_matrix(
     """
     The [out_size, in_size] matrix of 1-D linear resizing with ``align_corners=False`` (the
     per-axis operation of ``F.interpolate(mode="bilinear")``): row i holds the two weights of
-    output i, computed as PyTorch does (source = (i + 0.5) * in / out - 0.5, clamped at 0).
+    output i, computed as PyTorch does (source = (i + 0.5) * in / out - 0.5, clamped at 0, in
+    float64 for float64 and in float32 for other dtypes).
     """
-    scale = torch.tensor(in_size, dtype=torch.float32) / out_size
-    src = ((torch.arange(out_size, dtype=torch.float32) + 0.5) * scale - 0.5).clamp(min=0)
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    scale = torch.tensor(in_size, dtype=compute) / out_size
+    src = ((torch.arange(out_size, dtype=compute) + 0.5) * scale - 0.5).clamp(min=0)
     i0 = src.floor().long().clamp(max=in_size - 1)
     i1 = (i0 + 1).clamp(max=in_size - 1)
     lambda1 = (src - i0).clamp(0, 1)
-    matrix = torch.zeros(out_size, in_size, dtype=torch.float32)
+    matrix = torch.zeros(out_size, in_size, dtype=compute)
     matrix.scatter_add_(1, i0[:, None], (1 - lambda1)[:, None])
     matrix.scatter_add_(1, i1[:, None], lambda1[:, None])
     return matrix.to(device=device, dtype=dtype)

@@ -90,26 +90,57 @@ _PAD_BEFORE = 1
 _PAD_AFTER = 2
 
 
-def _padded_value_table(value: torch.Tensor, shapes: List[Tuple[int, int]]):
-    """Zero-pad every level map and flatten all of them into one gather table.
+class _PaddedLevels:
+    """Geometry of the zero-padded level maps stacked into one gather table whose row
+    ``(n * positions + s) * M + m`` is head m of padded position s of image n."""
 
-    Returns:
-        table: [N * Sp * M, D], row ``(n * Sp + s) * M + m`` holds head m of padded position s
-            of image n (Sp = total padded positions of all levels);
-        level_starts: first padded position of each level;
-        row_lengths: padded width of each level.
-    """
-    n, _, m, d = value.shape
-    pad = (0, 0, _PAD_BEFORE, _PAD_AFTER, _PAD_BEFORE, _PAD_AFTER)
-    padded, level_starts, row_lengths = [], [], []
-    start = 0
-    for (h, w), value_l in zip(shapes, value.split([h * w for h, w in shapes], dim=1)):
-        padded.append(F.pad(value_l.reshape(n, h, w, m * d), pad).flatten(1, 2))
-        level_starts.append(start)
-        row_lengths.append(w + _PAD_BEFORE + _PAD_AFTER)
-        start += (h + _PAD_BEFORE + _PAD_AFTER) * (w + _PAD_BEFORE + _PAD_AFTER)
-    table = torch.cat(padded, dim=1).reshape(n * start * m, d)
-    return table, level_starts, row_lengths
+    def __init__(self, shapes: List[Tuple[int, int]]):
+        pad = _PAD_BEFORE + _PAD_AFTER
+        self.shapes = shapes
+        self.row_lengths = [w + pad for _, w in shapes]
+        self.starts = []
+        self.positions = 0
+        for h, w in shapes:
+            self.starts.append(self.positions)
+            self.positions += (h + pad) * (w + pad)
+
+    def pad(self, value: torch.Tensor) -> torch.Tensor:
+        """[N, S, M, D] -> table [N * positions * M, D]."""
+        n, _, m, d = value.shape
+        pad = (0, 0, _PAD_BEFORE, _PAD_AFTER, _PAD_BEFORE, _PAD_AFTER)
+        levels = value.split([h * w for h, w in self.shapes], dim=1)
+        padded = [F.pad(v.reshape(n, h, w, m * d), pad).flatten(1, 2) for (h, w), v in zip(self.shapes, levels)]
+        return torch.cat(padded, dim=1).reshape(n * self.positions * m, d)
+
+    def unpad(self, table: torch.Tensor, num_images: int, num_heads: int) -> torch.Tensor:
+        """Inverse of :meth:`pad` (the padding rows are dropped): -> [N, S, M, D]."""
+        d = table.shape[-1]
+        table = table.view(num_images, self.positions, num_heads * d)
+        levels = []
+        for (h, w), start, row in zip(self.shapes, self.starts, self.row_lengths):
+            level = table[:, start : start + (h + _PAD_BEFORE + _PAD_AFTER) * row].view(num_images, -1, row, num_heads * d)
+            levels.append(level[:, _PAD_BEFORE : _PAD_BEFORE + h, _PAD_BEFORE : _PAD_BEFORE + w].reshape(num_images, h * w, -1))
+        return torch.cat(levels, dim=1).view(num_images, -1, num_heads, d)
+
+    def corner_rows(self, corner0: torch.Tensor, num_images: int, num_heads: int, dtype: torch.dtype):
+        """Table rows [4, L * P, B] of the corners (x0, y0), (x0 + 1, y0), (x0, y0 + 1),
+        (x0 + 1, y0 + 1), from the planar top-left corners [L, P, 2, B] (pixel units)."""
+        n_levels, n_points, _, bags = corner0.shape
+        m, device = num_heads, corner0.device
+        corner0 = corner0.to(dtype)
+        row_len = torch.tensor(self.row_lengths, dtype=dtype, device=device).view(n_levels, 1, 1)
+        level_base = torch.tensor(
+            [(start + _PAD_BEFORE * (row + 1)) * m for start, row in zip(self.starts, self.row_lengths)],
+            dtype=dtype,
+            device=device,
+        ).view(n_levels, 1, 1)
+        image_head = (
+            torch.arange(num_images, dtype=dtype, device=device).view(-1, 1, 1) * (self.positions * m)
+            + torch.arange(m, dtype=dtype, device=device).view(1, 1, m)
+        ).expand(num_images, bags // (num_images * m), m).reshape(bags)
+        row0 = corner0[:, :, 1] * (row_len * m) + corner0[:, :, 0] * m + (level_base + image_head)
+        offsets = torch.stack([torch.zeros_like(row_len), torch.ones_like(row_len), row_len, row_len + 1]) * m
+        return (row0.unsqueeze(0) + offsets).view(4, n_levels * n_points, bags)
 
 
 def _level_sizes(shapes: List[Tuple[int, int]], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -117,67 +148,9 @@ def _level_sizes(shapes: List[Tuple[int, int]], dtype: torch.dtype, device: torc
     return torch.tensor([[w, h] for h, w in shapes], dtype=dtype, device=device).view(len(shapes), 1, 2, 1)
 
 
-def _bilinear_corners(
-    pixel: torch.Tensor,
-    weights: torch.Tensor,
-    shapes: List[Tuple[int, int]],
-    level_starts: List[int],
-    row_lengths: List[int],
-    num_images: int,
-    num_heads: int,
-    index_dtype: torch.dtype,
-):
-    """Table rows and weights of the 4 bilinear corners of every sampling point.
-
-    Inputs and outputs use a "planar" layout (level, point, coordinate or corner outermost, the
-    B = N * Lq * M bags innermost and contiguous): in the natural layout every broadcast over
-    levels or corners makes the innermost loop 2 or 4 elements long, several times slower on CPU.
-
-    Args:
-        pixel: [L, P, 2, B] sampling (x, y) in pixels of their level (pixel centres at integers).
-        weights: [L, P, B] attention weights.
-
-    Returns:
-        index: [4, L * P, B] rows of the padded table; corners ordered
-            (x0, y0), (x0 + 1, y0), (x0, y0 + 1), (x0 + 1, y0 + 1);
-        weight: same shape, bilinear weight times attention weight (differentiable w.r.t.
-            ``pixel`` and ``weights``).
-    """
-    n_levels, n_points, _, bags = pixel.shape
-    m = num_heads
-    device = pixel.device
-    # Clamp to [-1, size]: beyond that both corners read zeros anyway, and the clamp keeps every
-    # corner inside the padded map (with zero gradient w.r.t. the location, as grid_sample).
-    pixel = torch.clamp(pixel, min=pixel.new_tensor(-1.0), max=_level_sizes(shapes, pixel.dtype, device))
-    corner0 = pixel.detach().floor()
-    frac = pixel - corner0
-
-    # row of corner (x0, y0): (n * Sp + start_l + (y0 + 1) * row_l + (x0 + 1)) * M + m
-    corner0 = corner0.to(index_dtype)
-    row_len = torch.tensor(row_lengths, dtype=index_dtype, device=device).view(n_levels, 1, 1)
-    level_base = torch.tensor(
-        [(start + _PAD_BEFORE * (row + 1)) * m for start, row in zip(level_starts, row_lengths)],
-        dtype=index_dtype,
-        device=device,
-    ).view(n_levels, 1, 1)
-    padded_positions = level_starts[-1] + (shapes[-1][0] + _PAD_BEFORE + _PAD_AFTER) * row_lengths[-1]
-    image_head = (
-        torch.arange(num_images, dtype=index_dtype, device=device).view(-1, 1, 1) * (padded_positions * m)
-        + torch.arange(m, dtype=index_dtype, device=device).view(1, 1, m)
-    ).expand(num_images, bags // (num_images * m), m).reshape(bags)
-    row0 = corner0[:, :, 1] * (row_len * m) + corner0[:, :, 0] * m + (level_base + image_head)
-    corner_offsets = torch.stack(
-        [torch.zeros_like(row_len), torch.ones_like(row_len), row_len, row_len + 1]
-    ) * m  # [4, L, 1, 1]
-    index = row0.unsqueeze(0) + corner_offsets  # [4, L, P, B]
-
-    fx, fy = frac[:, :, 0], frac[:, :, 1]
-    weight_y = torch.stack([1 - fy, fy]) * weights
-    weight_x = torch.stack([1 - fx, fx])
-    weight = weight_y.unsqueeze(1) * weight_x.unsqueeze(0)  # [y corner, x corner, L, P, B]
-
-    shape = (4, n_levels * n_points, bags)
-    return index.reshape(shape), weight.reshape(shape)
+def _bag_major(planar: torch.Tensor) -> torch.Tensor:
+    """[4, K, B] -> [B, 4 * K] (a 2-D transpose: blocked copy kernel)."""
+    return planar.reshape(-1, planar.shape[-1]).t().contiguous()
 
 
 def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: Tuple[int, int]):
@@ -187,34 +160,53 @@ def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: Tupl
         return torch.sparse_csr_tensor(crow, col, values, size=size, check_invariants=False)
 
 
-class _CornerGather(torch.autograd.Function):
-    """``out[b] = sum_{c, k} weight[c, k, b] * table[index[c, k, b]]`` with a fast backward.
+class _MSDeformAttnFastFunction(torch.autograd.Function):
+    """Deformable attention on planar inputs, with a hand-written backward.
 
-    table [R, D]; index [4, K, B] (int32/int64); weight [4, K, B] -> out [B, D].
-    The backward needs the 4 corners of a point to be ``index[0] + o_c`` with offsets
-    ``o_c >= 0`` constant within contiguous table ranges (one range per image and level), so that
-    sorting the points by their first corner sorts every corner.
+    Inputs: value [N, S, M, D]; pixel [L, P, 2, B] sampling (x, y) in pixels of their level
+    (pixel centres at integers); weights [L, P, B] attention weights; B = N * Lq * M bags
+    (image-major, then query, then head). Output [B, D].
+
+    The arithmetic runs on "planar" tensors (level, point, coordinate or corner outermost, bags
+    innermost and contiguous): in the natural layout every broadcast over levels or corners makes
+    the innermost loop 2 or 4 elements long, several times slower on CPU.
     """
 
     @staticmethod
-    def forward(ctx, table, index, weight):
-        ctx.save_for_backward(table, index, weight)
-        num_bags = index.shape[-1]
-        # bag-major copies for embedding_bag, [B, 4 * K] (a 2-D transpose: blocked copy kernel)
-        return F.embedding_bag(
-            index.reshape(-1, num_bags).t().contiguous(),
-            table,
-            per_sample_weights=weight.reshape(-1, num_bags).t().contiguous(),
-            mode="sum",
-        )
+    def forward(ctx, value, pixel, weights, shapes):
+        n, _, m, _ = value.shape
+        n_levels, n_points, _, bags = pixel.shape
+        levels = _PaddedLevels(shapes)
+        table = levels.pad(value)
+        index_dtype = torch.int32 if table.shape[0] < 2**31 else torch.int64
+
+        # Clamp to [-1, size]: beyond that both corners read zeros anyway, and the clamp keeps
+        # every corner inside the padded map (zero gradient there, as grid_sample has).
+        clamped = torch.clamp(pixel, min=pixel.new_tensor(-1.0), max=_level_sizes(shapes, pixel.dtype, pixel.device))
+        corner0 = clamped.floor()
+        frac = (clamped - corner0).view(n_levels * n_points, 2, bags)
+        index = levels.corner_rows(corner0, n, m, index_dtype)  # [4, K, B]
+        fx, fy = frac[:, 0], frac[:, 1]
+        weights = weights.reshape(n_levels * n_points, bags)
+        weight_y = torch.stack([(1 - fy) * weights, fy * weights])
+        weight_x = torch.stack([1 - fx, fx])
+        weight = (weight_y.unsqueeze(1) * weight_x.unsqueeze(0)).view(4, n_levels * n_points, bags)
+
+        out = F.embedding_bag(_bag_major(index), table, per_sample_weights=_bag_major(weight), mode="sum")
+        ctx.save_for_backward(table, index, weight, frac, weights, clamped == pixel)
+        ctx.levels, ctx.value_shape = levels, value.shape
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        table, index, weight = ctx.saved_tensors
-        need_table, _, need_weight = ctx.needs_input_grad
+        table, index, weight, frac, weights, inside = ctx.saved_tensors
+        levels = ctx.levels
+        n, _, m, _ = ctx.value_shape
+        need_value, need_pixel, need_weights = ctx.needs_input_grad[:3]
         grad_out = grad_out.contiguous()
         num_rows = table.shape[0]
         _, points_per_bag, num_bags = index.shape
+
         # Sort the points (enumerated bag-major) by the table row of their first corner, once.
         # Then the rows of every corner are sorted too and the bags within a row ascend:
         # canonical CSR matrices (table rows x bags), one per corner.
@@ -222,21 +214,36 @@ class _CornerGather(torch.autograd.Function):
         bags = torch.div(order, points_per_bag, rounding_mode="floor")
         planar_pos = (order - bags * points_per_bag) * num_bags + bags  # position in [K, B]
         bags = bags.to(index.dtype)
-        grad_table = torch.zeros_like(table) if need_table else None
-        grad_weight = torch.empty_like(weight) if need_weight else None
+        grad_table = torch.zeros_like(table) if need_value else None
+        # gradient w.r.t. the corner weights: grad_out[bag] . table[row]
+        grad_corner = weight.new_empty(4, points_per_bag * num_bags) if (need_pixel or need_weights) else None
         for c in range(4):
             rows = index[c].reshape(-1).index_select(0, planar_pos)
-            weights = weight[c].reshape(-1).index_select(0, planar_pos)
+            values = weight[c].reshape(-1).index_select(0, planar_pos)
             crow = index.new_zeros(num_rows + 1)
             crow[1:] = torch.cumsum(torch.bincount(rows, minlength=num_rows), 0)
-            if need_table:
-                # transposed product: row r of the table gets sum of weight * grad_out[bag]
-                grad_table += F.embedding_bag(bags, grad_out, crow[:-1], per_sample_weights=weights, mode="sum")
-            if need_weight:
-                corner = _csr(crow, bags, weights, (num_rows, num_bags))
+            if need_value:
+                # transposed sparse product: table row r gets sum of weight * grad_out[bag]
+                grad_table += F.embedding_bag(bags, grad_out, crow[:-1], per_sample_weights=values, mode="sum")
+            if grad_corner is not None:
+                corner = _csr(crow, bags, values, (num_rows, num_bags))
                 dots = torch.sparse.sampled_addmm(corner, table, grad_out.t(), beta=0.0).values()
-                grad_weight[c].view(-1).index_copy_(0, planar_pos, dots)
-        return grad_table, None, grad_weight
+                grad_corner[c].index_copy_(0, planar_pos, dots)
+
+        grad_value = levels.unpad(grad_table, n, m) if need_value else None
+        grad_pixel = grad_weights = None
+        if grad_corner is not None:
+            g00, g10, g01, g11 = grad_corner.view(4, points_per_bag, num_bags)
+            fx, fy = frac[:, 0], frac[:, 1]
+            if need_weights:
+                # sum over corners of grad * bilinear weight
+                grad_weights = ((g00 * (1 - fx) + g10 * fx) * (1 - fy) + (g01 * (1 - fx) + g11 * fx) * fy)
+                grad_weights = grad_weights.view(inside.shape[0], inside.shape[1], num_bags)
+            if need_pixel:
+                grad_fx = ((g10 - g00) * (1 - fy) + (g11 - g01) * fy) * weights
+                grad_fy = ((g01 - g00) * (1 - fx) + (g11 - g10) * fx) * weights
+                grad_pixel = torch.stack([grad_fx, grad_fy], dim=1).view(inside.shape) * inside
+        return grad_value, grad_pixel, grad_weights, None
 
 
 def _ms_deform_attn_fast_planar(
@@ -245,16 +252,10 @@ def _ms_deform_attn_fast_planar(
     """Fast path on planar inputs: pixel [L, P, 2, N*Lq*M] (x, y in pixels of their level),
     weights [L, P, N*Lq*M]; value [N, S, M, D] -> [N, Lq, M * D]."""
     n, s, m, d = value.shape
-    bags = pixel.shape[-1]
     if s != sum(h * w for h, w in shapes):
         raise ValueError(f"value has {s} positions, spatial shapes {shapes} give another number")
-    table, level_starts, row_lengths = _padded_value_table(value, shapes)
-    index_dtype = torch.int32 if table.shape[0] < 2**31 else torch.int64
-    index, weight = _bilinear_corners(
-        pixel, weights, shapes, level_starts, row_lengths, n, m, index_dtype
-    )
-    output = _CornerGather.apply(table, index, weight.to(table.dtype))
-    return output.view(n, bags // (n * m), m * d)
+    output = _MSDeformAttnFastFunction.apply(value, pixel.to(value.dtype), weights.to(value.dtype), shapes)
+    return output.view(n, -1, m * d)
 
 
 def ms_deform_attn_fast(

@@ -1,0 +1,94 @@
+#!/usr/bin/env python
+"""Predict a registered dataset: submission CSV, probability dump, overlay pictures, LB score.
+
+    python tools/predict.py --config-file configs/m2f_dinat_l.yaml --weights out/model_final.pth \
+        --dataset trash_test --submission out/submission.csv --probs out/probs_dinat [--tta] \
+        [--overlays out/overlays --num-overlays 16] [--score] [KEY VALUE ...]
+
+Datasets are registered from the config (DATASETS.TRASH_ROOT, COCO_SEMSEG, LABELMAP_SEMSEG).
+"""
+import argparse
+import json
+import logging
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import DatasetCatalog
+from detectron2.modeling import build_model
+from detectron2.utils.logger import setup_logger
+
+from mask2former.data.datasets import register_datasets_from_cfg
+from mask2former.engine import build_cfg
+from mask2former.inference.batch import (
+    EvaluationSink,
+    OverlaySink,
+    ProbDumpSink,
+    SubmissionSink,
+    predict_records,
+)
+from mask2former.inference.predictor import SemSegPredictor
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config-file", required=True)
+    p.add_argument("--weights", required=True, help="model checkpoint (.pth / .pkl)")
+    p.add_argument("--dataset", required=True, help="registered dataset name, e.g. trash_test")
+    p.add_argument("--submission", help="write the submission CSV here")
+    p.add_argument("--probs", help="write a float16 probability dump to this folder")
+    p.add_argument("--overlays", help="write image | GT | prediction pictures to this folder")
+    p.add_argument("--num-overlays", type=int, default=8)
+    p.add_argument("--score", action="store_true", help="LB-style score against the ground truth")
+    p.add_argument("--score-dir", help="where the score writes lb_metrics.json / confusion_matrix.png")
+    p.add_argument("--tta", action="store_true", help="multi-scale + flip (TEST.AUG.MIN_SIZES / FLIP)")
+    p.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    setup_logger(name="mask2former")
+    logger = setup_logger(name="predict")
+    cfg = build_cfg(args.config_file, args.opts)
+    register_datasets_from_cfg(cfg)
+    model = build_model(cfg)
+    DetectionCheckpointer(model).load(args.weights)
+    predictor = SemSegPredictor.from_config(cfg, model, tta=args.tta)
+    records = DatasetCatalog.get(args.dataset)
+    if args.limit > 0:
+        records = records[: args.limit]
+
+    sinks, names = [], []
+    if args.submission:
+        sinks.append(SubmissionSink(args.submission, args.dataset))
+        names.append("submission")
+    if args.probs:
+        sinks.append(ProbDumpSink(args.probs, args.dataset, model_name=args.weights))
+        names.append("probs")
+    if args.overlays:
+        sinks.append(OverlaySink(args.overlays, args.dataset, args.num_overlays))
+        names.append("overlays")
+    if args.score:
+        sinks.append(EvaluationSink(args.dataset, args.score_dir))
+        names.append("score")
+    if not sinks:
+        raise SystemExit("nothing to do: give --submission, --probs, --overlays and/or --score")
+    if args.submission and args.limit > 0:
+        raise SystemExit("--limit cannot be combined with --submission (every test image is needed)")
+
+    results = dict(zip(names, predict_records(predictor, records, sinks, cfg.INPUT.FORMAT,
+                                              description=f"predict {args.dataset}")))
+    if args.submission:
+        logger.info("submission written to %s", results["submission"])
+    if args.probs:
+        logger.info("probabilities written to %s", args.probs)
+    if args.overlays:
+        logger.info("%d overlay pictures in %s", len(results["overlays"]), args.overlays)
+    if args.score:
+        logger.info("LB-style score: %s", json.dumps({k: round(v, 4) for k, v in results["score"]["sem_seg"].items()}))
+    return results
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    main()
