@@ -192,7 +192,8 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
     Mask logits are ``einsum(mask_embed(query), mask_features)``. The attention masks are computed
     from the mask features resized to each scale, which equals resizing the full-resolution mask
     logits (bilinear resizing is linear and commutes with the channel contraction), so that
-    full-resolution masks of intermediate layers are only computed when they are returned.
+    full-resolution masks of intermediate layers are only computed when they are returned. The
+    attention runs through ``multi_head_attention`` (one mask shared by all heads).
     """
 
     @configurable
@@ -318,14 +319,15 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             value = self.input_proj[i](feature) + self.level_embed.weight[i][None, :, None, None]
             values.append(value.flatten(2).transpose(1, 2).contiguous())
             keys.append((value + pos).flatten(2).transpose(1, 2).contiguous())
-            level_mask_features.append(resize_bilinear(mask_features, feature.shape[-2:]))
+            # (the attention masks are thresholded: no gradient flows through them)
+            level_mask_features.append(resize_bilinear(mask_features.detach(), feature.shape[-2:]))
 
         batch_size = mask_features.shape[0]
         query_pos = self.query_embed.weight.unsqueeze(0).expand(batch_size, -1, -1)
         output = self.query_feat.weight.unsqueeze(0).expand(batch_size, -1, -1)
 
         predictions_class: List[torch.Tensor] = []
-        predictions_mask: List[Optional[torch.Tensor]] = []
+        predictions_mask: List[torch.Tensor] = []
         attn_mask = None
         for i in range(self.num_layers + 1):
             if i > 0:
@@ -347,7 +349,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             if not is_last:
                 next_level = i % self.num_feature_levels
                 attn_logits = torch.einsum(
-                    "bqc,bchw->bqhw", mask_embed, level_mask_features[next_level]
+                    "bqc,bchw->bqhw", mask_embed.detach(), level_mask_features[next_level]
                 )
                 attn_mask = masked_attention_mask(attn_logits)
 
