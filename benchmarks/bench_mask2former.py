@@ -83,7 +83,8 @@ def official_semantic_inference(mask_cls, mask_pred, padded_size, image_size, ou
 
 def bench_inference(model, repeats):
     model.eval()
-    inputs = [{"image": torch.randint(0, 256, (3, 512, 512), dtype=torch.uint8), "height": 512, "width": 512}]
+    image = torch.randint(0, 256, (3, 512, 512), dtype=torch.uint8)
+    inputs = [{"image": image, "height": 512, "width": 512}]
     head = model.sem_seg_head
     timer = Timer()
     with torch.no_grad():
@@ -102,8 +103,9 @@ def bench_inference(model, repeats):
             with t.section("upsampling + semantic inference"):
                 model.inference(outputs, inputs, images)
             with t.section("  (official upsampling + einsum)"):
+                size = (512, 512)
                 official_semantic_inference(
-                    outputs["pred_logits"][0], outputs["pred_masks"][0], (512, 512), (512, 512), (512, 512)
+                    outputs["pred_logits"][0], outputs["pred_masks"][0], size, size, size
                 )
     return timer
 
@@ -147,7 +149,8 @@ def bench_training(model, repeats):
 
 def print_table(title, timer, reference=None):
     print(f"\n{title}")
-    print(f"  {'component':<36} {'median s':>9} {'min s':>8}" + (f" {'official s':>11}" if reference else ""))
+    header = f"  {'component':<36} {'median s':>9} {'min s':>8}"
+    print(header + (f" {'official s':>11}" if reference else ""))
     for name, values in timer.times.items():
         line = f"  {name:<36} {statistics.median(values):>9.3f} {min(values):>8.3f}"
         if reference and name in reference:
@@ -156,16 +159,19 @@ def print_table(title, timer, reference=None):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: default)")
+    parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: default)")
     parser.add_argument("--skip-train", action="store_true")
-    parser.add_argument("--profile", action="store_true", help="print the top operators of one inference")
+    parser.add_argument("--profile", action="store_true", help="top operators of one inference")
     parser.add_argument("opts", nargs="*", help="extra config KEY VALUE pairs")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU; config {CONFIG.name}")
+    threads = torch.get_num_threads()
+    print(f"torch {torch.__version__}, {threads} threads, fp32 CPU; config {CONFIG.name}")
 
     model = build(args.opts)
     params = sum(p.numel() for p in model.parameters()) / 1e6

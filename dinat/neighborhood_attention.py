@@ -216,34 +216,47 @@ def _axis_tiling(length: int, kernel_size: int, max_tile: int) -> _AxisTiling:
 class _GridTiling(NamedTuple):
     rows: _AxisTiling
     cols: _AxisTiling
-    code_h: torch.Tensor  # [Ph, 1, Th, 1, Rh, 1] rpb row index (clamped)
-    code_w: torch.Tensor  # [1, Pw, 1, Tw, 1, Rw] rpb column index (clamped)
-    outside: torch.Tensor  # [Ph, Pw, Th, Tw, Rh, Rw] key outside the query's window
+    row_index: torch.Tensor  # [Ph * Th * Rh] rpb row index of every (pattern, query, key), clamped
+    col_one_hot: torch.Tensor  # [2k - 1, Pw * Tw * Rw] one-hot rpb column index (0 outside the window)
+    window_mask: torch.Tensor  # [Ph, Pw, 1, Th * Tw, Rh * Rw] additive mask: 0 in the window, -inf outside
 
 
 @functools.lru_cache(maxsize=64)
-def _grid_tiling(height: int, width: int, kernel_size: int, max_tile: int, device: torch.device) -> _GridTiling:
+def _grid_tiling(
+    height: int, width: int, kernel_size: int, max_tile: int, device: torch.device, dtype: torch.dtype
+) -> _GridTiling:
     """Tiling of an ``H x W`` dense group and its window masks (cached: every block of a level
     has the same geometry)."""
     rows = _axis_tiling(height, kernel_size, max_tile)
     cols = _axis_tiling(width, kernel_size, max_tile)
-    code_h = rows.patterns[:, None, :, None, :, None].to(device)
-    code_w = cols.patterns[None, :, None, :, None, :].to(device)
-    outside = (code_h < 0) | (code_w < 0)
-    return _GridTiling(rows, cols, code_h.clamp(min=0), code_w.clamp(min=0), outside)
+    outside = (rows.patterns[:, None, :, None, :, None] < 0) | (cols.patterns[None, :, None, :, None, :] < 0)
+    window_mask = torch.zeros(outside.shape, dtype=dtype).masked_fill(outside, float("-inf"))
+    num_h, num_w = rows.patterns.shape[0], cols.patterns.shape[0]
+    window_mask = window_mask.view(num_h, num_w, 1, rows.tile * cols.tile, rows.region * cols.region)
+    col_codes = cols.patterns.flatten()
+    col_one_hot = (col_codes[None, :] == torch.arange(2 * kernel_size - 1)[:, None]).to(dtype)
+    return _GridTiling(
+        rows,
+        cols,
+        rows.patterns.flatten().clamp(min=0).to(device),
+        col_one_hot.to(device),
+        window_mask.to(device),
+    )
 
 
-def _bias_table(grid: _GridTiling, rpb, dtype) -> torch.Tensor:
-    """Additive logits bias (rpb inside the window, -inf outside) for every pair of tile patterns.
-
-    Returns ``[Ph, Pw, heads or 1, tile_h * tile_w, region_h * region_w]``.
-    """
+def _bias_table(grid: _GridTiling, rpb) -> torch.Tensor:
+    """Additive logits bias (rpb inside the window, -inf outside) for every pair of tile patterns:
+    ``[Ph, Pw, heads or 1, tile_h * tile_w, region_h * region_w]``."""
     if rpb is None:
-        table = torch.zeros(grid.outside.shape, dtype=dtype, device=grid.outside.device)[:, :, None]
-    else:
-        table = rpb.to(dtype)[:, grid.code_h, grid.code_w].movedim(0, 2)  # [Ph, Pw, heads, ...]
-    table = table.masked_fill(grid.outside[:, :, None], float("-inf"))
-    return table.flatten(5, 6).flatten(3, 4)
+        return grid.window_mask
+    rows, cols = grid.rows, grid.cols
+    # rpb[h, row code, col code] as a gather of rows and a product with the one-hot column codes
+    # (exact: one non-zero term), instead of a gather of every element.
+    by_rows = rpb.to(grid.col_one_hot.dtype)[:, grid.row_index]  # [heads, Ph*Th*Rh, 2k-1]
+    table = torch.matmul(by_rows, grid.col_one_hot)  # [heads, Ph*Th*Rh, Pw*Tw*Rw]
+    table = table.view(-1, rows.patterns.shape[0], rows.tile, rows.region, cols.patterns.shape[0], cols.tile, cols.region)
+    table = table.permute(1, 4, 0, 2, 5, 3, 6).flatten(5, 6).flatten(3, 4)  # [Ph, Pw, heads, T, R]
+    return table + grid.window_mask
 
 
 def _pad_axes(x, first_h: int, first_w: int, size_h: int, size_w: int):
@@ -256,9 +269,9 @@ def _na2d_dense_grid(query, key, value, rpb, kernel_size: int, scale: float, max
     """Dilation-1 neighborhood attention of ``[N, H, W, heads, D]`` tensors."""
     n, height, width, heads, dim = query.shape
     dim_v = value.shape[-1]
-    grid = _grid_tiling(height, width, kernel_size, max_tile, query.device)
+    grid = _grid_tiling(height, width, kernel_size, max_tile, query.device, query.dtype)
     rows, cols = grid.rows, grid.cols
-    table = _bias_table(grid, rpb, query.dtype)
+    table = _bias_table(grid, rpb)
 
     def query_tiles(x):  # -> [N, tiles_h, tiles_w, heads, Th, Tw, D] (view)
         x = _pad_axes(x, rows.first_query, cols.first_query, rows.num_tiles * rows.tile, cols.num_tiles * cols.tile)
@@ -367,7 +380,8 @@ def na2d_tiled(
         return x.permute(0, 2, 4, 1, 3, 5, 6)
 
     q_g, k_g, v_g = to_groups(query), to_groups(key), to_groups(value)
-    out = q_g.new_zeros(q_g.shape[:-1] + (value.shape[-1],))
+    # Every position is written below except the padding of the shorter groups, which is cropped.
+    out = q_g.new_empty(q_g.shape[:-1] + (value.shape[-1],))
     for rows in _group_classes(height, dilation):
         for cols in _group_classes(width, dilation):
             sel = (slice(None), rows.groups, cols.groups, slice(0, rows.length), slice(0, cols.length))

@@ -23,7 +23,10 @@ class FixedMatcher:
     """Returns the same assignment for every prediction set; counts its calls."""
 
     def __init__(self, indices):
-        self.indices = [(torch.tensor(i, dtype=torch.int64), torch.tensor(j, dtype=torch.int64)) for i, j in indices]
+        self.indices = [
+            (torch.tensor(i, dtype=torch.int64), torch.tensor(j, dtype=torch.int64))
+            for i, j in indices
+        ]
         self.calls = 0
 
     def __call__(self, outputs, targets):
@@ -200,3 +203,34 @@ def test_num_masks_single_process():
     criterion = make_criterion([([], [])])
     assert criterion.num_masks([{"labels": torch.zeros(4)}, {"labels": torch.zeros(2)}], "cpu") == 6
     assert criterion.num_masks([{"labels": torch.zeros(0)}], "cpu") == 1
+
+
+def test_batch_with_an_image_without_targets():
+    """An empty image contributes only "no object" classification; mask losses come from the
+    other image alone."""
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(2, 3, NUM_CLASSES + 1, generator=g)
+    pred_masks = torch.randn(2, 3, 6, 6, generator=g)
+    mask = torch.rand(1, 12, 12, generator=g) > 0.5
+    empty = {
+        "labels": torch.zeros(0, dtype=torch.int64),
+        "masks": torch.zeros(0, 12, 12, dtype=torch.bool),
+    }
+    full = {"labels": torch.tensor([2]), "masks": mask}
+    both = make_criterion([([], []), ([1], [0])], num_points=16)
+    torch.manual_seed(0)
+    losses = both({"pred_logits": logits, "pred_masks": pred_masks}, [empty, full])
+    alone = make_criterion([([1], [0])], num_points=16)
+    torch.manual_seed(0)
+    single = alone({"pred_logits": logits[1:], "pred_masks": pred_masks[1:]}, [full])
+    assert losses["loss_mask"].item() == pytest.approx(single["loss_mask"].item(), rel=1e-6)
+    assert losses["loss_dice"].item() == pytest.approx(single["loss_dice"].item(), rel=1e-6)
+    # classification: image 0 is all "no object" (weight EOS each), image 1 as alone
+    no_object = torch.full((3,), NUM_CLASSES)
+    nll0 = torch.nn.functional.cross_entropy(logits[0], no_object, reduction="sum")
+    targets1 = torch.tensor([NUM_CLASSES, 2, NUM_CLASSES])
+    nll1 = torch.nn.functional.cross_entropy(
+        logits[1], targets1, weight=both.empty_weight, reduction="sum"
+    )
+    expected = (EOS * nll0 + nll1) / (3 * EOS + 1 + 2 * EOS)
+    assert losses["loss_ce"].item() == pytest.approx(expected.item(), rel=1e-5)

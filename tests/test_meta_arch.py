@@ -32,7 +32,7 @@ from mask2former.modeling.transformer_decoder import MultiScaleMaskedTransformer
 NUM_CLASSES = 4  # background + 3 shapes
 HIDDEN, QUERIES, MASK_DIM, CONV_DIM = 32, 8, 32, 32
 DEC_LAYERS = 3  # config value: 2 decoder blocks + the prediction of the learnable queries
-TINY_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "tiny" / "m2f_swin_tiny_cpu.yaml")
+TINY_CONFIG = str(Path(__file__).resolve().parents[1] / "configs/tiny/m2f_swin_tiny_cpu.yaml")
 NUM_CLASSES_TRASH = 11
 
 
@@ -122,7 +122,8 @@ def build_model(seed=0, num_points=256, size_divisibility=32, before_inference=F
         transformer_predictor=predictor,
     )
     weight_dict = {"loss_ce": 2.0, "loss_mask": 5.0, "loss_dice": 5.0}
-    weight_dict.update({f"{k}_{i}": v for i in range(DEC_LAYERS - 1) for k, v in list(weight_dict.items())})
+    main_weights = list(weight_dict.items())
+    weight_dict.update({f"{k}_{i}": v for i in range(DEC_LAYERS - 1) for k, v in main_weights})
     criterion = SetCriterion(
         NUM_CLASSES,
         matcher=HungarianMatcher(2.0, 5.0, 5.0, num_points=num_points),
@@ -181,6 +182,11 @@ def training_input(image, label):
     }
 
 
+def crop_sample(sample, height, width):
+    """The top-left ``height`` x ``width`` part of a training input."""
+    return training_input(sample["image"][:, :height, :width], sample["sem_seg"][:height, :width])
+
+
 def mean_iou(predictions, labels):
     confusion = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.int64)
     for pred, gt in zip(predictions, labels):
@@ -202,7 +208,8 @@ def official_semantic_inference(mask_cls, mask_pred, padded_size, image_size, ou
     if before:
         up = sem_seg_postprocess(up, image_size, height, width)
         return semantic_inference_naive(mask_cls.double(), up)
-    return sem_seg_postprocess(semantic_inference_naive(mask_cls.double(), up), image_size, height, width)
+    scores = semantic_inference_naive(mask_cls.double(), up)
+    return sem_seg_postprocess(scores, image_size, height, width)
 
 
 @pytest.mark.parametrize("before", [False, True])
@@ -272,15 +279,15 @@ def test_prepare_targets_pads_masks_tensor_and_bitmasks():
         sample["instances"].gt_masks = masks
         (target,) = model.prepare_targets([sample["instances"]], images)
         assert target["masks"].shape == (len(target["labels"]), 64, 64)
-        assert torch.equal(target["masks"][:, :40, :40], torch.stack([label == c for c in target["labels"]]))
+        expected = torch.stack([label == c for c in target["labels"]])
+        assert torch.equal(target["masks"][:, :40, :40], expected)
         assert not target["masks"][:, 40:].any() and not target["masks"][:, :, 40:].any()
 
 
 def test_training_losses_are_weighted_and_complete():
     model = build_model().train()
     samples = [training_input(*synthetic_sample(i, size=48)) for i in range(2)]
-    samples[1]["image"] = samples[1]["image"][:, :40, :45]  # different sizes in one batch
-    samples[1]["instances"] = training_input(samples[1]["image"], samples[1]["sem_seg"][:40, :45])["instances"]
+    samples[1] = crop_sample(samples[1], 40, 45)  # different sizes in one batch
     torch.manual_seed(0)
     losses = model(samples)
     assert set(losses) == set(model.criterion.weight_dict)
@@ -293,6 +300,22 @@ def test_training_losses_are_weighted_and_complete():
     raw = model.criterion(outputs, targets)
     for k, v in losses.items():
         assert v.item() == pytest.approx(raw[k].item() * model.criterion.weight_dict[k], rel=1e-5)
+
+
+def test_training_and_inference_under_autocast():
+    """Mixed precision (bf16 autocast on CPU stands in for fp16 on GPU): float32 losses and
+    scores, gradients reach the parameters."""
+    model = build_model().train()
+    samples = [training_input(*synthetic_sample(i, size=48)) for i in range(2)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(samples)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert model.sem_seg_head.predictor.query_embed.weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        result = model([{"image": samples[0]["image"]}])[0]["sem_seg"]
+    assert result.dtype == torch.float32 and result.shape == (NUM_CLASSES, 48, 48)
 
 
 def test_tiny_model_overfits_synthetic_images():
@@ -385,9 +408,10 @@ def test_end_to_end_from_config_with_swin_and_msdeformattn():
         f"loss_{n}{s}" for n in ("ce", "mask", "dice") for s in ("", "_0", "_1")
     }
 
-    samples = [training_input(*synthetic_sample(0, size=64)), training_input(*synthetic_sample(1, size=48))]
-    samples[1]["image"] = samples[1]["image"][:, :, :37]
-    samples[1]["instances"] = training_input(samples[1]["image"], samples[1]["sem_seg"][:, :37])["instances"]
+    samples = [
+        training_input(*synthetic_sample(0, size=64)),
+        crop_sample(training_input(*synthetic_sample(1, size=48)), 48, 37),
+    ]
     model.train()
     losses = model(samples)
     assert set(losses) == set(model.criterion.weight_dict)
@@ -398,12 +422,16 @@ def test_end_to_end_from_config_with_swin_and_msdeformattn():
     assert next(model.backbone.parameters()).grad is not None
 
     model.eval()
-    inputs = [{"image": samples[0]["image"], "height": 96, "width": 96}, {"image": samples[1]["image"]}]
+    inputs = [
+        {"image": samples[0]["image"], "height": 96, "width": 96},
+        {"image": samples[1]["image"]},
+    ]
     with torch.no_grad():
         results = model(inputs)
         images = model.preprocess_image(inputs)
         outputs = model.sem_seg_head(model.backbone(images.tensor))
-    assert [r["sem_seg"].shape for r in results] == [(NUM_CLASSES_TRASH, 96, 96), (NUM_CLASSES_TRASH, 48, 37)]
+    shapes = [r["sem_seg"].shape for r in results]
+    assert shapes == [(NUM_CLASSES_TRASH, 96, 96), (NUM_CLASSES_TRASH, 48, 37)]
     for i, (image_size, output_size) in enumerate([((64, 64), (96, 96)), ((48, 37), (48, 37))]):
         expected = official_semantic_inference(
             outputs["pred_logits"][i], outputs["pred_masks"][i], tuple(images.tensor.shape[-2:]),

@@ -131,8 +131,16 @@ TILED_SETTINGS = {
 }
 
 
-@pytest.mark.parametrize("setting", list(TILED_SETTINGS))
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+# Chunks of one tile row are many tiny calls with 25 dilation groups: left out for d = 5.
+TILED_PARAMS = [
+    pytest.param(case, setting, id=f"{case_id}-{setting}")
+    for case, case_id in zip(CASES, CASE_IDS)
+    for setting in TILED_SETTINGS
+    if not (setting == "row_chunks" and case[-1] == 5)
+]
+
+
+@pytest.mark.parametrize("case,setting", TILED_PARAMS)
 def test_tiled_matches_reference(case, setting):
     batch, height, width, heads, kernel, dilation = case
     use_rpb, max_tile, max_logits = TILED_SETTINGS[setting]

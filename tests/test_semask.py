@@ -121,6 +121,22 @@ def resize_ac(x, h, w):
     return torch.einsum("ih,bkhw,jw->bkij", mh, x, mw)
 
 
+# ------------------------------------------------------------------------ configs
+def test_config_defaults_and_first_place_configs():
+    cfg = build_cfg()
+    assert (cfg.MODEL.SWIN.SEM_WINDOW_SIZE, cfg.MODEL.SWIN.NUM_SEM_BLOCKS) == (7, 1)  # official defaults
+    assert cfg.MODEL.MASK_FORMER.CATE_WEIGHT == 0.4 and list(cfg.MODEL.SWIN.SEM_GLOBAL_STAGES) == []
+    for name, embed_dim in (("semask_swin_l.yaml", 192), ("semask_swin_b.yaml", 128)):
+        cfg = build_cfg(str(ROOT / "configs" / name))
+        assert cfg.MODEL.META_ARCHITECTURE == "SeMaskMaskFormer"
+        assert cfg.MODEL.BACKBONE.NAME == "D2SeMaskSwinTransformer"
+        assert cfg.MODEL.SEM_SEG_HEAD.NAME == "BranchMaskFormerHead"
+        assert cfg.MODEL.SWIN.EMBED_DIM == embed_dim and cfg.MODEL.SWIN.WINDOW_SIZE == 12
+        assert (cfg.MODEL.SWIN.SEM_WINDOW_SIZE, cfg.MODEL.SWIN.NUM_SEM_BLOCKS) == (12, 1)
+        assert cfg.MODEL.MASK_FORMER.CATE_WEIGHT == 0.4 and cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == 11
+        assert list(cfg.INPUT.MIN_SIZE_TRAIN) == list(range(256, 1025, 32))
+
+
 # ------------------------------------------------------------------------ semantic attention
 def test_semantic_attention_is_identity_at_init():
     torch.manual_seed(0)

@@ -98,7 +98,8 @@ def official_state_dict_listing(dec_layers, in_channels):
 
 
 @pytest.mark.parametrize(
-    "in_channels, enforce, projected", [(16, False, True), (HIDDEN, False, False), (HIDDEN, True, True)]
+    "in_channels, enforce, projected",
+    [(16, False, True), (HIDDEN, False, False), (HIDDEN, True, True)],
 )
 def test_state_dict_matches_official_listing(in_channels, enforce, projected):
     decoder = make_decoder(2, in_channels, enforce_input_project=enforce)
@@ -138,7 +139,9 @@ def test_gradients_reach_every_parameter():
     for aux in out["aux_outputs"]:
         loss = loss + aux["pred_logits"].square().mean() + aux["pred_masks"].square().mean()
     loss.backward()
-    missing = [n for n, p in decoder.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    missing = [
+        n for n, p in decoder.named_parameters() if p.grad is None or p.grad.abs().sum() == 0
+    ]
     assert missing == []
 
 
@@ -194,9 +197,8 @@ def capture_attention_masks(decoder):
     def hook(module, args):
         captured.append(args[2])
 
-    handles = [
-        layer.register_forward_pre_hook(hook) for layer in decoder.transformer_cross_attention_layers
-    ]
+    layers = decoder.transformer_cross_attention_layers
+    handles = [layer.register_forward_pre_hook(hook) for layer in layers]
     return captured, handles
 
 

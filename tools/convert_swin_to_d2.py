@@ -16,13 +16,17 @@ from mask2former.modeling.backbone.swin_convert import convert_swin_checkpoint
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("input", help="official Swin checkpoint (.pth with a 'model' state dict)")
     parser.add_argument("output", help="Detectron2 checkpoint to write (.pth)")
-    parser.add_argument("--window-size", type=int, default=None, help="window size of the target model")
+    parser.add_argument("--window-size", type=int, help="window size of the target model")
     parser.add_argument("--prefix", default="backbone.", help="prefix of the converted names")
     parser.add_argument(
-        "--trusted", action="store_true", help="allow arbitrary pickled objects in INPUT (only for files you trust)"
+        "--trusted",
+        action="store_true",
+        help="allow arbitrary pickled objects in INPUT (only for files you trust)",
     )
     args = parser.parse_args(argv)
     try:

@@ -16,25 +16,12 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-__all__ = ["ProbDumpWriter", "ProbDumpReader", "atomic_write_bytes", "atomic_save_npy"]
+from ..utils import atomic_write
+
+__all__ = ["ProbDumpWriter", "ProbDumpReader"]
 
 INDEX_NAME = "index.json"
 FORMAT_VERSION = 1
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
-def atomic_save_npy(path: str, array: np.ndarray) -> None:
-    """``np.save`` through a temporary file in the same folder."""
-    tmp = f"{path}.tmp-{os.getpid()}.npy"
-    np.save(tmp, array)
-    os.replace(tmp, path)
 
 
 class ProbDumpWriter:
@@ -63,7 +50,8 @@ class ProbDumpWriter:
             raise ValueError(f"{file_name}: added twice to the dump {self.out_dir}")
         self._seen.add(file_name)
         name = f"{len(self._entries):06d}.npy"
-        atomic_save_npy(os.path.join(self.out_dir, name), probs.astype(np.float16))
+        with atomic_write(os.path.join(self.out_dir, name)) as f:
+            np.save(f, probs.astype(np.float16))
         self._entries.append(
             {"file_name": file_name, "path": name, "height": int(probs.shape[1]), "width": int(probs.shape[2])}
         )
@@ -76,7 +64,8 @@ class ProbDumpWriter:
             "dtype": "float16",
             "images": self._entries,
         }
-        atomic_write_bytes(os.path.join(self.out_dir, INDEX_NAME), json.dumps(index, indent=1).encode())
+        with atomic_write(os.path.join(self.out_dir, INDEX_NAME), "w") as f:
+            json.dump(index, f, indent=1)
 
     def __enter__(self):
         return self

@@ -92,7 +92,11 @@ class HungarianMatcher(nn.Module):
             tgt_points = point_sample(masks[None].to(device=device, dtype=torch.float32), coords)[0]
             cost_mask = batch_sigmoid_ce_cost(out_points, tgt_points)
             cost_dice = batch_dice_cost(out_points, tgt_points)
-        return self.cost_class * cost_class + self.cost_mask * cost_mask + self.cost_dice * cost_dice
+        return (
+            self.cost_class * cost_class
+            + self.cost_mask * cost_mask
+            + self.cost_dice * cost_dice
+        )
 
     @torch.no_grad()
     def forward(

@@ -36,7 +36,7 @@ def point_sample(input: torch.Tensor, point_coords: torch.Tensor, **kwargs) -> t
 
 
 def calculate_uncertainty(logits: torch.Tensor) -> torch.Tensor:
-    """Uncertainty of class-agnostic mask logits [R, 1, ...]: ``-|logits|`` (0 is most uncertain)."""
+    """Uncertainty of class-agnostic mask logits [R, 1, ...]: ``-|logits|`` (highest at 0)."""
     if logits.shape[1] != 1:
         raise ValueError(f"expected class-agnostic logits [R, 1, ...], got {tuple(logits.shape)}")
     return -logits.abs()
@@ -68,7 +68,9 @@ def get_uncertain_point_coords_with_randomness(
     if oversample_ratio < 1:
         raise ValueError(f"oversample_ratio must be >= 1, got {oversample_ratio}")
     if not 0 <= importance_sample_ratio <= 1:
-        raise ValueError(f"importance_sample_ratio must be in [0, 1], got {importance_sample_ratio}")
+        raise ValueError(
+            f"importance_sample_ratio must be in [0, 1], got {importance_sample_ratio}"
+        )
     num_maps = coarse_logits.shape[0]
     device = coarse_logits.device
     num_sampled = int(num_points * oversample_ratio)

@@ -212,7 +212,7 @@ class WindowAttention(nn.Module):
         """[num_heads, N, N] bias of every (query, key) pair of a window."""
         n = self.window_size[0] * self.window_size[1]
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        return bias.view(n, n, self.num_heads).permute(2, 0, 1)
+        return bias.view(n, n, self.num_heads).permute(2, 0, 1).contiguous()
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """
@@ -227,21 +227,26 @@ class WindowAttention(nn.Module):
         b_, n, c = x.shape
         qkv = self.qkv(x).reshape(b_, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each [B*nW, nH, N, hd]
-        bias = self.relative_position_bias().unsqueeze(0)  # 1, nH, N, N
-        if mask is not None:
-            # fold the window mask into the bias: [B * nW, nH, N, N] (a view for B = 1)
+        bias = self.relative_position_bias().unsqueeze(0).to(q.dtype)  # 1, nH, N, N
+        dropout = self.attn_drop.p if self.training else 0.0
+        if mask is None:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=self.scale)
+            x = x.transpose(1, 2)  # [B*nW, N, nH, hd]
+        else:
+            # the window mask folded into the bias: [nW, nH, N, N]; one attention call per image
+            # (cheaper than a copy of the combined mask for every image of the batch)
             num_windows = mask.shape[0]
-            bias = bias + mask.unsqueeze(1).to(bias.dtype)
-            bias = bias.expand(b_ // num_windows, num_windows, self.num_heads, n, n).reshape(b_, self.num_heads, n, n)
-        x = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=bias.to(q.dtype),
-            dropout_p=self.attn_drop.p if self.training else 0.0,
-            scale=self.scale,
-        )
-        x = x.transpose(1, 2).reshape(b_, n, c)
+            bias = bias + mask.unsqueeze(1).to(q.dtype)
+            x = torch.cat(
+                [
+                    F.scaled_dot_product_attention(
+                        q[i : i + num_windows], k[i : i + num_windows], v[i : i + num_windows],
+                        attn_mask=bias, dropout_p=dropout, scale=self.scale,
+                    ).transpose(1, 2)
+                    for i in range(0, b_, num_windows)
+                ]
+            )
+        x = x.reshape(b_, n, c)
         return self.proj_drop(self.proj(x))
 
 

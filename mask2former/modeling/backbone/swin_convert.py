@@ -51,7 +51,9 @@ def interpolate_relative_position_bias_table(table: torch.Tensor, window_size: i
 
 
 def convert_swin_state_dict(
-    state_dict: Mapping[str, torch.Tensor], window_size: Optional[int] = None, prefix: str = "backbone."
+    state_dict: Mapping[str, torch.Tensor],
+    window_size: Optional[int] = None,
+    prefix: str = "backbone.",
 ) -> Dict[str, torch.Tensor]:
     """Backbone weights of an official Swin state dict, renamed ``prefix + name``.
 
@@ -61,8 +63,13 @@ def convert_swin_state_dict(
             resized when it differs from the checkpoint's. None keeps the checkpoint's.
         prefix: prepended to every name ("backbone." for a Detectron2 meta-architecture).
     """
-    if "patch_embed.proj.weight" not in state_dict or not any(_TABLE_SUFFIX in k for k in state_dict):
-        raise ValueError("not a Swin Transformer state dict (no patch_embed.proj / relative position bias)")
+    if any(name.startswith("backbone.") for name in state_dict):
+        raise ValueError("already a Detectron2 checkpoint (names start with 'backbone.'); load it directly")
+    has_tables = any(name.endswith(_TABLE_SUFFIX) for name in state_dict)
+    if "patch_embed.proj.weight" not in state_dict or not has_tables:
+        raise ValueError(
+            "not a Swin Transformer state dict (no patch_embed.proj / relative position bias)"
+        )
     converted = {}
     for name, value in state_dict.items():
         if name.startswith(_DROPPED_PREFIXES) or name.endswith(_DROPPED_SUFFIXES):
@@ -80,8 +87,8 @@ def convert_swin_state_dict(
 
 
 def load_swin_state_dict(path: str, trusted: bool = False) -> Dict[str, torch.Tensor]:
-    """Read the state dict of an official Swin checkpoint (``model`` or ``state_dict`` entry,
-    or a bare state dict). Raises ``ValueError`` naming ``path`` if it is not one.
+    """Read the state dict of a checkpoint (its ``model`` or ``state_dict`` entry, or a bare
+    state dict of tensors). Raises ``ValueError`` naming ``path`` if there is none.
 
     Args:
         trusted: also unpickle arbitrary Python objects (only for files you trust: some
@@ -103,10 +110,11 @@ def load_swin_state_dict(path: str, trusted: bool = False) -> Dict[str, torch.Te
             if isinstance(checkpoint.get(key), Mapping):
                 checkpoint = checkpoint[key]
                 break
-    if not isinstance(checkpoint, Mapping) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+    is_state_dict = isinstance(checkpoint, Mapping) and all(
+        isinstance(v, torch.Tensor) for v in checkpoint.values()
+    )
+    if not is_state_dict:
         raise ValueError(f"{path}: not a Swin Transformer checkpoint (no state dict of tensors)")
-    if "patch_embed.proj.weight" not in checkpoint:
-        raise ValueError(f"{path}: not a Swin Transformer checkpoint (no 'patch_embed.proj.weight')")
     return dict(checkpoint)
 
 
@@ -121,10 +129,13 @@ def convert_swin_checkpoint(
     ``{"model": {prefix + name: tensor}, "__author__": ...}``, written atomically (temporary file
     in the output directory, then renamed). Returns the converted weights."""
     try:
-        weights = convert_swin_state_dict(load_swin_state_dict(input_path, trusted), window_size, prefix)
+        state_dict = load_swin_state_dict(input_path, trusted)
+        weights = convert_swin_state_dict(state_dict, window_size, prefix)
     except ValueError as e:
         message = str(e)
-        raise ValueError(message if message.startswith(input_path) else f"{input_path}: {message}") from e
+        if not message.startswith(input_path):
+            message = f"{input_path}: {message}"
+        raise ValueError(message) from e
     directory = os.path.dirname(os.path.abspath(output_path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp_path = tempfile.mkstemp(prefix=".swin_convert_", suffix=".tmp", dir=directory)

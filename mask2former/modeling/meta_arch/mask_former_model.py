@@ -120,7 +120,9 @@ def resized_semantic_inference(
     scores = scores.permute(1, 0, 2).contiguous()
 
     if tuple(scores.shape[-2:]) != tuple(output_size):
-        scores = F.interpolate(scores[None], size=output_size, mode="bilinear", align_corners=False)[0]
+        scores = F.interpolate(
+            scores[None], size=output_size, mode="bilinear", align_corners=False
+        )[0]
     return scores
 
 
@@ -160,7 +162,7 @@ class MaskFormer(nn.Module):
                 backbone's ``size_divisibility``.
             sem_seg_postprocess_before_inference: resize the mask logits to the output size
                 before combining them with the classes (official option); otherwise combine at
-                the (padded-input) resolution and resize the per-class scores.
+                the input resolution and resize the per-class scores (official default).
             pixel_mean, pixel_std: per-channel normalisation of the input image.
             semantic_on: output "sem_seg" (the only inference implemented).
         """
@@ -196,8 +198,9 @@ class MaskFormer(nn.Module):
         }
         if mf.DEEP_SUPERVISION:
             # one auxiliary prediction per decoder block: DEC_LAYERS - 1
+            main_weights = list(weight_dict.items())
             weight_dict.update(
-                {f"{k}_{i}": v for i in range(mf.DEC_LAYERS - 1) for k, v in list(weight_dict.items())}
+                {f"{k}_{i}": v for i in range(mf.DEC_LAYERS - 1) for k, v in main_weights}
             )
         return SetCriterion(
             num_classes,
@@ -253,7 +256,9 @@ class MaskFormer(nn.Module):
 
     def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
         """Normalise the images and pad them into one batch (size divisibility)."""
-        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        images = [
+            (x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs
+        ]
         return ImageList.from_tensors(images, self.size_divisibility)
 
     def prepare_targets(self, gt_instances, images: ImageList) -> List[Dict[str, torch.Tensor]]:

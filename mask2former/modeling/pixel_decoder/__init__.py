@@ -2,4 +2,9 @@
 from .ms_deform_attn import MSDeformAttn, ms_deform_attn_fast, ms_deform_attn_pytorch
 from .msdeformattn import MSDeformAttnPixelDecoder
 
-__all__ = ["MSDeformAttn", "MSDeformAttnPixelDecoder", "ms_deform_attn_fast", "ms_deform_attn_pytorch"]
+__all__ = [
+    "MSDeformAttn",
+    "MSDeformAttnPixelDecoder",
+    "ms_deform_attn_fast",
+    "ms_deform_attn_pytorch",
+]

@@ -10,11 +10,11 @@ compiled extension:
   the output row of each (query, head) is the weighted sum of the 4 * n_levels * n_points value
   rows the corners point at, which one ``F.embedding_bag`` call computes without materialising
   the sampled values. The value maps are zero-padded so that corners outside a map read zeros
-  (``grid_sample``'s ``padding_mode="zeros"``) without validity masks. The backward pass sorts
-  the corners by the value row they read once and uses sparse CSR products for the gradients of
-  the values (a scatter-add, as a transposed sparse-dense product) and of the corner weights
-  (a sampled dense-dense product), from which autograd derives the gradients of the sampling
-  locations and attention weights.
+  (``grid_sample``'s ``padding_mode="zeros"``) without validity masks. The hand-written backward
+  sorts the sampling points by the value row they read, once, and uses sparse CSR products for
+  the gradients of the values (a scatter-add, as a transposed sparse-dense product) and of the
+  corner weights (a sampled dense-dense product), from which the gradients of the sampling
+  locations and attention weights follow in closed form.
 
 :class:`MSDeformAttn` is the attention module with the official parameter names and
 initialisation.
@@ -26,6 +26,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "MSDeformAttn",
@@ -198,6 +199,7 @@ class _MSDeformAttnFastFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         table, index, weight, frac, weights, inside = ctx.saved_tensors
         levels = ctx.levels
@@ -217,11 +219,11 @@ class _MSDeformAttnFastFunction(torch.autograd.Function):
         grad_table = torch.zeros_like(table) if need_value else None
         # gradient w.r.t. the corner weights: grad_out[bag] . table[row]
         grad_corner = weight.new_empty(4, points_per_bag * num_bags) if (need_pixel or need_weights) else None
+        row_starts = torch.arange(num_rows + 1, dtype=index.dtype, device=index.device)
         for c in range(4):
             rows = index[c].reshape(-1).index_select(0, planar_pos)
             values = weight[c].reshape(-1).index_select(0, planar_pos)
-            crow = index.new_zeros(num_rows + 1)
-            crow[1:] = torch.cumsum(torch.bincount(rows, minlength=num_rows), 0)
+            crow = torch.searchsorted(rows, row_starts, out_int32=index.dtype == torch.int32)
             if need_value:
                 # transposed sparse product: table row r gets sum of weight * grad_out[bag]
                 grad_table += F.embedding_bag(bags, grad_out, crow[:-1], per_sample_weights=values, mode="sum")

@@ -84,7 +84,9 @@ class SelfAttentionLayer(_ResidualBlock):
 
     def __init__(self, d_model: int, nhead: int, dropout: float = 0.0, normalize_before=False):
         super().__init__(d_model, dropout, normalize_before)
-        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.self_attn = nn.MultiheadAttention(
+            d_model, nhead, dropout=dropout, batch_first=True
+        )
         self._xavier_init()
 
     def forward(self, tgt: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
@@ -102,7 +104,9 @@ class CrossAttentionLayer(_ResidualBlock):
 
     def __init__(self, d_model: int, nhead: int, dropout: float = 0.0, normalize_before=False):
         super().__init__(d_model, dropout, normalize_before)
-        self.multihead_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.multihead_attn = nn.MultiheadAttention(
+            d_model, nhead, dropout=dropout, batch_first=True
+        )
         self._xavier_init()
 
     def forward(
