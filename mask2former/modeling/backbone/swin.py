@@ -10,7 +10,7 @@ The backbone is meant to be extended (e.g. SeMask adds a semantic layer to each 
 built by :meth:`SwinTransformer.build_stage` and run by :meth:`SwinTransformer.forward_stage`, and a
 stage splits into :meth:`SwinStage.forward_blocks` and :meth:`SwinStage.forward_downsample`.
 """
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -94,7 +94,8 @@ def relative_position_index(window_size: Tuple[int, int]) -> torch.Tensor:
     """[Wh*Ww, Wh*Ww] index into the (2Wh-1)(2Ww-1) bias table for each (query, key) pair of a
     window: ``(dy + Wh - 1) * (2Ww - 1) + (dx + Ww - 1)`` with (dy, dx) = query - key."""
     wh, ww = window_size
-    coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")).flatten(1)
+    coords = torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")
+    coords = torch.stack(coords).flatten(1)
     relative = coords[:, :, None] - coords[:, None, :]  # 2, N, N
     return (relative[0] + wh - 1) * (2 * ww - 1) + (relative[1] + ww - 1)
 
@@ -142,7 +143,8 @@ class WindowLayout:
         hp, wp = -(-h // window_size) * window_size, -(-w // window_size) * window_size
         rows = torch.arange(hp, device=device).view(hp, 1)
         cols = torch.arange(wp, device=device).view(1, wp)
-        source = torch.where((rows < h) & (cols < w), rows * w + cols, torch.full_like(rows * cols, h * w))
+        token = rows * w + cols
+        source = torch.where((rows < h) & (cols < w), token, torch.full_like(token, h * w))
         if shift_size > 0:
             source = torch.roll(source, shifts=(-shift_size, -shift_size), dims=(0, 1))
         self.partition_index = window_partition(source.view(1, hp, wp, 1), window_size).reshape(-1)
@@ -150,9 +152,9 @@ class WindowLayout:
         slots = torch.arange(self.partition_index.numel(), device=device)
         self.reverse_index = torch.empty(h * w, dtype=torch.long, device=device)
         self.reverse_index[self.partition_index[valid]] = slots[valid]
-        self.attn_mask = (
-            shifted_window_attention_mask(hp, wp, window_size, shift_size, device) if shift_size > 0 else None
-        )
+        self.attn_mask = None
+        if shift_size > 0:
+            self.attn_mask = shifted_window_attention_mask(hp, wp, window_size, shift_size, device)
 
     def partition(self, x: torch.Tensor) -> torch.Tensor:
         """[B, H*W, C] -> [B * nW, N, C] (zero padding, cyclic shift, window partition)."""
@@ -198,7 +200,9 @@ class WindowAttention(nn.Module):
         self.scale = qk_scale or head_dim**-0.5
 
         wh, ww = self.window_size
-        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads))
+        self.relative_position_bias_table = nn.Parameter(
+            torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads)
+        )
         # a persistent buffer, as in the official code (present in the official checkpoints)
         self.register_buffer("relative_position_index", relative_position_index(self.window_size))
 
@@ -225,12 +229,15 @@ class WindowAttention(nn.Module):
             [B * nW, N, C].
         """
         b_, n, c = x.shape
-        qkv = self.qkv(x).reshape(b_, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x).reshape(b_, n, 3, self.num_heads, c // self.num_heads)
+        qkv = qkv.permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each [B*nW, nH, N, hd]
         bias = self.relative_position_bias().unsqueeze(0).to(q.dtype)  # 1, nH, N, N
         dropout = self.attn_drop.p if self.training else 0.0
         if mask is None:
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=self.scale)
+            x = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=bias, dropout_p=dropout, scale=self.scale
+            )
             x = x.transpose(1, 2)  # [B*nW, N, nH, hd]
         else:
             # the window mask folded into the bias: [nW, nH, N, N]; one attention call per image
@@ -274,7 +281,9 @@ class SwinTransformerBlock(nn.Module):
     ):
         super().__init__()
         if not 0 <= shift_size < window_size:
-            raise ValueError(f"shift_size must be in [0, window_size), got {shift_size} and {window_size}")
+            raise ValueError(
+                f"shift_size must be in [0, window_size), got {shift_size} and {window_size}"
+            )
         self.dim = dim
         self.num_heads = num_heads
         self.window_size = window_size
@@ -357,7 +366,10 @@ class SwinStage(nn.Module):
         self.shift_size = window_size // 2
         self.depth = depth
         self.use_checkpoint = use_checkpoint
-        drop_paths = list(drop_path) if isinstance(drop_path, (list, tuple)) else [drop_path] * depth
+        if isinstance(drop_path, (list, tuple)):
+            drop_paths = list(drop_path)
+        else:
+            drop_paths = [drop_path] * depth
         self.blocks = nn.ModuleList(
             [
                 SwinTransformerBlock(
@@ -383,7 +395,9 @@ class SwinStage(nn.Module):
         layouts = {}
         for blk in self.blocks:
             if blk.shift_size not in layouts:
-                layouts[blk.shift_size] = WindowLayout(h, w, self.window_size, blk.shift_size, x.device)
+                layouts[blk.shift_size] = WindowLayout(
+                    h, w, self.window_size, blk.shift_size, x.device
+                )
             layout = layouts[blk.shift_size]
             if self.use_checkpoint and torch.is_grad_enabled():
                 x = checkpoint.checkpoint(blk, x, layout, use_reentrant=False)
@@ -408,7 +422,9 @@ class PatchEmbed(nn.Module):
     """Patch embedding: strided conv ``proj`` (input zero-padded to a multiple of the patch) and
     optional LayerNorm ``norm``."""
 
-    def __init__(self, patch_size: int = 4, in_chans: int = 3, embed_dim: int = 96, norm_layer=None):
+    def __init__(
+        self, patch_size: int = 4, in_chans: int = 3, embed_dim: int = 96, norm_layer=None
+    ):
         super().__init__()
         self.patch_size = (patch_size, patch_size)
         self.in_chans = in_chans
@@ -425,7 +441,8 @@ class PatchEmbed(nn.Module):
         x = self.proj(x)
         if self.norm is not None:
             wh, ww = x.shape[2:]
-            x = self.norm(x.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(-1, self.embed_dim, wh, ww)
+            x = self.norm(x.flatten(2).transpose(1, 2))
+            x = x.transpose(1, 2).reshape(-1, self.embed_dim, wh, ww)
         return x
 
 
@@ -487,9 +504,14 @@ class SwinTransformer(nn.Module):
         self.embed_dim = embed_dim
         self.ape = ape
         self.patch_norm = patch_norm
-        self.out_indices = tuple(range(self.num_layers)) if out_indices is None else tuple(sorted(out_indices))
+        if out_indices is None:
+            out_indices = range(self.num_layers)
+        self.out_indices = tuple(sorted(out_indices))
         if not self.out_indices or not all(0 <= i < self.num_layers for i in self.out_indices):
-            raise ValueError(f"out_indices must be a non-empty subset of 0..{self.num_layers - 1}, got {out_indices}")
+            raise ValueError(
+                f"out_indices must be a non-empty subset of 0..{self.num_layers - 1}, "
+                f"got {self.out_indices}"
+            )
         self.frozen_stages = frozen_stages
         self.num_features = [int(embed_dim * 2**i) for i in range(self.num_layers)]
 
@@ -623,7 +645,9 @@ class D2SwinTransformer(SwinTransformer, Backbone):
         super().__init__(out_indices=[_STAGE_NAMES.index(name) for name in out_features], **kwargs)
         self._out_features = list(out_features)
         self._out_feature_strides = {name: 2 ** (i + 2) for i, name in enumerate(_STAGE_NAMES)}
-        self._out_feature_channels = {name: self.num_features[i] for i, name in enumerate(_STAGE_NAMES)}
+        self._out_feature_channels = {
+            name: self.num_features[i] for i, name in enumerate(_STAGE_NAMES)
+        }
 
     @classmethod
     def from_config(cls, cfg, input_shape: Optional[ShapeSpec] = None):
@@ -656,12 +680,16 @@ class D2SwinTransformer(SwinTransformer, Backbone):
                 :attr:`size_divisibility` give the nominal strides exactly.
         """
         if x.dim() != 4:
-            raise ValueError(f"SwinTransformer takes an input of shape (N, C, H, W), got {tuple(x.shape)}")
+            raise ValueError(
+                f"SwinTransformer takes an input of shape (N, C, H, W), got {tuple(x.shape)}"
+            )
         return super().forward(x)
 
     def output_shape(self) -> Dict[str, ShapeSpec]:
         return {
-            name: ShapeSpec(channels=self._out_feature_channels[name], stride=self._out_feature_strides[name])
+            name: ShapeSpec(
+                channels=self._out_feature_channels[name], stride=self._out_feature_strides[name]
+            )
             for name in self._out_features
         }
 

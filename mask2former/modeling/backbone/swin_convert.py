@@ -64,7 +64,9 @@ def convert_swin_state_dict(
         prefix: prepended to every name ("backbone." for a Detectron2 meta-architecture).
     """
     if any(name.startswith("backbone.") for name in state_dict):
-        raise ValueError("already a Detectron2 checkpoint (names start with 'backbone.'); load it directly")
+        raise ValueError(
+            "already a Detectron2 checkpoint (names start with 'backbone.'); load it directly"
+        )
     has_tables = any(name.endswith(_TABLE_SUFFIX) for name in state_dict)
     if "patch_embed.proj.weight" not in state_dict or not has_tables:
         raise ValueError(
