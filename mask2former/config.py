@@ -17,8 +17,9 @@ def add_maskformer2_config(cfg):
     # Retry random crops until no single category covers more than this fraction of the crop
     # (ignore pixels not counted). 1.0 disables the constraint.
     cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0
-    # Pad image (with 0) and target (with the ignore label) to a multiple of this in the train
-    # mapper; -1 = no padding in the mapper (the model pads to its own size divisibility).
+    # Pad image (with 128, as the official mapper) and target (with the ignore label) to a multiple
+    # of this in the train mapper; -1 = no padding in the mapper (the model pads to its own size
+    # divisibility).
     cfg.INPUT.SIZE_DIVISIBILITY = -1
     # Large-scale-jitter keys of the official code (instance/panoptic mappers; kept for YAML compat).
     cfg.INPUT.IMAGE_SIZE = 1024
