@@ -91,10 +91,11 @@ def op_inputs(image_size, batch, requires_grad, seed=0):
     heads, dim, points, levels = 8, 32, 4, len(shapes)
     s = sum(h * w for h, w in shapes)
     value = torch.randn(batch, s, heads, dim, generator=g)
-    refs = torch.cat(
-        [torch.stack(torch.meshgrid((torch.arange(h) + 0.5) / h, (torch.arange(w) + 0.5) / w, indexing="ij")[::-1], -1)
-         .reshape(-1, 2) for h, w in shapes]
-    )
+    refs = []
+    for h, w in shapes:
+        ys, xs = torch.meshgrid((torch.arange(h) + 0.5) / h, (torch.arange(w) + 0.5) / w, indexing="ij")
+        refs.append(torch.stack([xs, ys], -1).reshape(-1, 2))
+    refs = torch.cat(refs)
     size = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float32).view(levels, 1, 2)
     offsets = 4 * torch.randn(batch, s, heads, levels, points, 2, generator=g)
     locations = refs.view(1, s, 1, 1, 1, 2) + offsets / size
@@ -116,8 +117,9 @@ def bench_op(repeats):
         report(f"inference 512x512, {name}", t, base)
         base = base or t
     with torch.no_grad():
-        diff = (ms_deform_attn_fast(value, shapes, loc, weights) - ms_deform_attn_pytorch(value, shapes, loc, weights))
-    print(f"  max |fast - pytorch| = {diff.abs().max().item():.2e}")
+        fast = ms_deform_attn_fast(value, shapes, loc, weights)
+        diff = (fast - ms_deform_attn_pytorch(value, shapes, loc, weights)).abs().max().item()
+    print(f"  max |fast - pytorch| = {diff:.2e}")
     shapes, inputs = op_inputs(256, 2, requires_grad=True)
     grad = torch.randn(2, inputs[1].shape[1], 256)
     base = None
@@ -161,7 +163,9 @@ def bench_module(repeats):
 # ---------------------------------------------------------------------------------- decoder
 def make_decoder(impl):
     torch.manual_seed(0)
-    shapes = {k: ShapeSpec(channels=c, stride=4 * 2**i) for i, (k, c) in enumerate(SWIN_T_CHANNELS.items())}
+    shapes = {
+        k: ShapeSpec(channels=c, stride=4 * 2**i) for i, (k, c) in enumerate(SWIN_T_CHANNELS.items())
+    }
     return MSDeformAttnPixelDecoder(
         shapes,
         transformer_dropout=0.0,
@@ -188,7 +192,8 @@ def bench_decoder(repeats, profile):
             t = measure(lambda: decoder.forward_features(feats), repeats)
         report(f"inference 512x512, {impl}", t, base)
         base = base or t
-    print(f"  max |fast - pytorch| mask features = {(outputs['fast'] - outputs['pytorch']).abs().max().item():.2e}")
+    diff = (outputs["fast"] - outputs["pytorch"]).abs().max().item()
+    print(f"  max |fast - pytorch| mask features = {diff:.2e}")
     feats = {k: v.requires_grad_() for k, v in swin_t_features(256, 2).items()}
     base = None
     for impl in ("pytorch", "fast"):
@@ -224,12 +229,13 @@ def official_block_forward(block, x, h, w, attn_mask):
         x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
     windows = window_partition(x, ws)
     b_, n, _ = windows.shape
-    qkv = attn.qkv(windows).reshape(b_, n, 3, attn.num_heads, c // attn.num_heads).permute(2, 0, 3, 1, 4)
+    qkv = attn.qkv(windows).reshape(b_, n, 3, attn.num_heads, c // attn.num_heads)
+    qkv = qkv.permute(2, 0, 3, 1, 4)
     q, k, v = qkv[0] * attn.scale, qkv[1], qkv[2]
     logits = q @ k.transpose(-2, -1) + attn.relative_position_bias().unsqueeze(0)
     if shift:
         nw = attn_mask.shape[0]
-        logits = (logits.view(b_ // nw, nw, attn.num_heads, n, n) + attn_mask.unsqueeze(1).unsqueeze(0))
+        logits = logits.view(b_ // nw, nw, attn.num_heads, n, n) + attn_mask[None, :, None]
         logits = logits.view(-1, attn.num_heads, n, n)
     out = (logits.softmax(-1) @ v).transpose(1, 2).reshape(b_, n, c)
     x = window_reverse(attn.proj(out), ws, hp, wp)
@@ -280,9 +286,11 @@ def bench_swin(repeats):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--only", default="op,module,decoder,swin", help="comma-separated sections")
     parser.add_argument("--profile", action="store_true", help="per-op profile of the fast decoder")
     args = parser.parse_args()

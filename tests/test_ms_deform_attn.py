@@ -64,7 +64,8 @@ def sampling_locations(n, lq, m, shapes, n_points, generator, dtype=torch.float6
     pixel = torch.where(kind == 0, u * size - 0.5, u)  # interior (-0.5 .. size - 0.5)
     pixel = torch.where(kind == 1, -1 + u, pixel)  # border band before the map (-1 .. 0)
     pixel = torch.where(kind == 2, size - 1 + u, pixel)  # border band after (size - 1 .. size)
-    pixel = torch.where(kind == 3, torch.where(u < 0.5, -3 - 4 * u, size + 1 + 4 * u), pixel)  # outside
+    outside = torch.where(u < 0.5, -3 - 4 * u, size + 1 + 4 * u)
+    pixel = torch.where(kind == 3, outside, pixel)
     frac = pixel - pixel.floor()
     pixel = torch.where((frac < 0.02) | (frac > 0.98), pixel + 0.05, pixel)
     return (pixel + 0.5) / size
@@ -104,23 +105,23 @@ def test_forward_exact_pixel_centres_and_edges(impl):
     pixels) half of the edge pixel; beyond x = -1 or x = W nothing."""
     shapes = [(3, 4)]
     value = torch.randn(1, 12, 1, 2, dtype=torch.float64)
-    pixel_xy = [(0.0, 0.0), (3.0, 2.0), (1.0, 1.0), (-0.5, 1.0), (3.5, 1.0), (-1.0, 1.0), (4.0, 1.0), (1.0, -2.0)]
-    locations = torch.tensor([[(x + 0.5) / 4, (y + 0.5) / 3] for x, y in pixel_xy], dtype=torch.float64)
+    pixel_xy = [(0, 0), (3, 2), (1, 1), (-0.5, 1), (3.5, 1), (-1, 1), (4, 1), (1, -2)]
+    locations = [[(x + 0.5) / 4, (y + 0.5) / 3] for x, y in pixel_xy]
+    locations = torch.tensor(locations, dtype=torch.float64)
     locations = locations.view(1, len(pixel_xy), 1, 1, 1, 2)
     weights = torch.ones(1, len(pixel_xy), 1, 1, 1, dtype=torch.float64)
     out = IMPLS[impl](value, shapes, locations, weights).view(len(pixel_xy), 2)
     v = value.view(3, 4, 2)
-    expected = torch.stack(
-        [v[0, 0], v[2, 3], v[1, 1], 0.5 * v[1, 0], 0.5 * v[1, 3], torch.zeros(2, dtype=torch.float64),
-         torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)]
-    )
+    zero = torch.zeros(2, dtype=torch.float64)
+    expected = torch.stack([v[0, 0], v[2, 3], v[1, 1], 0.5 * v[1, 0], 0.5 * v[1, 3], zero, zero, zero])
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("impl", sorted(IMPLS))
 def test_gradients_match_bruteforce(impl):
     value, locations, weights = random_inputs(SHAPES, seed=1)
-    grad_out = torch.randn(value.shape[0], locations.shape[1], value.shape[2] * value.shape[3], dtype=torch.float64)
+    n, _, m, d = value.shape
+    grad_out = torch.randn(n, locations.shape[1], m * d, dtype=torch.float64)
     grads = []
     for fn in (bilinear_reference, IMPLS[impl]):
         inputs = [t.clone().requires_grad_() for t in (value, locations, weights)]
@@ -132,16 +133,19 @@ def test_gradients_match_bruteforce(impl):
 
 
 def test_fast_gradcheck():
-    value, locations, weights = random_inputs([(3, 4), (2, 2)], n=1, lq=3, m=2, d=2, n_points=2, seed=2)
+    shapes = [(3, 4), (2, 2)]
+    value, locations, weights = random_inputs(shapes, n=1, lq=3, m=2, d=2, n_points=2, seed=2)
     inputs = tuple(t.clone().requires_grad_() for t in (value, locations, weights))
     assert torch.autograd.gradcheck(
-        lambda v, loc, w: ms_deform_attn_fast(v, [(3, 4), (2, 2)], loc, w), inputs, eps=1e-6, atol=1e-6
+        lambda v, loc, w: ms_deform_attn_fast(v, shapes, loc, w), inputs, eps=1e-6, atol=1e-6
     )
 
 
 def test_fast_equals_pytorch_fp32():
     shapes = [(13, 17), (7, 9), (4, 5)]
-    value, locations, weights = random_inputs(shapes, n=2, lq=60, m=4, d=8, n_points=4, seed=3, dtype=torch.float32)
+    value, locations, weights = random_inputs(
+        shapes, n=2, lq=60, m=4, d=8, n_points=4, seed=3, dtype=torch.float32
+    )
     grad_out = torch.randn(2, 60, 32)
     results = []
     for fn in (ms_deform_attn_pytorch, ms_deform_attn_fast):

@@ -19,7 +19,9 @@ from mask2former.modeling.pixel_decoder.msdeformattn import (
 from mask2former.modeling.position_encoding import PositionEmbeddingSine
 
 CHANNELS = {"res2": 16, "res3": 24, "res4": 40, "res5": 48}
-INPUT_SHAPE = {k: ShapeSpec(channels=c, stride=4 * 2**i) for i, (k, c) in enumerate(CHANNELS.items())}
+INPUT_SHAPE = {
+    k: ShapeSpec(channels=c, stride=4 * 2**i) for i, (k, c) in enumerate(CHANNELS.items())
+}
 CONV_DIM, MASK_DIM, LAYERS = 32, 16, 2
 
 
@@ -86,7 +88,8 @@ def test_position_embedding_formula(normalize):
     x = torch.zeros(2, 3, 4, 5)
     got = pe(x, mask)
     assert got.shape == (2, 12, 4, 5) and got.dtype == torch.float32 and not list(pe.parameters())
-    torch.testing.assert_close(got.double(), sine_reference(mask, 6, normalize), rtol=1e-5, atol=1e-5)
+    expected = sine_reference(mask, 6, normalize)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(pe(x), pe(x, torch.zeros_like(mask)))
     with pytest.raises(ValueError):
         PositionEmbeddingSine(scale=1.0)
@@ -98,7 +101,8 @@ def test_output_shapes_and_strides_for_odd_sizes(size):
     h, w = size
     decoder = make_decoder()
     with torch.no_grad():
-        mask_features, encoder_features, multi_scale = decoder.forward_features(features_of_image(h, w))
+        outputs = decoder.forward_features(features_of_image(h, w))
+    mask_features, encoder_features, multi_scale = outputs
     ceil = lambda s: (math.ceil(h / s), math.ceil(w / s))  # noqa: E731
     assert mask_features.shape == (2, MASK_DIM) + ceil(4)
     assert encoder_features.shape == (2, CONV_DIM) + ceil(32)
@@ -107,7 +111,9 @@ def test_output_shapes_and_strides_for_odd_sizes(size):
 
 
 def test_with_swin_backbone_features():
-    backbone = D2SwinTransformer(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), window_size=3)
+    backbone = D2SwinTransformer(
+        embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), window_size=3
+    )
     shapes = backbone.output_shape()
     torch.manual_seed(0)
     decoder = MSDeformAttnPixelDecoder(
@@ -124,10 +130,11 @@ def test_with_swin_backbone_features():
 
 def official_decoder_keys(num_layers, num_levels=3, num_fpn=1):
     keys = ["transformer.level_embed", "mask_features.weight", "mask_features.bias"]
-    keys += [f"input_proj.{k}.{i}.{p}" for k in range(num_levels) for i in (0, 1) for p in ("weight", "bias")]
-    layer_params = [f"self_attn.{m}.{p}" for m in ("sampling_offsets", "attention_weights", "value_proj", "output_proj")
-                    for p in ("weight", "bias")]
-    layer_params += [f"{m}.{p}" for m in ("norm1", "linear1", "linear2", "norm2") for p in ("weight", "bias")]
+    params = ("weight", "bias")
+    keys += [f"input_proj.{k}.{i}.{p}" for k in range(num_levels) for i in (0, 1) for p in params]
+    attention = ("sampling_offsets", "attention_weights", "value_proj", "output_proj")
+    layer_params = [f"self_attn.{m}.{p}" for m in attention for p in params]
+    layer_params += [f"{m}.{p}" for m in ("norm1", "linear1", "linear2", "norm2") for p in params]
     keys += [f"transformer.encoder.layers.{i}.{p}" for i in range(num_layers) for p in layer_params]
     for n in range(1, num_fpn + 1):
         keys += [f"adapter_{n}.weight", f"adapter_{n}.norm.weight", f"adapter_{n}.norm.bias"]
@@ -142,7 +149,8 @@ def test_state_dict_names_are_official():
     assert [sd[f"input_proj.{k}.0.weight"].shape[1] for k in range(3)] == [48, 40, 24]
     assert sd["adapter_1.weight"].shape == (CONV_DIM, 16, 1, 1)
     assert sd["layer_1.weight"].shape == (CONV_DIM, CONV_DIM, 3, 3)
-    assert sd["transformer.encoder.layers.0.self_attn.sampling_offsets.weight"].shape == (4 * 3 * 4 * 2, CONV_DIM)
+    offsets = sd["transformer.encoder.layers.0.self_attn.sampling_offsets.weight"]
+    assert offsets.shape == (4 * 3 * 4 * 2, CONV_DIM)
     assert sd["transformer.level_embed"].shape == (3, CONV_DIM)
     assert not sd["input_proj.0.0.bias"].any() and not sd["mask_features.bias"].any()
 
@@ -164,7 +172,8 @@ def test_from_config():
     decoder = SEM_SEG_HEADS_REGISTRY.get("MSDeformAttnPixelDecoder")(cfg, INPUT_SHAPE)
     layer = decoder.transformer.encoder.layers[1]
     assert layer.linear1.out_features == 1024  # the official hard-coded encoder FFN width
-    assert layer.self_attn.impl == "pytorch" and layer.self_attn.n_points == 3 and layer.self_attn.n_heads == 8
+    attn = layer.self_attn
+    assert attn.impl == "pytorch" and attn.n_points == 3 and attn.n_heads == 8
     assert set(decoder.state_dict()) == official_decoder_keys(2)
     cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS = 4
     with pytest.raises(ValueError, match="NHEADS"):
@@ -200,7 +209,12 @@ def test_padding_mask_makes_encoder_independent_of_padding():
     positions, exactly the encoder output of the image alone."""
     torch.manual_seed(0)
     encoder = MSDeformAttnTransformerEncoderOnly(
-        d_model=32, nhead=4, num_encoder_layers=2, dim_feedforward=64, dropout=0.0, num_feature_levels=3
+        d_model=32,
+        nhead=4,
+        num_encoder_layers=2,
+        dim_feedforward=64,
+        dropout=0.0,
+        num_feature_levels=3,
     ).double().eval()
     with torch.no_grad():
         for layer in encoder.encoder.layers:

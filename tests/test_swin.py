@@ -28,7 +28,9 @@ from mask2former.modeling.backbone.swin_convert import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), window_size=3, drop_path_rate=0.0)
+TINY = dict(
+    embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), window_size=3, drop_path_rate=0.0
+)
 
 
 @pytest.fixture(autouse=True)
@@ -41,7 +43,7 @@ def single_thread():
 
 def official_swin_keys(depths, ape=False, out_indices=(0, 1, 2, 3)):
     """State-dict names of the official (segmentation) Swin, from its architecture."""
-    keys = ["patch_embed.proj.weight", "patch_embed.proj.bias", "patch_embed.norm.weight", "patch_embed.norm.bias"]
+    keys = [f"patch_embed.{m}.{p}" for m in ("proj", "norm") for p in ("weight", "bias")]
     if ape:
         keys.append("absolute_pos_embed")
     block_params = [
@@ -54,8 +56,8 @@ def official_swin_keys(depths, ape=False, out_indices=(0, 1, 2, 3)):
     for i, depth in enumerate(depths):
         keys += [f"layers.{i}.blocks.{j}.{p}" for j in range(depth) for p in block_params]
         if i < len(depths) - 1:
-            keys += [f"layers.{i}.downsample.reduction.weight", f"layers.{i}.downsample.norm.weight",
-                     f"layers.{i}.downsample.norm.bias"]
+            merging = ("reduction.weight", "norm.weight", "norm.bias")
+            keys += [f"layers.{i}.downsample.{p}" for p in merging]
     keys += [f"norm{i}.{p}" for i in out_indices for p in ("weight", "bias")]
     return set(keys)
 
@@ -67,7 +69,8 @@ def test_odd_input_sizes_give_ceil_strides():
     expected = {"res2": (16, 10, 14), "res3": (32, 5, 7), "res4": (64, 3, 4), "res5": (128, 2, 2)}
     assert {k: tuple(v.shape) for k, v in out.items()} == {k: (2,) + s for k, s in expected.items()}
     assert model.output_shape() == {
-        name: ShapeSpec(channels=c, stride=4 * 2**i) for i, (name, (c, _, _)) in enumerate(expected.items())
+        name: ShapeSpec(channels=c, stride=4 * 2**i)
+        for i, (name, (c, _, _)) in enumerate(expected.items())
     }
     assert model.size_divisibility == 32
 
@@ -90,7 +93,8 @@ def test_build_from_config_registry():
     cfg.MODEL.SWIN.APE = True
     model = BACKBONE_REGISTRY.get("D2SwinTransformer")(cfg, ShapeSpec(channels=3))
     assert model.num_features == [16, 32, 64, 128] and model.layers[0].window_size == 7
-    assert not model.absolute_pos_embed.requires_grad and model.absolute_pos_embed.shape == (1, 16, 56, 56)
+    assert not model.absolute_pos_embed.requires_grad
+    assert model.absolute_pos_embed.shape == (1, 16, 56, 56)
     out = model(torch.randn(1, 3, 40, 72))  # APE interpolated to 10 x 18 tokens
     assert out["res2"].shape == (1, 16, 10, 18)
 
@@ -119,7 +123,9 @@ def test_relative_position_bias_lookup():
 def _axis_groups(length, window, shift):
     """Window id along one axis of the padded map: with a shift, windows start at ``shift``
     and the first ``shift`` positions form their own (partial) window; no wrap-around."""
-    return [(i // window) if shift == 0 else (-1 if i < shift else (i - shift) // window) for i in range(length)]
+    if shift == 0:
+        return [i // window for i in range(length)]
+    return [-1 if i < shift else (i - shift) // window for i in range(length)]
 
 
 def reference_block(block, x, h, w):
@@ -139,7 +145,12 @@ def reference_block(block, x, h, w):
     for n in range(b):
         for i in range(h):
             for j in range(w):
-                keys = [(a, e) for a in range(hp) for e in range(wp) if rows[a] == rows[i] and cols[e] == cols[j]]
+                keys = [
+                    (a, e)
+                    for a in range(hp)
+                    for e in range(wp)
+                    if rows[a] == rows[i] and cols[e] == cols[j]
+                ]
                 for head in range(heads):
                     logits = torch.stack([
                         (q[n, i, j, head] * k[n, a, e, head]).sum() * block.attn.scale
@@ -152,10 +163,13 @@ def reference_block(block, x, h, w):
     return x + block.mlp(block.norm2(x))
 
 
-@pytest.mark.parametrize("h,w,window,shift", [(5, 7, 3, 0), (5, 7, 3, 1), (7, 8, 4, 2), (2, 3, 3, 1), (6, 6, 3, 1)])
+@pytest.mark.parametrize(
+    "h,w,window,shift", [(5, 7, 3, 0), (5, 7, 3, 1), (7, 8, 4, 2), (2, 3, 3, 1), (6, 6, 3, 1)]
+)
 def test_block_matches_bruteforce_window_attention(h, w, window, shift):
     torch.manual_seed(0)
-    block = SwinTransformerBlock(dim=8, num_heads=2, window_size=window, shift_size=shift).double().eval()
+    block = SwinTransformerBlock(dim=8, num_heads=2, window_size=window, shift_size=shift)
+    block = block.double().eval()
     with torch.no_grad():
         block.attn.relative_position_bias_table.normal_(0, 1.0)
         block.attn.qkv.weight.normal_(0, 0.5)
@@ -179,7 +193,9 @@ def test_window_layout_round_trip_and_mask():
 
 
 def test_stage_alternates_shift_and_drop_path_increases():
-    model = SwinTransformer(embed_dim=8, depths=(2, 3), num_heads=(1, 2), window_size=4, drop_path_rate=0.5)
+    model = SwinTransformer(
+        embed_dim=8, depths=(2, 3), num_heads=(1, 2), window_size=4, drop_path_rate=0.5
+    )
     shifts = [[blk.shift_size for blk in stage.blocks] for stage in model.layers]
     assert shifts == [[0, 2], [0, 2, 0]]
     rates = [blk.drop_path.drop_prob if hasattr(blk.drop_path, "drop_prob") else 0.0
@@ -189,7 +205,9 @@ def test_stage_alternates_shift_and_drop_path_increases():
 
 def test_activation_checkpointing_same_values_and_grads():
     torch.manual_seed(0)
-    config = dict(embed_dim=8, depths=(2, 2), num_heads=(1, 2), window_size=3, out_indices=(1,), drop_path_rate=0.0)
+    config = dict(
+        embed_dim=8, depths=(2, 2), num_heads=(1, 2), window_size=3, out_indices=(1,), drop_path_rate=0.0
+    )
     plain = SwinTransformer(**config)
     ckpt = SwinTransformer(use_checkpoint=True, **config)
     ckpt.load_state_dict(plain.state_dict())
@@ -205,17 +223,17 @@ def test_activation_checkpointing_same_values_and_grads():
 
 # --------------------------------------------------------------------------- frozen stages
 def test_frozen_stages():
-    model = SwinTransformer(embed_dim=8, depths=(1, 1, 1), num_heads=(1, 1, 2), window_size=3, ape=True,
-                            pretrain_img_size=32, frozen_stages=2)
+    small = dict(embed_dim=8, depths=(1, 1, 1), num_heads=(1, 1, 2), window_size=3)
+    model = SwinTransformer(ape=True, pretrain_img_size=32, frozen_stages=2, **small)
     model.train()
     frozen = ["patch_embed.", "absolute_pos_embed", "layers.0."]
     for name, p in model.named_parameters():
         assert p.requires_grad == (not name.startswith(tuple(frozen))), name
     assert not model.patch_embed.training and not model.layers[0].training
     assert model.layers[1].training and model.norm0.training
-    unfrozen = SwinTransformer(embed_dim=8, depths=(1, 1, 1), num_heads=(1, 1, 2), window_size=3, frozen_stages=0)
-    assert [n for n, p in unfrozen.named_parameters() if not p.requires_grad] == [
-        "patch_embed.proj.weight", "patch_embed.proj.bias", "patch_embed.norm.weight", "patch_embed.norm.bias"
+    only_embedding = SwinTransformer(frozen_stages=0, **small)
+    assert [n for n, p in only_embedding.named_parameters() if not p.requires_grad] == [
+        f"patch_embed.{m}.{p}" for m in ("proj", "norm") for p in ("weight", "bias")
     ]
 
 
@@ -252,7 +270,8 @@ def _fake_official_imagenet_checkpoint(model: SwinTransformer):
     for i, stage in enumerate(model.layers):
         for j, blk in enumerate(stage.blocks):
             if blk.shift_size:
-                sd[f"layers.{i}.blocks.{j}.attn_mask"] = torch.zeros(4, blk.window_size**2, blk.window_size**2)
+                n = blk.window_size**2
+                sd[f"layers.{i}.blocks.{j}.attn_mask"] = torch.zeros(4, n, n)
     return sd
 
 
@@ -272,19 +291,23 @@ def test_converter_round_trip(tmp_path):
     saved = torch.load(dst, weights_only=True)
     assert set(saved) == {"model", "__author__"}
     assert all(k.startswith("backbone.") for k in saved["model"])
-    assert not [k for k in saved["model"] if "attn_mask" in k or "head." in k or k == "backbone.norm.weight"]
+    final_norm = ("backbone.norm.weight", "backbone.norm.bias")
+    assert not [k for k in saved["model"] if "attn_mask" in k or "head." in k or k in final_norm]
 
     target = _Wrapper(D2SwinTransformer(**TINY))
     incompatible = target.load_state_dict(saved["model"], strict=False)
     assert incompatible.unexpected_keys == []
-    assert sorted(incompatible.missing_keys) == sorted(f"backbone.norm{i}.{p}" for i in range(4) for p in ("weight", "bias"))
+    output_norms = [f"backbone.norm{i}.{p}" for i in range(4) for p in ("weight", "bias")]
+    assert sorted(incompatible.missing_keys) == sorted(output_norms)
     for name, value in source.state_dict().items():
         if not name.startswith("norm"):
             torch.testing.assert_close(target.backbone.state_dict()[name], value)
     # through Detectron2's checkpointer (the MODEL.WEIGHTS path)
     loaded = _Wrapper(D2SwinTransformer(**TINY))
     DetectionCheckpointer(loaded).load(str(dst))
-    torch.testing.assert_close(loaded.backbone.layers[3].blocks[1].attn.qkv.weight, source.layers[3].blocks[1].attn.qkv.weight)
+    torch.testing.assert_close(
+        loaded.backbone.layers[3].blocks[1].attn.qkv.weight, source.layers[3].blocks[1].attn.qkv.weight
+    )
 
 
 def test_converter_resizes_bias_tables(tmp_path):
@@ -295,7 +318,8 @@ def test_converter_resizes_bias_tables(tmp_path):
     convert_swin_checkpoint(str(src), str(dst), window_size=5)
     target = _Wrapper(D2SwinTransformer(**dict(TINY, window_size=5)))
     incompatible = target.load_state_dict(torch.load(dst, weights_only=True)["model"], strict=False)
-    assert incompatible.unexpected_keys == [] and all(k.startswith("backbone.norm") for k in incompatible.missing_keys)
+    assert incompatible.unexpected_keys == []
+    assert all(k.startswith("backbone.norm") for k in incompatible.missing_keys)
     old = source.layers[1].blocks[0].attn.relative_position_bias_table  # 5 x 5 offsets
     new = target.backbone.layers[1].blocks[0].attn.relative_position_bias_table  # 9 x 9 offsets
     assert new.shape == (81, 2)
@@ -307,7 +331,8 @@ def test_bias_table_interpolation_properties():
     table = torch.randn(25, 3)
     torch.testing.assert_close(interpolate_relative_position_bias_table(table, 3), table)
     constant = torch.full((25, 3), 0.7)
-    torch.testing.assert_close(interpolate_relative_position_bias_table(constant, 6), torch.full((121, 3), 0.7))
+    resized = interpolate_relative_position_bias_table(constant, 6)
+    torch.testing.assert_close(resized, torch.full((121, 3), 0.7))
     with pytest.raises(ValueError):
         interpolate_relative_position_bias_table(torch.randn(24, 3), 4)
 
@@ -352,7 +377,8 @@ def test_converter_cli(tmp_path, capsys):
     torch.save({"model": _fake_official_imagenet_checkpoint(SwinTransformer(**TINY))}, src)
     assert main([str(src), str(tmp_path / "d2.pth"), "--window-size", "5"]) == 0
     converted = torch.load(tmp_path / "d2.pth", weights_only=True)["model"]
-    assert converted["backbone.layers.0.blocks.0.attn.relative_position_bias_table"].shape == (81, 1)
+    table = converted["backbone.layers.0.blocks.0.attn.relative_position_bias_table"]
+    assert table.shape == (81, 1)
     assert main([str(ROOT / "README.md"), str(tmp_path / "x.pth")]) == 1
     assert "README.md" in capsys.readouterr().err
     assert main([str(tmp_path / "missing.pth"), str(tmp_path / "x.pth")]) == 1

@@ -76,7 +76,9 @@ def ms_deform_attn_pytorch(
         # [N, Lq, M, P, 2] -> [N*M, Lq, P, 2]
         grid_l = sampling_grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
         sampled.append(
-            F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False)
+            F.grid_sample(
+                value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False
+            )
         )
     # [N, Lq, M, L, P] -> [N*M, 1, Lq, L*P]
     weights = attention_weights.transpose(1, 2).reshape(n * m, 1, lq, n_levels * n_points)
@@ -110,7 +112,10 @@ class _PaddedLevels:
         n, _, m, d = value.shape
         pad = (0, 0, _PAD_BEFORE, _PAD_AFTER, _PAD_BEFORE, _PAD_AFTER)
         levels = value.split([h * w for h, w in self.shapes], dim=1)
-        padded = [F.pad(v.reshape(n, h, w, m * d), pad).flatten(1, 2) for (h, w), v in zip(self.shapes, levels)]
+        padded = [
+            F.pad(v.reshape(n, h, w, m * d), pad).flatten(1, 2)
+            for (h, w), v in zip(self.shapes, levels)
+        ]
         return torch.cat(padded, dim=1).reshape(n * self.positions * m, d)
 
     def unpad(self, table: torch.Tensor, num_images: int, num_heads: int) -> torch.Tensor:
@@ -119,34 +124,42 @@ class _PaddedLevels:
         table = table.view(num_images, self.positions, num_heads * d)
         levels = []
         for (h, w), start, row in zip(self.shapes, self.starts, self.row_lengths):
-            level = table[:, start : start + (h + _PAD_BEFORE + _PAD_AFTER) * row].view(num_images, -1, row, num_heads * d)
-            levels.append(level[:, _PAD_BEFORE : _PAD_BEFORE + h, _PAD_BEFORE : _PAD_BEFORE + w].reshape(num_images, h * w, -1))
+            end = start + (h + _PAD_BEFORE + _PAD_AFTER) * row
+            level = table[:, start:end].view(num_images, -1, row, num_heads * d)
+            level = level[:, _PAD_BEFORE : _PAD_BEFORE + h, _PAD_BEFORE : _PAD_BEFORE + w]
+            levels.append(level.reshape(num_images, h * w, -1))
         return torch.cat(levels, dim=1).view(num_images, -1, num_heads, d)
 
-    def corner_rows(self, corner0: torch.Tensor, num_images: int, num_heads: int, dtype: torch.dtype):
+    def corner_rows(
+        self, corner0: torch.Tensor, num_images: int, num_heads: int, dtype: torch.dtype
+    ) -> torch.Tensor:
         """Table rows [4, L * P, B] of the corners (x0, y0), (x0 + 1, y0), (x0, y0 + 1),
         (x0 + 1, y0 + 1), from the planar top-left corners [L, P, 2, B] (pixel units)."""
         n_levels, n_points, _, bags = corner0.shape
         m, device = num_heads, corner0.device
         corner0 = corner0.to(dtype)
         row_len = torch.tensor(self.row_lengths, dtype=dtype, device=device).view(n_levels, 1, 1)
-        level_base = torch.tensor(
-            [(start + _PAD_BEFORE * (row + 1)) * m for start, row in zip(self.starts, self.row_lengths)],
-            dtype=dtype,
-            device=device,
-        ).view(n_levels, 1, 1)
-        image_head = (
-            torch.arange(num_images, dtype=dtype, device=device).view(-1, 1, 1) * (self.positions * m)
-            + torch.arange(m, dtype=dtype, device=device).view(1, 1, m)
-        ).expand(num_images, bags // (num_images * m), m).reshape(bags)
+        # first row of each level, shifted by the padding before (x0 = y0 = 0 is padded (1, 1))
+        level_base = [
+            (start + _PAD_BEFORE * (row + 1)) * m
+            for start, row in zip(self.starts, self.row_lengths)
+        ]
+        level_base = torch.tensor(level_base, dtype=dtype, device=device).view(n_levels, 1, 1)
+        images = torch.arange(num_images, dtype=dtype, device=device).view(-1, 1, 1)
+        heads = torch.arange(m, dtype=dtype, device=device).view(1, 1, m)
+        image_head = images * (self.positions * m) + heads
+        image_head = image_head.expand(num_images, bags // (num_images * m), m).reshape(bags)
         row0 = corner0[:, :, 1] * (row_len * m) + corner0[:, :, 0] * m + (level_base + image_head)
-        offsets = torch.stack([torch.zeros_like(row_len), torch.ones_like(row_len), row_len, row_len + 1]) * m
-        return (row0.unsqueeze(0) + offsets).view(4, n_levels * n_points, bags)
+        offsets = torch.stack(
+            [torch.zeros_like(row_len), torch.ones_like(row_len), row_len, row_len + 1]
+        )
+        return (row0.unsqueeze(0) + offsets * m).view(4, n_levels * n_points, bags)
 
 
-def _level_sizes(shapes: List[Tuple[int, int]], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _level_sizes(shapes: List[Tuple[int, int]], like: torch.Tensor) -> torch.Tensor:
     """(W, H) of each level as a [L, 1, 2, 1] tensor (broadcasts over planar [L, P, 2, B])."""
-    return torch.tensor([[w, h] for h, w in shapes], dtype=dtype, device=device).view(len(shapes), 1, 2, 1)
+    sizes = torch.tensor([[w, h] for h, w in shapes], dtype=like.dtype, device=like.device)
+    return sizes.view(len(shapes), 1, 2, 1)
 
 
 def _bag_major(planar: torch.Tensor) -> torch.Tensor:
@@ -183,7 +196,7 @@ class _MSDeformAttnFastFunction(torch.autograd.Function):
 
         # Clamp to [-1, size]: beyond that both corners read zeros anyway, and the clamp keeps
         # every corner inside the padded map (zero gradient there, as grid_sample has).
-        clamped = torch.clamp(pixel, min=pixel.new_tensor(-1.0), max=_level_sizes(shapes, pixel.dtype, pixel.device))
+        clamped = torch.clamp(pixel, min=pixel.new_tensor(-1.0), max=_level_sizes(shapes, pixel))
         corner0 = clamped.floor()
         frac = (clamped - corner0).view(n_levels * n_points, 2, bags)
         index = levels.corner_rows(corner0, n, m, index_dtype)  # [4, K, B]
@@ -193,7 +206,9 @@ class _MSDeformAttnFastFunction(torch.autograd.Function):
         weight_x = torch.stack([1 - fx, fx])
         weight = (weight_y.unsqueeze(1) * weight_x.unsqueeze(0)).view(4, n_levels * n_points, bags)
 
-        out = F.embedding_bag(_bag_major(index), table, per_sample_weights=_bag_major(weight), mode="sum")
+        out = F.embedding_bag(
+            _bag_major(index), table, per_sample_weights=_bag_major(weight), mode="sum"
+        )
         ctx.save_for_backward(table, index, weight, frac, weights, clamped == pixel)
         ctx.levels, ctx.value_shape = levels, value.shape
         return out
@@ -218,7 +233,9 @@ class _MSDeformAttnFastFunction(torch.autograd.Function):
         bags = bags.to(index.dtype)
         grad_table = torch.zeros_like(table) if need_value else None
         # gradient w.r.t. the corner weights: grad_out[bag] . table[row]
-        grad_corner = weight.new_empty(4, points_per_bag * num_bags) if (need_pixel or need_weights) else None
+        grad_corner = None
+        if need_pixel or need_weights:
+            grad_corner = weight.new_empty(4, points_per_bag * num_bags)
         row_starts = torch.arange(num_rows + 1, dtype=index.dtype, device=index.device)
         for c in range(4):
             rows = index[c].reshape(-1).index_select(0, planar_pos)
@@ -226,7 +243,9 @@ class _MSDeformAttnFastFunction(torch.autograd.Function):
             crow = torch.searchsorted(rows, row_starts, out_int32=index.dtype == torch.int32)
             if need_value:
                 # transposed sparse product: table row r gets sum of weight * grad_out[bag]
-                grad_table += F.embedding_bag(bags, grad_out, crow[:-1], per_sample_weights=values, mode="sum")
+                grad_table += F.embedding_bag(
+                    bags, grad_out, crow[:-1], per_sample_weights=values, mode="sum"
+                )
             if grad_corner is not None:
                 corner = _csr(crow, bags, values, (num_rows, num_bags))
                 dots = torch.sparse.sampled_addmm(corner, table, grad_out.t(), beta=0.0).values()
@@ -239,7 +258,8 @@ class _MSDeformAttnFastFunction(torch.autograd.Function):
             fx, fy = frac[:, 0], frac[:, 1]
             if need_weights:
                 # sum over corners of grad * bilinear weight
-                grad_weights = ((g00 * (1 - fx) + g10 * fx) * (1 - fy) + (g01 * (1 - fx) + g11 * fx) * fy)
+                top, bottom = g00 * (1 - fx) + g10 * fx, g01 * (1 - fx) + g11 * fx
+                grad_weights = top * (1 - fy) + bottom * fy
                 grad_weights = grad_weights.view(inside.shape[0], inside.shape[1], num_bags)
             if need_pixel:
                 grad_fx = ((g10 - g00) * (1 - fy) + (g11 - g01) * fy) * weights
@@ -256,7 +276,8 @@ def _ms_deform_attn_fast_planar(
     n, s, m, d = value.shape
     if s != sum(h * w for h, w in shapes):
         raise ValueError(f"value has {s} positions, spatial shapes {shapes} give another number")
-    output = _MSDeformAttnFastFunction.apply(value, pixel.to(value.dtype), weights.to(value.dtype), shapes)
+    pixel, weights = pixel.to(value.dtype), weights.to(value.dtype)
+    output = _MSDeformAttnFastFunction.apply(value, pixel, weights, shapes)
     return output.view(n, -1, m * d)
 
 
@@ -272,10 +293,11 @@ def ms_deform_attn_fast(
     n, lq, m, n_levels, n_points, _ = sampling_locations.shape
     bags = n * lq * m
     # [N, Lq, M, L, P, 2] -> planar [L, P, 2, B] (a 2-D transpose), then to pixels
-    locations = sampling_locations.reshape(bags, -1).t().contiguous().view(n_levels, n_points, 2, bags)
-    sizes = _level_sizes(shapes, locations.dtype, locations.device)
-    pixel = torch.addcmul(locations.new_tensor(-0.5), locations, sizes)
-    weights = attention_weights.reshape(bags, -1).t().contiguous().view(n_levels, n_points, bags)
+    locations = sampling_locations.reshape(bags, -1).t().contiguous()
+    locations = locations.view(n_levels, n_points, 2, bags)
+    pixel = torch.addcmul(locations.new_tensor(-0.5), locations, _level_sizes(shapes, locations))
+    weights = attention_weights.reshape(bags, -1).t().contiguous()
+    weights = weights.view(n_levels, n_points, bags)
     return _ms_deform_attn_fast_planar(value, shapes, pixel, weights)
 
 
@@ -311,7 +333,9 @@ class MSDeformAttn(nn.Module):
         if d_model % n_heads != 0:
             raise ValueError(f"d_model must be divisible by n_heads, got {d_model} and {n_heads}")
         if impl not in MS_DEFORM_ATTN_IMPLS:
-            raise ValueError(f"Unknown deformable attention impl {impl!r}; one of {sorted(MS_DEFORM_ATTN_IMPLS)}")
+            raise ValueError(
+                f"Unknown deformable attention impl {impl!r}; one of {sorted(MS_DEFORM_ATTN_IMPLS)}"
+            )
         self.d_model = d_model
         self.n_levels = n_levels
         self.n_heads = n_heads
@@ -370,7 +394,9 @@ class MSDeformAttn(nn.Module):
         _, len_in, _ = input_flatten.shape
         shapes = _shape_list(input_spatial_shapes)
         if sum(h * w for h, w in shapes) != len_in:
-            raise ValueError(f"input_flatten has {len_in} positions, spatial shapes {shapes} another number")
+            raise ValueError(
+                f"input_flatten has {len_in} positions, spatial shapes {shapes} another number"
+            )
 
         value = self.value_proj(input_flatten)
         if input_padding_mask is not None:
@@ -389,17 +415,21 @@ class MSDeformAttn(nn.Module):
                     f"Last dim of reference_points must be 2 or 4, got {reference_points.shape[-1]}"
                 )
             if self.impl == "fast" and reference_points.shape[-1] == 2:
-                output = self._fast_point_attention(value, shapes, reference_points, offsets, logits)
+                output = self._fast_point_attention(
+                    value, shapes, reference_points, offsets, logits
+                )
             else:
-                offsets = offsets.view(n, len_q, self.n_heads, self.n_levels, self.n_points, 2)
-                weights = F.softmax(logits.view(n, len_q, self.n_heads, self.n_levels * self.n_points), -1)
-                weights = weights.view(n, len_q, self.n_heads, self.n_levels, self.n_points)
+                m, n_levels, n_points = self.n_heads, self.n_levels, self.n_points
+                offsets = offsets.view(n, len_q, m, n_levels, n_points, 2)
+                weights = F.softmax(logits.view(n, len_q, m, n_levels * n_points), -1)
+                weights = weights.view(n, len_q, m, n_levels, n_points)
                 ref = reference_points[:, :, None, :, None, :]
                 if reference_points.shape[-1] == 2:
-                    normalizer = torch.tensor([[w, h] for h, w in shapes], dtype=dtype, device=query.device)
-                    locations = ref + offsets / normalizer[None, None, None, :, None, :]
+                    normalizer = torch.tensor([[w, h] for h, w in shapes], dtype=dtype)
+                    normalizer = normalizer.to(query.device)[None, None, None, :, None, :]
+                    locations = ref + offsets / normalizer
                 else:
-                    locations = ref[..., :2] + offsets / self.n_points * ref[..., 2:] * 0.5
+                    locations = ref[..., :2] + offsets / n_points * ref[..., 2:] * 0.5
                 output = MS_DEFORM_ATTN_IMPLS[self.impl](value, shapes, locations, weights)
         return self.output_proj(output.to(query.dtype))
 
@@ -414,10 +444,12 @@ class MSDeformAttn(nn.Module):
         # reference pixel per level, repeated over heads: [L, 1, 2, B]
         ref_pixel = torch.addcmul(sizes.new_tensor(-0.5), reference_points, sizes)
         ref_pixel = ref_pixel[:, :, None].expand(n, len_q, self.n_heads, n_levels, 2)
-        ref_pixel = ref_pixel.reshape(bags, n_levels * 2).t().contiguous().view(n_levels, 1, 2, bags)
+        ref_pixel = ref_pixel.reshape(bags, n_levels * 2).t().contiguous()
+        ref_pixel = ref_pixel.view(n_levels, 1, 2, bags)
         # [N, Lq, M * L * P * 2] -> [L, P, 2, B] and [N, Lq, M * L * P] -> [L, P, B]
         # (2-D transposes: blocked copy kernel)
-        offsets = offsets.reshape(bags, -1).t().contiguous().view(n_levels, self.n_points, 2, bags)
+        offsets = offsets.reshape(bags, -1).t().contiguous()
+        offsets = offsets.view(n_levels, self.n_points, 2, bags)
         logits = logits.reshape(bags, -1).t().contiguous()
         weights = F.softmax(logits, dim=0).view(n_levels, self.n_points, bags)
         return _ms_deform_attn_fast_planar(value, shapes, offsets + ref_pixel, weights)

@@ -66,7 +66,9 @@ class MSDeformAttnTransformerEncoderLayer(nn.Module):
         """src, pos [N, S, C]; reference_points [N, S, L, 2]; spatial_shapes [L, 2] (tensor or
         list of (H, W)); padding_mask [N, S] or None."""
         query = src if pos is None else src + pos
-        attn = self.self_attn(query, reference_points, src, spatial_shapes, level_start_index, padding_mask)
+        attn = self.self_attn(
+            query, reference_points, src, spatial_shapes, level_start_index, padding_mask
+        )
         src = self.norm1(src + self.dropout1(attn))
         ffn = self.linear2(self.dropout2(self.activation(self.linear1(src))))
         return self.norm2(src + self.dropout3(ffn))
@@ -136,7 +138,13 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
         self.d_model = d_model
         self.nhead = nhead
         encoder_layer = MSDeformAttnTransformerEncoderLayer(
-            d_model, dim_feedforward, dropout, num_feature_levels, nhead, enc_n_points, attention_impl
+            d_model,
+            dim_feedforward,
+            dropout,
+            num_feature_levels,
+            nhead,
+            enc_n_points,
+            attention_impl,
         )
         self.encoder = MSDeformAttnTransformerEncoder(encoder_layer, num_encoder_layers)
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
@@ -178,7 +186,8 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
         for level, (src, pos) in enumerate(zip(srcs, pos_embeds)):
             shapes.append(src.shape[2:])
             src_flatten.append(src.flatten(2).transpose(1, 2))
-            pos_flatten.append(pos.flatten(2).transpose(1, 2) + self.level_embed[level].view(1, 1, -1))
+            level_embed = self.level_embed[level].view(1, 1, -1)
+            pos_flatten.append(pos.flatten(2).transpose(1, 2) + level_embed)
         src_flatten = torch.cat(src_flatten, 1)
         pos_flatten = torch.cat(pos_flatten, 1)
         spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src_flatten.device)
@@ -236,7 +245,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
         """
         super().__init__()
         transformer_input_shape = sorted(
-            ((k, v) for k, v in input_shape.items() if k in transformer_in_features), key=lambda x: x[1].stride
+            ((k, v) for k, v in input_shape.items() if k in transformer_in_features),
+            key=lambda x: x[1].stride,
         )
         input_shape = sorted(input_shape.items(), key=lambda x: x[1].stride)
         self.in_features = [k for k, _ in input_shape]  # fine to coarse
@@ -251,7 +261,9 @@ class MSDeformAttnPixelDecoder(nn.Module):
         # 1x1 conv + GroupNorm per encoder level, ordered from the lowest resolution
         self.input_proj = nn.ModuleList(
             [
-                nn.Sequential(nn.Conv2d(in_channels, conv_dim, kernel_size=1), nn.GroupNorm(32, conv_dim))
+                nn.Sequential(
+                    nn.Conv2d(in_channels, conv_dim, kernel_size=1), nn.GroupNorm(32, conv_dim)
+                )
                 for in_channels in transformer_in_channels[::-1]
             ]
         )
@@ -284,7 +296,9 @@ class MSDeformAttnPixelDecoder(nn.Module):
         use_bias = norm == ""
         lateral_convs, output_convs = [], []
         for idx, in_channels in enumerate(self.feature_channels[: self.num_fpn_levels]):
-            lateral_conv = Conv2d(in_channels, conv_dim, kernel_size=1, bias=use_bias, norm=get_norm(norm, conv_dim))
+            lateral_conv = Conv2d(
+                in_channels, conv_dim, kernel_size=1, bias=use_bias, norm=get_norm(norm, conv_dim)
+            )
             output_conv = Conv2d(
                 conv_dim,
                 conv_dim,
@@ -310,7 +324,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         head = cfg.MODEL.SEM_SEG_HEAD
         if head.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS != cfg.MODEL.MASK_FORMER.NHEADS:
             raise ValueError(
-                "The deformable encoder uses MODEL.MASK_FORMER.NHEADS heads (as the official code); "
+                "The deformable encoder uses MODEL.MASK_FORMER.NHEADS heads (official code); "
                 f"MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS="
                 f"{head.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS} differs from it "
                 f"({cfg.MODEL.MASK_FORMER.NHEADS}); set both to the same value."
@@ -322,7 +336,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
             "norm": head.NORM,
             "transformer_dropout": cfg.MODEL.MASK_FORMER.DROPOUT,
             "transformer_nheads": cfg.MODEL.MASK_FORMER.NHEADS,
-            # the official code uses 1024 for the deformable encoder, not MASK_FORMER.DIM_FEEDFORWARD
+            # the official code uses 1024 for the encoder, not MASK_FORMER.DIM_FEEDFORWARD
             "transformer_dim_feedforward": 1024,
             "transformer_enc_layers": head.TRANSFORMER_ENC_LAYERS,
             "transformer_in_features": head.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES,
@@ -357,7 +371,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
             x = features[f].float()
             mask = None
             if padding_mask is not None:
-                mask = F.interpolate(padding_mask[None].float(), size=x.shape[-2:])[0].to(torch.bool)
+                mask = F.interpolate(padding_mask[None].float(), size=x.shape[-2:])[0].bool()
                 masks.append(mask)
             srcs.append(self.input_proj[idx](x))
             pos.append(self.pe_layer(x, mask))
@@ -374,12 +388,17 @@ class MSDeformAttnPixelDecoder(nn.Module):
         for idx, f in enumerate(self.in_features[: self.num_fpn_levels][::-1]):
             x = features[f].float()
             cur_fpn = self.lateral_convs[idx](x)
-            y = cur_fpn + F.interpolate(out[-1], size=cur_fpn.shape[-2:], mode="bilinear", align_corners=False)
+            top_down = F.interpolate(
+                out[-1], size=cur_fpn.shape[-2:], mode="bilinear", align_corners=False
+            )
+            y = cur_fpn + top_down
             out.append(self.output_convs[idx](y))
 
         multi_scale_features = out[: self.maskformer_num_feature_levels]
         return self.mask_features(out[-1]), out[0], multi_scale_features
 
-    def forward(self, features: Dict[str, torch.Tensor], padding_mask: Optional[torch.Tensor] = None):
+    def forward(
+        self, features: Dict[str, torch.Tensor], padding_mask: Optional[torch.Tensor] = None
+    ):
         """Same as :meth:`forward_features`."""
         return self.forward_features(features, padding_mask)
