@@ -286,15 +286,28 @@ def _na2d_dense_grid(query, key, value, rpb, kernel_size: int, scale: float, max
         x = x.unfold(1, rows.region, rows.tile).unfold(2, cols.region, cols.tile)
         return x.permute(0, 1, 2, 3, 5, 6, 4)
 
-    tiles = (query_tiles(query), key_regions(key), key_regions(value))
+    # Pieces of tiles sharing one mask: tile rows and columns are cut where the window pattern
+    # changes, tile rows also into chunks of at most max_logits logits when one sample exceeds it;
+    # each piece then runs on as many samples at once as fit in max_logits. Pieces come from
+    # torch.split (a single cheap backward per split).
     logits_per_tile = heads * rows.tile * cols.tile * rows.region * cols.region
+    per_tile_row = cols.num_tiles * logits_per_tile
+    rows_per_chunk = rows.num_tiles if rows.num_tiles * per_tile_row <= max_logits else max(1, max_logits // per_tile_row)
+    row_pieces = [
+        (piece.stop - piece.start, pattern)
+        for run, pattern in rows.runs
+        for piece in _ranges(run.stop - run.start, rows_per_chunk, run.start)
+    ]
+    col_pieces = [(run.stop - run.start, pattern) for run, pattern in cols.runs]
+
+    tiles = (query_tiles(query), key_regions(key), key_regions(value))
     out_rows = []
-    for row_run, row_pattern in rows.runs:
+    for row_tiles, (num_rows, row_pattern) in zip(zip(*(x.split([r for r, _ in row_pieces], dim=1) for x in tiles)), row_pieces):
         out_cols = []
-        for col_run, col_pattern in cols.runs:
-            # All tiles of the block share one mask, broadcast over them.
-            mask = table[row_pattern, col_pattern][None]  # [1, heads|1, Th*Tw, Rh*Rw]
-            out_cols.append(_attend_block(tiles, mask, row_run, col_run, scale, logits_per_tile, max_logits))
+        for piece, (num_cols, col_pattern) in zip(zip(*(x.split([c for c, _ in col_pieces], dim=2) for x in row_tiles)), col_pieces):
+            samples_per_chunk = max(1, max_logits // (num_rows * num_cols * logits_per_tile))
+            mask = table[row_pattern, col_pattern]
+            out_cols.append(_cat([_attend_tiles(*chunk, mask, scale) for chunk in zip(*(x.split(samples_per_chunk) for x in piece))], dim=0))
         out_rows.append(_cat(out_cols, dim=2))
     out = _cat(out_rows, dim=1)  # [N, tiles_h, tiles_w, heads, Th*Tw, Dv]
     out = out.unflatten(4, (rows.tile, cols.tile)).permute(0, 1, 4, 2, 5, 3, 6)
@@ -302,28 +315,15 @@ def _na2d_dense_grid(query, key, value, rpb, kernel_size: int, scale: float, max
     return out[:, -rows.first_query : height - rows.first_query, -cols.first_query : width - cols.first_query]
 
 
-def _attend_block(tiles, mask, row_run: slice, col_run: slice, scale: float, logits_per_tile: int, max_logits: int):
-    """Attention of the tiles ``row_run x col_run`` (one shared mask), in chunks of samples or
-    tile rows of at most about ``max_logits`` logits. Returns ``[N, rows, cols, heads, T, Dv]``."""
-    n, heads = tiles[0].shape[0], tiles[0].shape[3]
-    num_rows, num_cols = row_run.stop - row_run.start, col_run.stop - col_run.start
-    per_row = num_cols * logits_per_tile
-    if num_rows * per_row <= max_logits:  # whole samples per chunk
-        sample_chunks, row_chunks = _ranges(n, max_logits // (num_rows * per_row)), [row_run]
-    else:  # tile rows of one sample per chunk
-        sample_chunks, row_chunks = _ranges(n, 1), _ranges(num_rows, max(1, max_logits // per_row), row_run.start)
-    out_samples = []
-    for samples in sample_chunks:
-        out_rows = []
-        for rows_ in row_chunks:
-            # [samples * rows * cols, heads, tokens, D]: the layout of scaled_dot_product_attention's
-            # fused CPU kernel, the mask broadcast over the tiles. (PyTorch runs its math backend
-            # instead when the mask requires grad.)
-            q, k, v = (x[samples, rows_, col_run].flatten(4, 5).flatten(0, 2) for x in tiles)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-            out_rows.append(out.view(samples.stop - samples.start, rows_.stop - rows_.start, num_cols, heads, *out.shape[-2:]))
-        out_samples.append(_cat(out_rows, dim=1))
-    return _cat(out_samples, dim=0)
+def _attend_tiles(q_tiles, k_regions, v_regions, mask, scale: float):
+    """Attention of ``[n, rows, cols, heads, ...]`` query tiles to their key regions with one mask
+    ``[heads or 1, tile tokens, region tokens]`` for all. Returns ``[n, rows, cols, heads, T, Dv]``."""
+    # [n * rows * cols, heads, tokens, D]: the layout of scaled_dot_product_attention's fused CPU
+    # kernel, the mask broadcast over the tiles. (PyTorch runs its math backend instead when the
+    # mask requires grad.)
+    q, k, v = (x.flatten(4, 5).flatten(0, 2) for x in (q_tiles, k_regions, v_regions))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None], scale=scale)
+    return out.view(*q_tiles.shape[:4], *out.shape[-2:])
 
 
 def _cat(tensors, dim: int):
