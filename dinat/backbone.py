@@ -68,7 +68,7 @@ class ConvTokenizer(nn.Module):
 
 
 class ConvDownsampler(nn.Module):
-    """Tokens ``[B, H, W, C]`` -> ``[B, H/2, W/2, 2C]`` by a stride-2 3x3 convolution + LayerNorm."""
+    """Tokens ``[B, H, W, C]`` -> ``[B, H/2, W/2, 2C]``: stride-2 3x3 convolution + LayerNorm."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -148,10 +148,20 @@ class NATBlock(nn.Module):
 class NATLevel(nn.Module):
     """One level: ``blocks`` at a fixed resolution, then an optional ``downsample``."""
 
-    def __init__(self, dim: int, dilations: Sequence[int], drop_paths: Sequence[float], downsample: bool, **block_kwargs):
+    def __init__(
+        self,
+        dim: int,
+        dilations: Sequence[int],
+        drop_paths: Sequence[float],
+        downsample: bool,
+        **block_kwargs,
+    ):
         super().__init__()
         self.blocks = nn.ModuleList(
-            [NATBlock(dim, dilation=d, drop_path=p, **block_kwargs) for d, p in zip(dilations, drop_paths)]
+            [
+                NATBlock(dim, dilation=d, drop_path=p, **block_kwargs)
+                for d, p in zip(dilations, drop_paths)
+            ]
         )
         self.downsample = ConvDownsampler(dim) if downsample else None
 
@@ -214,10 +224,14 @@ class DiNAT(Backbone):
         if dilations is None:
             dilations = [[1] * depth for depth in depths]
         if [len(d) for d in dilations] != list(depths):
-            raise ValueError(f"DILATIONS {dilations} must list one dilation per block of DEPTHS {depths}.")
+            raise ValueError(
+                f"DILATIONS {dilations} must list one dilation per block of DEPTHS {depths}."
+            )
         unknown = set(out_features) - set(_LEVEL_NAMES)
         if unknown:
-            raise ValueError(f"Unknown DiNAT out_features {sorted(unknown)}; choose from {_LEVEL_NAMES}.")
+            raise ValueError(
+                f"Unknown DiNAT out_features {sorted(unknown)}; choose from {_LEVEL_NAMES}."
+            )
 
         self.num_features = [embed_dim * 2**i for i in range(num_levels)]
         self._out_features = list(out_features)
@@ -264,7 +278,7 @@ class DiNAT(Backbone):
             nn.init.zeros_(module.bias)
 
     def forward(self, x):
-        """``x``: ``[B, C, H, W]`` -> dict of ``[B, C_i, ceil(H / s_i), ceil(W / s_i)]`` features."""
+        """``x``: ``[B, C, H, W]`` -> ``{name: [B, C_i, ceil(H / s_i), ceil(W / s_i)]}``."""
         if x.dim() != 4:
             raise ValueError(f"DiNAT takes an input of shape (N, C, H, W), got {tuple(x.shape)}.")
         x = self.patch_embed(x)
@@ -277,7 +291,9 @@ class DiNAT(Backbone):
 
     def output_shape(self):
         return {
-            name: ShapeSpec(channels=self._out_feature_channels[name], stride=self._out_feature_strides[name])
+            name: ShapeSpec(
+                channels=self._out_feature_channels[name], stride=self._out_feature_strides[name]
+            )
             for name in self._out_features
         }
 
@@ -288,7 +304,7 @@ class DiNAT(Backbone):
 
 @BACKBONE_REGISTRY.register()
 class D2DiNAT(DiNAT):
-    """:class:`DiNAT` built from ``cfg.MODEL.DINAT`` (the official registered name and config keys)."""
+    """:class:`DiNAT` built from ``cfg.MODEL.DINAT`` (official registered name and config keys)."""
 
     @configurable
     def __init__(self, **kwargs):

@@ -45,8 +45,8 @@ def add_dinat_config(cfg):
     # checkpoints.
     cfg.MODEL.DINAT.RPB = True
     # Neighborhood attention implementation:
-    #   "auto"      - NATTEN's fused kernel when RPB is False and NATTEN has its compiled library on
-    #                 this CUDA device, else "flex" on CUDA, else "tiled"; the choice is logged once;
+    #   "auto"      - NATTEN's fused kernel when RPB is False and NATTEN has its compiled library
+    #                 on this CUDA device, else "flex" on CUDA, else "tiled"; logged once;
     #   "tiled"     - pure-PyTorch tiled path with bounded memory (fast on CPU, runs anywhere);
     #   "flex"      - torch flex_attention (compiled on CUDA; CPU: forward only, slow);
     #   "natten"    - natten.functional.na2d (requires RPB False; NATTEN's CPU path is very slow);
@@ -54,6 +54,6 @@ def add_dinat_config(cfg):
     cfg.MODEL.DINAT.ATTENTION_IMPL = "auto"
     # Feature maps smaller than KERNEL_SIZE x dilation: True = zero-pad the (normed) input at the
     # bottom/right up to that size before the qkv projection and crop the output, as NATTEN 0.14
-    # did for the official checkpoints (e.g. DiNAT-L's dilation 14 at res3 needs 616 px inputs);
-    # False = raise an error.
+    # did for the official checkpoints (DiNAT-L: kernel 11 x dilation 14 at res2 needs 154 tokens,
+    # i.e. 616 px inputs); False = raise an error.
     cfg.MODEL.DINAT.PAD_SMALL_INPUTS = True

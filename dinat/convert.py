@@ -4,8 +4,9 @@ The official classification checkpoints (SHI-Labs/Neighborhood-Attention-Transfo
 ``classification/``) hold the model's state dict, possibly wrapped in ``{"model": ...}`` or
 ``{"state_dict": ...}``. The backbone uses the same parameter names, so conversion only drops the
 classifier (``head.*``) and the final norm (``norm.*``; the Detectron2 backbone has one norm per
-output level instead, ``norm0..norm3``, which stay randomly initialised) and prefixes every name with
-``backbone.``. The result ``{"model": {"backbone.<name>": tensor}}`` loads with ``MODEL.WEIGHTS``.
+output level instead, ``norm0..norm3``, which stay randomly initialised) and prefixes every name
+with ``backbone.``. The result ``{"model": {"backbone.<name>": tensor}}`` loads with
+``MODEL.WEIGHTS``.
 
 Note: the Mask2Former DiNAT-L config uses 6/12/24/48 heads while the ImageNet DiNAT-L checkpoints
 have 4/8/16/32, so their ``rpb`` tables (first dimension = heads) do not match and Detectron2's
@@ -53,7 +54,10 @@ def load_dinat_state_dict(path: str, trusted: bool = False) -> Dict[str, torch.T
 def convert_dinat_state_dict(state: Dict[str, torch.Tensor], source: str = "state dict"):
     """Official DiNAT state dict -> ``({"backbone.<name>": tensor}, dropped names)``."""
     if any(name.startswith("backbone.") for name in state):
-        raise ValueError(f"{source}: already a Detectron2 checkpoint (names start with 'backbone.'); load it directly.")
+        raise ValueError(
+            f"{source}: already a Detectron2 checkpoint (names start with 'backbone.'); "
+            "load it directly."
+        )
     missing = [name for name in _REQUIRED_KEYS if name not in state]
     if missing:
         raise ValueError(

@@ -1,7 +1,7 @@
 """2-D (dilated) neighborhood attention with relative positional bias.
 
-Semantics are those of NATTEN <= 0.17 (the library the official DiNAT checkpoints were trained with).
-Along each spatial axis of length ``L``, with kernel size ``k`` (odd) and dilation ``d``:
+Semantics are those of NATTEN <= 0.17 (the library the official DiNAT checkpoints were trained
+with). Along each spatial axis of length ``L``, with kernel size ``k`` (odd) and dilation ``d``:
 
 * query ``i`` belongs to the dilation group ``g = i mod d``; the group holds the positions
   ``g, g + d, g + 2d, ...`` (``Lg`` of them);
@@ -23,11 +23,13 @@ Implementations (all compute the same function, see ``tests/test_neighborhood_at
 
 * ``"reference"``: :func:`na2d_reference`, brute force over explicitly built neighbour indices;
   the ground truth of the tests. Memory ``O(H * W * k^2 * head_dim)``.
-* ``"tiled"``: :func:`na2d_tiled`, pure PyTorch; splits the input into dense dilation groups, cuts
-  each group into query tiles, attends every tile densely to the key region covering all windows
-  of the tile (batched matrix products) with the window mask and the bias added from a small
-  per-tile-type table, processing a bounded number of tile rows at a time. Runs on any device;
-  the default on CPU.
+* ``"tiled"``: :func:`na2d_tiled`, pure PyTorch; splits the input into dense dilation groups,
+  cuts each group into square query tiles and attends every tile to the key region covering the
+  windows of all its queries (a strided view of the keys), masking keys outside each query's window
+  and adding the rpb through an attention mask. Tiles with the same window pattern share one mask,
+  so each piece is one call of ``scaled_dot_product_attention`` (PyTorch's fused kernel in
+  inference; its math backend when the rpb requires grad), in chunks of bounded size. Runs on any
+  device; the default on CPU.
 * ``"flex"``: :func:`na2d_flex`, ``torch.nn.attention.flex_attention`` with a ``score_mod`` adding
   the bias and a block mask for the window; compiled with ``torch.compile`` on CUDA. PyTorch's flex
   attention has no backward on CPU.
@@ -59,10 +61,12 @@ logger = logging.getLogger(__name__)
 
 ATTENTION_IMPLS = ("auto", "reference", "tiled", "flex", "natten")
 
-# Upper bound on the number of attention logits the tiled path holds at once (per chunk of tile
-# rows); 2**22 fp32 logits = 16 MiB, plus the softmax output of the same size.
+# About how many attention logits one call of the tiled path covers (a chunk of tiles): PyTorch's
+# fused attention never holds them all, its math backend (training with rpb) does, plus the
+# softmax: 2**22 fp32 logits = 16 MiB each.
 _TILED_MAX_LOGITS = 1 << 22
-# Default query-tile side of the tiled path (measured best on CPU for k = 7..13).
+# Largest query-tile side the tiled path tries beyond the kernel size; per axis it takes the tiling
+# with the fewest logits (128 tokens, k = 11: tiles of 8, key regions of 18).
 _TILED_MAX_TILE = 8
 
 
@@ -70,7 +74,8 @@ _TILED_MAX_TILE = 8
 def _check_inputs(query, key, value, rpb, kernel_size: int, dilation: int) -> None:
     if query.dim() != 5:
         raise ValueError(
-            f"Expected query of shape [batch, height, width, heads, head_dim], got {tuple(query.shape)}."
+            "Expected query of shape [batch, height, width, heads, head_dim], "
+            f"got {tuple(query.shape)}."
         )
     if key.shape != query.shape or value.shape[:-1] != query.shape[:-1]:
         raise ValueError(
@@ -100,7 +105,7 @@ def _default_scale(query, scale: Optional[float]) -> float:
 
 
 # ----------------------------------------------------------------------------- reference
-def _neighbors_1d(length: int, kernel_size: int, dilation: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def _neighbors_1d(length: int, kernel_size: int, dilation: int):
     """Explicit neighbour lists along one axis.
 
     Returns ``(keys, bias_index)``, both ``[length, kernel_size]`` int64: the key positions of every
@@ -163,8 +168,9 @@ class _AxisTiling(NamedTuple):
     region: int
     first_query: int  # <= 0
     first_key: int  # <= 0
-    patterns: torch.Tensor  # [num_patterns, tile, region] rpb index of each pair, -1 outside the window
-    runs: Tuple[Tuple[slice, int], ...]  # (consecutive tiles, their pattern index)
+    # [num_patterns, tile, region]: rpb index of each (query, key) pair, -1 outside the window
+    patterns: torch.Tensor
+    runs: Tuple[Tuple[int, int], ...]  # (number of consecutive tiles, their pattern index)
 
 
 def _tile_layout(length: int, kernel_size: int, max_tile: int) -> Tuple[int, int, int]:
@@ -179,7 +185,7 @@ def _tile_layout(length: int, kernel_size: int, max_tile: int) -> Tuple[int, int
     half = kernel_size // 2
     best = (length * length, length, 1, 0)  # (logits, tile, num_tiles, first_query): one tile
     for tile in range(half + 1, max(max_tile, kernel_size) + 1):
-        for first_query in range(0, half - tile, -1):  # first tile keeps >= half + 1 real queries
+        for first_query in range(0, half - tile, -1):  # the first tile keeps >= half + 1 queries
             num_tiles = math.ceil((length - first_query) / tile)
             last_real = length - (first_query + (num_tiles - 1) * tile)
             logits = num_tiles * tile * (tile + kernel_size - 1)
@@ -208,39 +214,43 @@ def _axis_tiling(length: int, kernel_size: int, max_tile: int) -> _AxisTiling:
     runs, first = [], 0
     for t in range(1, num_tiles + 1):
         if t == num_tiles or pattern_of_tile[t] != pattern_of_tile[first]:
-            runs.append((slice(first, t), int(pattern_of_tile[first])))
+            runs.append((t - first, int(pattern_of_tile[first])))
             first = t
-    return _AxisTiling(tile, num_tiles, region, first_query, first_key, patterns.view(-1, tile, region), tuple(runs))
+    return _AxisTiling(
+        tile, num_tiles, region, first_query, first_key, patterns.view(-1, tile, region),
+        tuple(runs),
+    )
 
 
 class _GridTiling(NamedTuple):
     rows: _AxisTiling
     cols: _AxisTiling
-    row_index: torch.Tensor  # [Ph * Th * Rh] rpb row index of every (pattern, query, key), clamped
-    col_one_hot: torch.Tensor  # [2k - 1, Pw * Tw * Rw] one-hot rpb column index (0 outside the window)
-    window_mask: torch.Tensor  # [Ph, Pw, 1, Th * Tw, Rh * Rw] additive mask: 0 in the window, -inf outside
+    # [Ph * Th * Rh] rpb row index of every (pattern, query, key), clamped to >= 0
+    row_index: torch.Tensor
+    # [2k - 1, Pw * Tw * Rw] one-hot rpb column index (all 0 outside the window)
+    col_one_hot: torch.Tensor
+    # [Ph, Pw, 1, Th * Tw, Rh * Rw] additive mask: 0 inside the window, -inf outside
+    window_mask: torch.Tensor
 
 
 @functools.lru_cache(maxsize=64)
 def _grid_tiling(
-    height: int, width: int, kernel_size: int, max_tile: int, device: torch.device, dtype: torch.dtype
+    height: int, width: int, kernel_size: int, max_tile: int, device: torch.device, dtype
 ) -> _GridTiling:
-    """Tiling of an ``H x W`` dense group and its window masks (cached: every block of a level
-    has the same geometry)."""
+    """Tiling of an ``H x W`` dense group and its window masks (cached: the blocks of a level
+    share their geometry)."""
     rows = _axis_tiling(height, kernel_size, max_tile)
     cols = _axis_tiling(width, kernel_size, max_tile)
-    outside = (rows.patterns[:, None, :, None, :, None] < 0) | (cols.patterns[None, :, None, :, None, :] < 0)
-    window_mask = torch.zeros(outside.shape, dtype=dtype).masked_fill(outside, float("-inf"))
-    num_h, num_w = rows.patterns.shape[0], cols.patterns.shape[0]
-    window_mask = window_mask.view(num_h, num_w, 1, rows.tile * cols.tile, rows.region * cols.region)
+    rows_out = rows.patterns[:, None, :, None, :, None] < 0
+    cols_out = cols.patterns[None, :, None, :, None, :] < 0
+    window_mask = torch.zeros((rows_out | cols_out).shape, dtype=dtype)
+    window_mask = window_mask.masked_fill(rows_out | cols_out, float("-inf")).unsqueeze(2)
+    window_mask = window_mask.flatten(5, 6).flatten(3, 4)  # [Ph, Pw, 1, Th*Tw, Rh*Rw]
     col_codes = cols.patterns.flatten()
     col_one_hot = (col_codes[None, :] == torch.arange(2 * kernel_size - 1)[:, None]).to(dtype)
+    row_index = rows.patterns.flatten().clamp(min=0)
     return _GridTiling(
-        rows,
-        cols,
-        rows.patterns.flatten().clamp(min=0).to(device),
-        col_one_hot.to(device),
-        window_mask.to(device),
+        rows, cols, row_index.to(device), col_one_hot.to(device), window_mask.to(device)
     )
 
 
@@ -254,7 +264,8 @@ def _bias_table(grid: _GridTiling, rpb) -> torch.Tensor:
     # (exact: one non-zero term), instead of a gather of every element.
     by_rows = rpb.to(grid.col_one_hot.dtype)[:, grid.row_index]  # [heads, Ph*Th*Rh, 2k-1]
     table = torch.matmul(by_rows, grid.col_one_hot)  # [heads, Ph*Th*Rh, Pw*Tw*Rw]
-    table = table.view(-1, rows.patterns.shape[0], rows.tile, rows.region, cols.patterns.shape[0], cols.tile, cols.region)
+    num_h, num_w = rows.patterns.shape[0], cols.patterns.shape[0]
+    table = table.view(-1, num_h, rows.tile, rows.region, num_w, cols.tile, cols.region)
     table = table.permute(1, 4, 0, 2, 5, 3, 6).flatten(5, 6).flatten(3, 4)  # [Ph, Pw, heads, T, R]
     return table + grid.window_mask
 
@@ -265,59 +276,67 @@ def _pad_axes(x, first_h: int, first_w: int, size_h: int, size_w: int):
     return F.pad(x, (0, 0, 0, 0) + pads) if any(pads) else x
 
 
-def _na2d_dense_grid(query, key, value, rpb, kernel_size: int, scale: float, max_tile: int, max_logits: int):
+def _na2d_dense_grid(query, key, value, rpb, kernel_size, scale, max_tile, max_logits):
     """Dilation-1 neighborhood attention of ``[N, H, W, heads, D]`` tensors."""
-    n, height, width, heads, dim = query.shape
-    dim_v = value.shape[-1]
+    n, height, width, heads, _ = query.shape
     grid = _grid_tiling(height, width, kernel_size, max_tile, query.device, query.dtype)
     rows, cols = grid.rows, grid.cols
     table = _bias_table(grid, rpb)
 
     def query_tiles(x):  # -> [N, tiles_h, tiles_w, heads, Th, Tw, D] (view)
-        x = _pad_axes(x, rows.first_query, cols.first_query, rows.num_tiles * rows.tile, cols.num_tiles * cols.tile)
+        size_h, size_w = rows.num_tiles * rows.tile, cols.num_tiles * cols.tile
+        x = _pad_axes(x, rows.first_query, cols.first_query, size_h, size_w)
         x = x.unflatten(2, (cols.num_tiles, cols.tile)).unflatten(1, (rows.num_tiles, rows.tile))
         return x.permute(0, 1, 3, 5, 2, 4, 6)
 
     def key_regions(x):  # -> [N, tiles_h, tiles_w, heads, Rh, Rw, D] (strided view)
         x = _pad_axes(
-            x, rows.first_key, cols.first_key,
-            (rows.num_tiles - 1) * rows.tile + rows.region, (cols.num_tiles - 1) * cols.tile + cols.region,
+            x,
+            rows.first_key,
+            cols.first_key,
+            (rows.num_tiles - 1) * rows.tile + rows.region,
+            (cols.num_tiles - 1) * cols.tile + cols.region,
         )
         x = x.unfold(1, rows.region, rows.tile).unfold(2, cols.region, cols.tile)
         return x.permute(0, 1, 2, 3, 5, 6, 4)
 
     # Pieces of tiles sharing one mask: tile rows and columns are cut where the window pattern
     # changes, tile rows also into chunks of at most max_logits logits when one sample exceeds it;
-    # each piece then runs on as many samples at once as fit in max_logits. Pieces come from
-    # torch.split (a single cheap backward per split).
+    # each piece then runs on as many samples at once as fit in max_logits. The pieces come from
+    # torch.split (one cheap backward per split, unlike indexing).
     logits_per_tile = heads * rows.tile * cols.tile * rows.region * cols.region
     per_tile_row = cols.num_tiles * logits_per_tile
-    rows_per_chunk = rows.num_tiles if rows.num_tiles * per_tile_row <= max_logits else max(1, max_logits // per_tile_row)
+    rows_per_chunk = rows.num_tiles
+    if rows.num_tiles * per_tile_row > max_logits:
+        rows_per_chunk = max(1, max_logits // per_tile_row)
     row_pieces = [
-        (piece.stop - piece.start, pattern)
-        for run, pattern in rows.runs
-        for piece in _ranges(run.stop - run.start, rows_per_chunk, run.start)
+        (size, pattern)
+        for count, pattern in rows.runs
+        for size in _chunk_sizes(count, rows_per_chunk)
     ]
-    col_pieces = [(run.stop - run.start, pattern) for run, pattern in cols.runs]
 
     tiles = (query_tiles(query), key_regions(key), key_regions(value))
     out_rows = []
-    for row_tiles, (num_rows, row_pattern) in zip(zip(*(x.split([r for r, _ in row_pieces], dim=1) for x in tiles)), row_pieces):
+    row_split = _split_alike(tiles, [size for size, _ in row_pieces], dim=1)
+    for row_tiles, (num_rows, row_pattern) in zip(row_split, row_pieces):
         out_cols = []
-        for piece, (num_cols, col_pattern) in zip(zip(*(x.split([c for c, _ in col_pieces], dim=2) for x in row_tiles)), col_pieces):
-            samples_per_chunk = max(1, max_logits // (num_rows * num_cols * logits_per_tile))
+        col_split = _split_alike(row_tiles, [count for count, _ in cols.runs], dim=2)
+        for piece, (num_cols, col_pattern) in zip(col_split, cols.runs):
             mask = table[row_pattern, col_pattern]
-            out_cols.append(_cat([_attend_tiles(*chunk, mask, scale) for chunk in zip(*(x.split(samples_per_chunk) for x in piece))], dim=0))
+            samples_per_chunk = max(1, max_logits // (num_rows * num_cols * logits_per_tile))
+            chunks = _split_alike(piece, samples_per_chunk, dim=0)
+            out_cols.append(_cat([_attend_tiles(*chunk, mask, scale) for chunk in chunks], dim=0))
         out_rows.append(_cat(out_cols, dim=2))
     out = _cat(out_rows, dim=1)  # [N, tiles_h, tiles_w, heads, Th*Tw, Dv]
     out = out.unflatten(4, (rows.tile, cols.tile)).permute(0, 1, 4, 2, 5, 3, 6)
-    out = out.reshape(n, rows.num_tiles * rows.tile, cols.num_tiles * cols.tile, heads, dim_v)
-    return out[:, -rows.first_query : height - rows.first_query, -cols.first_query : width - cols.first_query]
+    out = out.reshape(n, rows.num_tiles * rows.tile, cols.num_tiles * cols.tile, heads, -1)
+    return out[:, -rows.first_query :, -cols.first_query :][:, :height, :width]
 
 
 def _attend_tiles(q_tiles, k_regions, v_regions, mask, scale: float):
-    """Attention of ``[n, rows, cols, heads, ...]`` query tiles to their key regions with one mask
-    ``[heads or 1, tile tokens, region tokens]`` for all. Returns ``[n, rows, cols, heads, T, Dv]``."""
+    """Attention of ``[n, rows, cols, heads, ...]`` query tiles to their key regions, with one mask
+    ``[heads or 1, tile tokens, region tokens]`` for all; returns ``[n, rows, cols, heads, T, Dv]``.
+    """
     # [n * rows * cols, heads, tokens, D]: the layout of scaled_dot_product_attention's fused CPU
     # kernel, the mask broadcast over the tiles. (PyTorch runs its math backend instead when the
     # mask requires grad.)
@@ -330,20 +349,25 @@ def _cat(tensors, dim: int):
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
 
 
-def _ranges(total: int, step: int, offset: int = 0):
-    return [slice(offset + i, offset + min(i + step, total)) for i in range(0, total, step)]
+def _chunk_sizes(total: int, step: int):
+    return [min(step, total - i) for i in range(0, total, step)]
+
+
+def _split_alike(tensors, split_size_or_sections, dim: int):
+    """``Tensor.split`` every tensor the same way; yields tuples of corresponding pieces."""
+    return zip(*(x.split(split_size_or_sections, dim=dim) for x in tensors))
 
 
 class _GroupClass(NamedTuple):
-    groups: slice  # dilation groups of this class
+    count: int  # number of dilation groups of this class
     length: int  # their common length
 
 
 def _group_classes(length: int, dilation: int):
-    """Dilation groups along an axis fall into <= 2 classes of equal length."""
+    """The dilation groups along an axis, in order, form <= 2 classes of equal length."""
     full, rest = divmod(length, dilation)
-    classes = [_GroupClass(slice(0, rest), full + 1), _GroupClass(slice(rest, dilation), full)]
-    return [c for c in classes if c.groups.stop > c.groups.start]
+    classes = [_GroupClass(rest, full + 1), _GroupClass(dilation - rest, full)]
+    return [c for c in classes if c.count]
 
 
 def na2d_tiled(
@@ -371,68 +395,69 @@ def na2d_tiled(
         return _na2d_dense_grid(query, key, value, rpb, kernel_size, scale, max_tile, max_logits)
 
     batch, height, width, heads, _ = query.shape
-    pad_h, pad_w = -height % dilation, -width % dilation
-    per_group_h, per_group_w = (height + pad_h) // dilation, (width + pad_w) // dilation
+    per_group_h, per_group_w = -(-height // dilation), -(-width // dilation)
 
     def to_groups(x):  # [B, H, W, heads, D] -> [B, d, d, H/d, W/d, heads, D] (view of the padded x)
-        x = F.pad(x, (0, 0, 0, 0, 0, pad_w, 0, pad_h)) if pad_h or pad_w else x
+        x = _pad_axes(x, 0, 0, per_group_h * dilation, per_group_w * dilation)
         x = x.unflatten(2, (per_group_w, dilation)).unflatten(1, (per_group_h, dilation))
         return x.permute(0, 2, 4, 1, 3, 5, 6)
 
-    q_g, k_g, v_g = to_groups(query), to_groups(key), to_groups(value)
-    # Every position is written below except the padding of the shorter groups, which is cropped.
-    out = q_g.new_empty(q_g.shape[:-1] + (value.shape[-1],))
-    for rows in _group_classes(height, dilation):
-        for cols in _group_classes(width, dilation):
-            sel = (slice(None), rows.groups, cols.groups, slice(0, rows.length), slice(0, cols.length))
-            n_h, n_w = rows.groups.stop - rows.groups.start, cols.groups.stop - cols.groups.start
-
-            def batch_groups(x):  # -> [B * n_h * n_w, length_h, length_w, heads, D]
-                return x[sel].reshape(-1, rows.length, cols.length, heads, x.shape[-1])
-
-            res = _na2d_dense_grid(
-                batch_groups(q_g), batch_groups(k_g), batch_groups(v_g), rpb, kernel_size, scale, max_tile,
-                max_logits,
-            )
-            out[sel] = res.view(batch, n_h, n_w, rows.length, cols.length, heads, -1)
-    out = out.permute(0, 3, 1, 4, 2, 5, 6).reshape(batch, per_group_h * dilation, per_group_w * dilation, heads, -1)
+    row_classes, col_classes = _group_classes(height, dilation), _group_classes(width, dilation)
+    groups = (to_groups(query), to_groups(key), to_groups(value))
+    out_rows = []
+    row_split = _split_alike(groups, [c.count for c in row_classes], dim=1)
+    for rows, row_groups in zip(row_classes, row_split):
+        out_cols = []
+        col_split = _split_alike(row_groups, [c.count for c in col_classes], dim=2)
+        for cols, piece in zip(col_classes, col_split):
+            # [B, groups_h, groups_w, h, w, heads, D] -> [B * groups_h * groups_w, h, w, heads, D]
+            q, k, v = (x[:, :, :, : rows.length, : cols.length].flatten(0, 2) for x in piece)
+            res = _na2d_dense_grid(q, k, v, rpb, kernel_size, scale, max_tile, max_logits)
+            res = res.view(batch, rows.count, cols.count, *res.shape[1:])
+            # Back to the padded group size (the padding is cropped below).
+            res = _pad_axes(res.flatten(0, 2), 0, 0, per_group_h, per_group_w)
+            out_cols.append(res.view(batch, rows.count, cols.count, *res.shape[1:]))
+        out_rows.append(_cat(out_cols, dim=2))
+    out = _cat(out_rows, dim=1).permute(0, 3, 1, 4, 2, 5, 6)  # [B, H/d, d, W/d, d, heads, Dv]
+    out = out.reshape(batch, per_group_h * dilation, per_group_w * dilation, heads, -1)
     return out[:, :height, :width]
 
 
 # ----------------------------------------------------------------------------- flex attention
-def _flex_mods(height: int, width: int, kernel_size: int, dilation: int, rpb):
+def _flex_mods(height: int, width: int, kernel_size: int, dilation: int, rpb, device):
     """``(score_mod, mask_mod)`` of flex attention over the row-major flattened ``H x W`` tokens.
 
-    Both only use broadcasting tensor ops, so they can also be evaluated on dense index grids.
+    The geometry is captured as tensors, not Python numbers, so that ``torch.compile`` does not
+    specialise (and recompile) on every feature-map size and dilation of the network. Both mods
+    only use broadcasting tensor ops, so they can also be evaluated on dense index grids.
     """
-    half = kernel_size // 2
+    geometry = (height, width, kernel_size, dilation)
+    height, width, kernel, dilation = (torch.tensor(v, device=device) for v in geometry)
+    half = kernel // 2
 
     def window_start(pos, length):
         group_len = (length - pos % dilation + dilation - 1) // dilation
-        return torch.minimum((pos // dilation - half).clamp(min=0), group_len - kernel_size)
+        return torch.minimum((pos // dilation - half).clamp(min=0), group_len - kernel)
 
     def in_window(q_pos, k_pos, length):
         start = window_start(q_pos, length)
         k_group_pos = k_pos // dilation
-        return (
-            (q_pos % dilation == k_pos % dilation)
-            & (k_group_pos >= start)
-            & (k_group_pos < start + kernel_size)
-        )
+        same_group = q_pos % dilation == k_pos % dilation
+        return same_group & (k_group_pos >= start) & (k_group_pos < start + kernel)
 
     def mask_mod(b, h, q_idx, kv_idx):
-        return in_window(q_idx // width, kv_idx // width, height) & in_window(
-            q_idx % width, kv_idx % width, width
-        )
+        in_rows = in_window(q_idx // width, kv_idx // width, height)
+        return in_rows & in_window(q_idx % width, kv_idx % width, width)
 
     if rpb is None:
         return None, mask_mod
 
     def score_mod(score, b, h, q_idx, kv_idx):
         # Exact division inside the window; clamped so that masked pairs index inside the table.
-        dy = ((kv_idx // width - q_idx // width) // dilation + kernel_size - 1).clamp(0, 2 * kernel_size - 2)
-        dx = ((kv_idx % width - q_idx % width) // dilation + kernel_size - 1).clamp(0, 2 * kernel_size - 2)
-        return score + rpb[h, dy, dx].to(score.dtype)
+        dy = (kv_idx // width - q_idx // width) // dilation + kernel - 1
+        dx = (kv_idx % width - q_idx % width) // dilation + kernel - 1
+        last = 2 * kernel_size - 2
+        return score + rpb[h, dy.clamp(0, last), dx.clamp(0, last)].to(score.dtype)
 
     return score_mod, mask_mod
 
@@ -441,14 +466,18 @@ _BLOCK_MASKS: Dict[tuple, object] = {}
 _COMPILED_FLEX: Dict[str, Callable] = {}
 
 
-def _block_mask(height: int, width: int, kernel_size: int, dilation: int, device):
+def _block_mask(height: int, width: int, kernel_size: int, dilation: int, device, compile: bool):
+    """Flex attention block mask of the neighborhoods (cached per geometry and device)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    cache_key = (height, width, kernel_size, dilation, str(device))
+    cache_key = (height, width, kernel_size, dilation, str(device), compile)
     if cache_key not in _BLOCK_MASKS:
-        _, mask_mod = _flex_mods(height, width, kernel_size, dilation, None)
+        _, mask_mod = _flex_mods(height, width, kernel_size, dilation, None, device)
         tokens = height * width
-        _BLOCK_MASKS[cache_key] = create_block_mask(mask_mod, None, None, tokens, tokens, device=device)
+        # Compiled mask creation works block by block instead of on the dense tokens x tokens grid.
+        _BLOCK_MASKS[cache_key] = create_block_mask(
+            mask_mod, None, None, tokens, tokens, device=device, _compile=compile
+        )
     return _BLOCK_MASKS[cache_key]
 
 
@@ -458,23 +487,24 @@ def _flex_attention_fn(compile: bool):
     if not compile:
         return flex_attention
     if "compiled" not in _COMPILED_FLEX:
-        _COMPILED_FLEX["compiled"] = torch.compile(flex_attention, dynamic=False)
+        _COMPILED_FLEX["compiled"] = torch.compile(flex_attention)
     return _COMPILED_FLEX["compiled"]
 
 
-def na2d_flex(query, key, value, rpb, kernel_size: int, dilation: int = 1, scale=None, compile=None):
+def na2d_flex(query, key, value, rpb, kernel_size, dilation=1, scale=None, compile=None):
     """Neighborhood attention with ``torch.nn.attention.flex_attention``.
 
-    Same arguments and result as :func:`na2d_reference`. ``compile``: run flex attention through
-    ``torch.compile`` (default: on CUDA tensors only). Eager flex attention runs on CPU (slowly, as
-    a dense masked product) for the forward pass only: PyTorch has no flex backward on CPU.
+    Same arguments and result as :func:`na2d_reference`. ``compile``: run flex attention (and the
+    block-mask creation) through ``torch.compile`` (default: on CUDA tensors only). Eager flex
+    attention runs on CPU (slowly, as a dense masked product) for the forward pass only: PyTorch
+    has no flex backward on CPU.
     """
     _check_inputs(query, key, value, rpb, kernel_size, dilation)
     batch, height, width, heads, _ = query.shape
     if compile is None:
         compile = query.device.type == "cuda"
-    score_mod, _ = _flex_mods(height, width, kernel_size, dilation, rpb)
-    block_mask = _block_mask(height, width, kernel_size, dilation, query.device)
+    score_mod, _ = _flex_mods(height, width, kernel_size, dilation, rpb, query.device)
+    block_mask = _block_mask(height, width, kernel_size, dilation, query.device, compile)
 
     def tokens(x):  # [B, H, W, heads, D] -> [B, heads, H*W, D]
         return x.flatten(1, 2).transpose(1, 2)
@@ -509,12 +539,14 @@ def na2d_natten(query, key, value, rpb, kernel_size: int, dilation: int = 1, sca
     attention backend (very slow on CPU).
     """
     if rpb is not None:
-        raise ValueError("NATTEN >= 0.20 has no relative positional bias; use impl 'tiled' or 'flex'.")
+        raise ValueError(
+            "NATTEN >= 0.20 has no relative positional bias; use impl 'tiled' or 'flex'."
+        )
     _check_inputs(query, key, value, rpb, kernel_size, dilation)
     try:
         from natten.functional import na2d as natten_na2d
     except ImportError as e:
-        raise ImportError("The 'natten' attention implementation needs `pip install natten`.") from e
+        raise ImportError("The 'natten' implementation needs `pip install natten`.") from e
     return natten_na2d(
         query.contiguous(),
         key.contiguous(),
@@ -535,14 +567,20 @@ _IMPL_FNS = {
 _LOGGED_CHOICES = set()
 
 
+def _check_impl_name(impl: str) -> None:
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(
+            f"Unknown neighborhood attention implementation {impl!r}; one of {ATTENTION_IMPLS}."
+        )
+
+
 def resolve_attention_impl(impl: str, device, has_rpb: bool) -> str:
     """Concrete implementation for ``impl`` on ``device``; logs each new choice once.
 
     ``"auto"``: NATTEN's fused kernel when there is no rpb and NATTEN has its compiled library on
     this (CUDA) device; else flex attention on CUDA; else the tiled path.
     """
-    if impl not in ATTENTION_IMPLS:
-        raise ValueError(f"Unknown neighborhood attention implementation {impl!r}; one of {ATTENTION_IMPLS}.")
+    _check_impl_name(impl)
     device = torch.device(device)
     if impl == "auto":
         if not has_rpb and natten_fused_available(device):
@@ -554,18 +592,23 @@ def resolve_attention_impl(impl: str, device, has_rpb: bool) -> str:
     else:
         resolved = impl
     if resolved == "natten" and has_rpb:
-        raise ValueError("ATTENTION_IMPL 'natten' requires the relative positional bias to be disabled.")
+        raise ValueError(
+            "ATTENTION_IMPL 'natten' requires the relative positional bias to be disabled."
+        )
     choice = (impl, resolved, device.type, has_rpb)
     if choice not in _LOGGED_CHOICES:
         _LOGGED_CHOICES.add(choice)
         logger.info(
             "Neighborhood attention: implementation %r (requested %r) on %s, rpb %s.",
-            resolved, impl, device.type, "on" if has_rpb else "off",
+            resolved,
+            impl,
+            device.type,
+            "on" if has_rpb else "off",
         )
     return resolved
 
 
-def na2d(query, key, value, rpb, kernel_size: int, dilation: int = 1, scale=None, impl: str = "auto"):
+def na2d(query, key, value, rpb, kernel_size: int, dilation=1, scale=None, impl: str = "auto"):
     """Neighborhood attention with the implementation chosen by :func:`resolve_attention_impl`."""
     resolved = resolve_attention_impl(impl, query.device, rpb is not None)
     return _IMPL_FNS[resolved](query, key, value, rpb, kernel_size, dilation, scale)
@@ -612,12 +655,11 @@ class NeighborhoodAttention2D(nn.Module):
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}.")
         if attn_drop:
-            raise ValueError("Attention dropout is not supported by the neighborhood attention paths.")
-        if impl not in ATTENTION_IMPLS:
-            raise ValueError(f"Unknown neighborhood attention implementation {impl!r}; one of {ATTENTION_IMPLS}.")
+            raise ValueError("Attention dropout is not supported by neighborhood attention here.")
+        _check_impl_name(impl)
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.scale = qk_scale or self.head_dim ** -0.5
+        self.scale = qk_scale or self.head_dim**-0.5
         self.kernel_size = kernel_size
         self.dilation = dilation
         self.window_size = kernel_size * dilation
@@ -626,7 +668,8 @@ class NeighborhoodAttention2D(nn.Module):
 
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         if bias:
-            self.rpb = nn.Parameter(torch.zeros(num_heads, 2 * kernel_size - 1, 2 * kernel_size - 1))
+            rpb_size = 2 * kernel_size - 1
+            self.rpb = nn.Parameter(torch.zeros(num_heads, rpb_size, rpb_size))
             nn.init.trunc_normal_(self.rpb, std=0.02, a=-2.0, b=2.0)
         else:
             self.register_parameter("rpb", None)
@@ -640,15 +683,17 @@ class NeighborhoodAttention2D(nn.Module):
         pad_w = max(0, self.window_size - width)
         if (pad_h or pad_w) and not self.pad_small_inputs:
             raise ValueError(
-                f"Input {height}x{width} is smaller than kernel_size * dilation = {self.window_size} "
-                "and pad_small_inputs is False."
+                f"Input {height}x{width} is smaller than kernel_size * dilation = "
+                f"{self.window_size} and pad_small_inputs is False."
             )
         if pad_h or pad_w:
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
         padded_h, padded_w = height + pad_h, width + pad_w
         qkv = self.qkv(x).view(batch, padded_h, padded_w, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.unbind(dim=3)
-        x = na2d(query, key, value, self.rpb, self.kernel_size, self.dilation, self.scale, self.impl)
+        x = na2d(
+            query, key, value, self.rpb, self.kernel_size, self.dilation, self.scale, self.impl
+        )
         x = x.reshape(batch, padded_h, padded_w, channels)
         if pad_h or pad_w:
             x = x[:, :height, :width]
@@ -656,6 +701,7 @@ class NeighborhoodAttention2D(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"head_dim={self.head_dim}, num_heads={self.num_heads}, kernel_size={self.kernel_size}, "
-            f"dilation={self.dilation}, rel_pos_bias={self.rpb is not None}, impl={self.impl!r}"
+            f"head_dim={self.head_dim}, num_heads={self.num_heads}, "
+            f"kernel_size={self.kernel_size}, dilation={self.dilation}, "
+            f"rel_pos_bias={self.rpb is not None}, impl={self.impl!r}"
         )

@@ -92,12 +92,15 @@ def add_maskformer2_config(cfg):
     cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME = "MSDeformAttnPixelDecoder"
     # Backbone features the deformable encoder attends over (coarsest three).
     cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES = ["res3", "res4", "res5"]
-    # Sampling points per head per level, and heads, of the deformable attention.
+    # Sampling points per head per level of the deformable attention.
     cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS = 4
+    # Heads of the deformable attention. As in the official code the encoder really uses
+    # MODEL.MASK_FORMER.NHEADS; this key must equal it (checked when the model is built).
     cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS = 8
-    # Implementation of multi-scale deformable attention: "pytorch" (reference, grid_sample) or
-    # "fast" (same numbers, faster path of this project). Both run on CPU and GPU.
-    cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_ATTENTION_IMPL = "fast"
+    # Implementation of multi-scale deformable attention: "pytorch" (the official grid_sample
+    # path), "fast" (this project's gather path: same numbers, several times faster on CPU), or
+    # "auto" ("fast" on CPU, "pytorch" on GPU). Neither needs a compiled extension.
+    cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_ATTENTION_IMPL = "auto"
 
     # ------------------------------------------------------------------ Swin backbone
     cfg.MODEL.SWIN = CN()

@@ -266,3 +266,24 @@ def test_module_rejects_bad_impl_and_shapes():
     attn = MSDeformAttn(d_model=32, n_levels=2, n_heads=4, n_points=2)
     with pytest.raises(ValueError):
         attn(query, reference, value, [(7, 9), (4, 4)])
+
+
+def test_auto_impl_uses_the_fast_path_on_cpu(monkeypatch):
+    shapes = [(7, 9), (4, 5)]
+    query, reference, value = _module_inputs(shapes)
+    auto = _perturbed_module("auto", shapes)
+    fast = _perturbed_module("fast", shapes)
+    calls = []
+    real = MSDeformAttn._fast_point_attention
+
+    def spy(self, *args):
+        calls.append(self.impl)
+        return real(self, *args)
+
+    monkeypatch.setattr(MSDeformAttn, "_fast_point_attention", spy)
+    out_auto = auto(query, reference, value, torch.tensor(shapes))
+    out_fast = fast(query, reference, value, torch.tensor(shapes))
+    assert calls == ["auto", "fast"]
+    torch.testing.assert_close(out_auto, out_fast, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="Unknown deformable attention impl"):
+        MSDeformAttn(d_model=32, n_levels=2, n_heads=4, n_points=3, impl="cuda")

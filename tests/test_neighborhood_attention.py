@@ -165,7 +165,7 @@ def test_tiled_matches_reference(case, setting):
 def test_tiling_windows_inside_key_regions(length, kernel, max_tile):
     """Every real query's window lies inside its tile's key region (the tiled path's invariant)."""
     t = na._axis_tiling(length, kernel, max_tile)
-    pattern_of_tile = [p for run, p in t.runs for _ in range(run.start, run.stop)]
+    pattern_of_tile = [p for count, p in t.runs for _ in range(count)]
     assert len(pattern_of_tile) == t.num_tiles
     covered = 0
     for tile in range(t.num_tiles):
@@ -217,7 +217,7 @@ def _dense_flex_semantics(q, k, v, rpb, kernel, dilation):
     """Attention with the flex path's own score_mod / mask_mod evaluated on dense index grids
     (what flex attention computes, differentiable on CPU)."""
     batch, height, width, heads, dim = q.shape
-    score_mod, mask_mod = na._flex_mods(height, width, kernel, dilation, rpb)
+    score_mod, mask_mod = na._flex_mods(height, width, kernel, dilation, rpb, q.device)
     qt, kt, vt = (x.flatten(1, 2).transpose(1, 2) for x in (q, k, v))  # [B, heads, L, D]
     tokens = torch.arange(height * width)
     b_idx = torch.arange(batch)[:, None, None, None]

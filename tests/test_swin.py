@@ -174,8 +174,12 @@ def test_block_matches_bruteforce_window_attention(h, w, window, shift):
         block.attn.relative_position_bias_table.normal_(0, 1.0)
         block.attn.qkv.weight.normal_(0, 0.5)
     x = torch.randn(2, h * w, 8, dtype=torch.float64)
-    got = block(x, WindowLayout(h, w, window, shift, x.device))
-    torch.testing.assert_close(got, reference_block(block, x, h, w), rtol=1e-10, atol=1e-10)
+    layout = WindowLayout(h, w, window, shift, x.device)
+    expected = reference_block(block, x, h, w)
+    # with gradients (explicit attention) and without (fused scaled_dot_product_attention)
+    torch.testing.assert_close(block(x, layout), expected, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x, layout), expected, rtol=1e-10, atol=1e-10)
 
 
 def test_window_layout_round_trip_and_mask():

@@ -28,7 +28,8 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {count} backbone tensors to {args.dst} (dropped: {', '.join(dropped) or 'nothing'})")
+    dropped_names = ", ".join(dropped) or "nothing"
+    print(f"wrote {count} backbone tensors to {args.dst} (dropped: {dropped_names})")
     return 0
 
 

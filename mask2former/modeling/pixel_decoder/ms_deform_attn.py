@@ -319,7 +319,7 @@ class MSDeformAttn(nn.Module):
         n_levels: int = 4,
         n_heads: int = 8,
         n_points: int = 4,
-        impl: str = "fast",
+        impl: str = "auto",
     ):
         """
         Args:
@@ -327,14 +327,17 @@ class MSDeformAttn(nn.Module):
             n_levels: number of feature levels.
             n_heads: number of attention heads.
             n_points: sampling points per head per level.
-            impl: "fast" or "pytorch" (see :data:`MS_DEFORM_ATTN_IMPLS`); same numbers.
+            impl: "fast" or "pytorch" (see :data:`MS_DEFORM_ATTN_IMPLS`; same numbers), or
+                "auto": "fast" for CPU tensors, "pytorch" (cuDNN-backed ``grid_sample``) on
+                accelerators, where the sparse CSR products of the fast backward are not tested.
         """
         super().__init__()
         if d_model % n_heads != 0:
             raise ValueError(f"d_model must be divisible by n_heads, got {d_model} and {n_heads}")
-        if impl not in MS_DEFORM_ATTN_IMPLS:
+        if impl not in MS_DEFORM_ATTN_IMPLS and impl != "auto":
             raise ValueError(
-                f"Unknown deformable attention impl {impl!r}; one of {sorted(MS_DEFORM_ATTN_IMPLS)}"
+                f"Unknown deformable attention impl {impl!r}; one of "
+                f"{sorted(MS_DEFORM_ATTN_IMPLS) + ['auto']}"
             )
         self.d_model = d_model
         self.n_levels = n_levels
@@ -414,7 +417,10 @@ class MSDeformAttn(nn.Module):
                 raise ValueError(
                     f"Last dim of reference_points must be 2 or 4, got {reference_points.shape[-1]}"
                 )
-            if self.impl == "fast" and reference_points.shape[-1] == 2:
+            impl = self.impl
+            if impl == "auto":
+                impl = "fast" if value.device.type == "cpu" else "pytorch"
+            if impl == "fast" and reference_points.shape[-1] == 2:
                 output = self._fast_point_attention(
                     value, shapes, reference_points, offsets, logits
                 )
@@ -430,7 +436,7 @@ class MSDeformAttn(nn.Module):
                     locations = ref + offsets / normalizer
                 else:
                     locations = ref[..., :2] + offsets / n_points * ref[..., 2:] * 0.5
-                output = MS_DEFORM_ATTN_IMPLS[self.impl](value, shapes, locations, weights)
+                output = MS_DEFORM_ATTN_IMPLS[impl](value, shapes, locations, weights)
         return self.output_proj(output.to(query.dtype))
 
     def _fast_point_attention(self, value, shapes, reference_points, offsets, logits):

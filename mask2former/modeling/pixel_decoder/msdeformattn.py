@@ -41,7 +41,7 @@ class MSDeformAttnTransformerEncoderLayer(nn.Module):
         n_levels: int = 4,
         n_heads: int = 8,
         n_points: int = 4,
-        attention_impl: str = "fast",
+        attention_impl: str = "auto",
     ):
         super().__init__()
         self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, impl=attention_impl)
@@ -132,7 +132,7 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
         dropout: float = 0.1,
         num_feature_levels: int = 4,
         enc_n_points: int = 4,
-        attention_impl: str = "fast",
+        attention_impl: str = "auto",
     ):
         super().__init__()
         self.d_model = d_model
@@ -226,7 +226,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         transformer_in_features: List[str],
         common_stride: int,
         transformer_n_points: int = 4,
-        attention_impl: str = "fast",
+        attention_impl: str = "auto",
     ):
         """
         Args:
@@ -241,7 +241,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
             transformer_in_features: input features the encoder attends over.
             common_stride: stride of the mask features (the FPN goes down to it).
             transformer_n_points: sampling points per head and level.
-            attention_impl: "fast" or "pytorch" deformable attention (same numbers).
+            attention_impl: "fast", "pytorch" or "auto" deformable attention (see MSDeformAttn).
         """
         super().__init__()
         transformer_input_shape = sorted(
