@@ -19,6 +19,7 @@ Figures are medians over ``--repeats`` runs after one warm-up run (NATTEN: a sin
 import argparse
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -44,35 +45,41 @@ def timed(fn, repeats, warmup=True):
 
 def layer_inputs(seed=0, requires_grad=False):
     g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(1, SIZE, SIZE, HEADS, HEAD_DIM, generator=g).requires_grad_(requires_grad) for _ in range(3))
-    rpb = (torch.randn(HEADS, 2 * KERNEL - 1, 2 * KERNEL - 1, generator=g) * 0.02).requires_grad_(requires_grad)
-    return q, k, v, rpb
+    shape = (1, SIZE, SIZE, HEADS, HEAD_DIM)
+    q, k, v = (torch.randn(shape, generator=g).requires_grad_(requires_grad) for _ in range(3))
+    rpb = torch.randn(HEADS, 2 * KERNEL - 1, 2 * KERNEL - 1, generator=g) * 0.02
+    return q, k, v, rpb.requires_grad_(requires_grad)
 
 
 def bench_layer(args):
     rows = []
     q, k, v, rpb = layer_inputs()
-    for dilation in (1, 4):
+
+    def run(name, fn, has_rpb, dilation, repeats=args.repeats, warmup=True):
+        rows.append((name, dilation, has_rpb, *timed(fn, repeats, warmup)))
+
+    for d in (1, 4):
         with torch.no_grad():
-            rows.append(("tiled", dilation, "yes", *timed(lambda: na2d_tiled(q, k, v, rpb, KERNEL, dilation), args.repeats)))
-            rows.append(("tiled", dilation, "no", *timed(lambda: na2d_tiled(q, k, v, None, KERNEL, dilation), args.repeats)))
+            run("tiled", partial(na2d_tiled, q, k, v, rpb, KERNEL, d), "yes", d)
+            run("tiled", partial(na2d_tiled, q, k, v, None, KERNEL, d), "no", d)
             if not args.skip_reference:
-                rows.append(("reference (naive)", dilation, "yes", *timed(
-                    lambda: na2d_reference(q, k, v, rpb, KERNEL, dilation), max(1, args.repeats // 2), warmup=False
-                )))
+                naive = partial(na2d_reference, q, k, v, rpb, KERNEL, d)
+                run("reference (naive)", naive, "yes", d, max(1, args.repeats // 2), False)
             if args.natten:
-                rows.append(("NATTEN 0.21.7 na2d", dilation, "no", *timed(
-                    lambda: na2d_natten(q, k, v, None, KERNEL, dilation), 1, warmup=False
-                )))
+                natten = partial(na2d_natten, q, k, v, None, KERNEL, d)
+                run("NATTEN 0.21.7 na2d", natten, "no", d, 1, False)
         if args.train:
             qg, kg, vg, rpbg = layer_inputs(requires_grad=True)
-            grad = torch.randn(1, SIZE, SIZE, HEADS, HEAD_DIM)
+            grad = torch.randn(qg.shape)
 
-            def step():
+            def step(dilation=d):
                 na2d_tiled(qg, kg, vg, rpbg, KERNEL, dilation).backward(grad)
 
-            rows.append(("tiled fwd+bwd", dilation, "yes", *timed(step, args.repeats)))
-    print(f"\nNeighborhood attention, {SIZE}x{SIZE} tokens, {HEADS} heads, head dim {HEAD_DIM}, kernel {KERNEL}, fp32")
+            run("tiled fwd+bwd", step, "yes", d)
+    print(
+        f"\nNeighborhood attention, {SIZE}x{SIZE} tokens, {HEADS} heads, head dim {HEAD_DIM}, "
+        f"kernel {KERNEL}, fp32"
+    )
     print(f"  {'implementation':<22} {'dilation':>8} {'rpb':>4} {'median s':>9} {'cpu s':>7}")
     for name, dilation, has_rpb, wall, cpu in rows:
         print(f"  {name:<22} {dilation:>8} {has_rpb:>4} {wall:>9.3f} {cpu:>7.3f}")
@@ -87,7 +94,8 @@ def bench_model(args):
 
     from dinat import add_dinat_config
     from mask2former import add_maskformer2_config
-    from mask2former.modeling import meta_arch, pixel_decoder  # noqa: F401  (register MaskFormer, its pixel decoder)
+    # Registers MaskFormer and its pixel decoder.
+    from mask2former.modeling import meta_arch, pixel_decoder  # noqa: F401
 
     cfg = get_cfg()
     add_deeplab_config(cfg)
@@ -98,25 +106,28 @@ def bench_model(args):
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    inputs = [{"image": torch.randint(0, 256, (3, 512, 512), dtype=torch.uint8), "height": 512, "width": 512}]
+    image = torch.randint(0, 256, (3, 512, 512), dtype=torch.uint8)
+    inputs = [{"image": image, "height": 512, "width": 512}]
     with torch.no_grad():
         images = model.preprocess_image(inputs)
         total = timed(lambda: model(inputs), args.repeats)
         backbone = timed(lambda: model.backbone(images.tensor), args.repeats)
-    print(f"\nMask2Former DiNAT-L ({params:.0f} M parameters, random init), one 512x512 image, fp32")
+    print(f"\nMask2Former DiNAT-L ({params:.0f} M parameters, random init), 512x512 image, fp32")
     print(f"  {'part':<22} {'median s':>9} {'cpu s':>7}")
     print(f"  {'total (model forward)':<22} {total[0]:>9.3f} {total[1]:>7.3f}")
     print(f"  {'backbone':<22} {backbone[0]:>9.3f} {backbone[1]:>7.3f}")
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: default)")
+    parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: default)")
     parser.add_argument("--natten", action="store_true", help="also run NATTEN's na2d once (slow)")
     parser.add_argument("--skip-reference", action="store_true", help="leave out the naive path")
     parser.add_argument("--skip-model", action="store_true", help="leave out DiNAT-L Mask2Former")
-    parser.add_argument("--train", action="store_true", help="also time forward + backward of the tiled path")
+    parser.add_argument("--train", action="store_true", help="also time tiled forward + backward")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

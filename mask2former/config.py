@@ -136,8 +136,9 @@ def add_maskformer2_config(cfg):
     # Extra COCO-polygon datasets, each [name, json_file, image_root]; registered for semantic
     # segmentation (category ids mapped to contiguous labels 1..K, 0 = background).
     cfg.DATASETS.COCO_SEMSEG = []
-    # Extra label-map datasets, each [name, image_dir, label_dir, num_classes]; label PNGs hold
-    # class ids, MODEL.SEM_SEG_HEAD.IGNORE_VALUE is ignored.
+    # Extra label-map datasets, each [name, image_dir, label_dir, num_classes or [class names]];
+    # label PNGs hold class ids (paired with images by file stem), MODEL.SEM_SEG_HEAD.IGNORE_VALUE
+    # is ignored.
     cfg.DATASETS.LABELMAP_SEMSEG = []
     # Order in which overlapping polygons are drawn: "area_desc" (largest first, smaller on top),
     # "area_asc", or "file" (json order, later on top).
@@ -175,6 +176,7 @@ def add_maskformer2_config(cfg):
 
     # ------------------------------------------------------------------ copy-paste bank (project)
     cfg.INPUT.COPY_PASTE = CN()
+    # Regenerate a copy-paste bank before training and after every evaluation, and sample from it.
     cfg.INPUT.COPY_PASTE.ENABLED = False
     # Probability that the train mapper takes a bank image instead of an original one.
     cfg.INPUT.COPY_PASTE.PROB = 0.3

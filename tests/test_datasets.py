@@ -106,6 +106,11 @@ def test_register_datasets_from_cfg(trash_root, tmp_path, unregister):
     assert coco_meta.stuff_classes == list(TRASH_CLASSES)  # from the json's categories
     assert MetadataCatalog.get("t4_maps").stuff_classes == ["0", "1", "2"]
     assert len(DatasetCatalog.get("t4_coco")) == 2
+    cfg.DATASETS.TRASH_ROOT = ""
+    cfg.DATASETS.COCO_SEMSEG = []
+    cfg.DATASETS.LABELMAP_SEMSEG = [["t4_named", str(image_dir), str(label_dir), ["sky", "road", "car"]]]
+    unregister.extend(register_datasets_from_cfg(cfg))
+    assert MetadataCatalog.get("t4_named").stuff_classes == ["sky", "road", "car"]
     cfg.DATASETS.COCO_SEMSEG = [["only_a_name"]]
     with pytest.raises(ValueError, match="name, json_file, image_root"):
         register_datasets_from_cfg(cfg)

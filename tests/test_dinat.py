@@ -35,7 +35,7 @@ def _tiny(**overrides):
     return DiNAT(**{**TINY, **overrides})
 
 
-def _official_state_keys(depths, heads, kernel, dim, layer_scale=False, rpb=True, out_levels=(0, 1, 2, 3)):
+def _official_state_keys(depths, heads, kernel, dim, layer_scale=False, rpb=True):
     """Parameter names and shapes of the official DiNAT Mask2Former backbone (mask2former/dinat.py
     of SHI-Labs/Neighborhood-Attention-Transformer), written out from its architecture."""
     keys = {
@@ -67,7 +67,7 @@ def _official_state_keys(depths, heads, kernel, dim, layer_scale=False, rpb=True
             keys[f"levels.{i}.downsample.reduction.weight"] = (2 * c, c, 3, 3)
             keys[f"levels.{i}.downsample.norm.weight"] = (2 * c,)
             keys[f"levels.{i}.downsample.norm.bias"] = (2 * c,)
-    for i in out_levels:
+    for i in range(4):
         keys[f"norm{i}.weight"] = (dim * 2**i,)
         keys[f"norm{i}.bias"] = (dim * 2**i,)
     return keys
@@ -104,7 +104,9 @@ def test_out_features_subset():
 def test_state_dict_matches_official_names(layer_scale, rpb):
     model = _tiny(layer_scale=layer_scale, rpb=rpb)
     got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    want = _official_state_keys(TINY["depths"], TINY["num_heads"], 3, 16, layer_scale is not None, rpb)
+    want = _official_state_keys(
+        TINY["depths"], TINY["num_heads"], 3, 16, layer_scale is not None, rpb
+    )
     assert got == want
     if layer_scale is not None:
         assert torch.all(model.levels[0].blocks[0].gamma1 == 1e-5)
@@ -179,7 +181,9 @@ def test_backward_reaches_every_parameter():
     model = _tiny()
     out = model(torch.randn(1, 3, 48, 40))
     sum(o.square().mean() for o in out.values()).backward()
-    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    missing = [
+        n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()
+    ]
     assert not missing
 
 
@@ -196,7 +200,8 @@ def _fake_official_checkpoint(model: DiNAT):
 
 def _load_cli():
     # Loaded by path: a `tools` package from detectron2's wheel shadows the repository's tools/.
-    spec = importlib.util.spec_from_file_location("convert_dinat_to_d2", os.path.join(REPO, "tools", "convert_dinat_to_d2.py"))
+    path = os.path.join(REPO, "tools", "convert_dinat_to_d2.py")
+    spec = importlib.util.spec_from_file_location("convert_dinat_to_d2", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -220,7 +225,8 @@ def test_converter_round_trip(tmp_path, wrapper):
     assert cli_main([str(src), str(dst)]) == 0
     assert sorted(os.listdir(dst.parent)) == ["dinat_d2.pth"]  # atomic write left no temp file
     converted = torch.load(dst, weights_only=True)["model"]
-    assert set(converted) == {"backbone." + k for k in state if not k.startswith(("norm.", "head."))}
+    kept = {"backbone." + k for k in state if not k.startswith(("norm.", "head."))}
+    assert set(converted) == kept
 
     target = _Wrapper(_tiny(layer_scale=1e-5))
     torch.manual_seed(3)
@@ -236,7 +242,10 @@ def test_converter_round_trip(tmp_path, wrapper):
 
 
 def test_converter_rejects_other_checkpoints(tmp_path):
-    swin_like = {"patch_embed.proj.weight": torch.zeros(96, 3, 4, 4), "layers.0.blocks.0.attn.qkv.weight": torch.zeros(1)}
+    swin_like = {
+        "patch_embed.proj.weight": torch.zeros(96, 3, 4, 4),
+        "layers.0.blocks.0.attn.qkv.weight": torch.zeros(1),
+    }
     src = tmp_path / "swin_tiny.pth"
     torch.save({"model": swin_like}, src)
     with pytest.raises(ValueError, match="swin_tiny.pth: not an official DiNAT"):
@@ -253,7 +262,8 @@ def test_converter_pickled_objects_need_trust(tmp_path):
     with pytest.raises(ValueError, match="train_ckpt.pth: holds Python objects .* --trusted"):
         convert_dinat_checkpoint(str(src), str(tmp_path / "a.pth"))
     count, dropped = convert_dinat_checkpoint(str(src), str(tmp_path / "a.pth"), trusted=True)
-    assert count == len(state) - 4 and sorted(dropped) == ["head.bias", "head.weight", "norm.bias", "norm.weight"]
+    assert count == len(state) - 4
+    assert sorted(dropped) == ["head.bias", "head.weight", "norm.bias", "norm.weight"]
 
 
 # ----------------------------------------------------------------------------- configs
@@ -275,12 +285,12 @@ def test_dinat_large_config():
     cfg = _project_cfg("configs/m2f_dinat_l.yaml")
     c = cfg.MODEL.DINAT
     assert cfg.MODEL.BACKBONE.NAME == "D2DiNAT"
-    assert (c.EMBED_DIM, list(c.DEPTHS), list(c.NUM_HEADS), c.KERNEL_SIZE, c.MLP_RATIO, c.DROP_PATH_RATE) == (
-        192, [3, 4, 18, 5], [6, 12, 24, 48], 11, 2.0, 0.3
-    )
+    assert (c.EMBED_DIM, list(c.DEPTHS), list(c.NUM_HEADS)) == (192, [3, 4, 18, 5], [6, 12, 24, 48])
+    assert (c.KERNEL_SIZE, c.MLP_RATIO, c.DROP_PATH_RATE, c.RPB) == (11, 2.0, 0.3, True)
     assert [len(d) for d in c.DILATIONS] == list(c.DEPTHS)
-    assert c.DILATIONS[0] == [1, 14, 1] and c.DILATIONS[1] == [1, 4, 1, 7] and c.DILATIONS[3] == [1] * 5
-    assert set(c.DILATIONS[2]) == {1, 2, 3}
+    assert c.DILATIONS[0] == [1, 14, 1] and c.DILATIONS[1] == [1, 4, 1, 7]
+    assert c.DILATIONS[2] == [1, 2, 1, 3] * 4 + [1, 3]  # as the official config
+    assert c.DILATIONS[3] == [1] * 5
     assert list(cfg.INPUT.MIN_SIZE_TRAIN) == list(range(320, 1281, 32))
 
 

@@ -16,6 +16,9 @@ from dinat.neighborhood_attention import (
     resolve_attention_impl,
 )
 
+# Eager flex attention on CPU is expected here (PyTorch warns that it is unfused).
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+
 # (batch, height, width, heads, kernel, dilation): odd sizes, non-square inputs, dilations that do
 # and do not divide the size, kernel equal to the (group) length, several heads, batch > 1.
 CASES = [
@@ -27,19 +30,31 @@ CASES = [
     (1, 26, 19, 2, 7, 1),
     (1, 33, 29, 2, 3, 5),
 ]
-CASE_IDS = ["b{}_{}x{}_h{}_k{}_d{}".format(*c) for c in CASES]
+
+
+def _case_id(case):
+    return "b{}_{}x{}_h{}_k{}_d{}".format(*case)
+
+
+CASE_IDS = [_case_id(c) for c in CASES]
 
 
 def _inputs(batch, height, width, heads, kernel, dim=4, dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(batch, height, width, heads, dim, generator=g, dtype=dtype) for _ in range(3))
+    shape = (batch, height, width, heads, dim)
+    q, k, v = (torch.randn(shape, generator=g, dtype=dtype) for _ in range(3))
     rpb = torch.randn(heads, 2 * kernel - 1, 2 * kernel - 1, generator=g, dtype=dtype)
     grad_out = torch.randn(batch, height, width, heads, dim, generator=g, dtype=dtype)
     return q, k, v, rpb, grad_out
 
 
+def _op(fn, kernel, dilation, **kwargs):
+    """``fn`` as a function of (q, k, v, rpb)."""
+    return lambda q, k, v, rpb: fn(q, k, v, rpb, kernel, dilation, **kwargs)
+
+
 def _forward_backward(fn, q, k, v, rpb, grad_out):
-    """Output and gradients of q, k, v (and rpb) of ``fn``."""
+    """Output and gradients of q, k, v (and rpb) of ``fn(q, k, v, rpb)``."""
     leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
     rpb_leaf = rpb.detach().clone().requires_grad_(True) if rpb is not None else None
     out = fn(*leaves, rpb_leaf)
@@ -67,10 +82,13 @@ def _natten_window_start(index, length, kernel, dilation):
 
 
 def _natten_pb_start(index, length, kernel, dilation):
-    """NATTEN (<= 0.17) CPU kernel's get_pb_start (rpb index of the window's first key), restated."""
+    """NATTEN (<= 0.17) CPU kernel's get_pb_start (rpb index of the window's first key),
+    restated."""
     half = kernel // 2
     if dilation <= 1:
-        return half + (index < half) * (half - index) + (index + half >= length) * (length - index - 1 - half)
+        left = (index < half) * (half - index)
+        right = (index + half >= length) * (length - index - 1 - half)
+        return half + left + right
     if index - half * dilation < 0:
         return kernel - 1 - index // dilation
     if index + half * dilation >= length:
@@ -78,7 +96,10 @@ def _natten_pb_start(index, length, kernel, dilation):
     return half
 
 
-AXES = [(7, 7, 1), (13, 3, 1), (13, 5, 1), (17, 5, 2), (20, 3, 3), (15, 5, 3), (33, 3, 5), (154, 11, 14), (160, 11, 14)]
+AXES = [
+    (7, 7, 1), (13, 3, 1), (13, 5, 1), (17, 5, 2), (20, 3, 3), (15, 5, 3), (33, 3, 5),
+    (154, 11, 14), (160, 11, 14),
+]
 
 
 @pytest.mark.parametrize("length,kernel,dilation", AXES)
@@ -98,9 +119,11 @@ def _dense_natten_attention(q, k, v, rpb, kernel, dilation):
     mask = torch.zeros(tokens, tokens, dtype=torch.bool)
     bias = torch.zeros(heads, tokens, tokens, dtype=q.dtype)
     for i in range(height):
-        hs, hp = _natten_window_start(i, height, kernel, dilation), _natten_pb_start(i, height, kernel, dilation)
+        hs = _natten_window_start(i, height, kernel, dilation)
+        hp = _natten_pb_start(i, height, kernel, dilation)
         for j in range(width):
-            ws, wp = _natten_window_start(j, width, kernel, dilation), _natten_pb_start(j, width, kernel, dilation)
+            ws = _natten_window_start(j, width, kernel, dilation)
+            wp = _natten_pb_start(j, width, kernel, dilation)
             for a in range(kernel):
                 for b in range(kernel):
                     key = (hs + a * dilation) * width + ws + b * dilation
@@ -117,17 +140,18 @@ def test_reference_matches_dense_natten_attention(case):
     batch, height, width, heads, kernel, dilation = case
     q, k, v, rpb, _ = _inputs(batch, height, width, heads, kernel)
     expected = _dense_natten_attention(q, k, v, rpb, kernel, dilation)
-    torch.testing.assert_close(na2d_reference(q, k, v, rpb, kernel, dilation), expected, rtol=0, atol=1e-12)
+    out = na2d_reference(q, k, v, rpb, kernel, dilation)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------- tiled path
-# (use rpb, max_tile, max_logits): default tiling, small tiles, and chunks smaller than one tile
-# row of one head (the three chunking levels of the tiled path).
+# (use rpb, max_tile, max_logits): the default tiling; small tiles (more tiles and pattern runs,
+# several samples per chunk); chunks of tile rows of one sample.
 TILED_SETTINGS = {
     "default": (True, 8, 1 << 22),
     "default_no_rpb": (False, 8, 1 << 22),
     "small_tiles": (True, 3, 4000),
-    "row_chunks": (True, 4, 300),  # below one tile row: one chunk per tile row
+    "row_chunks": (True, 4, 300),
 }
 
 
@@ -147,21 +171,21 @@ def test_tiled_matches_reference(case, setting):
     q, k, v, rpb, grad_out = _inputs(batch, height, width, heads, kernel)
     rpb = rpb if use_rpb else None
     ref_out, ref_grads = _forward_backward(
-        lambda q_, k_, v_, r_: na2d_reference(q_, k_, v_, r_, kernel, dilation), q, k, v, rpb, grad_out
+        _op(na2d_reference, kernel, dilation), q, k, v, rpb, grad_out
     )
-    out, grads = _forward_backward(
-        lambda q_, k_, v_, r_: na2d_tiled(q_, k_, v_, r_, kernel, dilation, max_tile=max_tile, max_logits=max_logits),
-        q, k, v, rpb, grad_out,
-    )
+    tiled = _op(na2d_tiled, kernel, dilation, max_tile=max_tile, max_logits=max_logits)
+    out, grads = _forward_backward(tiled, q, k, v, rpb, grad_out)
     torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-12)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-11)
     with torch.no_grad():  # inference takes PyTorch's fused attention kernel instead
-        out = na2d_tiled(q, k, v, rpb, kernel, dilation, max_tile=max_tile, max_logits=max_logits)
+        out = tiled(q, k, v, rpb)
     torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("length,kernel,max_tile", [(128, 11, 8), (129, 11, 8), (40, 7, 3), (12, 11, 8), (100, 3, 8)])
+@pytest.mark.parametrize(
+    "length,kernel,max_tile", [(128, 11, 8), (129, 11, 8), (40, 7, 3), (12, 11, 8), (100, 3, 8)]
+)
 def test_tiling_windows_inside_key_regions(length, kernel, max_tile):
     """Every real query's window lies inside its tile's key region (the tiled path's invariant)."""
     t = na._axis_tiling(length, kernel, max_tile)
@@ -199,7 +223,7 @@ def test_inputs_smaller_than_window_raise():
 
 # ----------------------------------------------------------------------------- flex path
 FLEX_CASES = [CASES[0], CASES[2], CASES[4], (1, 12, 16, 2, 3, 4)]
-FLEX_IDS = ["b{}_{}x{}_h{}_k{}_d{}".format(*c) for c in FLEX_CASES]
+FLEX_IDS = [_case_id(c) for c in FLEX_CASES]
 
 
 @pytest.mark.parametrize("use_rpb", [True, False], ids=["rpb", "no_rpb"])
@@ -210,7 +234,8 @@ def test_flex_forward_matches_reference(case, use_rpb):
     q, k, v, rpb, _ = _inputs(batch, height, width, heads, kernel)
     rpb = rpb if use_rpb else None
     out = na2d_flex(q, k, v, rpb, kernel, dilation, compile=False)
-    torch.testing.assert_close(out, na2d_reference(q, k, v, rpb, kernel, dilation), rtol=0, atol=1e-12)
+    expected = na2d_reference(q, k, v, rpb, kernel, dilation)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
 
 
 def _dense_flex_semantics(q, k, v, rpb, kernel, dilation):
@@ -235,36 +260,32 @@ def test_flex_mods_forward_backward_match_reference(case):
     batch, height, width, heads, kernel, dilation = case
     q, k, v, rpb, grad_out = _inputs(batch, height, width, heads, kernel)
     ref_out, ref_grads = _forward_backward(
-        lambda q_, k_, v_, r_: na2d_reference(q_, k_, v_, r_, kernel, dilation), q, k, v, rpb, grad_out
+        _op(na2d_reference, kernel, dilation), q, k, v, rpb, grad_out
     )
     out, grads = _forward_backward(
-        lambda q_, k_, v_, r_: _dense_flex_semantics(q_, k_, v_, r_, kernel, dilation), q, k, v, rpb, grad_out
+        _op(_dense_flex_semantics, kernel, dilation), q, k, v, rpb, grad_out
     )
     torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-12)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-11)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled flex attention needs a CUDA GPU")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled flex attention needs CUDA")
 @pytest.mark.parametrize("case", [(2, 40, 36, 2, 7, 2), (1, 33, 29, 2, 5, 3)])
 def test_flex_compiled_cuda_forward_backward(case):
     batch, height, width, heads, kernel, dilation = case
-    q, k, v, rpb, grad_out = _inputs(batch, height, width, heads, kernel, dim=32, dtype=torch.float32)
+    inputs = _inputs(batch, height, width, heads, kernel, dim=32, dtype=torch.float32)
     ref_out, ref_grads = _forward_backward(
-        lambda q_, k_, v_, r_: na2d_reference(q_, k_, v_, r_, kernel, dilation),
-        *(t.double() for t in (q, k, v, rpb, grad_out)),
+        _op(na2d_reference, kernel, dilation), *(t.double() for t in inputs)
     )
-    out, grads = _forward_backward(
-        lambda q_, k_, v_, r_: na2d_flex(q_, k_, v_, r_, kernel, dilation),
-        *(t.cuda() for t in (q, k, v, rpb, grad_out)),
-    )
+    out, grads = _forward_backward(_op(na2d_flex, kernel, dilation), *(t.cuda() for t in inputs))
     torch.testing.assert_close(out.cpu().double(), ref_out, rtol=0, atol=2e-4)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got.cpu().double(), want, rtol=0, atol=2e-3)
 
 
 # ----------------------------------------------------------------------------- NATTEN path
-@pytest.mark.parametrize("case", [CASES[0], CASES[2], (1, 12, 16, 2, 3, 4)], ids=lambda c: "b{}_{}x{}_h{}_k{}_d{}".format(*c))
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], FLEX_CASES[-1]], ids=_case_id)
 def test_natten_forward_matches_reference_without_rpb(case):
     """natten.functional.na2d (here through NATTEN's uncompiled flex backend on CPU, float32)."""
     batch, height, width, heads, kernel, dilation = case
@@ -284,10 +305,10 @@ def test_natten_rejects_rpb():
 def test_natten_cuda_forward_backward_without_rpb():
     q, k, v, _, grad_out = _inputs(2, 40, 36, 2, 7, dim=32, dtype=torch.float32)
     ref_out, ref_grads = _forward_backward(
-        lambda q_, k_, v_, r_: na2d_reference(q_, k_, v_, r_, 7, 2), *(t.double() for t in (q, k, v)), None, grad_out.double()
+        _op(na2d_reference, 7, 2), q.double(), k.double(), v.double(), None, grad_out.double()
     )
     out, grads = _forward_backward(
-        lambda q_, k_, v_, r_: na2d_natten(q_, k_, v_, r_, 7, 2), *(t.cuda() for t in (q, k, v)), None, grad_out.cuda()
+        _op(na2d_natten, 7, 2), q.cuda(), k.cuda(), v.cuda(), None, grad_out.cuda()
     )
     torch.testing.assert_close(out.cpu().double(), ref_out, rtol=0, atol=2e-4)
     for got, want in zip(grads, ref_grads):
@@ -343,7 +364,8 @@ def _explicit_module_forward(m, x, padded_h, padded_w):
 def test_small_inputs_zero_padded_before_qkv_like_natten_014(height, width, kernel, dilation, impl):
     m = _module(12, 3, kernel, dilation, impl=impl)
     window = kernel * dilation
-    x = torch.randn(2, height, width, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, height, width, 12, dtype=torch.float64, generator=g)
     expected = _explicit_module_forward(m, x, max(height, window), max(width, window))
     out = m(x)
     assert out.shape == x.shape

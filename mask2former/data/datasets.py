@@ -327,10 +327,14 @@ def register_datasets_from_cfg(cfg):
     for entry in cfg.DATASETS.LABELMAP_SEMSEG:
         if len(entry) != 4:
             raise ValueError(
-                f"DATASETS.LABELMAP_SEMSEG entries are [name, image_dir, label_dir, num_classes], got {entry}"
+                f"DATASETS.LABELMAP_SEMSEG entries are [name, image_dir, label_dir, num_classes or "
+                f"class names], got {entry}"
             )
-        name, image_dir, label_dir, num_classes = entry
-        class_names = [str(i) for i in range(int(num_classes))]
+        name, image_dir, label_dir, classes = entry
+        # classes: the number of classes (named "0".."K-1") or the list of class names.
+        class_names = [str(c) for c in classes] if isinstance(classes, (list, tuple)) else [
+            str(i) for i in range(int(classes))
+        ]
         register_labelmap_semseg(name, image_dir, label_dir, class_names, ignore_label=ignore_label)
         names.append(name)
     return names
