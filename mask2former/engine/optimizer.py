@@ -22,8 +22,9 @@ NORM_MODULE_TYPES = (
     torch.nn.LocalResponseNorm,
 )
 
-# Parameter names (last component) that are position tables / embeddings: never weight-decayed.
-NO_DECAY_PARAM_NAMES = ("relative_position_bias_table", "absolute_pos_embed", "rpb")
+# Parameter names (last component) that are never weight-decayed: Swin's position tables, as in
+# the official recipe (DiNAT's ``rpb`` keeps weight decay there too).
+NO_DECAY_PARAM_NAMES = ("relative_position_bias_table", "absolute_pos_embed")
 
 
 def get_param_groups(cfg, model: torch.nn.Module) -> List[Dict[str, Any]]:
