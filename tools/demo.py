@@ -12,7 +12,6 @@ Every step is a command a user can run by hand; they are printed before they run
 """
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time

@@ -7,7 +7,6 @@ Nothing is accumulated per image except what a sink needs (the submission keeps 
 import os
 from typing import Dict, List, Optional, Sequence
 
-import numpy as np
 from detectron2.data import MetadataCatalog
 from tqdm import tqdm
 

@@ -1,0 +1,125 @@
+"""Optimizer parameter groups, full-model gradient clipping, the resumable poly LR schedule and
+the project config composition."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mask2former.engine import build_optimizer, get_param_groups, get_project_cfg
+from mask2former.engine.lr_scheduler import ResumableWarmupPolyLR, build_lr_scheduler
+from mask2former.engine.setup import build_cfg
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Module()
+        self.backbone.fc = nn.Linear(4, 4)
+        self.backbone.norm = nn.LayerNorm(4)
+        self.backbone.relative_position_bias_table = nn.Parameter(torch.zeros(3, 2))
+        self.head = nn.Linear(4, 2)
+        self.query_feat = nn.Embedding(5, 4)
+        self.frozen = nn.Linear(2, 2)
+        self.frozen.requires_grad_(False)
+
+
+def _cfg(**solver):
+    cfg = get_project_cfg()
+    cfg.SOLVER.BASE_LR = 1e-4
+    cfg.SOLVER.WEIGHT_DECAY = 0.05
+    cfg.SOLVER.WEIGHT_DECAY_NORM = 0.0
+    cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0
+    cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
+    for k, v in solver.items():
+        setattr(cfg.SOLVER, k, v)
+    return cfg
+
+
+def test_param_groups_follow_the_official_scheme():
+    model = Toy()
+    groups = get_param_groups(_cfg(), model)
+    by_param = {id(g["params"][0]): g for g in groups}
+    expect = {
+        model.backbone.fc.weight: (1e-5, 0.05),
+        model.backbone.fc.bias: (1e-5, 0.05),
+        model.backbone.norm.weight: (1e-5, 0.0),
+        model.backbone.norm.bias: (1e-5, 0.0),
+        model.backbone.relative_position_bias_table: (1e-5, 0.0),
+        model.head.weight: (1e-4, 0.05),
+        model.head.bias: (1e-4, 0.05),
+        model.query_feat.weight: (1e-4, 0.0),
+    }
+    assert len(groups) == len(expect)  # frozen parameters are left out
+    for param, (lr, wd) in expect.items():
+        group = by_param[id(param)]
+        assert group["lr"] == pytest.approx(lr) and group["weight_decay"] == wd
+
+
+def test_full_model_gradient_clipping_clips_the_global_norm():
+    torch.manual_seed(0)
+    model = Toy().double()
+    cfg = _cfg(OPTIMIZER="SGD", MOMENTUM=0.0, BACKBONE_MULTIPLIER=1.0, WEIGHT_DECAY=0.0)
+    cfg.SOLVER.CLIP_GRADIENTS.ENABLED = True
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "full_model"
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 0.01
+    opt = build_optimizer(cfg, model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.full_like(p, 3.0)
+    total = math.sqrt(sum(p.numel() * 9.0 for p in params))
+    opt.step()
+    # clipping rescales the gradients in place: their global norm is now the clip value
+    clipped = torch.cat([p.grad.flatten() for p in params])
+    assert clipped.norm().item() == pytest.approx(0.01, rel=1e-3) and total > 1.0
+    assert torch.allclose(clipped, torch.full_like(clipped, 3.0 * 0.01 / total), rtol=1e-3)
+    step = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, params)])
+    assert torch.allclose(step.double(), 1e-4 * clipped.double(), rtol=0.2, atol=1e-9)
+
+
+def test_unknown_optimizer_is_rejected():
+    with pytest.raises(ValueError, match="SOLVER.OPTIMIZER"):
+        build_optimizer(_cfg(OPTIMIZER="LAMB"), Toy())
+
+
+def _lrs(scheduler, optimizer, steps):
+    out = []
+    for _ in range(steps):
+        out.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return out
+
+
+def test_poly_schedule_values_and_resume_with_a_longer_schedule():
+    cfg = _cfg(MAX_ITER=10, WARMUP_ITERS=2, WARMUP_FACTOR=0.5, POLY_LR_POWER=0.9)
+    cfg.SOLVER.LR_SCHEDULER_NAME = "WarmupPolyLR"
+    param = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=1.0)
+    sched = build_lr_scheduler(cfg, opt)
+    assert isinstance(sched, ResumableWarmupPolyLR)
+    lrs = _lrs(sched, opt, 10)
+    for it, lr in enumerate(lrs):
+        warm = 1.0 if it >= 2 else 0.5 * (1 - it / 2) + it / 2
+        assert lr == pytest.approx(warm * (1 - it / 10) ** 0.9)
+    state = sched.state_dict()
+    assert "max_iters" not in state and state["last_epoch"] == 10
+
+    cfg.SOLVER.MAX_ITER = 20  # resume and train longer
+    opt2 = torch.optim.SGD([param], lr=1.0)
+    sched2 = build_lr_scheduler(cfg, opt2)
+    sched2.load_state_dict(state)
+    assert sched2.max_iters == 20 and sched2.last_epoch == 10
+    sched2.step()  # iteration 11
+    assert opt2.param_groups[0]["lr"] == pytest.approx((1 - 11 / 20) ** 0.9)
+    # past the end the rate stays at the constant ending (0) instead of failing
+    sched2.last_epoch = 25
+    assert sched2.get_lr() == [0.0]
+
+
+def test_build_cfg_composes_all_packages_and_disables_amp_on_cpu():
+    cfg = build_cfg("configs/m2f_swin_t.yaml", ["MODEL.DEVICE", "cpu"])
+    assert cfg.SOLVER.AMP.ENABLED is False  # the YAML enables it for GPUs
+    assert cfg.MODEL.SWIN.EMBED_DIM == 96 and "DINAT" in cfg.MODEL and "CATE_WEIGHT" in cfg.MODEL.MASK_FORMER
+    assert cfg.is_frozen()
