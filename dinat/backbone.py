@@ -26,30 +26,13 @@ from torch import nn
 from detectron2.config import configurable
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone, ShapeSpec
 
+from mask2former.modeling.layers import DropPath, Mlp
+
 from .neighborhood_attention import NeighborhoodAttention2D
 
-__all__ = ["D2DiNAT", "DiNAT", "DropPath", "NATBlock"]
+__all__ = ["D2DiNAT", "DiNAT", "NATBlock"]
 
 _LEVEL_NAMES = ("res2", "res3", "res4", "res5")
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: drops the whole residual branch per sample with probability ``drop_prob``
-    during training (surviving samples are scaled by ``1 / (1 - drop_prob)``); identity in eval."""
-
-    def __init__(self, drop_prob: float = 0.0):
-        super().__init__()
-        self.drop_prob = drop_prob
-
-    def forward(self, x):
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.drop_prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-        return x * mask / keep
-
-    def extra_repr(self) -> str:
-        return f"drop_prob={self.drop_prob}"
 
 
 class ConvTokenizer(nn.Module):
@@ -77,20 +60,6 @@ class ConvDownsampler(nn.Module):
 
     def forward(self, x):
         return self.norm(self.reduction(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
-
-
-class Mlp(nn.Module):
-    """Two-layer MLP with GELU."""
-
-    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_dim, dim)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x):
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 class NATBlock(nn.Module):

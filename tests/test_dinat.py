@@ -13,7 +13,7 @@ from detectron2.config import get_cfg
 from detectron2.modeling import BACKBONE_REGISTRY, ShapeSpec, build_backbone
 
 from dinat import D2DiNAT, DiNAT, add_dinat_config
-from dinat.backbone import DropPath
+from mask2former.modeling.layers import DropPath
 from dinat.convert import convert_dinat_checkpoint, convert_dinat_state_dict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
