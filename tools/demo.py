@@ -3,7 +3,8 @@
 
 1. writes a deterministic synthetic trash dataset in the competition format (128x128 images),
 2. trains the tiny Mask2Former of configs/tiny/m2f_swin_tiny_cpu.yaml on CPU with train_net.py
-   (multi-scale jitter, copy-paste bank regenerated at every evaluation, LB-style evaluation),
+   (multi-scale jitter, colour jitter, flip, LB-style evaluation every 300 iterations; with
+   ``--copy-paste`` also the copy-paste bank regenerated at every evaluation),
 3. scores the val split LB-style with tools/predict.py (and writes overlay pictures) and compares
    with the all-background predictor,
 4. writes the submission CSV of the test split.
@@ -51,6 +52,8 @@ def main(argv=None):
     p.add_argument("--num-val", type=int, default=50)
     p.add_argument("--num-test", type=int, default=50)
     p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--copy-paste", action="store_true",
+                   help="train with the copy-paste bank (regenerated at every evaluation)")
     args = p.parse_args(argv)
 
     out = (ROOT / args.out).resolve()
@@ -69,7 +72,7 @@ def main(argv=None):
     run([py, "train_net.py", "--config-file", CONFIG, "--num-gpus", 1,
          "DATASETS.TRASH_ROOT", data, "OUTPUT_DIR", model_dir, "SOLVER.MAX_ITER", args.iters,
          "TEST.EVAL_PERIOD", max(args.iters // 3, 1), "SOLVER.CHECKPOINT_PERIOD", max(args.iters // 3, 1),
-         "INPUT.COPY_PASTE.ENABLED", True, "INPUT.COPY_PASTE.BANK_SIZE", 60])
+         "INPUT.COPY_PASTE.ENABLED", args.copy_paste, "INPUT.COPY_PASTE.BANK_SIZE", 100])
     t_train = time.time()
 
     weights = model_dir / "model_final.pth"
