@@ -13,7 +13,7 @@ from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from mask2former.data.datasets import register_datasets_from_cfg
+from mask2former.data import register_datasets_from_cfg
 from mask2former.engine import Trainer, build_cfg
 
 

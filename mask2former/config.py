@@ -140,6 +140,9 @@ def add_maskformer2_config(cfg):
     # label PNGs hold class ids (paired with images by file stem), MODEL.SEM_SEG_HEAD.IGNORE_VALUE
     # is ignored.
     cfg.DATASETS.LABELMAP_SEMSEG = []
+    # Pseudo-labeled splits written by tools/pseudo_label.py, each [name, pseudo_json, image_root];
+    # label PNGs (ignore = MODEL.SEM_SEG_HEAD.IGNORE_VALUE) are found through the json.
+    cfg.DATASETS.PSEUDO_LABELS = []
     # Order in which overlapping polygons are drawn: "area_desc" (largest first, smaller on top),
     # "area_asc", or "file" (json order, later on top).
     cfg.DATASETS.POLYGON_DRAW_ORDER = "area_desc"

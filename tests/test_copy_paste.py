@@ -176,3 +176,21 @@ def test_hook_regenerates_before_training_and_after_each_evaluation(train_record
     probs = json.loads((folder / "bank.json").read_text())["class_probs"]
     assert max(probs, key=probs.get) == "5"  # Glass, the weakest class
     assert iou_by_label(latest, names)[5] == pytest.approx(0.1)
+
+
+def test_ignored_pixels_of_targets_stay_ignored(train_records, tmp_path):
+    from PIL import Image
+
+    src = train_records[0]
+    label = record_to_label_map(src).copy()
+    label[:, : label.shape[1] // 2] = 255  # e.g. unconfident pseudo-label pixels
+    png = tmp_path / "ignore.png"
+    Image.fromarray(label).save(png)
+    ignore_record = {k: src[k] for k in ("file_name", "height", "width")}
+    ignore_record.update(image_id="with_ignore", sem_seg_file_name=str(png))
+    folder = cp.generate_bank(train_records + [ignore_record] * 30, str(tmp_path / "bank"), 4, seed=0,
+                              ignore_label=255)
+    bank = json.loads(Path(folder, "bank.json").read_text())
+    assert {a["category_id"] for a in bank["annotations"]} <= set(range(1, 11))
+    labels = [record_to_label_map(r) for r in cp.read_current_bank(str(tmp_path / "bank"))[1]]
+    assert any((lab == 255).any() for lab in labels)

@@ -9,7 +9,7 @@ from detectron2.projects.deeplab import add_deeplab_config
 from PIL import Image
 
 from mask2former.config import add_maskformer2_config
-from mask2former.data.datasets import (
+from mask2former.data import (
     TRASH_CLASSES,
     TRASH_COLORS,
     default_palette,

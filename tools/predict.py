@@ -16,7 +16,7 @@ from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
-from mask2former.data.datasets import register_datasets_from_cfg
+from mask2former.data import register_datasets_from_cfg
 from mask2former.engine import build_cfg
 from mask2former.inference.batch import (
     EvaluationSink,

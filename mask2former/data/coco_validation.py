@@ -343,6 +343,13 @@ def build_category_mapping(categories, json_file, category_id_to_label=None, rep
 def read_coco_categories(json_file, category_id_to_label=None):
     """Category mapping and whether the json has ground truth, without validating the rest."""
     data = _read_json(json_file)
+    if "pseudo_labels" in data:
+        # its polygons leave out the ignored (not confident) pixels: read as a plain COCO json
+        # they would silently become background
+        raise ValueError(
+            f"{json_file} is a pseudo-label split (tools/pseudo_label.py): register it with "
+            "DATASETS.PSEUDO_LABELS, which reads its label PNGs with their ignored pixels"
+        )
     mapping = build_category_mapping(data.get("categories", []), json_file, category_id_to_label)
     return mapping, bool(data.get("annotations"))
 

@@ -164,12 +164,14 @@ def generate_bank(
     pool: Optional[ObjectPool] = None,
     max_tries: int = 20,
     class_names: Optional[Sequence[str]] = None,
+    ignore_label: int = 255,
 ) -> str:
     """Write a new bank version under ``bank_root`` and make it current. Returns its folder.
 
     ``class_probs`` maps label -> IoU of the last evaluation (None: uniform class choice).
-    ``class_names`` (index = label id) names the json's categories. Deterministic for fixed
-    records, IoUs and seed.
+    ``class_names`` (index = label id) names the json's categories; pixels of ``ignore_label``
+    (e.g. unconfident pseudo-label pixels of a target image) stay ignored in the bank's label
+    PNGs and get no polygon. Deterministic for fixed records, IoUs and seed.
     """
     if num_images <= 0:
         raise ValueError(f"num_images must be positive, got {num_images}")
@@ -205,7 +207,7 @@ def generate_bank(
             cv2.imwrite(os.path.join(tmp_dir, "images", name + ".jpg"), image[:, :, ::-1],
                         [cv2.IMWRITE_JPEG_QUALITY, 95])
             cv2.imwrite(os.path.join(tmp_dir, "labels", name + ".png"), label_map)
-            for ann in label_map_to_annotations(label_map, ignore_label=None, background=0):
+            for ann in label_map_to_annotations(label_map, ignore_label=ignore_label, background=0):
                 annotations.append({"id": len(annotations) + 1, "image_id": i, **ann})
             images.append({
                 "id": i,

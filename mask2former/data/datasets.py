@@ -33,7 +33,6 @@ __all__ = [
     "default_palette",
     "load_labelmap_records",
     "register_coco_semseg",
-    "register_datasets_from_cfg",
     "register_labelmap_semseg",
     "register_trash_dataset",
 ]
@@ -118,8 +117,8 @@ def _load_coco(json_file, image_root, policy, category_id_to_label):
     return _cached(key, load)
 
 
-def _register(name, loader, metadata):
-    """Register ``name`` unless it is already registered with the same metadata; a different
+def register_dataset(name, loader, metadata):
+    """Register ``name`` (a loader returning records, and its metadata) unless it is already registered with the same metadata; a different
     earlier registration is replaced (with a warning)."""
     if name in DatasetCatalog.list():
         current = MetadataCatalog.get(name).as_dict()
@@ -185,7 +184,7 @@ def register_coco_semseg(
         draw_order=draw_order,
         has_ground_truth=has_ground_truth,
     )
-    _register(name, loader, metadata)
+    register_dataset(name, loader, metadata)
 
 
 def register_trash_dataset(root, prefix="trash", cfg_validation=None, *, draw_order="area_desc", ignore_label=255):
@@ -237,9 +236,10 @@ def _list_by_stem(folder, extensions):
     return files
 
 
-def _examples(items, n=5):
-    items = sorted(items)
-    return ", ".join(items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "")
+def format_examples(items, n=5, sort=True):
+    """Up to ``n`` of ``items`` for an error message: "a, b, c, ... (N in all)"."""
+    items = sorted(items) if sort else list(items)
+    return ", ".join(str(i) for i in items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "")
 
 
 def load_labelmap_records(image_dir, label_dir):
@@ -252,9 +252,9 @@ def load_labelmap_records(image_dir, label_dir):
     labels = _list_by_stem(label_dir, (".png",))
     problems = []
     if images.keys() - labels.keys():
-        problems.append(f"images without a label in {label_dir}: {_examples(images.keys() - labels.keys())}")
+        problems.append(f"images without a label in {label_dir}: {format_examples(images.keys() - labels.keys())}")
     if labels.keys() - images.keys():
-        problems.append(f"labels without an image in {image_dir}: {_examples(labels.keys() - images.keys())}")
+        problems.append(f"labels without an image in {image_dir}: {format_examples(labels.keys() - images.keys())}")
     if problems:
         raise ValueError("Unpaired label-map dataset files:\n  " + "\n  ".join(problems))
     if not images:
@@ -302,39 +302,4 @@ def register_labelmap_semseg(name, image_dir, label_dir, class_names, ignore_lab
         ignore_label=ignore_label,
         has_ground_truth=True,
     )
-    _register(name, functools.partial(_load_labelmap, image_dir, label_dir), metadata)
-
-
-def register_datasets_from_cfg(cfg):
-    """Register the datasets named by ``cfg.DATASETS.TRASH_ROOT``, ``COCO_SEMSEG`` and
-    ``LABELMAP_SEMSEG`` (idempotent). Returns the registered names."""
-    validation = cfg.DATASETS.VALIDATION
-    draw_order = cfg.DATASETS.POLYGON_DRAW_ORDER
-    ignore_label = cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE
-    names = []
-    if cfg.DATASETS.TRASH_ROOT:
-        names += register_trash_dataset(
-            cfg.DATASETS.TRASH_ROOT, cfg_validation=validation, draw_order=draw_order, ignore_label=ignore_label
-        )
-    for entry in cfg.DATASETS.COCO_SEMSEG:
-        if len(entry) != 3:
-            raise ValueError(f"DATASETS.COCO_SEMSEG entries are [name, json_file, image_root], got {entry}")
-        name, json_file, image_root = entry
-        register_coco_semseg(
-            name, json_file, image_root, validation, ignore_label=ignore_label, draw_order=draw_order
-        )
-        names.append(name)
-    for entry in cfg.DATASETS.LABELMAP_SEMSEG:
-        if len(entry) != 4:
-            raise ValueError(
-                f"DATASETS.LABELMAP_SEMSEG entries are [name, image_dir, label_dir, num_classes or "
-                f"class names], got {entry}"
-            )
-        name, image_dir, label_dir, classes = entry
-        # classes: the number of classes (named "0".."K-1") or the list of class names.
-        class_names = [str(c) for c in classes] if isinstance(classes, (list, tuple)) else [
-            str(i) for i in range(int(classes))
-        ]
-        register_labelmap_semseg(name, image_dir, label_dir, class_names, ignore_label=ignore_label)
-        names.append(name)
-    return names
+    register_dataset(name, functools.partial(_load_labelmap, image_dir, label_dir), metadata)

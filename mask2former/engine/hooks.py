@@ -55,6 +55,7 @@ class CopyPasteBankHook(HookBase):
         blend_sigma: float = 0.0,
         class_weighting: str = "one_minus_iou",
         draw_order: str = "area_desc",
+        ignore_label: int = 255,
     ):
         if class_weighting not in ("one_minus_iou", "uniform"):
             raise ValueError(f"INPUT.COPY_PASTE.CLASS_WEIGHTING must be one_minus_iou or uniform, got {class_weighting!r}")
@@ -65,7 +66,7 @@ class CopyPasteBankHook(HookBase):
         self.num_images = num_images
         self.seed = seed
         self.kwargs = dict(objects_per_image=tuple(objects_per_image), scale_range=tuple(scale_range),
-                           blend_sigma=blend_sigma, draw_order=draw_order)
+                           blend_sigma=blend_sigma, draw_order=draw_order, ignore_label=ignore_label)
         self.class_weighting = class_weighting
         self.generation = 0
         self._records: Optional[List[dict]] = None

@@ -71,6 +71,7 @@ class Trainer(DefaultTrainer):
                 blend_sigma=cp.BLEND_SIGMA,
                 class_weighting=cp.CLASS_WEIGHTING,
                 draw_order=cfg.DATASETS.POLYGON_DRAW_ORDER,
+                ignore_label=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
             )
             # Right after the evaluation, whose per-class IoUs it reads.
             eval_index = max(i for i, h in enumerate(hook_list) if isinstance(h, hooks.EvalHook))

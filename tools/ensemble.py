@@ -1,0 +1,182 @@
+#!/usr/bin/env python
+r"""Soft-voting ensemble of probability dumps -> optional DenseCRF -> agreement overwrite -> outputs.
+
+    python tools/ensemble.py --dumps out/probs_dinat out/probs_semask out/probs_swin \
+        --weights 2 2 1 --json data/trash/test.json --crf default --agreement-overwrite \
+        --submission out/ensemble.csv [--labels out/ens_labels] [--probs out/probs_ens] \
+        [--workers 2]
+    python tools/ensemble.py --dumps ... --json data/trash/val.json --score --score-dir out/ens_val
+    python tools/ensemble.py --dumps ... --dataset trash_val --score DATASETS.TRASH_ROOT data/trash
+
+The dumps come from ``tools/predict.py --probs`` (keys = the json ``file_name`` s). Images (for
+DenseCRF) are read from ``--image-root`` (default: the json's folder, or the dataset's image
+root). Config overrides ``KEY VALUE`` (with ``--dataset``) go last.
+"""
+import argparse
+import contextlib
+import json
+import logging
+import os
+
+from detectron2.data import MetadataCatalog
+from detectron2.utils.logger import setup_logger
+from tqdm import tqdm
+
+from mask2former.data import register_coco_semseg, register_datasets_from_cfg
+from mask2former.engine import build_cfg
+from mask2former.inference.crf import CRF_PRESETS, DEFAULT_ITERATIONS
+from mask2former.inference.ensemble import (
+    EnsemblePipeline,
+    LabelPngWriter,
+    LabelScorer,
+    SoftVotingEnsemble,
+)
+from mask2former.inference.prob_dump import ProbDumpWriter
+from mask2former.inference.submission import SubmissionWriter, coco_image_names
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dumps", nargs="+", required=True, help="probability dump folders")
+    p.add_argument("--weights", nargs="+", type=float, help="one weight per dump (normalised; default equal)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--json", help="COCO json of the images: submission row order, ground truth of --score")
+    src.add_argument("--dataset", help="a registered COCO dataset instead of --json (see --config-file)")
+    p.add_argument("--config-file", default="", help="config whose DATASETS.* register --dataset")
+    p.add_argument("--image-root", help="images folder (default: the json's folder / the dataset's root)")
+    p.add_argument("--crf", choices=sorted(CRF_PRESETS), help="DenseCRF of the soft vote with this preset")
+    p.add_argument("--crf-gaussian", nargs=2, type=float, metavar=("SXY", "COMPAT"),
+                   help="change the preset's Gaussian kernel")
+    p.add_argument("--crf-bilateral", nargs=3, type=float, metavar=("SXY", "SRGB", "COMPAT"),
+                   help="change the preset's bilateral kernel")
+    p.add_argument("--crf-iters", type=int, default=DEFAULT_ITERATIONS,
+                   help="mean-field iterations (default %(default)s)")
+    p.add_argument("--agreement-overwrite", action="store_true",
+                   help="pixels where the models' argmaxes agree take that label (after the CRF)")
+    p.add_argument("--min-agree", type=int, help="models that must agree (default: all)")
+    p.add_argument("--mode-filter", action="store_true", help="3x3 mode filter of the labels (last step)")
+    p.add_argument("--submission", help="write the submission CSV here (rows in the json's order)")
+    p.add_argument("--labels", help="write label PNGs here (<folder>/<file_name without extension>.png)")
+    p.add_argument("--probs", help="write the soft vote (the CRF marginals with --crf) as a new dump; "
+                                   "--agreement-overwrite / --mode-filter change only the labels")
+    p.add_argument("--score", action="store_true", help="LB-style score of the final labels")
+    p.add_argument("--score-dir", help="where --score writes lb_metrics.json / confusion_matrix.png")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (one image per process)")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ... (with --dataset)")
+    args = p.parse_args(argv)
+
+    if (args.crf_gaussian or args.crf_bilateral) and not args.crf:
+        p.error("--crf-gaussian / --crf-bilateral change a preset: give --crf too")
+    if args.min_agree is not None and not args.agreement_overwrite:
+        p.error("--min-agree needs --agreement-overwrite")
+    if args.crf_iters < 0 or args.workers < 1:
+        p.error("--crf-iters must be >= 0 and --workers >= 1")
+    if (args.opts or args.config_file) and not args.dataset:
+        p.error("--config-file and KEY VALUE overrides are only used with --dataset")
+    needs_json = [flag for flag, on in (("--submission", args.submission), ("--crf", args.crf),
+                                        ("--score", args.score)) if on]
+    if needs_json and not (args.json or args.dataset):
+        p.error(f"{', '.join(needs_json)}: give --json or --dataset")
+    if args.score_dir and not args.score:
+        p.error("--score-dir needs --score")
+    if not (args.submission or args.labels or args.probs or args.score):
+        p.error("nothing to do: give --submission, --labels, --probs and/or --score")
+    dumps = {os.path.realpath(d) for d in args.dumps}
+    for name in ("probs", "labels"):
+        folder = getattr(args, name)
+        if folder and os.path.realpath(folder) in dumps:
+            p.error(f"--{name} {folder} is one of the input dumps")
+    return args
+
+
+def crf_params(args):
+    if not args.crf:
+        return None
+    params = CRF_PRESETS[args.crf]
+    if args.crf_gaussian:
+        params = params.replace(gaussian_sxy=args.crf_gaussian[0], gaussian_compat=args.crf_gaussian[1])
+    if args.crf_bilateral:
+        sxy, srgb, compat = args.crf_bilateral
+        params = params.replace(bilateral_sxy=sxy, bilateral_srgb=srgb, bilateral_compat=compat)
+    return params
+
+
+def image_source(args):
+    """(json_file, image_root, dataset name for scoring) from --json / --dataset."""
+    if args.dataset:
+        register_datasets_from_cfg(build_cfg(args.config_file, args.opts))
+        meta = MetadataCatalog.get(args.dataset)
+        if meta.get("json_file") is None:
+            raise SystemExit(f"dataset {args.dataset!r} is not a COCO dataset registered by the config "
+                             "(DATASETS.TRASH_ROOT / COCO_SEMSEG): no json_file")
+        return meta.json_file, args.image_root or meta.image_root, args.dataset
+    if args.json:
+        image_root = args.image_root or os.path.dirname(os.path.abspath(args.json))
+        dataset = None
+        if args.score:
+            dataset = f"ensemble:{os.path.abspath(args.json)}"
+            register_coco_semseg(dataset, args.json, image_root)
+        return args.json, image_root, dataset
+    return None, args.image_root, None
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    setup_logger(name="mask2former")
+    logger = setup_logger(name="ensemble")
+    ensemble = SoftVotingEnsemble(args.dumps, args.weights)
+    json_file, image_root, dataset = image_source(args)
+    file_names = ensemble.file_names
+    if json_file:
+        file_names = ensemble.check_file_names(coco_image_names(json_file).values(), json_file)
+    pipeline = EnsemblePipeline(
+        ensemble,
+        crf_params=crf_params(args),
+        crf_iterations=args.crf_iters,
+        agreement=args.agreement_overwrite,
+        min_agree=args.min_agree,
+        apply_mode_filter=args.mode_filter,
+        image_root=image_root,
+        keep_probs=bool(args.probs),
+    )
+    logger.info("%s; %d images; CRF %s; agreement overwrite %s; mode filter %s", ensemble.description(),
+                len(file_names), pipeline.crf_params, args.agreement_overwrite, args.mode_filter)
+
+    with contextlib.ExitStack() as stack:
+        submission = dump = labels = scorer = None
+        if args.submission:
+            submission = stack.enter_context(SubmissionWriter(args.submission, file_names))
+        if args.probs:
+            dump = stack.enter_context(
+                ProbDumpWriter(args.probs, ensemble.class_names, model_name=ensemble.description())
+            )
+        if args.labels:
+            labels = LabelPngWriter(args.labels)
+        if args.score:
+            scorer = LabelScorer(dataset, ensemble.class_names, args.score_dir)
+        predictions = pipeline.predictions(file_names, workers=args.workers)
+        for pred in tqdm(predictions, total=len(file_names), desc="ensemble"):
+            if submission is not None:
+                submission.add(pred.file_name, pred.labels)
+            if dump is not None:
+                dump.add(pred.file_name, pred.probs)
+            if labels is not None:
+                labels.add(pred.file_name, pred.labels)
+            if scorer is not None:
+                scorer.add(pred.file_name, pred.labels)
+        score = scorer.close() if scorer is not None else None
+
+    if args.submission:
+        logger.info("submission written to %s", args.submission)
+    if args.probs:
+        logger.info("probabilities written to %s", args.probs)
+    if args.labels:
+        logger.info("%d label PNGs in %s", labels.written, args.labels)
+    if score is not None:
+        logger.info("LB-style score: %s", json.dumps({k: round(v, 4) for k, v in score.items()}))
+    return score
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    main()

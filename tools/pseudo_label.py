@@ -1,0 +1,110 @@
+#!/usr/bin/env python
+"""Pseudo-label unlabeled images from probability dumps (SPEC 5).
+
+    python tools/predict.py --config-file ... --weights ... --dataset trash_test --probs out/probs_a ...
+    python tools/pseudo_label.py --dumps out/probs_a out/probs_b [--weights 2 1] \
+        --json data/trash/test.json --image-root data/trash --output out/pseudo_test --threshold 0.9 \
+        [--class-thresholds 9=0.7 5=0.8] [--min-component 16] [--mode-filter] [--name trash_test_pseudo]
+
+Several dumps are soft-voted (mask2former.inference.ensemble) image by image. Writes OUT/pseudo.json (the json's images + sem_seg_file_name, polygons of the confident regions),
+OUT/labels/<file_name>.png (ignore 255) and OUT/report.json, then prints the statistics and the
+config overrides that train on train + pseudo-labels.
+"""
+import argparse
+import logging
+import os
+
+from tabulate import tabulate
+from tqdm import tqdm
+
+from mask2former.inference.ensemble import SoftVotingEnsemble
+from mask2former.inference.pseudo_label import PSEUDO_JSON_NAME, PseudoLabelWriter
+
+
+def parse_class_thresholds(items):
+    """["9=0.7", ...] -> {9: 0.7, ...}."""
+    thresholds = {}
+    for item in items:
+        label, sep, value = item.partition("=")
+        try:
+            thresholds[int(label)] = float(value)
+        except ValueError:
+            raise SystemExit(f"--class-thresholds: expected LABEL=THRESHOLD (e.g. 9=0.7), got {item!r}") from None
+        if not sep:
+            raise SystemExit(f"--class-thresholds: expected LABEL=THRESHOLD (e.g. 9=0.7), got {item!r}")
+    return thresholds
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dumps", nargs="+", required=True, help="probability dump folder(s) (tools/predict.py --probs)")
+    p.add_argument("--weights", nargs="+", type=float, help="one weight per dump (soft voting)")
+    p.add_argument("--json", required=True, help="COCO json of the unlabeled images (e.g. test.json)")
+    p.add_argument("--image-root", required=True, help="folder the json's file_name are relative to")
+    p.add_argument("--output", required=True, help="folder of the pseudo-labeled split (must not exist)")
+    p.add_argument("--threshold", type=float, default=0.9, help="minimum max-probability of a labelled pixel")
+    p.add_argument("--class-thresholds", nargs="+", default=[], metavar="LABEL=THR",
+                   help="per-class thresholds overriding --threshold for pixels predicted as LABEL")
+    p.add_argument("--min-component", type=int, default=0,
+                   help="confident 8-connected components with fewer pixels become ignored")
+    p.add_argument("--mode-filter", action="store_true", help="3x3 mode filter of the confident labels")
+    p.add_argument("--ignore-label", type=int, default=255)
+    p.add_argument("--name", help="dataset name in the printed config (default: <json stem>_pseudo)")
+    p.add_argument("--overwrite", action="store_true", help="replace --output once the new split is complete")
+    args = p.parse_args(argv)
+    output = os.path.realpath(args.output)
+    for dump in args.dumps:
+        if os.path.commonpath([output, os.path.realpath(dump)]) == output:
+            p.error(f"the output folder {args.output} contains the dump {dump}")
+    return args
+
+
+def print_report(report, name, json_path, image_root):
+    stats = report["stats"]
+    rows = [
+        [c["label"], c["name"], c["predicted_pixels"], c["pseudo_pixels"], c["confident_fraction"]]
+        for c in stats["per_class"]
+    ]
+    print(tabulate(rows, headers=["label", "class", "argmax px", "pseudo px", "confident"], tablefmt="pipe",
+                   floatfmt=".3f", missingval="-"))
+    print(
+        f"\n{report['images_in_json']} images in {json_path} "
+        f"({report['images_without_confident_pixels']} without confident pixels left out), "
+        f"{report['annotations']} polygons; confident pixels: {stats['confident_fraction']:.3f} "
+        f"({stats['removed_small_components']} small components removed)"
+    )
+    entry = [[name, json_path, image_root]]
+    print("\nTrain on train + pseudo-labels with the config overrides:")
+    print(f"    DATASETS.PSEUDO_LABELS \"{entry}\" DATASETS.TRAIN \"('trash_train', '{name}')\"")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    ensemble = SoftVotingEnsemble(args.dumps, args.weights)
+    writer = PseudoLabelWriter(
+        args.output,
+        args.json,
+        ensemble.class_names,
+        args.threshold,
+        class_thresholds=parse_class_thresholds(args.class_thresholds),
+        min_component=args.min_component,
+        apply_mode_filter=args.mode_filter,
+        ignore_label=args.ignore_label,
+        image_root=args.image_root,
+        sources=[ensemble.description()],
+        overwrite=args.overwrite,
+    )
+    with writer:
+        file_names = ensemble.check_file_names(writer.file_names, args.json)
+        for file_name, probs in tqdm(ensemble.iterate(file_names), total=len(file_names), desc="pseudo-labels"):
+            writer.add(file_name, probs)
+        report = writer.close()
+    name = args.name or os.path.splitext(os.path.basename(args.json))[0] + "_pseudo"
+    json_path = os.path.join(os.path.abspath(args.output), PSEUDO_JSON_NAME)
+    print_report(report, name, json_path, os.path.abspath(args.image_root))
+    return report
+
+
+if __name__ == "__main__":
+    main()
