@@ -68,6 +68,11 @@ def add_maskformer2_config(cfg):
     cfg.MODEL.MASK_FORMER.SIZE_DIVISIBILITY = 32
     # Points sampled per mask for the mask losses (and the matcher) during training.
     cfg.MODEL.MASK_FORMER.TRAIN_NUM_POINTS = 112 * 112
+    # Leave pixels with the ignore label (MODEL.SEM_SEG_HEAD.IGNORE_VALUE: pseudo-label pixels
+    # below the confidence threshold, "void" classes, crop padding) out of the mask losses and
+    # the matching costs. False is the official behaviour, where every mask treats them as
+    # negatives; turn it on when the labels have large ignored regions (pseudo-labels).
+    cfg.MODEL.MASK_FORMER.IGNORE_IN_MASK_LOSS = False
     # PointRend importance sampling: oversampling factor k and importance ratio beta.
     cfg.MODEL.MASK_FORMER.OVERSAMPLE_RATIO = 3.0
     cfg.MODEL.MASK_FORMER.IMPORTANCE_SAMPLE_RATIO = 0.75

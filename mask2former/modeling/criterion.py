@@ -1,6 +1,6 @@
 """Set criterion of Mask2Former: Hungarian matching, then classification and point-sampled mask
 losses on the final prediction and (deep supervision) on every auxiliary prediction."""
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -16,21 +16,33 @@ from .point_sampling import (
 )
 
 
-def sigmoid_ce_loss(inputs: torch.Tensor, targets: torch.Tensor, num_masks: float) -> torch.Tensor:
+def sigmoid_ce_loss(
+    inputs: torch.Tensor, targets: torch.Tensor, num_masks: float, weights: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """
     Sigmoid binary cross-entropy averaged over the points of each mask, summed over masks and
-    divided by ``num_masks``. inputs (logits), targets: [N, P].
+    divided by ``num_masks``. inputs (logits), targets: [N, P]. ``weights`` [N, P] (0 = ignored
+    point) turn the per-mask mean into a weighted mean (a mask whose points are all ignored
+    contributes 0).
     """
     loss = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
-    return loss.mean(1).sum() / num_masks
+    if weights is None:
+        return loss.mean(1).sum() / num_masks
+    return ((loss * weights).sum(1) / weights.sum(1).clamp_min(1e-6)).sum() / num_masks
 
 
-def dice_loss(inputs: torch.Tensor, targets: torch.Tensor, num_masks: float) -> torch.Tensor:
+def dice_loss(
+    inputs: torch.Tensor, targets: torch.Tensor, num_masks: float, weights: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """
     Dice loss ``1 - (2 |s t| + 1) / (|s| + |t| + 1)`` (``s = sigmoid(inputs)``) per mask, summed
-    over masks and divided by ``num_masks``. inputs (logits), targets: [N, P].
+    over masks and divided by ``num_masks``. inputs (logits), targets: [N, P]; ``weights``
+    [N, P] (0 = ignored point) weight the sums.
     """
     probs = inputs.sigmoid()
+    if weights is not None:
+        probs = probs * weights
+        targets = targets * weights
     numerator = 2 * (probs * targets).sum(-1)
     denominator = probs.sum(-1) + targets.sum(-1)
     return (1 - (numerator + 1) / (denominator + 1)).sum() / num_masks
@@ -136,10 +148,17 @@ class SetCriterion(nn.Module):
                 self.importance_sample_ratio,
             )
             point_labels = point_sample(target_masks, point_coords).squeeze(1)
+            point_weights = None
+            if "valid" in targets[0]:
+                # the validity map of each matched mask's image, sampled at the same points
+                valid = torch.cat(
+                    [t["valid"][None].expand(len(tgt), -1, -1) for t, (_, tgt) in zip(targets, indices)]
+                )
+                point_weights = point_sample(valid[:, None].to(src_masks), point_coords).squeeze(1)
         point_logits = point_sample(src_masks, point_coords).squeeze(1)
         return {
-            "loss_mask": sigmoid_ce_loss(point_logits, point_labels, num_masks),
-            "loss_dice": dice_loss(point_logits, point_labels, num_masks),
+            "loss_mask": sigmoid_ce_loss(point_logits, point_labels, num_masks, point_weights),
+            "loss_dice": dice_loss(point_logits, point_labels, num_masks, point_weights),
         }
 
     def get_loss(self, loss, outputs, targets, indices, num_masks) -> Dict[str, torch.Tensor]:
@@ -160,8 +179,9 @@ class SetCriterion(nn.Module):
         Args:
             outputs: dict with "pred_logits" [B, Q, K + 1], "pred_masks" [B, Q, h, w] and
                 optionally "aux_outputs" (a list of such dicts).
-            targets: B dicts with "labels" [T_b] (int64) and "masks" [T_b, H, W] (binary; the
-                masks cover the same padded image as the predictions).
+            targets: B dicts with "labels" [T_b] (int64), "masks" [T_b, H, W] (binary; the
+                masks cover the same padded image as the predictions) and optionally "valid"
+                [H, W] (1 = known, 0 = ignored pixel: left out of the mask losses and costs).
 
         Returns:
             dict of unweighted losses.

@@ -1,5 +1,5 @@
 """Hungarian matching between predicted and ground-truth masks (Mask2Former)."""
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -8,35 +8,48 @@ from torch import nn
 from .point_sampling import point_sample
 
 
-def batch_sigmoid_ce_cost(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def batch_sigmoid_ce_cost(
+    inputs: torch.Tensor, targets: torch.Tensor, weights: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """
     Mean sigmoid binary cross-entropy of every prediction against every target.
 
     Args:
         inputs: [N, P] logits.
         targets: [M, P] binary targets.
+        weights: optional [P] point weights in [0, 1] (0 = ignored point); the mean becomes the
+            weighted mean ``sum_p w_p BCE / sum_p w_p``.
 
     Returns:
         [N, M] costs ``mean_p BCE(inputs[n, p], targets[m, p])``.
     """
     # BCE(x, t) = softplus(x) - x * t, so the sum over points is one matrix product.
     # softplus(x) = log(exp(x) + exp(0)); logaddexp is exact and about 2x faster on CPU.
-    neg = torch.logaddexp(inputs, inputs.new_zeros(())).sum(-1, keepdim=True)
-    return (neg - inputs @ targets.t()) / inputs.shape[1]
+    softplus = torch.logaddexp(inputs, inputs.new_zeros(()))
+    if weights is None:
+        return (softplus.sum(-1, keepdim=True) - inputs @ targets.t()) / inputs.shape[1]
+    neg = softplus @ weights[:, None]
+    return (neg - (inputs * weights) @ targets.t()) / weights.sum().clamp_min(1e-6)
 
 
-def batch_dice_cost(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def batch_dice_cost(
+    inputs: torch.Tensor, targets: torch.Tensor, weights: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """
     Dice loss (with +1 smoothing) of every prediction against every target.
 
     Args:
         inputs: [N, P] logits.
         targets: [M, P] binary targets.
+        weights: optional [P] point weights (0 = ignored point): sums become weighted sums.
 
     Returns:
         [N, M] costs ``1 - (2 |s t| + 1) / (|s| + |t| + 1)`` with ``s = sigmoid(inputs)``.
     """
     probs = inputs.sigmoid()
+    if weights is not None:
+        probs = probs * weights
+        targets = targets * weights
     numerator = 2 * (probs @ targets.t())
     denominator = probs.sum(-1)[:, None] + targets.sum(-1)[None, :]
     return 1 - (numerator + 1) / (denominator + 1)
@@ -71,7 +84,7 @@ class HungarianMatcher(nn.Module):
 
     @torch.no_grad()
     def cost_matrix(
-        self, pred_logits: torch.Tensor, pred_masks: torch.Tensor, labels, masks
+        self, pred_logits: torch.Tensor, pred_masks: torch.Tensor, labels, masks, valid=None
     ) -> torch.Tensor:
         """
         The [Q, T] matching cost of one image (float32, on the predictions' device).
@@ -81,6 +94,8 @@ class HungarianMatcher(nn.Module):
             pred_masks: [Q, h, w] mask logits.
             labels: [T] target classes.
             masks: [T, H, W] binary target masks (any resolution: coordinates are normalised).
+            valid: optional [H, W] map, 1 where the target is known and 0 on ignored pixels; the
+                mask costs then weight every point by its (bilinearly sampled) validity.
         """
         device = pred_masks.device
         with torch.autocast(device_type=device.type, enabled=False):
@@ -90,8 +105,12 @@ class HungarianMatcher(nn.Module):
             pred = pred_masks[None].float().contiguous(memory_format=torch.channels_last)
             out_points = point_sample(pred, coords)[0]
             tgt_points = point_sample(masks[None].to(device=device, dtype=torch.float32), coords)[0]
-            cost_mask = batch_sigmoid_ce_cost(out_points, tgt_points)
-            cost_dice = batch_dice_cost(out_points, tgt_points)
+            weights = None
+            if valid is not None:
+                valid = valid[None, None].to(device=device, dtype=torch.float32)
+                weights = point_sample(valid, coords)[0, 0]
+            cost_mask = batch_sigmoid_ce_cost(out_points, tgt_points, weights)
+            cost_dice = batch_dice_cost(out_points, tgt_points, weights)
         return (
             self.cost_class * cost_class
             + self.cost_mask * cost_mask
@@ -105,7 +124,8 @@ class HungarianMatcher(nn.Module):
         """
         Args:
             outputs: dict with "pred_logits" [B, Q, K + 1] and "pred_masks" [B, Q, h, w].
-            targets: B dicts with "labels" [T_b] and "masks" [T_b, H, W].
+            targets: B dicts with "labels" [T_b], "masks" [T_b, H, W] and optionally "valid"
+                [H, W] (see :meth:`cost_matrix`).
 
         Returns:
             B tuples (index_i, index_j) of int64 CPU tensors of length min(Q, T_b): prediction
@@ -119,7 +139,8 @@ class HungarianMatcher(nn.Module):
                 indices.append((empty, empty.clone()))
                 continue
             cost = self.cost_matrix(
-                outputs["pred_logits"][b], outputs["pred_masks"][b], labels, target["masks"]
+                outputs["pred_logits"][b], outputs["pred_masks"][b], labels, target["masks"],
+                target.get("valid"),
             )
             rows, cols = linear_sum_assignment(cost.cpu().numpy())
             indices.append(

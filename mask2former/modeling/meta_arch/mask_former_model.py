@@ -151,6 +151,7 @@ class MaskFormer(nn.Module):
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
         semantic_on: bool = True,
+        mask_loss_ignore_value: Optional[int] = None,
     ):
         """
         Args:
@@ -165,6 +166,9 @@ class MaskFormer(nn.Module):
                 the input resolution and resize the per-class scores (official default).
             pixel_mean, pixel_std: per-channel normalisation of the input image.
             semantic_on: output "sem_seg" (the only inference implemented).
+            mask_loss_ignore_value: if set, pixels of the inputs' "sem_seg" with this value (and
+                the batch padding) are left out of the mask losses and matching costs; None is
+                the official behaviour (they are negatives of every mask).
         """
         super().__init__()
         if not semantic_on:
@@ -180,6 +184,7 @@ class MaskFormer(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         self.semantic_on = semantic_on
+        self.mask_loss_ignore_value = mask_loss_ignore_value
 
     @classmethod
     def build_criterion(cls, cfg, num_classes: int) -> SetCriterion:
@@ -230,6 +235,9 @@ class MaskFormer(nn.Module):
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "semantic_on": mf.TEST.SEMANTIC_ON,
+            "mask_loss_ignore_value": (
+                cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE if mf.IGNORE_IN_MASK_LOSS else None
+            ),
         }
 
     @property
@@ -261,16 +269,26 @@ class MaskFormer(nn.Module):
         ]
         return ImageList.from_tensors(images, self.size_divisibility)
 
-    def prepare_targets(self, gt_instances, images: ImageList) -> List[Dict[str, torch.Tensor]]:
-        """Per-image {"labels", "masks"} with the masks zero-padded to the padded image size."""
+    def prepare_targets(
+        self, gt_instances, images: ImageList, sem_segs: Optional[List[torch.Tensor]] = None
+    ) -> List[Dict[str, torch.Tensor]]:
+        """Per-image {"labels", "masks"} with the masks zero-padded to the padded image size,
+        and, with ``sem_segs`` (per-image [H, W] label maps), "valid": 1 where the label is not
+        ``mask_loss_ignore_value``, 0 on ignored pixels and on the batch padding."""
         h_pad, w_pad = images.tensor.shape[-2:]
         targets = []
-        for instances in gt_instances:
+        for i, instances in enumerate(gt_instances):
             gt_masks = instances.gt_masks
             gt_masks = gt_masks if isinstance(gt_masks, torch.Tensor) else gt_masks.tensor
             padded = gt_masks.new_zeros((gt_masks.shape[0], h_pad, w_pad))
             padded[:, : gt_masks.shape[1], : gt_masks.shape[2]] = gt_masks
-            targets.append({"labels": instances.gt_classes, "masks": padded})
+            target = {"labels": instances.gt_classes, "masks": padded}
+            if sem_segs is not None:
+                sem_seg = sem_segs[i].to(padded.device)
+                valid = torch.zeros((h_pad, w_pad), dtype=torch.float32, device=padded.device)
+                valid[: sem_seg.shape[0], : sem_seg.shape[1]] = (sem_seg != self.mask_loss_ignore_value).float()
+                target["valid"] = valid
+            targets.append(target)
         return targets
 
     def losses(self, outputs, features, batched_inputs, images) -> Dict[str, torch.Tensor]:
@@ -282,7 +300,12 @@ class MaskFormer(nn.Module):
         if "instances" not in batched_inputs[0]:
             raise ValueError("training inputs need 'instances' (gt_classes, gt_masks)")
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
-        targets = self.prepare_targets(gt_instances, images)
+        sem_segs = None
+        if self.mask_loss_ignore_value is not None:
+            if "sem_seg" not in batched_inputs[0]:
+                raise ValueError("MODEL.MASK_FORMER.IGNORE_IN_MASK_LOSS needs 'sem_seg' in the training inputs")
+            sem_segs = [x["sem_seg"] for x in batched_inputs]
+        targets = self.prepare_targets(gt_instances, images, sem_segs)
         losses = self.criterion(outputs, targets)
         weight_dict = self.criterion.weight_dict
         return {k: v * weight_dict[k] for k, v in losses.items() if k in weight_dict}
