@@ -18,6 +18,7 @@ BENCHMARKS = [
     ("bench_mask2former.py", []),
     ("bench_neighborhood_attention.py", []),
     ("bench_semask.py", []),
+    ("bench_crf.py", []),
 ]
 
 
