@@ -4,7 +4,7 @@
     python benchmarks/bench_crf.py [--repeats 3] [--noise] [--images 8]
 
 * DenseCRF, one 512x512 image with 11 classes, ``default`` preset (Gaussian 3/3 + bilateral
-  49/5/4), at 5 / 10 / 50 mean-field iterations: ``mask2former.inference.crf.dense_crf`` and the
+  49/5/4), at 5 / 10 / 50 mean-field iterations: ``mask2former.postprocess.crf.dense_crf`` and the
   textbook pydensecrf snippet (``unary_from_softmax`` + ``np.array(Q).reshape``), with the time
   split into unary, lattice construction (0 iterations) and per-iteration cost, and the pixel
   accuracy against the known truth. The image is a synthetic trash photo with probabilities of a
@@ -26,10 +26,11 @@ import numpy as np
 import pydensecrf.densecrf as dcrf
 from pydensecrf.utils import unary_from_softmax
 
-from mask2former.data.rasterize import polygons_to_label_map
-from mask2former.data.synthetic import render_synthetic_image
-from mask2former.inference.crf import CRF_PRESETS, crf_unary, dense_crf
-from mask2former.inference.ensemble import EnsemblePipeline, SoftVotingEnsemble
+from mask2former.data.masks.rasterize import polygons_to_label_map
+from mask2former.data.offline.synthetic import render_synthetic_image
+from mask2former.inference.ensemble import SoftVotingEnsemble
+from mask2former.inference.pipeline import EnsemblePipeline
+from mask2former.postprocess.crf import CRF_PRESETS, crf_unary, dense_crf
 from mask2former.inference.prob_dump import ProbDumpWriter
 
 SIZE = 512

@@ -5,7 +5,7 @@ sizes up to 4000 px; no images needed: label maps are built at the json's sizes)
 
 * baseline (the competition baseline's loop): per image, annotations sorted by area (largest
   first), ``mask = coco.annToMask(ann); label[mask == 1] = label_id``;
-* ours: ``mask2former.data.rasterize.polygons_to_label_map(anns, h, w, "area_desc")``.
+* ours: ``mask2former.data.masks.rasterize.polygons_to_label_map(anns, h, w, "area_desc")``.
 
 Prints images/s and Mpx/s of each (median over repeats), the speed-up and the agreement (fraction
 of identical pixels over all images).
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from pycocotools.coco import COCO
 
-from mask2former.data.rasterize import polygons_to_label_map
+from mask2former.data.masks.rasterize import polygons_to_label_map
 
 DEFAULT_JSON = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "taco" / "annotations.json"
 

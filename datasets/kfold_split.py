@@ -7,7 +7,7 @@ import argparse
 
 import numpy as np
 
-from mask2former.data.kfold import write_kfold_splits
+from mask2former.data.offline.kfold import write_kfold_splits
 
 
 def main():

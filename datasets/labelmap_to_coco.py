@@ -7,7 +7,7 @@ class, holes kept; see mask2former/data/labelmap_to_coco.py).
 """
 import argparse
 
-from mask2former.data.labelmap_to_coco import labelmaps_to_coco
+from mask2former.data.offline.convert_labelmaps import labelmaps_to_coco
 
 
 def main():

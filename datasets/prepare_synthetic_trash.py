@@ -5,7 +5,7 @@
 """
 import argparse
 
-from mask2former.data.synthetic import generate_synthetic_trash
+from mask2former.data.offline.synthetic import generate_synthetic_trash
 
 
 def main():

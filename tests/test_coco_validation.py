@@ -8,8 +8,8 @@ from detectron2.data import detection_utils as utils
 from PIL import Image
 from pycocotools import mask as mask_util
 
-from mask2former.data.coco_validation import PROBLEMS, ValidationPolicy, load_coco_semseg_json
-from mask2former.data.rasterize import polygons_to_label_map
+from mask2former.data.coco import PROBLEMS, ValidationPolicy, load_coco_semseg_json
+from mask2former.data.masks.rasterize import polygons_to_label_map
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 requires_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not available")

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from detectron2.data import DatasetCatalog
 
-from mask2former.data import generate_synthetic_trash, record_to_label_map, register_trash_dataset
-from mask2former.data import copy_paste as cp
+from mask2former.data import register_trash_dataset
+from mask2former.data.masks.rasterize import record_to_label_map
+from mask2former.data.offline.synthetic import generate_synthetic_trash
+from mask2former.data.augmentation import copy_paste as cp
 from mask2former.engine.hooks import CopyPasteBankHook, iou_by_label
 
 

@@ -5,10 +5,10 @@ import pydensecrf.densecrf as dcrf
 import pytest
 from pydensecrf.utils import unary_from_softmax
 
-from mask2former.inference.crf import (
+from mask2former.postprocess.agreement import agreement_overwrite
+from mask2former.postprocess.crf import (
     CRF_PRESETS,
     CRFParams,
-    agreement_overwrite,
     crf_unary,
     dense_crf,
     dense_crf_labels,

@@ -18,8 +18,8 @@ from mask2former.data import (
     register_labelmap_semseg,
     register_trash_dataset,
 )
-from mask2former.data.rasterize import record_to_label_map
-from mask2former.data.synthetic import generate_synthetic_trash
+from mask2former.data.masks.rasterize import record_to_label_map
+from mask2former.data.offline.synthetic import generate_synthetic_trash
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

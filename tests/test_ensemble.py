@@ -14,16 +14,12 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_util
 
-from mask2former.data.mode_filter import mode_filter
-from mask2former.inference.crf import CRF_PRESETS, dense_crf
-from mask2former.inference.ensemble import (
-    EnsemblePipeline,
-    SoftVotingEnsemble,
-    agreement_map,
-    label_png_path,
-    normalize_weights,
-    soft_vote,
-)
+from mask2former.postprocess.mode_filter import mode_filter
+from mask2former.inference.ensemble import SoftVotingEnsemble
+from mask2former.inference.pipeline import EnsemblePipeline
+from mask2former.inference.sinks import label_png_path
+from mask2former.postprocess import agreement_map, normalize_weights, soft_vote
+from mask2former.postprocess.crf import CRF_PRESETS, dense_crf
 from mask2former.inference.prob_dump import ProbDumpReader, ProbDumpWriter
 from mask2former.inference.submission import read_submission
 

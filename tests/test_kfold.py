@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from mask2former.data.kfold import image_labels, iterative_stratification, write_kfold_splits
+from mask2former.data.offline.kfold import image_labels, iterative_stratification, write_kfold_splits
 
 
 def skewed_multilabel(n=400, n_classes=10, seed=0):

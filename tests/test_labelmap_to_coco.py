@@ -8,9 +8,10 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_util
 
-from mask2former.data.coco_validation import ValidationPolicy, load_coco_semseg_json
-from mask2former.data.labelmap_to_coco import ConversionStats, label_map_to_annotations, labelmaps_to_coco
-from mask2former.data.rasterize import polygons_to_label_map
+from mask2former.data.coco import ValidationPolicy, load_coco_semseg_json
+from mask2former.data.masks.trace import ConversionStats, label_map_to_annotations
+from mask2former.data.offline.convert_labelmaps import labelmaps_to_coco
+from mask2former.data.masks.rasterize import polygons_to_label_map
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -9,7 +9,7 @@ from detectron2.projects.point_rend import ColorAugSSDTransform
 from PIL import Image
 
 from mask2former.config import add_maskformer2_config
-from mask2former.data.mapper import MaskFormerSemanticDatasetMapper
+from mask2former.data.augmentation.mapper import MaskFormerSemanticDatasetMapper
 
 H, W = 40, 50
 RED, BLUE, GREY = (250, 10, 10), (10, 10, 250), (120, 120, 120)

@@ -4,7 +4,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from mask2former.data.mode_filter import mode_filter
+from mask2former.postprocess.mode_filter import mode_filter
 
 
 def brute_force(label, ignore_label=None):

@@ -15,15 +15,16 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
-from mask2former.data.datasets import TRASH_CLASSES, TRASH_COLORS
-from mask2former.data.mapper import MaskFormerSemanticDatasetMapper
-from mask2former.data.mode_filter import mode_filter
-from mask2former.data.rasterize import record_to_label_map
-from mask2former.data.synthetic import generate_synthetic_trash
+from mask2former.data.catalog import TRASH_CLASSES, TRASH_COLORS
+from mask2former.data.augmentation.mapper import MaskFormerSemanticDatasetMapper
+from mask2former.postprocess.mode_filter import mode_filter
+from mask2former.data.masks.rasterize import record_to_label_map
+from mask2former.data.offline.synthetic import generate_synthetic_trash
 from mask2former.engine import get_project_cfg
 from mask2former.inference.prob_dump import ProbDumpWriter
-from mask2former.data.pseudo_labels import register_pseudo_label_dataset, register_pseudo_labels_from_cfg
-from mask2former.inference.pseudo_label import PseudoLabelStats, PseudoLabelWriter, pseudo_label_map
+from mask2former.data.catalog.pseudo import register_pseudo_label_dataset, register_pseudo_labels_from_cfg
+from mask2former.inference.pseudo_label_writer import PseudoLabelWriter
+from mask2former.postprocess.confidence import PseudoLabelStats, pseudo_label_map
 
 ROOT = Path(__file__).resolve().parents[1]
 IGNORE = 255

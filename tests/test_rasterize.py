@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_util
 
-from mask2former.data.rasterize import (
+from mask2former.data.masks.rasterize import (
     draw_order_indices,
     polygon_area,
     polygon_mask,

@@ -12,10 +12,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mask2former.inference import submission
+from mask2former.data.coco import coco_image_names
 from mask2former.inference.submission import (
     HEADER,
     SubmissionWriter,
-    coco_image_names,
     format_prediction,
     nearest_indices,
     read_submission,

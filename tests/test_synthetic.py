@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mask2former.data.coco_validation import ValidationPolicy, load_coco_semseg_json
-from mask2former.data.datasets import TRASH_CLASSES
-from mask2former.data.rasterize import record_to_label_map
-from mask2former.data.synthetic import generate_synthetic_trash
+from mask2former.data.coco import ValidationPolicy, load_coco_semseg_json
+from mask2former.data.catalog import TRASH_CLASSES
+from mask2former.data.masks.rasterize import record_to_label_map
+from mask2former.data.offline.synthetic import generate_synthetic_trash
 
 SIZE = 96
 SPEC_CATEGORIES = {

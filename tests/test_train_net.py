@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mask2former.data import generate_synthetic_trash
+from mask2former.data.offline.synthetic import generate_synthetic_trash
 from mask2former.inference.submission import read_submission
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -33,7 +33,8 @@ def all_background_score(data_root: Path):
     """LB mIoU of predicting background everywhere on the val split."""
     from detectron2.data import DatasetCatalog
 
-    from mask2former.data import record_to_label_map, register_trash_dataset
+    from mask2former.data import register_trash_dataset
+    from mask2former.data.masks.rasterize import record_to_label_map
     from mask2former.evaluation import confusion_matrix, metrics_from_confusion_matrix
 
     register_trash_dataset(str(data_root), prefix="demo_baseline")

@@ -13,7 +13,6 @@ DenseCRF) are read from ``--image-root`` (default: the json's folder, or the dat
 root). Config overrides ``KEY VALUE`` (with ``--dataset``) go last.
 """
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -23,16 +22,12 @@ from detectron2.utils.logger import setup_logger
 from tqdm import tqdm
 
 from mask2former.data import register_coco_semseg, register_datasets_from_cfg
+from mask2former.data.coco import coco_image_names
 from mask2former.engine import build_cfg
-from mask2former.inference.crf import CRF_PRESETS, DEFAULT_ITERATIONS
-from mask2former.inference.ensemble import (
-    EnsemblePipeline,
-    LabelPngWriter,
-    LabelScorer,
-    SoftVotingEnsemble,
-)
-from mask2former.inference.prob_dump import ProbDumpWriter
-from mask2former.inference.submission import SubmissionWriter, coco_image_names
+from mask2former.inference.ensemble import SoftVotingEnsemble
+from mask2former.inference.pipeline import EnsemblePipeline
+from mask2former.inference.sinks import LabelPngSink, ProbDumpSink, ScoreSink, SubmissionSink
+from mask2former.postprocess.crf import CRF_PRESETS, DEFAULT_ITERATIONS
 
 
 def parse_args(argv=None):
@@ -142,36 +137,28 @@ def main(argv=None):
     logger.info("%s; %d images; CRF %s; agreement overwrite %s; mode filter %s", ensemble.description(),
                 len(file_names), pipeline.crf_params, args.agreement_overwrite, args.mode_filter)
 
-    with contextlib.ExitStack() as stack:
-        submission = dump = labels = scorer = None
-        if args.submission:
-            submission = stack.enter_context(SubmissionWriter(args.submission, file_names))
-        if args.probs:
-            dump = stack.enter_context(
-                ProbDumpWriter(args.probs, ensemble.class_names, model_name=ensemble.description())
-            )
-        if args.labels:
-            labels = LabelPngWriter(args.labels)
-        if args.score:
-            scorer = LabelScorer(dataset, ensemble.class_names, args.score_dir)
-        predictions = pipeline.predictions(file_names, workers=args.workers)
-        for pred in tqdm(predictions, total=len(file_names), desc="ensemble"):
-            if submission is not None:
-                submission.add(pred.file_name, pred.labels)
-            if dump is not None:
-                dump.add(pred.file_name, pred.probs)
-            if labels is not None:
-                labels.add(pred.file_name, pred.labels)
-            if scorer is not None:
-                scorer.add(pred.file_name, pred.labels)
-        score = scorer.close() if scorer is not None else None
+    sinks = {}
+    if args.submission:
+        sinks["submission"] = SubmissionSink(args.submission, file_names)
+    if args.probs:
+        sinks["probs"] = ProbDumpSink(args.probs, ensemble.class_names, ensemble.description())
+    if args.labels:
+        sinks["labels"] = LabelPngSink(args.labels)
+    if args.score:
+        sinks["score"] = ScoreSink(dataset, args.score_dir, class_names=ensemble.class_names)
+    predictions = pipeline.predictions(file_names, workers=args.workers)
+    for pred in tqdm(predictions, total=len(file_names), desc="ensemble"):
+        for sink in sinks.values():
+            sink.add(pred.file_name, pred.labels, pred.probs)
+    results = {name: sink.close() for name, sink in sinks.items()}
+    score = results.get("score")
 
     if args.submission:
         logger.info("submission written to %s", args.submission)
     if args.probs:
         logger.info("probabilities written to %s", args.probs)
     if args.labels:
-        logger.info("%d label PNGs in %s", labels.written, args.labels)
+        logger.info("%d label PNGs in %s", results["labels"], args.labels)
     if score is not None:
         logger.info("LB-style score: %s", json.dumps({k: round(v, 4) for k, v in score.items()}))
     return score

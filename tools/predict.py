@@ -12,20 +12,15 @@ import json
 import logging
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
 from mask2former.data import register_datasets_from_cfg
+from mask2former.data.catalog.common import dataset_file_names
 from mask2former.engine import build_cfg
-from mask2former.inference.batch import (
-    EvaluationSink,
-    OverlaySink,
-    ProbDumpSink,
-    SubmissionSink,
-    predict_records,
-)
-from mask2former.inference.predictor import SemSegPredictor
+from mask2former.inference.predictor import SemSegPredictor, predict_records
+from mask2former.inference.sinks import OverlaySink, ProbDumpSink, ScoreSink, SubmissionSink
 
 
 def parse_args(argv=None):
@@ -53,31 +48,32 @@ def main(argv=None):
     register_datasets_from_cfg(cfg)
     model = build_model(cfg)
     DetectionCheckpointer(model).load(args.weights)
-    predictor = SemSegPredictor.from_config(cfg, model, tta=args.tta)
+    predictor = SemSegPredictor(cfg, model, tta=args.tta)
     records = DatasetCatalog.get(args.dataset)
     if args.limit > 0:
         records = records[: args.limit]
 
-    sinks, names = [], []
-    if args.submission:
-        sinks.append(SubmissionSink(args.submission, args.dataset))
-        names.append("submission")
-    if args.probs:
-        sinks.append(ProbDumpSink(args.probs, args.dataset, model_name=args.weights))
-        names.append("probs")
-    if args.overlays:
-        sinks.append(OverlaySink(args.overlays, args.dataset, args.num_overlays))
-        names.append("overlays")
-    if args.score:
-        sinks.append(EvaluationSink(args.dataset, args.score_dir))
-        names.append("score")
-    if not sinks:
+    if not (args.submission or args.probs or args.overlays or args.score):
         raise SystemExit("nothing to do: give --submission, --probs, --overlays and/or --score")
     if args.submission and args.limit > 0:
         raise SystemExit("--limit cannot be combined with --submission (every test image is needed)")
+    if (args.submission or args.probs) and MetadataCatalog.get(args.dataset).get("json_file") is None:
+        raise ValueError(f"dataset {args.dataset!r} has no COCO json (metadata json_file)")
+    file_names = dataset_file_names(args.dataset)
+    sinks = {}
+    if args.submission:
+        sinks["submission"] = SubmissionSink(args.submission, file_names.values())
+    if args.probs:
+        classes = MetadataCatalog.get(args.dataset).stuff_classes
+        sinks["probs"] = ProbDumpSink(args.probs, classes, model_name=args.weights)
+    if args.overlays:
+        sinks["overlays"] = OverlaySink(args.overlays, args.dataset, args.num_overlays)
+    if args.score:
+        sinks["score"] = ScoreSink(args.dataset, args.score_dir)
 
-    results = dict(zip(names, predict_records(predictor, records, sinks, cfg.INPUT.FORMAT,
-                                              description=f"predict {args.dataset}")))
+    closed = predict_records(predictor, records, file_names, list(sinks.values()),
+                             cfg.INPUT.FORMAT, description=f"predict {args.dataset}")
+    results = dict(zip(sinks, closed))
     if args.submission:
         logger.info("submission written to %s", results["submission"])
     if args.probs:
@@ -85,7 +81,7 @@ def main(argv=None):
     if args.overlays:
         logger.info("%d overlay pictures in %s", len(results["overlays"]), args.overlays)
     if args.score:
-        logger.info("LB-style score: %s", json.dumps({k: round(v, 4) for k, v in results["score"]["sem_seg"].items()}))
+        logger.info("LB-style score: %s", json.dumps({k: round(v, 4) for k, v in results["score"].items()}))
     return results
 
 

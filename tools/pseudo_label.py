@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Pseudo-label unlabeled images from probability dumps (SPEC 5).
+"""Pseudo-label unlabeled images from probability dumps.
 
     python tools/predict.py --config-file ... --weights ... --dataset trash_test --probs out/probs_a ...
     python tools/pseudo_label.py --dumps out/probs_a out/probs_b [--weights 2 1] \
@@ -18,7 +18,7 @@ from tabulate import tabulate
 from tqdm import tqdm
 
 from mask2former.inference.ensemble import SoftVotingEnsemble
-from mask2former.inference.pseudo_label import PSEUDO_JSON_NAME, PseudoLabelWriter
+from mask2former.inference.pseudo_label_writer import PSEUDO_JSON_NAME, PseudoLabelWriter
 
 
 def parse_class_thresholds(items):

@@ -7,7 +7,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
-from ..data.copy_paste import ObjectPool, generate_bank
+from ..data.augmentation.copy_paste import ObjectPool, generate_bank
 
 logger = logging.getLogger(__name__)
 

@@ -5,8 +5,8 @@ import os
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, hooks
 
-from ..data.copy_paste import CopyPasteSampler
-from ..data.mapper import MaskFormerSemanticDatasetMapper
+from ..data.augmentation.copy_paste import CopyPasteSampler
+from ..data.augmentation.mapper import MaskFormerSemanticDatasetMapper
 from ..evaluation import LBSemSegEvaluator
 from .hooks import CopyPasteBankHook, bank_root_from_cfg
 from .lr_scheduler import build_lr_scheduler

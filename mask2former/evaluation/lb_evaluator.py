@@ -24,7 +24,7 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import create_small_table
 
-from ..data.rasterize import record_to_label_map
+from ..data.masks.rasterize import record_to_label_map
 from ..utils import atomic_write, visualize
 
 __all__ = [
@@ -183,7 +183,7 @@ class LBSemSegEvaluator(DatasetEvaluator):
                 (only the main process returns results); False evaluates this process alone.
             output_dir (str or None): folder for ``lb_metrics.json`` / ``confusion_matrix.png``.
             gt_loader (callable or None): ``record -> (H, W) label map``; default
-                ``mask2former.data.rasterize.record_to_label_map`` with the metadata's
+                ``mask2former.data.masks.record_to_label_map`` with the metadata's
                 ``draw_order``.
             plot_confusion_matrix (bool): write ``confusion_matrix.png`` into ``output_dir``.
         """
@@ -222,9 +222,6 @@ class LBSemSegEvaluator(DatasetEvaluator):
         """Accumulate the confusion matrix of every (input, output) pair."""
         for inp, out in zip(inputs, outputs):
             file_name = inp["file_name"]
-            if file_name not in self._records:
-                raise KeyError(f"image {file_name!r} is not in dataset {self._dataset_name!r}")
-            index, record = self._records[file_name]
             scores = out["sem_seg"]
             if scores.ndim != 3 or scores.shape[0] != self._num_classes:
                 raise ValueError(
@@ -233,24 +230,41 @@ class LBSemSegEvaluator(DatasetEvaluator):
                 )
             # max(...).indices equals argmax(dim=0) (first maximal class on ties) and is several
             # times faster on CPU for a leading class dimension.
-            pred = scores.max(dim=0).indices.cpu().numpy()
-            gt = np.asarray(self._gt_loader(record))
-            if gt.ndim != 2:
-                raise ValueError(
-                    f"ground truth of image {file_name!r} has shape {gt.shape}, expected (H, W)"
-                )
-            if gt.shape != pred.shape:
-                raise ValueError(
-                    f"prediction for image {file_name!r} is {pred.shape[0]}x{pred.shape[1]} but "
-                    f"its ground truth is {gt.shape[0]}x{gt.shape[1]}: predictions must be at "
-                    "the original image size"
-                )
-            try:
-                image_cm = confusion_matrix(gt, pred, self._num_classes, self._ignore_label)
-            except ValueError as e:
-                raise ValueError(f"image {file_name!r}: {e}") from e
-            self._conf_matrix += image_cm
-            self._per_image.append((index, nanmean(class_iou(image_cm))))
+            self.add_labels(file_name, scores.max(dim=0).indices.cpu().numpy())
+
+    def add_labels(self, file_name, labels):
+        """Accumulate the confusion matrix of one predicted label map.
+
+        Args:
+            file_name (str): the image's record ``file_name``.
+            labels: (H, W) integer labels 0..K-1 at the original image size (numpy array).
+        """
+        if file_name not in self._records:
+            raise KeyError(f"image {file_name!r} is not in dataset {self._dataset_name!r}")
+        index, record = self._records[file_name]
+        pred = np.asarray(labels)
+        if pred.ndim != 2 or not np.issubdtype(pred.dtype, np.integer):
+            raise ValueError(
+                f"prediction for image {file_name!r} must be an H x W integer label map, got "
+                f"{pred.shape} {pred.dtype}"
+            )
+        gt = np.asarray(self._gt_loader(record))
+        if gt.ndim != 2:
+            raise ValueError(
+                f"ground truth of image {file_name!r} has shape {gt.shape}, expected (H, W)"
+            )
+        if gt.shape != pred.shape:
+            raise ValueError(
+                f"prediction for image {file_name!r} is {pred.shape[0]}x{pred.shape[1]} but "
+                f"its ground truth is {gt.shape[0]}x{gt.shape[1]}: predictions must be at "
+                "the original image size"
+            )
+        try:
+            image_cm = confusion_matrix(gt, pred, self._num_classes, self._ignore_label)
+        except ValueError as e:
+            raise ValueError(f"image {file_name!r}: {e}") from e
+        self._conf_matrix += image_cm
+        self._per_image.append((index, nanmean(class_iou(image_cm))))
 
     def evaluate(self):
         """Compute the metrics (see the class docstring); None on non-main processes."""

@@ -7,13 +7,17 @@ prediction is *calibrated* (divided by its per-pixel sum) before test-time augme
 averaged: all views then vote with equal weight at every pixel, and the result can be ensembled
 with other models as a probability map.
 """
-from typing import Iterable, List, Optional, Sequence
+
+from typing import Iterable, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
+from detectron2.config import configurable
 from detectron2.data import transforms as T
+from detectron2.data.detection_utils import read_image
+from tqdm import tqdm
 
-__all__ = ["SemSegPredictor", "calibrate"]
+__all__ = ["SemSegPredictor", "calibrate", "iterate_images", "predict_records"]
 
 
 def calibrate(scores: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -27,6 +31,9 @@ def calibrate(scores: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 class SemSegPredictor:
     """Runs a semantic model on one image (H x W x 3 uint8 array in ``input_format``).
 
+    Built from a config with ``SemSegPredictor(cfg, model, tta=None, batch_size=1)`` (see
+    :meth:`from_config`) or from explicit arguments:
+
     Args:
         model: a Detectron2 semantic model (put in eval mode by the predictor).
         test_sizes: shortest-edge sizes; one size = no multi-scale augmentation.
@@ -36,6 +43,7 @@ class SemSegPredictor:
         batch_size: how many augmented views go through the model at once.
     """
 
+    @configurable
     def __init__(
         self,
         model: torch.nn.Module,
@@ -56,25 +64,38 @@ class SemSegPredictor:
         self.batch_size = max(1, int(batch_size))
 
     @classmethod
-    def from_config(cls, cfg, model: torch.nn.Module, tta: Optional[bool] = None, batch_size: int = 1):
+    def from_config(
+        cls, cfg, model: torch.nn.Module, tta: Optional[bool] = None, batch_size: int = 1
+    ):
         """From ``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``, or ``TEST.AUG.*`` when ``tta``
         (default: ``TEST.AUG.ENABLED``)."""
         tta = cfg.TEST.AUG.ENABLED if tta is None else tta
         if tta:
-            return cls(model, test_sizes=cfg.TEST.AUG.MIN_SIZES, max_size=cfg.TEST.AUG.MAX_SIZE,
-                       flip=cfg.TEST.AUG.FLIP, input_format=cfg.INPUT.FORMAT, batch_size=batch_size)
-        return cls(model, test_sizes=(cfg.INPUT.MIN_SIZE_TEST,), max_size=cfg.INPUT.MAX_SIZE_TEST,
-                   flip=False, input_format=cfg.INPUT.FORMAT, batch_size=batch_size)
+            sizes, max_size, flip = cfg.TEST.AUG.MIN_SIZES, cfg.TEST.AUG.MAX_SIZE, cfg.TEST.AUG.FLIP
+        else:
+            sizes, max_size, flip = (cfg.INPUT.MIN_SIZE_TEST,), cfg.INPUT.MAX_SIZE_TEST, False
+        return {
+            "model": model,
+            "test_sizes": sizes,
+            "max_size": max_size,
+            "flip": flip,
+            "input_format": cfg.INPUT.FORMAT,
+            "batch_size": batch_size,
+        }
 
     def _views(self, image: np.ndarray) -> List[dict]:
         height, width = image.shape[:2]
         views = []
         for size in self.test_sizes:
-            resized = T.ResizeShortestEdge(size, self.max_size).get_transform(image).apply_image(image)
+            resized = (
+                T.ResizeShortestEdge(size, self.max_size).get_transform(image).apply_image(image)
+            )
             for flipped in (False, True) if self.flip else (False,):
                 array = resized[:, ::-1] if flipped else resized
                 tensor = torch.as_tensor(np.ascontiguousarray(array.transpose(2, 0, 1)))
-                views.append({"image": tensor, "height": height, "width": width, "flipped": flipped})
+                views.append(
+                    {"image": tensor, "height": height, "width": width, "flipped": flipped}
+                )
         return views
 
     @torch.no_grad()
@@ -85,7 +106,7 @@ class SemSegPredictor:
         views = self._views(image)
         total = None
         for start in range(0, len(views), self.batch_size):
-            chunk = views[start:start + self.batch_size]
+            chunk = views[start : start + self.batch_size]
             inputs = [{k: v[k] for k in ("image", "height", "width")} for v in chunk]
             for view, output in zip(chunk, self.model(inputs)):
                 probs = calibrate(output["sem_seg"])
@@ -98,7 +119,41 @@ class SemSegPredictor:
 def iterate_images(records: Iterable[dict], input_format: str):
     """Yields (record, image array) for dataset records, reading with Detectron2's reader
     (EXIF orientation applied, converted to ``input_format``)."""
-    from detectron2.data.detection_utils import read_image
-
     for record in records:
         yield record, read_image(record["file_name"], format=input_format)
+
+
+def predict_records(
+    predictor: SemSegPredictor,
+    records: Sequence[dict],
+    file_names: Mapping[object, str],
+    sinks: Sequence[object],
+    input_format: str = "RGB",
+    progress: bool = True,
+    description: str = "predict",
+) -> list:
+    """Feed every record's labels and probabilities to every sink (:mod:`.sinks`); returns the
+    sinks' ``close()`` values.
+
+    Args:
+        file_names: image id -> the key the sinks know the image by
+            (:func:`~mask2former.data.catalog.common.dataset_file_names`).
+
+    Sinks are closed only when every image went through (an interrupted run writes no CSV/index).
+    """
+    iterator = tqdm(
+        iterate_images(records, input_format),
+        total=len(records),
+        desc=description,
+        disable=not progress,
+    )
+    for record, image in iterator:
+        probs = predictor(image)
+        if probs.shape[1:] != image.shape[:2]:
+            raise RuntimeError(
+                f"{record['file_name']}: prediction {tuple(probs.shape)} for image {image.shape}"
+            )
+        labels = probs.argmax(0).cpu().numpy()
+        for sink in sinks:
+            sink.add(file_names[record["image_id"]], labels, probs)
+    return [sink.close() for sink in sinks]

@@ -1,6 +1,6 @@
 """The competition's submission CSV.
 
-Format (SPEC 5)::
+Format::
 
     image_id,PredictionString
     batch_01_vt/0021.jpg,0 0 0 10 10 ...     <- 65536 space-separated labels
@@ -18,20 +18,17 @@ back for checks.
 """
 import csv
 import functools
-import json
-from collections import OrderedDict
 
 import numpy as np
 
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 
-from ..utils import atomic_write
+from ..utils.io import atomic_write
 
 __all__ = [
     "HEADER",
     "SubmissionWriter",
-    "coco_image_names",
     "format_prediction",
     "nearest_indices",
     "read_submission",
@@ -111,16 +108,6 @@ def format_prediction(mask):
     return tokens.view(np.uint8).tobytes().translate(None, b"\0")[:-1]
 
 
-def coco_image_names(json_file):
-    """``OrderedDict`` COCO image id -> ``file_name`` exactly as written, in the json's order."""
-    with PathManager.open(json_file, "r") as f:
-        images = json.load(f)["images"]
-    names = OrderedDict((image["id"], image["file_name"]) for image in images)
-    if len(names) != len(images):
-        raise ValueError(f"{json_file}: duplicate image ids")
-    return names
-
-
 def _csv_field(text):
     """CSV quoting of one field (quotes only when needed, like pandas / the csv module)."""
     if any(c in text for c in ',"'):
@@ -153,7 +140,8 @@ class SubmissionWriter:
         Args:
             path (str): output CSV path (local).
             image_names (sequence of str): the ``image_id`` of every row, in output order (the
-                ``file_name`` values of test.json, see :func:`coco_image_names`).
+                ``file_name`` values of test.json, see
+                :func:`~mask2former.data.coco.coco_image_names`).
             size (int): side of the resized masks.
             distributed (bool): gather the masks of all processes at :meth:`close`.
         """

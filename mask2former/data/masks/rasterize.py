@@ -216,7 +216,7 @@ def record_to_label_map(record, draw_order=None):
     rasterises ``record["annotations"]`` at ``record["height"] x record["width"]``.
 
     Args:
-        record (dict): a dataset record (Detectron2 format, see ``mask2former.data.datasets``).
+        record (dict): a dataset record (Detectron2 format, see :mod:`mask2former.data.catalog`).
         draw_order (str or None): polygon draw order; None means ``"area_desc"``.
     """
     if "sem_seg_file_name" in record:

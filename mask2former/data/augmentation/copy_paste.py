@@ -28,9 +28,9 @@ import cv2
 import numpy as np
 from detectron2.data.detection_utils import read_image
 
-from ..utils import atomic_write
-from .labelmap_to_coco import label_map_to_annotations
-from .rasterize import polygons_to_label_map, record_to_label_map
+from ...utils.io import atomic_write
+from ..masks.trace import label_map_to_annotations
+from ..masks.rasterize import polygons_to_label_map, record_to_label_map
 
 __all__ = [
     "CopyPasteSampler",

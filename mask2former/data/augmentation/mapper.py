@@ -28,7 +28,7 @@ from detectron2.data import transforms as T
 from detectron2.projects.point_rend import ColorAugSSDTransform
 from detectron2.structures import Instances
 
-from .rasterize import DRAW_ORDERS, record_to_label_map
+from ..masks.rasterize import DRAW_ORDERS, record_to_label_map
 
 __all__ = ["MaskFormerSemanticDatasetMapper"]
 

@@ -1,4 +1,4 @@
-"""DenseCRF post-processing of per-pixel class probabilities (SPEC 5), with pydensecrf.
+"""DenseCRF post-processing of per-pixel class probabilities, with pydensecrf.
 
 A fully connected CRF (Krähenbühl & Koltun, NIPS 2011) solved by mean-field inference:
 
@@ -28,16 +28,17 @@ input's argmax.
 Cost (512x512, 11 classes, ``default`` preset, one core; ``benchmarks/bench_crf.py``): about
 0.35 s to build the unary and the two permutohedral lattices, then about 0.12 s per iteration on
 a photo (10 iterations 1.5 s, 50 iterations 6 s); the bilateral lattice grows with the number of
-distinct colours, so a uniform-noise image takes 22 s for 50 iterations (the SPEC's 19 s
-reference). All of it is pydensecrf's C++; the Python side only adds the unary (computed in one
-float32 pass without float64 temporaries, 13 ms) and one copy of the result into C order.
+distinct colours, so a uniform-noise image takes 22 s for 50 iterations. All of it is
+pydensecrf's C++; the Python side only adds the unary (computed in one float32 pass without
+float64 temporaries, 13 ms) and one copy of the result into C order.
 On a photo with probabilities of a model right on 80 % of the pixels, 5 iterations already reach
 99.8 % pixel accuracy and 10 iterations 99.9 %; 50 iterations change under 0.1 % of the pixels.
 
-After CRF, small objects tend to disappear; :func:`agreement_overwrite` is the first-place team's
-fix: pixels where the individual (non-CRF) models agree get the agreed label back (the agreement
-map comes from :func:`mask2former.inference.ensemble.agreement_map`).
+After CRF, small objects tend to disappear; :func:`~.agreement.agreement_overwrite` is the
+first-place team's fix: pixels where the individual (non-CRF) models agree get the agreed label
+back.
 """
+
 import dataclasses
 import math
 from typing import Mapping, Union
@@ -45,16 +46,16 @@ from typing import Mapping, Union
 import numpy as np
 import pydensecrf.densecrf as dcrf
 
+from .labels import label_dtype
+
 __all__ = [
     "CRF_PRESETS",
     "DEFAULT_ITERATIONS",
     "DEFAULT_CLIP",
     "CRFParams",
-    "agreement_overwrite",
     "crf_unary",
     "dense_crf",
     "dense_crf_labels",
-    "label_dtype",
     "resolve_crf_params",
 ]
 
@@ -77,7 +78,9 @@ class CRFParams:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"CRF parameter {field.name} must be a finite number, got {value!r}")
+                raise ValueError(
+                    f"CRF parameter {field.name} must be a finite number, got {value!r}"
+                )
             lowest_ok = value >= 0 if field.name.endswith("compat") else value > 0
             if not lowest_ok:
                 kind = "non-negative" if field.name.endswith("compat") else "positive"
@@ -112,18 +115,11 @@ def resolve_crf_params(params: Union[str, CRFParams, Mapping[str, float]]) -> CR
     if isinstance(params, Mapping):
         names = {f.name for f in dataclasses.fields(CRFParams)}
         if set(params) != names:
-            raise ValueError(f"custom CRF parameters need exactly {sorted(names)}, got {sorted(params)}")
+            raise ValueError(
+                f"custom CRF parameters need exactly {sorted(names)}, got {sorted(params)}"
+            )
         return CRFParams(**params)
     raise TypeError(f"CRF parameters must be a preset name, CRFParams or dict, got {type(params)}")
-
-
-def label_dtype(num_classes: int):
-    """Smallest unsigned dtype holding labels 0..num_classes-1 (uint8 up to 256 classes)."""
-    if num_classes <= 256:
-        return np.uint8
-    if num_classes <= 65536:
-        return np.uint16
-    raise ValueError(f"{num_classes} classes do not fit a uint16 label map")
 
 
 def _check_inputs(image, probs):
@@ -136,7 +132,9 @@ def _check_inputs(image, probs):
         shape = getattr(image, "shape", type(image).__name__)
         raise ValueError(f"image must be an RGB array H x W x 3, got {shape}")
     if image.dtype != np.uint8:
-        raise ValueError(f"image must be uint8 (pydensecrf's bilateral kernel), got dtype {image.dtype}")
+        raise ValueError(
+            f"image must be uint8 (pydensecrf's bilateral kernel), got dtype {image.dtype}"
+        )
     if not image.flags["C_CONTIGUOUS"]:
         raise ValueError("image must be C-contiguous (use np.ascontiguousarray)")
     if image.shape[:2] != probs.shape[1:]:
@@ -184,7 +182,11 @@ def dense_crf(
     """
     _check_inputs(image, probs)
     params = resolve_crf_params(params)
-    if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) or iterations < 0:
+    if (
+        isinstance(iterations, bool)
+        or not isinstance(iterations, (int, np.integer))
+        or iterations < 0
+    ):
         raise ValueError(f"iterations must be a non-negative integer, got {iterations!r}")
     unary = crf_unary(probs, clip)
     if not np.isfinite(unary).all():
@@ -215,38 +217,3 @@ def dense_crf_labels(image: np.ndarray, probs: np.ndarray, *args, **kwargs) -> n
     """Argmax labels (H x W, uint8 up to 256 classes) of :func:`dense_crf` (same arguments)."""
     q = dense_crf(image, probs, *args, **kwargs)
     return q.argmax(axis=0).astype(label_dtype(q.shape[0]))
-
-
-def agreement_overwrite(crf_labels, agreement_labels, agreement_mask) -> np.ndarray:
-    """The first-place team's fix for DenseCRF erasing small objects: pixels where the individual
-    models agree (``agreement_mask``) take the agreed label, the others keep the CRF label.
-
-    Args:
-        crf_labels: H x W integer labels after CRF.
-        agreement_labels: H x W integer labels the models agree on (read where the mask is set).
-        agreement_mask: H x W bool, True where the models agree.
-
-    Returns:
-        H x W labels, dtype of ``crf_labels`` (a new array).
-    """
-    crf_labels = np.asarray(crf_labels)
-    agreement_labels = np.asarray(agreement_labels)
-    agreement_mask = np.asarray(agreement_mask)
-    if crf_labels.ndim != 2:
-        raise ValueError(f"CRF labels must be H x W, got shape {crf_labels.shape}")
-    for name, array in (("agreement labels", agreement_labels), ("agreement mask", agreement_mask)):
-        if array.shape != crf_labels.shape:
-            raise ValueError(f"{name} have shape {array.shape}, CRF labels {crf_labels.shape}")
-    if agreement_mask.dtype != np.bool_:
-        raise ValueError(f"agreement mask must be bool, got dtype {agreement_mask.dtype}")
-    for name, array in (("CRF labels", crf_labels), ("agreement labels", agreement_labels)):
-        if not np.issubdtype(array.dtype, np.integer):
-            raise ValueError(f"{name} must be integers, got dtype {array.dtype}")
-    out = crf_labels.copy()
-    if agreement_mask.any():
-        agreed = agreement_labels[agreement_mask]
-        info = np.iinfo(out.dtype)
-        if agreed.min() < info.min or agreed.max() > info.max:
-            raise ValueError(f"agreement labels do not fit the CRF labels' dtype {out.dtype}")
-        out[agreement_mask] = agreed
-    return out

@@ -29,16 +29,15 @@ renamed into place.
 import json
 import math
 import os
-import shutil
-import tempfile
 
 import cv2
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .datasets import TRASH_CLASSES
-from .rasterize import draw_order_indices, polygon_mask
+from ...utils.io import atomic_directory
+from ..catalog.trash import TRASH_CLASSES
+from ..masks.rasterize import draw_order_indices, polygon_mask
 
 __all__ = ["generate_synthetic_trash", "render_synthetic_image"]
 
@@ -344,7 +343,7 @@ def _coco_json(entries, with_annotations):
                  "segmentation": ann["segmentation"], "area": ann["area"], "bbox": ann["bbox"], "iscrowd": 0}
             )
     return {
-        "info": {"description": "synthetic trash (mask2former.data.synthetic)", "version": "1.0"},
+        "info": {"description": "synthetic trash (mask2former.data.offline.synthetic)", "version": "1.0"},
         "licenses": [{"id": 0, "name": "CC0", "url": None}],
         "images": images,
         "categories": _categories(),
@@ -392,10 +391,7 @@ def generate_synthetic_trash(
     output_dir = os.path.abspath(output_dir)
     if os.path.exists(output_dir) and not overwrite:
         raise FileExistsError(f"{output_dir} exists (pass overwrite=True to replace it)")
-    parent = os.path.dirname(output_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp_dir = tempfile.mkdtemp(prefix=".tmp_synthetic_", dir=parent)
-    try:
+    with atomic_directory(output_dir, overwrite=True) as tmp_dir:
         splits = {"train": [], "val": [], "test": []}
         order = ["train"] * num_train + ["val"] * num_val + ["test"] * num_test
         for index, split in enumerate(tqdm(order, desc="Synthetic trash", disable=not progress)):
@@ -411,14 +407,4 @@ def generate_synthetic_trash(
         _write_json(os.path.join(tmp_dir, "val.json"), _coco_json(splits["val"], True))
         _write_json(os.path.join(tmp_dir, "test.json"), _coco_json(splits["test"], False))
         os.chmod(tmp_dir, 0o755)
-        if os.path.exists(output_dir):
-            old = tempfile.mkdtemp(prefix=".old_synthetic_", dir=parent)
-            os.replace(output_dir, os.path.join(old, "data"))
-            os.replace(tmp_dir, output_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp_dir, output_dir)
-    finally:
-        if os.path.exists(tmp_dir):
-            shutil.rmtree(tmp_dir)
     return {"train_all": num_train + num_val, "train": num_train, "val": num_val, "test": num_test}

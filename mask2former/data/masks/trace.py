@@ -1,4 +1,5 @@
-"""Label-map PNGs -> COCO polygons (SPEC 3.2; also used to write pseudo-labels).
+"""Label map -> COCO polygons, exactly (used to convert label-map datasets, to write
+pseudo-labels and the copy-paste bank).
 
 One annotation per connected component (8-connectivity) per class; the background label and the
 ignore label produce no annotation.
@@ -20,17 +21,10 @@ invalid; COCO tools and this project's rasteriser fill them correctly.)
 Components smaller than ``min_area`` pixels are dropped and counted (``small="drop"``) or kept
 (``small="keep"``).
 """
-import json
-import os
-import tempfile
-
 import cv2
 import numpy as np
-from PIL import Image
-from tqdm import tqdm
 
-
-__all__ = ["ConversionStats", "label_map_to_annotations", "labelmaps_to_coco"]
+__all__ = ["ConversionStats", "label_map_to_annotations"]
 
 
 class ConversionStats:
@@ -138,69 +132,3 @@ def label_map_to_annotations(label, ignore_label=255, background=0, min_area=0, 
                 )
             stats.components += 1
     return annotations
-
-
-def labelmaps_to_coco(
-    label_dir,
-    output_json,
-    class_names,
-    image_dir=None,
-    image_ext=".jpg",
-    ignore_label=255,
-    background=0,
-    min_area=0,
-    small="drop",
-    progress=False,
-):
-    """Convert every ``*.png`` label map of ``label_dir`` into one COCO json.
-
-    Args:
-        label_dir (str): folder of label PNGs.
-        output_json (str): written atomically.
-        class_names (list[str]): name per label value; categories are written for every label
-            value except ``background`` and ``ignore_label`` (category id = label value).
-        image_dir (str or None): folder of the images; ``file_name`` is ``<stem><image_ext>``
-            relative to it (default: the label file name).
-        ignore_label, background, min_area, small: see :func:`label_map_to_annotations`.
-        progress (bool): show a progress bar.
-
-    Returns:
-        ConversionStats
-    """
-    files = sorted(f for f in os.listdir(label_dir) if f.lower().endswith(".png"))
-    if not files:
-        raise ValueError(f"No .png label maps in {label_dir}")
-    stats = ConversionStats()
-    images, annotations = [], []
-    for image_id, name in enumerate(tqdm(files, desc="Label maps -> COCO", disable=not progress)):
-        path = os.path.join(label_dir, name)
-        label = np.asarray(Image.open(path))
-        if label.ndim != 2:
-            raise ValueError(f"{path}: label maps must be single-channel, got shape {label.shape}")
-        too_big = [int(v) for v in np.unique(label) if v >= len(class_names) and v != ignore_label]
-        if too_big:
-            raise ValueError(f"{path}: label values {too_big} have no class name ({len(class_names)} classes)")
-        stem = os.path.splitext(name)[0]
-        file_name = stem + image_ext if image_dir is not None else name
-        if image_dir is not None and not os.path.isfile(os.path.join(image_dir, file_name)):
-            raise FileNotFoundError(f"{path}: no image {os.path.join(image_dir, file_name)}")
-        images.append({"id": image_id, "file_name": file_name, "height": label.shape[0], "width": label.shape[1]})
-        for ann in label_map_to_annotations(label, ignore_label, background, min_area, small, stats):
-            ann.update(id=len(annotations), image_id=image_id)
-            annotations.append(ann)
-    categories = [
-        {"id": i, "name": n, "supercategory": n}
-        for i, n in enumerate(class_names)
-        if i != background and i != ignore_label
-    ]
-    data = {"images": images, "annotations": annotations, "categories": categories}
-    folder = os.path.dirname(os.path.abspath(output_json))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f)
-        os.replace(tmp, output_json)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return stats

@@ -6,24 +6,23 @@ relative to the json's folder; 255 / the configured ignore value = not confident
 the ground truth: only it carries the ignored pixels, so such a json must be registered here
 (``DATASETS.PSEUDO_LABELS``), not as a plain COCO dataset.
 """
+
 import functools
-import json
 import os
 from typing import List, Optional, Sequence
 
 from PIL import Image
 
-from .coco_validation import build_category_mapping
-from .datasets import (
-    EVALUATOR_TYPE,
-    TRASH_CLASSES,
-    TRASH_COLORS,
-    default_palette,
-    format_examples,
-    register_dataset,
-)
+from ...utils.io import format_examples
+from ..coco import build_category_mapping, read_coco_json
+from .common import EVALUATOR_TYPE, default_palette, register_dataset
+from .trash import TRASH_CLASSES, TRASH_COLORS
 
-__all__ = ["load_pseudo_label_records", "register_pseudo_label_dataset", "register_pseudo_labels_from_cfg"]
+__all__ = [
+    "load_pseudo_label_records",
+    "register_pseudo_label_dataset",
+    "register_pseudo_labels_from_cfg",
+]
 
 
 def load_pseudo_label_records(json_file: str, image_root: str) -> List[dict]:
@@ -35,13 +34,7 @@ def load_pseudo_label_records(json_file: str, image_root: str) -> List[dict]:
         ValueError: naming the json and examples, for images without ``sem_seg_file_name``,
             missing image or label files, or label sizes differing from the json.
     """
-    with open(json_file) as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{json_file}: not valid JSON ({e})") from e
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise ValueError(f"{json_file}: not a COCO json (no 'images' list)")
+    data = read_coco_json(json_file)
     json_dir = os.path.dirname(os.path.abspath(json_file))
     records, problems = [], []
     for img in data["images"]:
@@ -72,7 +65,9 @@ def load_pseudo_label_records(json_file: str, image_root: str) -> List[dict]:
             }
         )
     if problems:
-        raise ValueError(f"{json_file}: {len(problems)} problem(s): {format_examples(problems, sort=False)}")
+        raise ValueError(
+            f"{json_file}: {len(problems)} problem(s): {format_examples(problems, sort=False)}"
+        )
     if not records:
         raise ValueError(f"{json_file}: no images")
     return records
@@ -95,7 +90,7 @@ def register_pseudo_label_dataset(
         image_root (str): folder the images' ``file_name`` are relative to (the source json's).
         class_names: per label (default: "Background" + the json's category names in id order).
         class_colors: per label (default: the trash palette for the trash classes, else
-            :func:`~mask2former.data.datasets.default_palette`).
+            :func:`~mask2former.data.catalog.common.default_palette`).
         ignore_label (int): must equal the ignore label the PNGs were written with.
     """
     if not os.path.isfile(json_file):
@@ -103,11 +98,12 @@ def register_pseudo_label_dataset(
     if not os.path.isdir(image_root):
         raise FileNotFoundError(f"Dataset {name!r}: no image folder {image_root}")
     json_file, image_root = os.path.abspath(json_file), os.path.abspath(image_root)
-    with open(json_file) as f:
-        data = json.load(f)
+    data = read_coco_json(json_file)
     written_ignore = data.get("pseudo_labels", {}).get("ignore_label")
     if written_ignore is None:
-        raise ValueError(f"Dataset {name!r}: {json_file} is not a pseudo-label json (no 'pseudo_labels' entry)")
+        raise ValueError(
+            f"Dataset {name!r}: {json_file} is not a pseudo-label json (no 'pseudo_labels' entry)"
+        )
     if written_ignore != ignore_label:
         raise ValueError(
             f"Dataset {name!r}: {json_file} was written with ignore label {written_ignore}, the "
@@ -117,9 +113,15 @@ def register_pseudo_label_dataset(
         class_names = build_category_mapping(data.get("categories", []), json_file).class_names
     class_names = list(class_names)
     if class_colors is None:
-        class_colors = TRASH_COLORS if tuple(class_names) == TRASH_CLASSES else default_palette(len(class_names))
+        class_colors = (
+            TRASH_COLORS
+            if tuple(class_names) == TRASH_CLASSES
+            else default_palette(len(class_names))
+        )
     if len(class_colors) != len(class_names):
-        raise ValueError(f"Dataset {name!r}: {len(class_names)} classes but {len(class_colors)} colours")
+        raise ValueError(
+            f"Dataset {name!r}: {len(class_names)} classes but {len(class_colors)} colours"
+        )
     metadata = dict(
         json_file=json_file,
         image_root=image_root,
@@ -129,7 +131,9 @@ def register_pseudo_label_dataset(
         ignore_label=ignore_label,
         has_ground_truth=True,
     )
-    register_dataset(name, functools.partial(load_pseudo_label_records, json_file, image_root), metadata)
+    register_dataset(
+        name, functools.partial(load_pseudo_label_records, json_file, image_root), metadata
+    )
 
 
 def register_pseudo_labels_from_cfg(cfg) -> List[str]:
@@ -138,8 +142,12 @@ def register_pseudo_labels_from_cfg(cfg) -> List[str]:
     names = []
     for entry in cfg.DATASETS.PSEUDO_LABELS:
         if len(entry) != 3:
-            raise ValueError(f"DATASETS.PSEUDO_LABELS entries are [name, pseudo_json, image_root], got {entry}")
+            raise ValueError(
+                f"DATASETS.PSEUDO_LABELS entries are [name, pseudo_json, image_root], got {entry}"
+            )
         name, json_file, image_root = entry
-        register_pseudo_label_dataset(name, json_file, image_root, ignore_label=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE)
+        register_pseudo_label_dataset(
+            name, json_file, image_root, ignore_label=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE
+        )
         names.append(name)
     return names

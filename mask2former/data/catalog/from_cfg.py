@@ -1,7 +1,10 @@
 """Registering every dataset a config names (``DATASETS.TRASH_ROOT``, ``COCO_SEMSEG``,
 ``LABELMAP_SEMSEG``, ``PSEUDO_LABELS``)."""
-from .datasets import register_coco_semseg, register_labelmap_semseg, register_trash_dataset
-from .pseudo_labels import register_pseudo_labels_from_cfg
+
+from .coco import register_coco_semseg
+from .labelmap import register_labelmap_semseg
+from .pseudo import register_pseudo_labels_from_cfg
+from .trash import register_trash_dataset
 
 __all__ = ["register_datasets_from_cfg"]
 
@@ -15,14 +18,24 @@ def register_datasets_from_cfg(cfg):
     names = []
     if cfg.DATASETS.TRASH_ROOT:
         names += register_trash_dataset(
-            cfg.DATASETS.TRASH_ROOT, cfg_validation=validation, draw_order=draw_order, ignore_label=ignore_label
+            cfg.DATASETS.TRASH_ROOT,
+            cfg_validation=validation,
+            draw_order=draw_order,
+            ignore_label=ignore_label,
         )
     for entry in cfg.DATASETS.COCO_SEMSEG:
         if len(entry) != 3:
-            raise ValueError(f"DATASETS.COCO_SEMSEG entries are [name, json_file, image_root], got {entry}")
+            raise ValueError(
+                f"DATASETS.COCO_SEMSEG entries are [name, json_file, image_root], got {entry}"
+            )
         name, json_file, image_root = entry
         register_coco_semseg(
-            name, json_file, image_root, validation, ignore_label=ignore_label, draw_order=draw_order
+            name,
+            json_file,
+            image_root,
+            validation,
+            ignore_label=ignore_label,
+            draw_order=draw_order,
         )
         names.append(name)
     for entry in cfg.DATASETS.LABELMAP_SEMSEG:
@@ -33,9 +46,11 @@ def register_datasets_from_cfg(cfg):
             )
         name, image_dir, label_dir, classes = entry
         # classes: the number of classes (named "0".."K-1") or the list of class names.
-        class_names = [str(c) for c in classes] if isinstance(classes, (list, tuple)) else [
-            str(i) for i in range(int(classes))
-        ]
+        class_names = (
+            [str(c) for c in classes]
+            if isinstance(classes, (list, tuple))
+            else [str(i) for i in range(int(classes))]
+        )
         register_labelmap_semseg(name, image_dir, label_dir, class_names, ignore_label=ignore_label)
         names.append(name)
     return names + register_pseudo_labels_from_cfg(cfg)

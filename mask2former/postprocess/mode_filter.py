@@ -1,4 +1,4 @@
-"""3x3 mode filter of a label map (SPEC 3.6: "mode resampling" of predicted masks).
+"""3x3 mode filter of a label map ("mode resampling" of predicted masks).
 
 Every pixel takes the label that occurs most often in its 3x3 neighbourhood (itself included;
 neighbours outside the image do not vote). When the most frequent label is not unique, the pixel

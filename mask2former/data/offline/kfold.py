@@ -8,11 +8,12 @@ labels fill the folds that want the most images.
 
 :func:`write_kfold_splits` writes ``train_fold{k}.json`` / ``val_fold{k}.json`` from a COCO json.
 """
-import json
 import os
-import tempfile
 
 import numpy as np
+
+from ...utils.io import write_json
+from ..coco.json_file import read_coco_json
 
 __all__ = ["image_labels", "iterative_stratification", "write_kfold_splits"]
 
@@ -87,18 +88,6 @@ def image_labels(coco):
     return ids, [present[i] for i in ids]
 
 
-def _write_json_atomic(path, data):
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _subset(coco, image_ids):
     keep = set(image_ids)
     out = {k: v for k, v in coco.items() if k not in ("images", "annotations")}
@@ -116,8 +105,7 @@ def write_kfold_splits(json_file, output_dir, n_folds=5, seed=0):
     Returns:
         np.ndarray: fold index per image (json order).
     """
-    with open(json_file) as f:
-        coco = json.load(f)
+    coco = read_coco_json(json_file)
     ids, labels = image_labels(coco)
     if len(set(ids)) != len(ids):
         raise ValueError(f"{json_file}: duplicate image ids; validate the json first")
@@ -126,6 +114,6 @@ def write_kfold_splits(json_file, output_dir, n_folds=5, seed=0):
     for k in range(n_folds):
         val_ids = [i for i, f in zip(ids, folds) if f == k]
         train_ids = [i for i, f in zip(ids, folds) if f != k]
-        _write_json_atomic(os.path.join(output_dir, f"train_fold{k}.json"), _subset(coco, train_ids))
-        _write_json_atomic(os.path.join(output_dir, f"val_fold{k}.json"), _subset(coco, val_ids))
+        write_json(os.path.join(output_dir, f"train_fold{k}.json"), _subset(coco, train_ids))
+        write_json(os.path.join(output_dir, f"val_fold{k}.json"), _subset(coco, val_ids))
     return folds

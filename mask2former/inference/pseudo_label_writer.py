@@ -1,9 +1,9 @@
-"""Pseudo-labels from ensemble probabilities (SPEC 5): confident pixels -> a training dataset.
+"""Pseudo-labels from ensemble probabilities: confident pixels -> a training dataset.
 
 Pipeline: per-pixel class probabilities of unlabeled images (one model's dump or a soft-voting
 ensemble) -> :func:`pseudo_label_map` (argmax where the max probability reaches the threshold,
 the ignore label elsewhere) -> :class:`PseudoLabelWriter` (label PNGs + COCO json + report) ->
-:func:`mask2former.data.pseudo_labels.register_pseudo_label_dataset` (``DATASETS.PSEUDO_LABELS``)
+:func:`mask2former.data.catalog.pseudo.register_pseudo_label_dataset` (``DATASETS.PSEUDO_LABELS``)
 -> train on ``DATASETS.TRAIN ("trash_train", "trash_test_pseudo")``.
 
 Layout of a pseudo-labeled split (built in a temporary folder next to it, renamed into place)::
@@ -19,27 +19,26 @@ Layout of a pseudo-labeled split (built in a temporary folder next to it, rename
 
 Only the label PNGs carry the ignored pixels: a COCO polygon json cannot express an ignore region
 (every pixel no polygon covers is background), so the json must be registered with
-:mod:`mask2former.data.pseudo_labels` (records with ``sem_seg_file_name``), never as a plain COCO
+:mod:`mask2former.data.catalog.pseudo` (records with ``sem_seg_file_name``), never as a plain COCO
 dataset. The polygons are there for tools that read COCO polygons (viewers, statistics); they
 rasterise back exactly to the non-background confident pixels. The registered records carry no
 ``annotations``, so the copy-paste bank does not cut objects out of pseudo-labels.
 """
+
 import json
 import logging
 import os
 import shutil
-import tempfile
 import uuid
 from typing import Dict, List, Mapping, Optional, Sequence
 
-import cv2
 import numpy as np
 
-from ..data.coco_validation import build_category_mapping
-from ..data.datasets import format_examples
-from ..data.labelmap_to_coco import label_map_to_annotations
-from ..data.mode_filter import mode_filter
-from .ensemble import label_png_path
+from ..data.coco import build_category_mapping, read_coco_json
+from ..data.masks.trace import label_map_to_annotations
+from ..postprocess.confidence import PseudoLabelStats, pseudo_label_map, threshold_per_class
+from ..utils.io import format_examples, replace_directory
+from .sinks import LabelPngSink, label_png_path
 
 __all__ = [
     "PSEUDO_JSON_NAME",
@@ -58,157 +57,12 @@ LABEL_DIR_NAME = "labels"
 _MAX_EXAMPLES = 5
 
 
-# ------------------------------------------------------------------------------ label maps
-
-
-class PseudoLabelStats:
-    """Pixel counts of the pseudo-labels of many images (updated by :func:`pseudo_label_map`).
-
-    ``predicted_pixels[c]``: pixels whose argmax is class ``c``; ``pseudo_pixels[c]``: pixels
-    labelled ``c`` in the final label maps; the rest of the pixels are ignored.
-    """
-
-    def __init__(self, num_classes: int):
-        self.num_classes = num_classes
-        self.images = 0
-        self.total_pixels = 0
-        self.predicted_pixels = np.zeros(num_classes, dtype=np.int64)
-        self.pseudo_pixels = np.zeros(num_classes, dtype=np.int64)
-        self.removed_components = 0
-        self.removed_pixels = 0
-
-    @property
-    def ignored_pixels(self) -> int:
-        return int(self.total_pixels - self.pseudo_pixels.sum())
-
-    def confident_fraction(self) -> float:
-        """Fraction of all pixels that got a label."""
-        return float(self.pseudo_pixels.sum() / self.total_pixels) if self.total_pixels else float("nan")
-
-    def class_fractions(self) -> np.ndarray:
-        """Per class: pseudo-labelled pixels / argmax pixels (NaN for a class never predicted)."""
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(self.predicted_pixels > 0, self.pseudo_pixels / self.predicted_pixels, np.nan)
-
-    def as_dict(self, class_names: Sequence[str]) -> dict:
-        fractions = self.class_fractions()
-        return {
-            "images": self.images,
-            "total_pixels": int(self.total_pixels),
-            "ignored_pixels": self.ignored_pixels,
-            "confident_fraction": self.confident_fraction(),
-            "removed_small_components": self.removed_components,
-            "removed_small_component_pixels": self.removed_pixels,
-            "per_class": [
-                {
-                    "label": label,
-                    "name": name,
-                    "predicted_pixels": int(self.predicted_pixels[label]),
-                    "pseudo_pixels": int(self.pseudo_pixels[label]),
-                    "confident_fraction": None if np.isnan(fractions[label]) else float(fractions[label]),
-                }
-                for label, name in enumerate(class_names)
-            ],
-        }
-
-
-def _threshold_per_class(num_classes: int, threshold: float, class_thresholds: Optional[Mapping[int, float]]):
-    """[K] array of thresholds: ``threshold`` overridden by ``class_thresholds`` (label -> value)."""
-    values = np.full(num_classes, float(threshold))
-    for label, value in (class_thresholds or {}).items():
-        if not 0 <= int(label) < num_classes:
-            raise ValueError(f"class threshold for label {label}: labels are 0..{num_classes - 1}")
-        values[int(label)] = float(value)
-    if not ((values >= 0) & (values <= 1)).all():
-        raise ValueError(f"thresholds must lie in [0, 1], got {threshold} and {dict(class_thresholds or {})}")
-    return values
-
-
-def _remove_small_components(label: np.ndarray, min_component: int, ignore_label: int):
-    """Set 8-connected components (of every label but ``ignore_label``) with fewer than
-    ``min_component`` pixels to ``ignore_label`` in place. Returns (components, pixels) removed."""
-    removed_components = removed_pixels = 0
-    for value in np.unique(label):
-        if value == ignore_label:
-            continue
-        _, components, boxes, _ = cv2.connectedComponentsWithStats(
-            (label == value).astype(np.uint8), connectivity=8
-        )
-        small = boxes[:, cv2.CC_STAT_AREA] < min_component
-        small[0] = False  # component 0 is everything else
-        if small.any():
-            label[small[components]] = ignore_label
-            removed_components += int(small.sum())
-            removed_pixels += int(boxes[small, cv2.CC_STAT_AREA].sum())
-    return removed_components, removed_pixels
-
-
-def pseudo_label_map(
-    probs,
-    threshold: float,
-    ignore_label: int = 255,
-    min_component: int = 0,
-    class_thresholds: Optional[Mapping[int, float]] = None,
-    apply_mode_filter: bool = False,
-    stats: Optional[PseudoLabelStats] = None,
-) -> np.ndarray:
-    """Pseudo-label map of one image.
-
-    Steps: ``c = argmax_k probs[k]`` (ties: the lowest label); the pixel keeps ``c`` if
-    ``probs[c] >= threshold`` (or ``>= class_thresholds[c]`` when given for ``c``), else it gets
-    ``ignore_label``; optionally a 3x3 mode filter in which ignored pixels neither vote nor change
-    (:func:`~mask2former.data.mode_filter.mode_filter`); finally the 8-connected components of
-    every label (background included) with fewer than ``min_component`` pixels become ignored.
-
-    Args:
-        probs (np.ndarray or CPU tensor): [K, H, W] class probabilities (K <= 255).
-        threshold (float): in [0, 1].
-        ignore_label (int): label of unconfident pixels, in [K, 255].
-        min_component (int): smallest confident component kept (0 or 1: all kept).
-        class_thresholds (dict[int, float] or None): label -> threshold overriding ``threshold``.
-        apply_mode_filter (bool): smooth the confident labels with a 3x3 mode filter.
-        stats (PseudoLabelStats or None): updated in place.
-
-    Returns:
-        np.ndarray: [H, W] uint8 label map.
-    """
-    probs = np.asarray(probs)
-    if probs.ndim != 3 or probs.shape[0] == 0:
-        raise ValueError(f"probabilities must be [K, H, W], got shape {probs.shape}")
-    num_classes = probs.shape[0]
-    if not num_classes <= ignore_label <= 255:
-        raise ValueError(
-            f"ignore_label must lie in [{num_classes}, 255] for {num_classes} classes in a uint8 "
-            f"label map, got {ignore_label}"
-        )
-    thresholds = _threshold_per_class(num_classes, threshold, class_thresholds)
-    prediction = probs.argmax(0)
-    confidence = probs.max(0)
-    if not np.isfinite(confidence).all():
-        raise ValueError("probabilities contain NaN or infinite values")
-    label = np.where(confidence >= thresholds[prediction], prediction, ignore_label).astype(np.uint8)
-    if apply_mode_filter:
-        label = mode_filter(label, ignore_label=ignore_label)
-    removed = (0, 0)
-    if min_component > 1:
-        removed = _remove_small_components(label, min_component, ignore_label)
-    if stats is not None:
-        if stats.num_classes != num_classes:
-            raise ValueError(f"stats count {stats.num_classes} classes, probabilities have {num_classes}")
-        stats.images += 1
-        stats.total_pixels += label.size
-        stats.predicted_pixels += np.bincount(prediction.ravel(), minlength=num_classes)
-        stats.pseudo_pixels += np.bincount(label.ravel(), minlength=256)[:num_classes]
-        stats.removed_components += removed[0]
-        stats.removed_pixels += removed[1]
-    return label
-
-
 # ------------------------------------------------------------------------------ the writer
 
 
 def _label_path(file_name: str, json_file: str) -> str:
-    """``labels/<file_name without extension>.png``, relative to the split's folder, "/"-separated."""
+    """``labels/<file_name without extension>.png``, relative to the split's folder,
+    "/"-separated."""
     try:
         path = label_png_path(LABEL_DIR_NAME, file_name)
     except ValueError as e:
@@ -268,7 +122,9 @@ class PseudoLabelWriter:
         self.image_root = os.path.abspath(image_root) if image_root else None
         self.settings = {
             "threshold": float(threshold),
-            "class_thresholds": {str(k): float(v) for k, v in sorted((class_thresholds or {}).items())},
+            "class_thresholds": {
+                str(k): float(v) for k, v in sorted((class_thresholds or {}).items())
+            },
             "min_component": int(min_component),
             "mode_filter": bool(apply_mode_filter),
             "ignore_label": int(ignore_label),
@@ -280,20 +136,16 @@ class PseudoLabelWriter:
             class_thresholds=class_thresholds,
             apply_mode_filter=apply_mode_filter,
         )
-        _threshold_per_class(len(self.class_names), threshold, class_thresholds)  # validate early
+        threshold_per_class(len(self.class_names), threshold, class_thresholds)  # validate early
         if not len(self.class_names) <= ignore_label <= 255:
-            raise ValueError(f"ignore_label must lie in [{len(self.class_names)}, 255], got {ignore_label}")
+            raise ValueError(
+                f"ignore_label must lie in [{len(self.class_names)}, 255], got {ignore_label}"
+            )
         self.sources = list(sources)
         self.overwrite = overwrite
         self._check_output_dir()
 
-        with open(self.source_json) as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{self.source_json}: not valid JSON ({e})") from e
-        if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-            raise ValueError(f"{self.source_json}: not a COCO json (no 'images' list)")
+        data = read_coco_json(self.source_json)
         self._categories = data.get("categories", [])
         self._label_to_category = self._label_to_category_ids(self._categories)
         self._licenses = data.get("licenses")
@@ -313,6 +165,7 @@ class PseudoLabelWriter:
             f".tmp_{os.path.basename(self.output_dir)}_{os.getpid()}_{uuid.uuid4().hex[:8]}",
         )
         os.makedirs(self._tmp_dir)
+        self._label_pngs = LabelPngSink(os.path.join(self._tmp_dir, LABEL_DIR_NAME))
         self._annotations_file = open(os.path.join(self._tmp_dir, ".annotations.jsonl"), "w")
         self._closed = False
 
@@ -336,7 +189,9 @@ class PseudoLabelWriter:
     def _index_images(self):
         problems, by_label_path, ids = [], {}, set()
         for i, img in enumerate(self._images):
-            if not isinstance(img, dict) or not all(k in img for k in ("id", "file_name", "height", "width")):
+            if not isinstance(img, dict) or not all(
+                k in img for k in ("id", "file_name", "height", "width")
+            ):
                 problems.append(f"image entry {i} lacks id / file_name / height / width")
                 continue
             name = img["file_name"]
@@ -348,12 +203,18 @@ class PseudoLabelWriter:
                 continue
             label_path = _label_path(name, self.source_json)
             if label_path in by_label_path:
-                problems.append(f"{name!r} and {by_label_path[label_path]!r} would share the label file {label_path}")
+                problems.append(
+                    f"{name!r} and {by_label_path[label_path]!r} would share the label file "
+                    f"{label_path}"
+                )
             by_label_path[label_path] = name
             self._index[name] = i
             self._label_paths[name] = label_path
         if problems:
-            raise ValueError(f"{self.source_json}: {len(problems)} problem(s): {format_examples(problems, _MAX_EXAMPLES, sort=False)}")
+            raise ValueError(
+                f"{self.source_json}: {len(problems)} problem(s): "
+                f"{format_examples(problems, _MAX_EXAMPLES, sort=False)}"
+            )
         if not self._images:
             raise ValueError(f"{self.source_json}: no images")
 
@@ -373,9 +234,13 @@ class PseudoLabelWriter:
         probs = np.asarray(probs)
         expected = (len(self.class_names), img["height"], img["width"])
         if probs.shape != expected:
-            raise ValueError(f"{file_name}: probabilities of shape {probs.shape}, expected {expected} (K, H, W)")
+            raise ValueError(
+                f"{file_name}: probabilities of shape {probs.shape}, expected {expected} (K, H, W)"
+            )
         if self.image_root and not os.path.isfile(os.path.join(self.image_root, file_name)):
-            raise FileNotFoundError(f"{file_name}: no image {os.path.join(self.image_root, file_name)}")
+            raise FileNotFoundError(
+                f"{file_name}: no image {os.path.join(self.image_root, file_name)}"
+            )
         try:
             label = pseudo_label_map(probs, stats=self.stats, **self._label_kwargs)
         except ValueError as e:
@@ -385,14 +250,14 @@ class PseudoLabelWriter:
         if not (label != ignore).any():
             self._empty.append(file_name)
             return
-        path = os.path.join(self._tmp_dir, self._label_paths[file_name])
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        if not cv2.imwrite(path, label):
-            raise OSError(f"could not write {path}")
+        self._label_pngs.add(file_name, label)
         for ann in label_map_to_annotations(label, ignore_label=ignore, background=0):
             self.num_annotations += 1
-            ann.update(id=self.num_annotations, image_id=img["id"],
-                       category_id=self._label_to_category[ann["category_id"]])
+            ann.update(
+                id=self.num_annotations,
+                image_id=img["id"],
+                category_id=self._label_to_category[ann["category_id"]],
+            )
             self._annotations_file.write(json.dumps(ann) + "\n")
         self._kept[i] = True
 
@@ -405,7 +270,9 @@ class PseudoLabelWriter:
         ]
         head = {
             "info": {"description": f"pseudo-labels of {self.source_json}"},
-            "pseudo_labels": dict(self.settings, source_json=self.source_json, sources=self.sources),
+            "pseudo_labels": dict(
+                self.settings, source_json=self.source_json, sources=self.sources
+            ),
             "images": images,
             "categories": self._categories,
         }
@@ -441,41 +308,29 @@ class PseudoLabelWriter:
             raise RuntimeError("PseudoLabelWriter closed twice")
         missing = [img["file_name"] for img, done in zip(self._images, self._done) if not done]
         if missing:
-            raise ValueError(f"{len(missing)} image(s) of {self.source_json} were never added: {format_examples(missing, _MAX_EXAMPLES, sort=False)}")
+            raise ValueError(
+                f"{len(missing)} image(s) of {self.source_json} were never added: "
+                f"{format_examples(missing, _MAX_EXAMPLES, sort=False)}"
+            )
         if not self._kept.any():
             raise ValueError(
-                f"no confident pixel in any of the {len(self._images)} images of {self.source_json}: "
+                f"no confident pixel in any of the {len(self._images)} images of "
+                f"{self.source_json}: "
                 f"lower the threshold ({self.settings['threshold']})"
             )
         self._write_json(os.path.join(self._tmp_dir, PSEUDO_JSON_NAME))
         report = self.report()
         with open(os.path.join(self._tmp_dir, REPORT_NAME), "w") as f:
             json.dump(report, f, indent=1)
-        self._move_into_place()
+        replace_directory(self._tmp_dir, self.output_dir, self.overwrite)
         self._closed = True
         logger.info(
             "pseudo-labels of %d images (%d without confident pixels left out) written to %s",
-            report["images_in_json"], report["images_without_confident_pixels"], self.output_dir,
+            report["images_in_json"],
+            report["images_without_confident_pixels"],
+            self.output_dir,
         )
         return report
-
-    def _move_into_place(self):
-        old = None
-        if os.path.exists(self.output_dir):
-            if not self.overwrite:
-                raise FileExistsError(f"{self.output_dir} appeared while writing (pass overwrite to replace it)")
-            old = tempfile.mkdtemp(prefix=f".old_{os.path.basename(self.output_dir)}_",
-                                   dir=os.path.dirname(self.output_dir))
-            os.rename(self.output_dir, os.path.join(old, "previous"))
-        try:
-            os.rename(self._tmp_dir, self.output_dir)
-        except BaseException:
-            if old is not None:  # put the previous split back
-                os.rename(os.path.join(old, "previous"), self.output_dir)
-                os.rmdir(old)
-            raise
-        if old is not None:
-            shutil.rmtree(old)
 
     def abort(self) -> None:
         """Remove the temporary folder (``output_dir`` is untouched)."""

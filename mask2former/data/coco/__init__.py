@@ -1,0 +1,24 @@
+"""COCO-polygon json files: the one reader, the problem catalogue, validation and cleaning."""
+
+from .categories import CategoryMapping, build_category_mapping, read_coco_categories
+from .images import ImageFileInfo, inspect_image_file
+from .json_file import coco_image_names, read_coco_json
+from .problems import PROBLEMS, Problem
+from .report import ValidationPolicy, ValidationReport
+from .validator import CocoSemSegData, load_coco_semseg_json
+
+__all__ = [
+    "PROBLEMS",
+    "CategoryMapping",
+    "CocoSemSegData",
+    "ImageFileInfo",
+    "Problem",
+    "ValidationPolicy",
+    "ValidationReport",
+    "build_category_mapping",
+    "inspect_image_file",
+    "load_coco_semseg_json",
+    "coco_image_names",
+    "read_coco_categories",
+    "read_coco_json",
+]
