@@ -36,14 +36,6 @@ TINY_CONFIG = str(Path(__file__).resolve().parents[1] / "configs/tiny/m2f_swin_t
 NUM_CLASSES_TRASH = 11
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared, busy machine the
-    thread synchronisation dominates (measured: 0.04 s vs 1.3 s per training step)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class TinyBackbone(Backbone):

@@ -17,12 +17,6 @@ IMPLS = {"pytorch": ms_deform_attn_pytorch, "fast": ms_deform_attn_fast}
 SHAPES = [(5, 7), (3, 4), (1, 1), (6, 2)]
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def bilinear_reference(value, shapes, locations, weights):

@@ -7,6 +7,7 @@ import torch
 from torch.nn import functional as F
 
 from dinat import neighborhood_attention as na
+from dinat.neighborhood_attention import dispatch, flex, reference, tiled
 from dinat.neighborhood_attention import (
     NeighborhoodAttention2D,
     na2d_flex,
@@ -104,7 +105,7 @@ AXES = [
 
 @pytest.mark.parametrize("length,kernel,dilation", AXES)
 def test_reference_neighbours_follow_natten_definitions(length, kernel, dilation):
-    keys, bias_index = na._neighbors_1d(length, kernel, dilation)
+    keys, bias_index = reference._neighbors_1d(length, kernel, dilation)
     for i in range(length):
         start = _natten_window_start(i, length, kernel, dilation)
         pb = _natten_pb_start(i, length, kernel, dilation)
@@ -188,7 +189,7 @@ def test_tiled_matches_reference(case, setting):
 )
 def test_tiling_windows_inside_key_regions(length, kernel, max_tile):
     """Every real query's window lies inside its tile's key region (the tiled path's invariant)."""
-    t = na._axis_tiling(length, kernel, max_tile)
+    t = tiled._axis_tiling(length, kernel, max_tile)
     pattern_of_tile = [p for count, p in t.runs for _ in range(count)]
     assert len(pattern_of_tile) == t.num_tiles
     covered = 0
@@ -242,7 +243,7 @@ def _dense_flex_semantics(q, k, v, rpb, kernel, dilation):
     """Attention with the flex path's own score_mod / mask_mod evaluated on dense index grids
     (what flex attention computes, differentiable on CPU)."""
     batch, height, width, heads, dim = q.shape
-    score_mod, mask_mod = na._flex_mods(height, width, kernel, dilation, rpb, q.device)
+    score_mod, mask_mod = flex._flex_mods(height, width, kernel, dilation, rpb, q.device)
     qt, kt, vt = (x.flatten(1, 2).transpose(1, 2) for x in (q, k, v))  # [B, heads, L, D]
     tokens = torch.arange(height * width)
     b_idx = torch.arange(batch)[:, None, None, None]
@@ -317,7 +318,7 @@ def test_natten_cuda_forward_backward_without_rpb():
 
 # ----------------------------------------------------------------------------- dispatch
 def test_auto_resolution_and_logging_once(caplog):
-    na._LOGGED_CHOICES.clear()
+    dispatch._LOGGED_CHOICES.clear()
     with caplog.at_level(logging.INFO, logger="dinat.neighborhood_attention"):
         assert resolve_attention_impl("auto", "cpu", True) == "tiled"
         assert resolve_attention_impl("auto", "cpu", True) == "tiled"

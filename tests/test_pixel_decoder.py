@@ -25,12 +25,6 @@ INPUT_SHAPE = {
 CONV_DIM, MASK_DIM, LAYERS = 32, 16, 2
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_decoder(impl="fast", seed=0, enc_layers=LAYERS):

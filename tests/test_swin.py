@@ -33,12 +33,6 @@ TINY = dict(
 )
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def official_swin_keys(depths, ape=False, out_indices=(0, 1, 2, 3)):

@@ -1,0 +1,105 @@
+"""Neighborhood attention with ``torch.nn.attention.flex_attention``: a ``score_mod`` adding the
+bias and a block mask for the window; compiled with ``torch.compile`` on CUDA (no backward on
+CPU)."""
+
+from typing import Callable, Dict
+
+import torch
+
+from .checks import check_inputs, default_scale
+
+
+def _flex_mods(height: int, width: int, kernel_size: int, dilation: int, rpb, device):
+    """``(score_mod, mask_mod)`` of flex attention over the row-major flattened ``H x W`` tokens.
+
+    The geometry is captured as tensors, not Python numbers, so that ``torch.compile`` does not
+    specialise (and recompile) on every feature-map size and dilation of the network. Both mods
+    only use broadcasting tensor ops, so they can also be evaluated on dense index grids.
+    """
+    geometry = (height, width, kernel_size, dilation)
+    height, width, kernel, dilation = (torch.tensor(v, device=device) for v in geometry)
+    half = kernel // 2
+
+    def window_start(pos, length):
+        group_len = (length - pos % dilation + dilation - 1) // dilation
+        return torch.minimum((pos // dilation - half).clamp(min=0), group_len - kernel)
+
+    def in_window(q_pos, k_pos, length):
+        start = window_start(q_pos, length)
+        k_group_pos = k_pos // dilation
+        same_group = q_pos % dilation == k_pos % dilation
+        return same_group & (k_group_pos >= start) & (k_group_pos < start + kernel)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        in_rows = in_window(q_idx // width, kv_idx // width, height)
+        return in_rows & in_window(q_idx % width, kv_idx % width, width)
+
+    if rpb is None:
+        return None, mask_mod
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        # Exact division inside the window; clamped so that masked pairs index inside the table.
+        dy = (kv_idx // width - q_idx // width) // dilation + kernel - 1
+        dx = (kv_idx % width - q_idx % width) // dilation + kernel - 1
+        last = 2 * kernel_size - 2
+        return score + rpb[h, dy.clamp(0, last), dx.clamp(0, last)].to(score.dtype)
+
+    return score_mod, mask_mod
+
+
+_BLOCK_MASKS: Dict[tuple, object] = {}
+_COMPILED_FLEX: Dict[str, Callable] = {}
+
+
+def _block_mask(height: int, width: int, kernel_size: int, dilation: int, device, compile: bool):
+    """Flex attention block mask of the neighborhoods (cached per geometry and device)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    cache_key = (height, width, kernel_size, dilation, str(device), compile)
+    if cache_key not in _BLOCK_MASKS:
+        _, mask_mod = _flex_mods(height, width, kernel_size, dilation, None, device)
+        tokens = height * width
+        # Compiled mask creation works block by block instead of on the dense tokens x tokens grid.
+        _BLOCK_MASKS[cache_key] = create_block_mask(
+            mask_mod, None, None, tokens, tokens, device=device, _compile=compile
+        )
+    return _BLOCK_MASKS[cache_key]
+
+
+def _flex_attention_fn(compile: bool):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if not compile:
+        return flex_attention
+    if "compiled" not in _COMPILED_FLEX:
+        _COMPILED_FLEX["compiled"] = torch.compile(flex_attention)
+    return _COMPILED_FLEX["compiled"]
+
+
+def na2d_flex(query, key, value, rpb, kernel_size, dilation=1, scale=None, compile=None):
+    """Neighborhood attention with ``torch.nn.attention.flex_attention``.
+
+    Same arguments and result as :func:`na2d_reference`. ``compile``: run flex attention (and the
+    block-mask creation) through ``torch.compile`` (default: on CUDA tensors only). Eager flex
+    attention runs on CPU (slowly, as a dense masked product) for the forward pass only: PyTorch
+    has no flex backward on CPU.
+    """
+    check_inputs(query, key, value, rpb, kernel_size, dilation)
+    batch, height, width, heads, _ = query.shape
+    if compile is None:
+        compile = query.device.type == "cuda"
+    score_mod, _ = _flex_mods(height, width, kernel_size, dilation, rpb, query.device)
+    block_mask = _block_mask(height, width, kernel_size, dilation, query.device, compile)
+
+    def tokens(x):  # [B, H, W, heads, D] -> [B, heads, H*W, D]
+        return x.flatten(1, 2).transpose(1, 2)
+
+    out = _flex_attention_fn(compile)(
+        tokens(query),
+        tokens(key),
+        tokens(value),
+        score_mod=score_mod,
+        block_mask=block_mask,
+        scale=default_scale(query, scale),
+    )
+    return out.transpose(1, 2).reshape(batch, height, width, heads, -1)
