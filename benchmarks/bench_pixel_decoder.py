@@ -39,7 +39,7 @@ from mask2former.modeling.backbone.swin import (
     window_partition,
     window_reverse,
 )
-from mask2former.modeling.pixel_decoder.ms_deform_attn import (
+from mask2former.modeling.pixel_decoder.deformable_attention import (
     MSDeformAttn,
     ms_deform_attn_fast,
     ms_deform_attn_pytorch,

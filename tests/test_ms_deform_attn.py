@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mask2former.modeling.pixel_decoder.ms_deform_attn import (
+from mask2former.modeling.pixel_decoder.deformable_attention import (
     MSDeformAttn,
     ms_deform_attn_fast,
     ms_deform_attn_pytorch,

@@ -1,5 +1,5 @@
 """Pixel decoders. Importing registers ``MSDeformAttnPixelDecoder`` in SEM_SEG_HEADS_REGISTRY."""
-from .ms_deform_attn import MSDeformAttn, ms_deform_attn_fast, ms_deform_attn_pytorch
+from .deformable_attention import MSDeformAttn, ms_deform_attn_fast, ms_deform_attn_pytorch
 from .msdeformattn import MSDeformAttnPixelDecoder
 
 __all__ = [

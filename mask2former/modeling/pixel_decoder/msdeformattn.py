@@ -19,7 +19,7 @@ from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
 from ..position_encoding import PositionEmbeddingSine
-from .ms_deform_attn import MSDeformAttn, SpatialShapes
+from .deformable_attention import MSDeformAttn, SpatialShapes
 
 __all__ = [
     "MSDeformAttnTransformerEncoderLayer",
