@@ -19,6 +19,7 @@ import torch
 from detectron2.modeling import build_model
 
 from mask2former.engine.setup import build_cfg
+from semask import add_semask_config
 from semask import SemanticLayer
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "semask_swin_l.yaml"
@@ -90,7 +91,7 @@ def main():
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = build_cfg(str(CONFIG), ["MODEL.DEVICE", "cpu"] + list(args.opts))
+    cfg = build_cfg(str(CONFIG), ["MODEL.DEVICE", "cpu"] + list(args.opts), (add_semask_config,))
     torch.manual_seed(0)
     model = build_model(cfg)
     params = sum(p.numel() for p in model.parameters()) / 1e6

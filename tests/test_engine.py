@@ -1,5 +1,6 @@
 """Optimizer parameter groups, full-model gradient clipping, the resumable poly LR schedule and
 the project config composition."""
+import functools
 import math
 
 import pytest
@@ -8,7 +9,12 @@ from torch import nn
 
 from mask2former.engine import build_optimizer, get_param_groups, get_project_cfg
 from mask2former.engine.lr_scheduler import ResumableWarmupPolyLR, build_lr_scheduler
-from mask2former.engine.setup import build_cfg
+from dinat import add_dinat_config
+from mask2former.engine import setup as engine_setup
+from semask import add_semask_config
+
+# the configuration train_net.py builds: Mask2Former + SeMask + DiNAT keys
+build_cfg = functools.partial(engine_setup.build_cfg, add_configs=(add_semask_config, add_dinat_config))
 
 
 class Toy(nn.Module):

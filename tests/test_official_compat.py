@@ -3,6 +3,7 @@ chain, ``!!python/object/apply:eval`` lists, the official key names) load and bu
 network, whose state dict has exactly the official parameter names and shapes (a listing derived
 here from the architecture description of the paper / official code), and official-format
 checkpoints (``.pkl`` of NumPy arrays) load with no missing or unexpected keys."""
+import functools
 import pickle
 from pathlib import Path
 
@@ -11,7 +12,12 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
-from mask2former.engine import build_cfg
+from dinat import add_dinat_config
+from mask2former.engine import setup as engine_setup
+from semask import add_semask_config
+
+# the configuration train_net.py builds: Mask2Former + SeMask + DiNAT keys
+build_cfg = functools.partial(engine_setup.build_cfg, add_configs=(add_semask_config, add_dinat_config))
 
 BASE_YAML = """\
 MODEL:

@@ -1,6 +1,7 @@
 """SeMask: semantic attention (windowed / global) against a direct float64 computation, the backbone
 wiring, shapes and class maps, the semantic branch head, the branch cross-entropy, official
 parameter names (end to end through train_net.py: tests/test_train_net.py)."""
+import functools
 import math
 from pathlib import Path
 
@@ -12,7 +13,12 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, SEM_SEG_HEADS_REGISTRY, build_model
 from detectron2.structures import Instances
 
-from mask2former.engine.setup import build_cfg
+from dinat import add_dinat_config
+from mask2former.engine import setup as engine_setup
+from semask import add_semask_config
+
+# the configuration train_net.py builds: Mask2Former + SeMask + DiNAT keys
+build_cfg = functools.partial(engine_setup.build_cfg, add_configs=(add_semask_config, add_dinat_config))
 from semask import (
     BRANCH_OUTPUT_KEY,
     BranchMaskFormerHead,

@@ -21,6 +21,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.utils.logger import setup_logger
 from tqdm import tqdm
 
+from dinat import add_dinat_config
 from mask2former.data import register_coco_semseg, register_datasets_from_cfg
 from mask2former.data.coco import coco_image_names
 from mask2former.engine import build_cfg
@@ -28,6 +29,7 @@ from mask2former.inference.ensemble import SoftVotingEnsemble
 from mask2former.inference.pipeline import EnsemblePipeline
 from mask2former.inference.sinks import LabelPngSink, ProbDumpSink, ScoreSink, SubmissionSink
 from mask2former.postprocess.crf import CRF_PRESETS, DEFAULT_ITERATIONS
+from semask import add_semask_config
 
 
 def parse_args(argv=None):
@@ -99,7 +101,7 @@ def crf_params(args):
 def image_source(args):
     """(json_file, image_root, dataset name for scoring) from --json / --dataset."""
     if args.dataset:
-        register_datasets_from_cfg(build_cfg(args.config_file, args.opts))
+        register_datasets_from_cfg(build_cfg(args.config_file, args.opts, (add_semask_config, add_dinat_config)))
         meta = MetadataCatalog.get(args.dataset)
         if meta.get("json_file") is None:
             raise SystemExit(f"dataset {args.dataset!r} is not a COCO dataset registered by the config "

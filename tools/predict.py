@@ -16,11 +16,13 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
+from dinat import add_dinat_config
 from mask2former.data import register_datasets_from_cfg
 from mask2former.data.catalog.common import dataset_file_names
 from mask2former.engine import build_cfg
 from mask2former.inference.predictor import SemSegPredictor, predict_records
 from mask2former.inference.sinks import OverlaySink, ProbDumpSink, ScoreSink, SubmissionSink
+from semask import add_semask_config
 
 
 def parse_args(argv=None):
@@ -44,7 +46,7 @@ def main(argv=None):
     args = parse_args(argv)
     setup_logger(name="mask2former")
     logger = setup_logger(name="predict")
-    cfg = build_cfg(args.config_file, args.opts)
+    cfg = build_cfg(args.config_file, args.opts, (add_semask_config, add_dinat_config))
     register_datasets_from_cfg(cfg)
     model = build_model(cfg)
     DetectionCheckpointer(model).load(args.weights)

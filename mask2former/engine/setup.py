@@ -1,33 +1,39 @@
-"""Building the full project config (Detectron2 + DeepLab poly LR + Mask2Former + extensions)."""
-import importlib
+"""Building a config: Detectron2 defaults, DeepLab's poly LR keys, Mask2Former's keys, then the
+keys of the extension packages the caller names (``semask``, ``dinat``: they depend on
+``mask2former``, never the other way round), a YAML file and ``KEY VALUE`` overrides.
+
+Scripts name their extensions explicitly, as Detectron2 projects do in ``train_net.py``::
+
+    from dinat import add_dinat_config
+    from semask import add_semask_config
+
+    cfg = build_cfg(args.config_file, args.opts, (add_semask_config, add_dinat_config))
+
+Importing an extension package also registers its backbones / heads / meta-architectures.
+"""
+
 import logging
-from typing import Sequence
+from typing import Callable, Sequence
 
 from detectron2.config import CfgNode, get_cfg
 from detectron2.projects.deeplab import add_deeplab_config
 
 from ..config import add_maskformer2_config
 
-# Packages that extend Mask2Former: "module:function" adding their config keys. Importing the
-# module also registers their backbones / heads / meta-architectures.
-CONFIG_EXTENSIONS = ("semask.config:add_semask_config", "dinat.config:add_dinat_config")
+__all__ = ["adjust_for_device", "build_cfg", "get_project_cfg"]
+
+# ``add_*_config(cfg)`` functions of extension packages, applied after Mask2Former's.
+ConfigAdders = Sequence[Callable[[CfgNode], None]]
 
 
-def add_extension_configs(cfg: CfgNode, extensions: Sequence[str] = CONFIG_EXTENSIONS) -> None:
-    """Call every extension's ``add_*_config`` on ``cfg`` (and import its package)."""
-    for spec in extensions:
-        module_name, fn_name = spec.split(":")
-        package = module_name.split(".")[0]
-        importlib.import_module(package)
-        getattr(importlib.import_module(module_name), fn_name)(cfg)
-
-
-def get_project_cfg() -> CfgNode:
-    """Detectron2 defaults plus every key of this project (unfrozen)."""
+def get_project_cfg(add_configs: ConfigAdders = ()) -> CfgNode:
+    """Detectron2 defaults plus DeepLab's and Mask2Former's keys, then ``add_configs`` in order
+    (unfrozen)."""
     cfg = get_cfg()
     add_deeplab_config(cfg)
     add_maskformer2_config(cfg)
-    add_extension_configs(cfg)
+    for add_config in add_configs:
+        add_config(cfg)
     return cfg
 
 
@@ -41,9 +47,12 @@ def adjust_for_device(cfg: CfgNode) -> None:
         cfg.SOLVER.AMP.ENABLED = False
 
 
-def build_cfg(config_file: str = "", opts: Sequence[str] = ()) -> CfgNode:
-    """Project config from a YAML file and KEY VALUE overrides (frozen)."""
-    cfg = get_project_cfg()
+def build_cfg(
+    config_file: str = "", opts: Sequence[str] = (), add_configs: ConfigAdders = ()
+) -> CfgNode:
+    """Project config (see :func:`get_project_cfg`) from a YAML file and KEY VALUE overrides
+    (frozen)."""
+    cfg = get_project_cfg(add_configs)
     if config_file:
         cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
