@@ -9,7 +9,7 @@
   split into unary, lattice construction (0 iterations) and per-iteration cost, and the pixel
   accuracy against the known truth. The image is a synthetic trash photo with probabilities of a
   model right on ~80 % of the pixels; ``--noise`` adds a uniform-noise image, the worst case for
-  the bilateral lattice (SPEC reference: 19 s for 50 iterations).
+  the bilateral lattice (19 s for 50 iterations with the reference setup).
 * Soft-voting ensemble streaming: images/s over 3 dumps of ``--images`` 512x512 float16 maps
   (11 classes), vote only and vote + agreement map (page cache warm).
 * The whole chain with DenseCRF (2 dumps, 4 images) in 1 and 2 worker processes.

@@ -5,7 +5,7 @@
 
 Config: configs/m2f_swin_t.yaml (Base-Trash-Semantic + Swin-T), 11 classes, random init.
 Inference: one 512x512 image. Training: batch 2 of 256x256, forward + backward + AdamW step.
-SPEC section 7 reference (official implementation, this machine): 2.7 s inference, 4.5 s per
+Reference of the official implementation on this machine: 2.7 s inference, 4.5 s per
 training step; 2.4 s of inference split as backbone 0.57, pixel decoder 1.41, transformer
 decoder 0.30, upsampling + semantic inference 0.15.
 Figures are medians over ``--repeats`` runs after one warm-up run.

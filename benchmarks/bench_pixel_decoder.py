@@ -5,10 +5,10 @@ CPU (fp32): the reference formulations against this project's fast paths.
     python benchmarks/bench_pixel_decoder.py [--repeats 3] [--threads N] [--only op,decoder,swin]
                                              [--profile]
 
-Settings (SPEC section 7): features of a 512x512 image for Swin-T (res2 96x128x128 ...
+Settings: features of a 512x512 image for Swin-T (res2 96x128x128 ...
 res5 768x16x16), 6 encoder layers, 256 channels, 8 heads, 4 points; inference = forward under
 torch.no_grad() for one image, training = forward + backward for a batch of 2 images of
-256x256. SPEC reference on this machine (official code): pixel decoder 1.41 s and Swin-T
+256x256. Reference of the official code on this machine: pixel decoder 1.41 s and Swin-T
 backbone 0.57 s of a 2.4 s inference.
 
 * op: ``ms_deform_attn_pytorch`` (the official grid_sample path) vs ``ms_deform_attn_fast``, at

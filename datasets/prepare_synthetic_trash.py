@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Write a deterministic synthetic trash dataset in the competition format (SPEC 3.1).
+"""Write a deterministic synthetic trash dataset in the competition format.
 
     python datasets/prepare_synthetic_trash.py --output data/trash --image-size 128
 """

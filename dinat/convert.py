@@ -12,12 +12,12 @@ Note: the Mask2Former DiNAT-L config uses 6/12/24/48 heads while the ImageNet Di
 have 4/8/16/32, so their ``rpb`` tables (first dimension = heads) do not match and Detectron2's
 checkpointer skips them with a warning, exactly as with the official code.
 """
-import os
 import pickle
-import tempfile
 from typing import Dict, Tuple
 
 import torch
+
+from mask2former.utils.io import atomic_write
 
 __all__ = ["convert_dinat_checkpoint", "convert_dinat_state_dict", "load_dinat_state_dict"]
 
@@ -79,14 +79,6 @@ def convert_dinat_checkpoint(src: str, dst: str, trusted: bool = False) -> Tuple
     Returns ``(number of converted tensors, dropped names)``.
     """
     converted, dropped = convert_dinat_state_dict(load_dinat_state_dict(src, trusted), source=src)
-    out_dir = os.path.dirname(os.path.abspath(dst))
-    os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".tmp_dinat_", suffix=".pth")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"model": converted}, f)
-        os.replace(tmp, dst)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_write(dst, "wb") as f:
+        torch.save({"model": converted}, f)
     return len(converted), dropped

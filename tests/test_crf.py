@@ -58,7 +58,7 @@ def textbook_crf(image, probs, gaussian, bilateral, iterations):
 # ------------------------------------------------------------------------------ presets
 
 
-DOCUMENTED = {  # SPEC 5: (Gaussian sxy, compat), (bilateral sxy, srgb, compat)
+DOCUMENTED = {  # the teams' settings: (Gaussian sxy, compat), (bilateral sxy, srgb, compat)
     "default": ((3, 3), (49, 5, 4)),
     "bilateral_80_13_10": ((3, 3), (80, 13, 10)),
     "deeplab": ((1, 3), (67, 3, 4)),

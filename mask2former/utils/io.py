@@ -83,15 +83,17 @@ def replace_directory(tmp_dir, final_dir, overwrite=True):
 
 
 @contextlib.contextmanager
-def atomic_directory(final_dir, overwrite=True):
+def atomic_directory(final_dir, overwrite=True, prefix=None):
     """Yield a temporary folder next to ``final_dir``; swap it in when the block succeeds.
 
-    The temporary folder is removed if the block raises (``final_dir`` is then untouched).
+    The temporary folder (named ``prefix`` + a random suffix; default ``.tmp_<name>_``) is
+    removed if the block raises (``final_dir`` is then untouched).
     """
     final_dir = os.path.abspath(final_dir)
     parent = os.path.dirname(final_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp_dir = tempfile.mkdtemp(prefix=f".tmp_{os.path.basename(final_dir)}_", dir=parent)
+    prefix = prefix or f".tmp_{os.path.basename(final_dir)}_"
+    tmp_dir = tempfile.mkdtemp(prefix=prefix, dir=parent)
     try:
         yield tmp_dir
         replace_directory(tmp_dir, final_dir, overwrite)

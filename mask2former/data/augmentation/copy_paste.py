@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -28,7 +27,7 @@ import cv2
 import numpy as np
 from detectron2.data.detection_utils import read_image
 
-from ...utils.io import atomic_write
+from ...utils.io import atomic_directory, atomic_write
 from ..masks.trace import label_map_to_annotations
 from ..masks.rasterize import polygons_to_label_map, record_to_label_map
 
@@ -180,11 +179,12 @@ def generate_bank(
     probs = class_weights_from_iou(labels, class_probs)
     rng = np.random.default_rng(seed)
     os.makedirs(bank_root, exist_ok=True)
-    tmp_dir = tempfile.mkdtemp(prefix=".building-", dir=bank_root)
-    os.makedirs(os.path.join(tmp_dir, "images"))
-    os.makedirs(os.path.join(tmp_dir, "labels"))
-    images, annotations, pasted_per_class = [], [], np.zeros(len(labels), dtype=np.int64)
-    try:
+    version = _next_version(bank_root)
+    final_dir = os.path.join(bank_root, version)
+    with atomic_directory(final_dir, overwrite=False, prefix=".building-") as tmp_dir:
+        os.makedirs(os.path.join(tmp_dir, "images"))
+        os.makedirs(os.path.join(tmp_dir, "labels"))
+        images, annotations, pasted_per_class = [], [], np.zeros(len(labels), dtype=np.int64)
         for i in range(num_images):
             target = records[int(rng.integers(len(records)))]
             image = read_image(target["file_name"], format="RGB").copy()
@@ -233,12 +233,6 @@ def generate_bank(
         }
         with open(os.path.join(tmp_dir, BANK_JSON), "w") as f:
             json.dump(bank, f)
-        version = _next_version(bank_root)
-        final_dir = os.path.join(bank_root, version)
-        os.rename(tmp_dir, final_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
     previous = _current_version(bank_root)
     with atomic_write(os.path.join(bank_root, CURRENT_NAME), "w") as f:
         f.write(version + "\n")

@@ -1,4 +1,4 @@
-"""Train-time dataset mapper for mask-classification semantic segmentation (SPEC 3.4).
+"""Train-time dataset mapper for mask-classification semantic segmentation.
 
 ``MaskFormerSemanticDatasetMapper`` has the name, config keys and outputs of the official
 Mask2Former mapper, and also accepts COCO-polygon records: the ground-truth label map is built by

@@ -1,4 +1,4 @@
-"""Multi-label stratified k-fold split over images (SPEC 3.6; seed 001).
+"""Multi-label stratified k-fold split over images.
 
 The labels of an image are the classes present in it. :func:`iterative_stratification` is the
 iterative stratification of Sechidis, Tsoumakas and Vlahavas (ECML 2011): labels are handled

@@ -1,4 +1,4 @@
-"""Deterministic synthetic trash dataset in the exact competition format (SPEC 3.1).
+"""Deterministic synthetic trash dataset in the exact competition format.
 
 Writes ``train_all.json`` (= train + val), ``train.json``, ``val.json``, ``test.json`` (images,
 no annotations) and RGB JPEG images under batch folders (``batch_01_vt/0002.jpg``, ``file_name``

@@ -8,13 +8,12 @@ the relative position bias tables (bicubic, as the official fine-tuning code) wh
 window size differs from the checkpoint's.
 """
 import math
-import os
-import tempfile
 from typing import Dict, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 
+from ...utils.io import atomic_write
 from .swin import relative_position_index
 
 __all__ = [
@@ -138,15 +137,6 @@ def convert_swin_checkpoint(
         if not message.startswith(input_path):
             message = f"{input_path}: {message}"
         raise ValueError(message) from e
-    directory = os.path.dirname(os.path.abspath(output_path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(prefix=".swin_convert_", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"model": weights, "__author__": "mask2former.convert_swin_to_d2"}, f)
-        os.replace(tmp_path, output_path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
+    with atomic_write(output_path, "wb") as f:
+        torch.save({"model": weights, "__author__": "mask2former.convert_swin_to_d2"}, f)
     return weights
