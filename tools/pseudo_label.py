@@ -6,7 +6,7 @@
         --json data/trash/test.json --image-root data/trash --output out/pseudo_test --threshold 0.9 \
         [--class-thresholds 9=0.7 5=0.8] [--min-component 16] [--mode-filter] [--name trash_test_pseudo]
 
-Several dumps are soft-voted (mask2former.inference.ensemble) image by image. Writes OUT/pseudo.json (the json's images + sem_seg_file_name, polygons of the confident regions),
+Several dumps are soft-voted image by image (mask2former.inference.pseudo_label_writer). Writes OUT/pseudo.json (the json's images + sem_seg_file_name, polygons of the confident regions),
 OUT/labels/<file_name>.png (ignore 255) and OUT/report.json, then prints the statistics and the
 config overrides that train on train + pseudo-labels.
 """
@@ -14,11 +14,11 @@ import argparse
 import logging
 import os
 
-from tabulate import tabulate
-from tqdm import tqdm
-
-from mask2former.inference.ensemble import SoftVotingEnsemble
-from mask2former.inference.pseudo_label_writer import PSEUDO_JSON_NAME, PseudoLabelWriter
+from mask2former.inference.pseudo_label_writer import (
+    PSEUDO_JSON_NAME,
+    format_report,
+    pseudo_label_dumps,
+)
 
 
 def parse_class_thresholds(items):
@@ -59,50 +59,25 @@ def parse_args(argv=None):
     return args
 
 
-def print_report(report, name, json_path, image_root):
-    stats = report["stats"]
-    rows = [
-        [c["label"], c["name"], c["predicted_pixels"], c["pseudo_pixels"], c["confident_fraction"]]
-        for c in stats["per_class"]
-    ]
-    print(tabulate(rows, headers=["label", "class", "argmax px", "pseudo px", "confident"], tablefmt="pipe",
-                   floatfmt=".3f", missingval="-"))
-    print(
-        f"\n{report['images_in_json']} images in {json_path} "
-        f"({report['images_without_confident_pixels']} without confident pixels left out), "
-        f"{report['annotations']} polygons; confident pixels: {stats['confident_fraction']:.3f} "
-        f"({stats['removed_small_components']} small components removed)"
-    )
-    entry = [[name, json_path, image_root]]
-    print("\nTrain on train + pseudo-labels with the config overrides:")
-    print(f"    DATASETS.PSEUDO_LABELS \"{entry}\" DATASETS.TRAIN \"('trash_train', '{name}')\"")
-
-
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    ensemble = SoftVotingEnsemble(args.dumps, args.weights)
-    writer = PseudoLabelWriter(
+    report = pseudo_label_dumps(
+        args.dumps,
         args.output,
         args.json,
-        ensemble.class_names,
-        args.threshold,
+        weights=args.weights,
+        threshold=args.threshold,
         class_thresholds=parse_class_thresholds(args.class_thresholds),
         min_component=args.min_component,
         apply_mode_filter=args.mode_filter,
         ignore_label=args.ignore_label,
         image_root=args.image_root,
-        sources=[ensemble.description()],
         overwrite=args.overwrite,
     )
-    with writer:
-        file_names = ensemble.check_file_names(writer.file_names, args.json)
-        for file_name, probs in tqdm(ensemble.iterate(file_names), total=len(file_names), desc="pseudo-labels"):
-            writer.add(file_name, probs)
-        report = writer.close()
     name = args.name or os.path.splitext(os.path.basename(args.json))[0] + "_pseudo"
     json_path = os.path.join(os.path.abspath(args.output), PSEUDO_JSON_NAME)
-    print_report(report, name, json_path, os.path.abspath(args.image_root))
+    print(format_report(report, name, json_path, os.path.abspath(args.image_root)))
     return report
 
 

@@ -33,19 +33,22 @@ import uuid
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
+from tabulate import tabulate
+from tqdm import tqdm
 
 from ..data.coco import build_category_mapping, read_coco_json
 from ..data.masks.trace import label_map_to_annotations
 from ..postprocess.confidence import PseudoLabelStats, pseudo_label_map, threshold_per_class
 from ..utils.io import format_examples, replace_directory
+from .ensemble import SoftVotingEnsemble
 from .sinks import LabelPngSink, label_png_path
 
 __all__ = [
     "PSEUDO_JSON_NAME",
     "REPORT_NAME",
-    "PseudoLabelStats",
     "PseudoLabelWriter",
-    "pseudo_label_map",
+    "format_report",
+    "pseudo_label_dumps",
 ]
 
 logger = logging.getLogger(__name__)
@@ -350,3 +353,70 @@ class PseudoLabelWriter:
             if os.path.isdir(self._tmp_dir):
                 self.abort()
         return False
+
+
+def pseudo_label_dumps(
+    dumps: Sequence[str],
+    output_dir: str,
+    source_json: str,
+    *,
+    weights: Optional[Sequence[float]] = None,
+    progress: bool = True,
+    **writer_kwargs,
+) -> dict:
+    """Soft-vote the probability dumps image by image into a pseudo-labeled split.
+
+    Args:
+        dumps: probability dump folders (one model each; several are soft-voted).
+        output_dir, source_json: see :class:`PseudoLabelWriter`.
+        weights: one weight per dump (None: equal).
+        writer_kwargs: ``threshold`` and the keyword arguments of :class:`PseudoLabelWriter`.
+
+    Returns:
+        the report (what ``report.json`` holds).
+    """
+    ensemble = SoftVotingEnsemble(dumps, weights)
+    threshold = writer_kwargs.pop("threshold")
+    writer = PseudoLabelWriter(
+        output_dir,
+        source_json,
+        ensemble.class_names,
+        threshold,
+        sources=[ensemble.description()],
+        **writer_kwargs,
+    )
+    with writer:
+        file_names = ensemble.check_file_names(writer.file_names, source_json)
+        votes = ensemble.iterate(file_names)
+        for file_name, probs in tqdm(
+            votes, total=len(file_names), desc="pseudo-labels", disable=not progress
+        ):
+            writer.add(file_name, probs)
+        return writer.close()
+
+
+def format_report(report: dict, name: str, json_path: str, image_root: str) -> str:
+    """The per-class statistics of a report as a table, its totals, and the config overrides
+    that train on train + the pseudo-labeled split ``name``."""
+    stats = report["stats"]
+    rows = [
+        [c["label"], c["name"], c["predicted_pixels"], c["pseudo_pixels"], c["confident_fraction"]]
+        for c in stats["per_class"]
+    ]
+    table = tabulate(
+        rows,
+        headers=["label", "class", "argmax px", "pseudo px", "confident"],
+        tablefmt="pipe",
+        floatfmt=".3f",
+        missingval="-",
+    )
+    entry = [[name, json_path, image_root]]
+    return (
+        f"{table}\n"
+        f"\n{report['images_in_json']} images in {json_path} "
+        f"({report['images_without_confident_pixels']} without confident pixels left out), "
+        f"{report['annotations']} polygons; confident pixels: {stats['confident_fraction']:.3f} "
+        f"({stats['removed_small_components']} small components removed)\n"
+        "\nTrain on train + pseudo-labels with the config overrides:\n"
+        f"    DATASETS.PSEUDO_LABELS \"{entry}\" DATASETS.TRAIN \"('trash_train', '{name}')\""
+    )
