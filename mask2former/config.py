@@ -40,6 +40,17 @@ def add_maskformer2_config(cfg):
     cfg.MODEL.MASK_FORMER.DEEP_SUPERVISION = True
     # Classification weight of the "no object" class.
     cfg.MODEL.MASK_FORMER.NO_OBJECT_WEIGHT = 0.1
+    # Per-class weights against class imbalance, applied to the classification cross-entropy
+    # (whose class weights become [w_0, ..., w_{K-1}, NO_OBJECT_WEIGHT]) and to the matcher's
+    # class cost (-w[c] * p[c]). Not to be confused with CLASS_WEIGHT, the loss's overall weight.
+    # "none": every class 1 (official); "list": the weights of CLASS_WEIGHTS;
+    # "inverse_sqrt_frequency": w_c proportional to 1 / sqrt(fraction of the labelled pixels of
+    # DATASETS.TRAIN with class c), mean 1 over the classes present, 1 for absent classes;
+    # computed and logged at the first training iteration (inference never reads the data).
+    cfg.MODEL.MASK_FORMER.CLASS_WEIGHTS_MODE = "none"
+    # With CLASS_WEIGHTS_MODE "list": one positive weight per class (MODEL.SEM_SEG_HEAD.NUM_CLASSES
+    # values, background included); must stay empty with the other modes.
+    cfg.MODEL.MASK_FORMER.CLASS_WEIGHTS = []
     # Loss weights (also used as matching costs): classification CE, dice, sigmoid BCE on masks.
     cfg.MODEL.MASK_FORMER.CLASS_WEIGHT = 1.0
     cfg.MODEL.MASK_FORMER.DICE_WEIGHT = 1.0
