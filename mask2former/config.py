@@ -33,6 +33,19 @@ def add_maskformer2_config(cfg):
     cfg.SOLVER.OPTIMIZER = "ADAMW"
     # Learning-rate multiplier for parameters of the backbone.
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
+    # Autocast dtype of mixed-precision training (SOLVER.AMP.ENABLED, GPU only): "float16" (alias
+    # "fp16"; loss scaling) or "bfloat16" ("bf16"; float32's exponent range, no loss scaling,
+    # better for transformers on GPUs that have it: Ampere and newer). Detectron2 0.6 has no such
+    # key; where the installed Detectron2 defines it, its default is kept.
+    if "PRECISION" not in cfg.SOLVER.AMP:
+        cfg.SOLVER.AMP.PRECISION = "float16"
+
+    # ------------------------------------------------------------------ weights files
+    # Read MODEL.WEIGHTS and resumed checkpoints with plain pickle / torch.load(weights_only=False),
+    # which RUNS ANY CODE the file contains: only for trusted legacy files holding Python objects
+    # besides arrays. False: .pkl files may hold only plain data and NumPy arrays (as official
+    # checkpoints do) and .pth files only tensors and plain data; anything else is refused.
+    cfg.MODEL.WEIGHTS_ALLOW_CODE_EXECUTION = False
 
     # ------------------------------------------------------------------ Mask2Former model
     cfg.MODEL.MASK_FORMER = CN()

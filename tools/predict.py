@@ -11,13 +11,12 @@ import argparse
 import json
 import logging
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
 from mask2former.data import register_datasets_from_cfg
-from mask2former.engine import build_cfg
+from mask2former.engine import SafeCheckpointer, build_cfg
 from mask2former.inference.batch import (
     EvaluationSink,
     OverlaySink,
@@ -52,7 +51,10 @@ def main(argv=None):
     cfg = build_cfg(args.config_file, args.opts)
     register_datasets_from_cfg(cfg)
     model = build_model(cfg)
-    DetectionCheckpointer(model).load(args.weights)
+    # refuses unsafe or broken files and weights that leave any model tensor unloaded
+    SafeCheckpointer(
+        model, allow_code_execution=cfg.MODEL.WEIGHTS_ALLOW_CODE_EXECUTION
+    ).load_for_inference(args.weights)
     predictor = SemSegPredictor.from_config(cfg, model, tta=args.tta)
     records = DatasetCatalog.get(args.dataset)
     if args.limit > 0:

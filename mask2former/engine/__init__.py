@@ -1,6 +1,27 @@
-"""Trainer, optimizer and config set-up."""
+"""Trainer, optimizer, config set-up, checkpointing and start-up checks."""
+from .checkpoint import (
+    CheckpointFileError,
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+    SafeCheckpointer,
+    UnsafeCheckpointError,
+)
+from .checks import check_num_classes, run_training_checks
 from .optimizer import build_optimizer, get_param_groups
 from .setup import build_cfg, get_project_cfg
 from .trainer import Trainer
 
-__all__ = ["Trainer", "build_cfg", "build_optimizer", "get_param_groups", "get_project_cfg"]
+__all__ = [
+    "CheckpointFileError",
+    "CorruptCheckpointError",
+    "IncompleteCheckpointError",
+    "SafeCheckpointer",
+    "Trainer",
+    "UnsafeCheckpointError",
+    "build_cfg",
+    "check_num_classes",
+    "build_optimizer",
+    "get_param_groups",
+    "get_project_cfg",
+    "run_training_checks",
+]
