@@ -33,6 +33,27 @@ def add_maskformer2_config(cfg):
     cfg.SOLVER.OPTIMIZER = "ADAMW"
     # Learning-rate multiplier for parameters of the backbone.
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
+    # Exponential moving average (EMA) of the weights, updated after every step, saved in the
+    # checkpoints (key "ema", restored by --resume), evaluated next to the raw weights (results
+    # under ema/ in the metrics, files in OUTPUT_DIR/inference_ema) and written at the end of
+    # training as the plain model checkpoint OUTPUT_DIR/model_final_ema.pth.
+    cfg.SOLVER.EMA = CN()
+    cfg.SOLVER.EMA.ENABLED = False
+    # Decay once warmed up: each update moves the average by (1 - DECAY) toward the weights (it
+    # averages over about 1 / (1 - DECAY) iterations: 0.9999 suits 100k-iteration schedules,
+    # 0.999 about 10k).
+    cfg.SOLVER.EMA.DECAY = 0.9999
+    # Warm-up time constant (iterations) of the decay: update t uses
+    # DECAY * (1 - exp(-t / WARMUP_ITERS)), so the early average follows the weights instead of
+    # remembering the initial ones (63% of DECAY after WARMUP_ITERS). 0 = DECAY from the start.
+    cfg.SOLVER.EMA.WARMUP_ITERS = 2000
+    # Floating-point buffers (BatchNorm running statistics): "average" (like the parameters, so
+    # they match the averaged weights) or "copy" (the model's current values). Integer buffers
+    # (indices, counters) are always copied.
+    cfg.SOLVER.EMA.BUFFERS = "average"
+    # Evaluate the EMA weights whenever the raw ones are evaluated (TEST.EVAL_PERIOD and the end
+    # of training); False saves the evaluation time (the EMA is still updated and saved).
+    cfg.SOLVER.EMA.EVAL = True
     # Autocast dtype of mixed-precision training (SOLVER.AMP.ENABLED, GPU only): "float16" (alias
     # "fp16"; loss scaling) or "bfloat16" ("bf16"; float32's exponent range, no loss scaling,
     # better for transformers on GPUs that have it: Ampere and newer). Detectron2 0.6 has no such

@@ -7,6 +7,7 @@ from .checkpoint import (
     UnsafeCheckpointError,
 )
 from .checks import check_num_classes, run_training_checks
+from .ema import EMAEvalHook, EMAHook, ModelEMA, export_ema_weights
 from .optimizer import build_optimizer, get_param_groups
 from .setup import build_cfg, get_project_cfg
 from .trainer import Trainer
@@ -14,12 +15,16 @@ from .trainer import Trainer
 __all__ = [
     "CheckpointFileError",
     "CorruptCheckpointError",
+    "EMAEvalHook",
+    "EMAHook",
     "IncompleteCheckpointError",
+    "ModelEMA",
     "SafeCheckpointer",
     "Trainer",
     "UnsafeCheckpointError",
     "build_cfg",
     "check_num_classes",
+    "export_ema_weights",
     "build_optimizer",
     "get_param_groups",
     "get_project_cfg",
