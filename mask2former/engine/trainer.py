@@ -8,6 +8,7 @@ from detectron2.engine import DefaultTrainer, hooks
 from ..data.copy_paste import CopyPasteSampler
 from ..data.mapper import MaskFormerSemanticDatasetMapper
 from ..evaluation import LBSemSegEvaluator
+from .ema import EMAEvalHook, EMAHook, ModelEMA
 from .hooks import CopyPasteBankHook, bank_root_from_cfg
 from .lr_scheduler import build_lr_scheduler
 from .optimizer import build_optimizer
@@ -76,4 +77,30 @@ class Trainer(DefaultTrainer):
             # Right after the evaluation, whose per-class IoUs it reads.
             eval_index = max(i for i, h in enumerate(hook_list) if isinstance(h, hooks.EvalHook))
             hook_list.insert(eval_index + 1, bank_hook)
+        if cfg.SOLVER.EMA.ENABLED:
+            self._add_ema_hooks(hook_list)
         return hook_list
+
+    def _add_ema_hooks(self, hook_list):
+        """The EMA update before the checkpointer (a checkpoint holds the EMA of its own
+        iteration) and, with ``SOLVER.EMA.EVAL``, the EMA evaluation after the raw evaluation and
+        the bank hook that reads the raw IoUs, before the writers (so both scores are written for
+        the same iteration). The EMA evaluation writes its files to OUTPUT_DIR/inference_ema."""
+        cfg = self.cfg
+        ema = ModelEMA(cfg, self.model)
+        first = min(i for i, h in enumerate(hook_list)
+                    if isinstance(h, (hooks.PeriodicCheckpointer, hooks.EvalHook)))
+        hook_list.insert(first, EMAHook(ema, self.checkpointer, cfg.OUTPUT_DIR))
+        if not cfg.SOLVER.EMA.EVAL:
+            return
+
+        def test_ema():
+            evaluators = [
+                self.build_evaluator(cfg, name, os.path.join(cfg.OUTPUT_DIR, "inference_ema", name))
+                for name in cfg.DATASETS.TEST
+            ]
+            return self.test(cfg, self.model, evaluators)
+
+        last = max(i for i, h in enumerate(hook_list)
+                   if isinstance(h, (hooks.EvalHook, CopyPasteBankHook)))
+        hook_list.insert(last + 1, EMAEvalHook(ema, cfg.TEST.EVAL_PERIOD, test_ema))
