@@ -73,12 +73,12 @@ class IncompleteCheckpointError(CheckpointFileError):
 
 
 # ---------------------------------------------------------------------------------------- reading
-def _numpy_multiarray():
+def _numpy_core():
     try:
-        from numpy._core import multiarray  # NumPy >= 2
+        from numpy._core import multiarray, numeric  # NumPy >= 2
     except ImportError:
-        from numpy.core import multiarray
-    return multiarray
+        from numpy.core import multiarray, numeric
+    return multiarray, numeric
 
 
 def _latin1_encode(text, encoding="latin1"):
@@ -89,17 +89,19 @@ def _latin1_encode(text, encoding="latin1"):
 
 
 def _data_globals():
-    multiarray = _numpy_multiarray()
+    multiarray, numeric = _numpy_core()
     allowed = {
         ("collections", "OrderedDict"): collections.OrderedDict,
         ("numpy", "ndarray"): np.ndarray,
         ("numpy", "dtype"): np.dtype,
         ("_codecs", "encode"): _latin1_encode,
     }
-    # Array and scalar constructors, under the module name of NumPy < 2 and of NumPy >= 2.
-    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed[(module, "_reconstruct")] = multiarray._reconstruct
-        allowed[(module, "scalar")] = multiarray.scalar
+    # Array and scalar constructors (protocol 5 arrays are built from a byte buffer), under the
+    # module names of NumPy < 2 and of NumPy >= 2.
+    for core in ("numpy.core", "numpy._core"):
+        allowed[(f"{core}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        allowed[(f"{core}.multiarray", "scalar")] = multiarray.scalar
+        allowed[(f"{core}.numeric", "_frombuffer")] = numeric._frombuffer
     return allowed
 
 
@@ -286,7 +288,8 @@ def remove_stale_temporaries(folder):
     Returns:
         list[str]: the names removed.
     """
-    names = sorted(n for n in os.listdir(folder) if n.startswith(".") and n.endswith(PARTIAL_SUFFIX))
+    names = sorted(n for n in os.listdir(folder)
+                   if n.startswith(".") and n.endswith(PARTIAL_SUFFIX))
     for n in names:
         os.remove(os.path.join(folder, n))
     if names:
@@ -331,14 +334,15 @@ class LoadReport:
         if self.missing or self.wrong_shape:
             raise IncompleteCheckpointError(
                 self.path,
-                "does not fit the model: " + self.summary(first=5, name_file=False) + ". The model tensors that "
-                "were not loaded would keep random values, so evaluation / prediction is refused. "
+                "does not fit the model: " + self.summary(first=5, name_file=False)
+                + ". The model tensors that were not loaded would keep random values, so "
+                "evaluation / prediction is refused. "
                 "Use the config the checkpoint was trained with (MODEL.SEM_SEG_HEAD.NUM_CLASSES, "
                 "backbone and head sizes).",
             )
 
 
-# ---------------------------------------------------------------------------------------- checkpointer
+# -------------------------------------------------------------------------------- checkpointer
 class SafeCheckpointer(DetectionCheckpointer):
     """DetectionCheckpointer that loads only data, writes checkpoints atomically, resumes from
     the newest checkpoint that loads, and reports how a file fitted the model.
@@ -375,10 +379,12 @@ class SafeCheckpointer(DetectionCheckpointer):
 
     def _load_model(self, checkpoint):
         incompatible = super()._load_model(checkpoint)
+        # tensors of another shape are left out of the load, hence also listed as missing
+        wrong_shape = {k for k, _, _ in incompatible.incorrect_shapes}
         self.load_report = LoadReport(
             path=self._loading_path,
             num_model_tensors=len(self.model.state_dict()),
-            missing=list(incompatible.missing_keys),
+            missing=[k for k in incompatible.missing_keys if k not in wrong_shape],
             unexpected=list(incompatible.unexpected_keys),
             wrong_shape=list(incompatible.incorrect_shapes),
         )
