@@ -18,6 +18,7 @@ Inputs may be of any float dtype; everything is computed and accumulated in fp32
 The kernels run on CUDA tensors, or on CPU tensors under Triton's interpreter (environment
 variable ``TRITON_INTERPRET=1`` set before this module is imported), see :func:`triton_available`.
 """
+import contextlib
 import functools
 from typing import List, Sequence, Tuple, Union
 
@@ -75,7 +76,8 @@ if triton is not None:
         x1_in = (x0f >= -1.0) & (x0f <= wf - 2.0)
         y0_in = (y0f >= 0.0) & (y0f <= hf - 1.0)
         y1_in = (y0f >= -1.0) & (y0f <= hf - 2.0)
-        # integer corner clamped into [-1, size]: addresses of masked loads stay bounded
+        # integer corner clamped into [-1, size] first: the float-to-int conversion of a point
+        # far outside would overflow
         x0 = tl.minimum(tl.maximum(x0f, -1.0), wf).to(tl.int64)
         y0 = tl.minimum(tl.maximum(y0f, -1.0), hf).to(tl.int64)
         return x0, y0, fx, fy, x0_in, x1_in, y0_in, y1_in
@@ -118,8 +120,9 @@ if triton is not None:
             start = tl.load(levels_ptr + 3 * level + 2).to(tl.int64)
             for point in tl.static_range(NUM_POINTS):
                 k = level * NUM_POINTS + point
-                attn = tl.load(weight_ptr + bag * (NUM_LEVELS * NUM_POINTS) + k, mask=q_mask)
-                attn = attn.to(tl.float32)
+                attn = tl.load(
+                    weight_ptr + bag * (NUM_LEVELS * NUM_POINTS) + k, mask=q_mask, other=0.0
+                ).to(tl.float32)
                 x0, y0, fx, fy, x0_in, x1_in, y0_in, y1_in = _corner_setup(
                     loc_ptr, (bag * (NUM_LEVELS * NUM_POINTS) + k) * 2, q_mask, width, height
                 )
@@ -204,10 +207,15 @@ if triton is not None:
                     g = grad_out * attn[:, None]
                     gx0 = g * (1.0 - fx)[:, None]
                     gx1 = g * fx[:, None]
-                    tl.atomic_add(grad_value_ptr + off00, gx0 * (1.0 - fy)[:, None], mask=m00)
-                    tl.atomic_add(grad_value_ptr + off10, gx1 * (1.0 - fy)[:, None], mask=m10)
-                    tl.atomic_add(grad_value_ptr + off01, gx0 * fy[:, None], mask=m01)
-                    tl.atomic_add(grad_value_ptr + off11, gx1 * fy[:, None], mask=m11)
+                    g00 = gx0 * (1.0 - fy)[:, None]
+                    g10 = gx1 * (1.0 - fy)[:, None]
+                    g01 = gx0 * fy[:, None]
+                    g11 = gx1 * fy[:, None]
+                    # relaxed: only the sums matter, no ordering with other memory accesses
+                    tl.atomic_add(grad_value_ptr + off00, g00, mask=m00, sem="relaxed")
+                    tl.atomic_add(grad_value_ptr + off10, g10, mask=m10, sem="relaxed")
+                    tl.atomic_add(grad_value_ptr + off01, g01, mask=m01, sem="relaxed")
+                    tl.atomic_add(grad_value_ptr + off11, g11, mask=m11, sem="relaxed")
                 if GRAD_SAMPLING:
                     # dot products of the output gradient with the corner rows
                     v00 = tl.load(value_ptr + off00, mask=m00, other=0.0).to(tl.float32)
@@ -263,6 +271,11 @@ def _launch_config(num_images: int, num_heads: int, num_queries: int, head_dim: 
     return block_q, block_d, query_blocks, (num_images * num_heads * query_blocks,)
 
 
+def _on_device(tensor: torch.Tensor):
+    """Context making ``tensor``'s GPU the current one (Triton launches on the current device)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
 class _MSDeformAttnTritonFunction(torch.autograd.Function):
     """value [N, S, M, D], level table [L, 3], locations [N, Lq, M, L, P, 2], weights
     [N, Lq, M, L, P] (all contiguous) -> [N, Lq, M, D]."""
@@ -273,11 +286,12 @@ class _MSDeformAttnTritonFunction(torch.autograd.Function):
         _, lq, _, n_levels, n_points, _ = locations.shape
         out = value.new_empty(n, lq, m, d)
         block_q, block_d, query_blocks, grid = _launch_config(n, m, lq, d)
-        _ms_deform_attn_forward_kernel[grid](
-            value, levels, locations, weights, out, lq, s, query_blocks,
-            NUM_HEADS=m, HEAD_DIM=d, NUM_LEVELS=n_levels, NUM_POINTS=n_points,
-            BLOCK_Q=block_q, BLOCK_D=block_d,
-        )  # fmt: skip
+        with _on_device(value):
+            _ms_deform_attn_forward_kernel[grid](
+                value, levels, locations, weights, out, lq, s, query_blocks,
+                NUM_HEADS=m, HEAD_DIM=d, NUM_LEVELS=n_levels, NUM_POINTS=n_points,
+                BLOCK_Q=block_q, BLOCK_D=block_d,
+            )  # fmt: skip
         ctx.save_for_backward(value, levels, locations, weights)
         return out
 
@@ -290,20 +304,23 @@ class _MSDeformAttnTritonFunction(torch.autograd.Function):
         n, s, m, d = value.shape
         _, lq, _, n_levels, n_points, _ = locations.shape
         grad_out = grad_out.contiguous()
-        # fp32 accumulation buffer for the atomic adds; placeholders when a gradient is skipped
-        grad_value = torch.zeros(value.shape, dtype=torch.float32, device=value.device)
+        # fp32 accumulation buffer for the atomic adds; the inputs stand in (never written) for
+        # the gradients that are not computed
+        if need_value:
+            grad_value = torch.zeros(value.shape, dtype=torch.float32, device=value.device)
+        else:
+            grad_value = value
         grad_locations = torch.empty_like(locations) if need_sampling else locations
         grad_weights = torch.empty_like(weights) if need_sampling else weights
-        if not need_value:
-            grad_value = grad_value[:0]
         block_q, block_d, query_blocks, grid = _launch_config(n, m, lq, d)
-        _ms_deform_attn_backward_kernel[grid](
-            value, levels, locations, weights, grad_out,
-            grad_value, grad_locations, grad_weights, lq, s, query_blocks,
-            NUM_HEADS=m, HEAD_DIM=d, NUM_LEVELS=n_levels, NUM_POINTS=n_points,
-            BLOCK_Q=block_q, BLOCK_D=block_d,
-            GRAD_VALUE=need_value, GRAD_SAMPLING=need_sampling,
-        )  # fmt: skip
+        with _on_device(value):
+            _ms_deform_attn_backward_kernel[grid](
+                value, levels, locations, weights, grad_out,
+                grad_value, grad_locations, grad_weights, lq, s, query_blocks,
+                NUM_HEADS=m, HEAD_DIM=d, NUM_LEVELS=n_levels, NUM_POINTS=n_points,
+                BLOCK_Q=block_q, BLOCK_D=block_d,
+                GRAD_VALUE=need_value, GRAD_SAMPLING=need_sampling,
+            )  # fmt: skip
         return (
             grad_value.to(value.dtype) if need_value else None,
             None,
