@@ -382,3 +382,27 @@ def test_train_net_evaluates_saves_and_resumes_the_ema(tmp_path):
         else:
             assert torch.equal(step3["ema"]["shadow"][name], raw3)
     assert torch.load(out / "model_final.pth", weights_only=True)["ema"]["num_updates"] == 5
+
+
+def test_trainer_hook_order_with_copy_paste(tmp_path):
+    from detectron2.engine import hooks
+
+    from mask2former.data import register_datasets_from_cfg
+    from mask2former.engine import Trainer, build_cfg
+    from mask2former.engine.hooks import CopyPasteBankHook
+
+    data = tmp_path / "data"
+    generate_synthetic_trash(str(data), num_train=2, num_val=1, num_test=1, image_size=SIZE, seed=0)
+    cfg = build_cfg(str(ROOT / "configs" / "tiny" / "m2f_swin_tiny_cpu.yaml"), [
+        *COMMON, *TRAIN, "DATASETS.TRASH_ROOT", str(data), "OUTPUT_DIR", str(tmp_path / "out"),
+        "INPUT.COPY_PASTE.ENABLED", "True", "TEST.EVAL_PERIOD", "2",
+    ])
+    register_datasets_from_cfg(cfg)
+    trainer = Trainer(cfg)
+    kinds = [type(h) for h in trainer._hooks]
+    # update before the checkpointer; EMA evaluation after the raw one and the bank hook reading
+    # the raw IoUs, before the writer
+    order = [EMAHook, hooks.PeriodicCheckpointer, hooks.EvalHook, CopyPasteBankHook, EMAEvalHook,
+             hooks.PeriodicWriter]
+    assert [k for k in kinds if k in order] == order
+    assert isinstance(trainer.checkpointer.checkpointables["ema"], ModelEMA)
