@@ -13,7 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load_installer():
-    spec = importlib.util.spec_from_file_location("install_detectron2", ROOT / "tools" / "install_detectron2.py")
+    spec = importlib.util.spec_from_file_location(
+        "install_detectron2", ROOT / "tools" / "install_detectron2.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -75,9 +77,11 @@ def test_patch_source_tree_writes_stub_and_fixes_files(tmp_path):
     (tmp_path / "detectron2" / "engine" / "launch.py").write_text(LAUNCH_0_6_WORKER)
     summary = inst.patch_source_tree(tmp_path)
     assert summary == {"files": 1, "replacements": 1}
-    assert (tmp_path / "detectron2" / "layers" / "a.py").read_text() == "m = np.zeros(2, dtype=bool)\n"
+    patched = (tmp_path / "detectron2" / "layers" / "a.py").read_text()
+    assert patched == "m = np.zeros(2, dtype=bool)\n"
     assert (tmp_path / "detectron2" / "_C.py").read_text() == inst.SHIM_SOURCE
-    assert 'backend="NCCL" if has_gpu else "GLOO"' in (tmp_path / "detectron2" / "engine" / "launch.py").read_text()
+    launch_py = (tmp_path / "detectron2" / "engine" / "launch.py").read_text()
+    assert 'backend="NCCL" if has_gpu else "GLOO"' in launch_py
 
 
 # The worker of pb1-detectron2 0.6's detectron2/engine/launch.py, as shipped (abridged).
@@ -124,7 +128,9 @@ def _run_worker(source, cuda_available, device_count=0):
 
     namespace = {
         "torch": types.SimpleNamespace(cuda=FakeCuda),
-        "dist": types.SimpleNamespace(init_process_group=lambda **kw: calls.append(("init", kw["backend"]))),
+        "dist": types.SimpleNamespace(
+            init_process_group=lambda **kw: calls.append(("init", kw["backend"]))
+        ),
         "comm": types.SimpleNamespace(_LOCAL_PROCESS_GROUP=None, synchronize=lambda: None),
         "DEFAULT_TIMEOUT": None,
     }

@@ -6,9 +6,9 @@
   reachable.
 * ``pypi``: PyPI's ``pb1-detectron2==0.6`` source distribution, which lacks detectron2's C++ sources
   and predates NumPy 1.24 / Pillow 10. It is patched in a temporary copy before installation:
-  the compiled ops are left out behind a ``detectron2/_C.py`` module that raises a clear error when a
-  rotated-box / deformable-convolution / fast-COCO-eval op is called (none is used for semantic
-  segmentation), the removed aliases ``np.bool/np.int/np.float/np.str/np.object`` and
+  the compiled ops are left out behind a ``detectron2/_C.py`` module that raises a clear error
+  when a rotated-box / deformable-convolution / fast-COCO-eval op is called (none is used for
+  semantic segmentation), the removed aliases ``np.bool/np.int/np.float/np.str/np.object`` and
   ``PIL.Image.LINEAR/ANTIALIAS`` are replaced by their modern spellings, and
   ``detectron2/engine/launch.py`` starts several processes on a machine without CUDA with the gloo
   backend (as upstream's ``launch`` does) instead of asserting CUDA.
@@ -41,7 +41,8 @@ SHIM_MARKER = "WITHOUT_COMPILED_OPS"
 # An installation of a lower level is reinstalled by the next run (``make install``).
 PYPI_PATCH_LEVEL = 2
 
-SHIM_SOURCE = '''"""Stand-in for detectron2's compiled extension (written by tools/install_detectron2.py).
+SHIM_SOURCE = '''"""Stand-in for detectron2's compiled extension
+(written by tools/install_detectron2.py).
 
 This detectron2 was installed from PyPI's pb1-detectron2 0.6 source distribution, which does not
 contain the C++/CUDA sources. Semantic segmentation needs none of the compiled ops; calling one
@@ -71,7 +72,8 @@ def __getattr__(name):
         f"detectron2 compiled op '{name}' is not available: this detectron2 was installed from "
         "PyPI's pb1-detectron2 0.6 source, which has no C++ sources. Rotated boxes, deformable "
         "convolution and the fast COCO evaluator need the GitHub build "
-        "(D2_INSTALL_ROUTE=upstream python tools/install_detectron2.py on a machine that reaches GitHub)."
+        "(D2_INSTALL_ROUTE=upstream python tools/install_detectron2.py on a machine that "
+        "reaches GitHub)."
     )
 '''.replace("{patch_level}", str(PYPI_PATCH_LEVEL))
 
@@ -91,7 +93,8 @@ ALIAS_FIXES = [
 # without CUDA the workers use the gloo backend and select no CUDA device, as upstream's launch.
 LAUNCH_PATCHES = [
     (
-        '    assert torch.cuda.is_available(), "cuda is not available. Please check your installation."\n',
+        '    assert torch.cuda.is_available(), '
+        '"cuda is not available. Please check your installation."\n',
         "    has_gpu = torch.cuda.is_available()\n"
         "    if has_gpu:\n"
         "        assert num_gpus_per_machine <= torch.cuda.device_count()\n",
@@ -218,7 +221,8 @@ def install_pypi(python):
     with tempfile.TemporaryDirectory(prefix="d2-pypi-") as tmp:
         tmp = Path(tmp)
         # pip < 25 still accepts the sdist's direct-URL extra when preparing its metadata.
-        pip(python, "download", "--no-deps", "--no-build-isolation", "-d", str(tmp), PYPI_REQUIREMENT)
+        pip(python, "download", "--no-deps", "--no-build-isolation", "-d", str(tmp),
+            PYPI_REQUIREMENT)
         archives = list(tmp.glob("pb1*detectron2-0.6.tar.gz"))
         if len(archives) != 1:
             raise RuntimeError(f"expected one pb1-detectron2 sdist in {tmp}, found {archives}")
@@ -226,7 +230,8 @@ def install_pypi(python):
             tar.extractall(tmp, filter="data")
         src = tmp / "pb1-detectron2-0.6"
         summary = patch_source_tree(src)
-        log(f"patched {summary['replacements']} removed NumPy/Pillow aliases in {summary['files']} files; "
+        log(f"patched {summary['replacements']} removed NumPy/Pillow aliases in "
+            f"{summary['files']} files; "
             "launch falls back to gloo without CUDA; "
             "compiled ops replaced by detectron2/_C.py stand-in")
         shutil.rmtree(src / "pb1_detectron2.egg-info", ignore_errors=True)
@@ -236,7 +241,8 @@ def install_pypi(python):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--python", default=sys.executable, help="interpreter of the target environment")
+    parser.add_argument("--python", default=sys.executable,
+                        help="interpreter of the target environment")
     parser.add_argument("--force", action="store_true", help="reinstall even if detectron2 imports")
     args = parser.parse_args(argv)
 
@@ -255,8 +261,9 @@ def main(argv=None):
             "reinstalling (route: pypi)")
     else:
         route = choose_route(forced, github_reachable)
-        log(f"route: {route} " + ("(forced by D2_INSTALL_ROUTE)" if forced else
-                                  "(GitHub reachable)" if route == "upstream" else "(GitHub unreachable)"))
+        reason = ("forced by D2_INSTALL_ROUTE" if forced else
+                  "GitHub reachable" if route == "upstream" else "GitHub unreachable")
+        log(f"route: {route} ({reason})")
     if route == "upstream":
         try:
             install_upstream(args.python)

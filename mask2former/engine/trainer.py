@@ -1,13 +1,20 @@
 """The Detectron2 trainer of this project."""
 import itertools
+import logging
 import os
+import weakref
 
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_train_loader
-from detectron2.engine import DefaultTrainer, hooks
+from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase, hooks
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from ..data.copy_paste import CopyPasteSampler
 from ..data.mapper import MaskFormerSemanticDatasetMapper
 from ..evaluation import LBSemSegEvaluator
+from .amp import MixedPrecisionTrainer, amp_dtype
+from .checkpoint import SafeCheckpointer
+from .ddp import create_ddp_model
 from .ema import EMAEvalHook, EMAHook, ModelEMA
 from .hooks import CopyPasteBankHook, bank_root_from_cfg
 from .lr_scheduler import build_lr_scheduler
@@ -19,9 +26,44 @@ def train_records(cfg):
     return list(itertools.chain.from_iterable(DatasetCatalog.get(n) for n in cfg.DATASETS.TRAIN))
 
 
+def build_step_trainer(cfg, model, data_loader, optimizer) -> SimpleTrainer:
+    """The loop running one iteration: fp32, or mixed precision if ``SOLVER.AMP.ENABLED``
+    (``SOLVER.AMP.PRECISION`` float16 or bfloat16)."""
+    if cfg.SOLVER.AMP.ENABLED:
+        return MixedPrecisionTrainer(
+            model, data_loader, optimizer, precision=amp_dtype(cfg.SOLVER.AMP.PRECISION)
+        )
+    return SimpleTrainer(model, data_loader, optimizer)
+
+
 class Trainer(DefaultTrainer):
     """DefaultTrainer with the semantic mapper, the LB-style evaluator, the Mask2Former optimizer,
-    the poly LR schedule and the copy-paste bank hook."""
+    the poly LR schedule, the copy-paste bank hook, a DDP wrap that also works for CPU models,
+    bfloat16 AMP and the project's checkpointer."""
+
+    def __init__(self, cfg):
+        """The steps of ``DefaultTrainer.__init__`` with this project's DDP wrap (no
+        ``device_ids`` for CPU models, so ``--num-gpus N MODEL.DEVICE cpu`` trains with gloo),
+        mixed-precision loop and checkpointer."""
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()  # train_net.py's default_setup was not called
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+
+        # built in this order, as in DefaultTrainer
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+
+        model = create_ddp_model(model, broadcast_buffers=False)
+        self._trainer = build_step_trainer(cfg, model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        # checkpoints next to the logs and metrics; written by the main process only
+        self.checkpointer = SafeCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

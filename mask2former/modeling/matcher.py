@@ -7,6 +7,9 @@ from torch import nn
 
 from .point_sampling import point_sample
 
+# Matching cost given to NaN / inf entries (finite costs are within a few tens).
+INVALID_COST = 1e6
+
 
 def batch_sigmoid_ce_cost(
     inputs: torch.Tensor, targets: torch.Tensor, weights: Optional[torch.Tensor] = None
@@ -63,7 +66,8 @@ class HungarianMatcher(nn.Module):
 
     The mask costs are computed on ``num_points`` points drawn uniformly at random per image and
     shared by all predicted and target masks, so no [Q, T, H, W] intermediate is formed. Costs are
-    computed in float32 even under autocast. Unmatched predictions are "no object".
+    computed in float32 even under autocast; NaN / inf costs (from inf logits) are replaced by a
+    large finite cost. Unmatched predictions are "no object".
     """
 
     def __init__(
@@ -163,6 +167,11 @@ class HungarianMatcher(nn.Module):
             cost = self.cost_matrix(
                 outputs["pred_logits"][b], outputs["pred_masks"][b], labels, target["masks"],
                 target.get("valid"),
+            )
+            # inf mask logits (fp16 overflow under AMP) give inf / NaN costs, which
+            # linear_sum_assignment rejects: such predictions become the worst matches instead
+            cost = torch.nan_to_num(
+                cost, nan=INVALID_COST, posinf=INVALID_COST, neginf=-INVALID_COST
             )
             rows, cols = linear_sum_assignment(cost.cpu().numpy())
             indices.append(
