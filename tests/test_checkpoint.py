@@ -36,8 +36,9 @@ class TinyNet(nn.Module):
 class Counter:
     """A checkpointable standing in for the trainer (its iteration)."""
 
-    def __init__(self, iteration=-1):
+    def __init__(self, iteration=-1, max_iter=None):
         self.iteration = iteration
+        self.max_iter = max_iter
 
     def state_dict(self):
         return {"iteration": self.iteration}
@@ -238,13 +239,13 @@ def _run(tmp_path, iterations, final=True):
     checkpointer = SafeCheckpointer(TinyNet(), str(tmp_path), trainer=counter)
     for it in iterations:
         counter.iteration = it
-        checkpointer.save(f"model_{it:07d}")
+        checkpointer.save(f"model_{it:07d}", iteration=it)
     if final:
-        checkpointer.save("model_final")
+        checkpointer.save("model_final", iteration=counter.iteration)
 
 
-def _resume(tmp_path):
-    counter = Counter()
+def _resume(tmp_path, max_iter=None):
+    counter = Counter(max_iter=max_iter)
     checkpointer = SafeCheckpointer(TinyNet(), str(tmp_path), trainer=counter)
     with captured_warnings() as warnings:
         checkpointer.resume_or_load("", resume=True)
@@ -263,6 +264,17 @@ def test_resume_skips_a_truncated_final_checkpoint(tmp_path):
     assert len(warnings) == 1
     assert str(tmp_path / "model_0000002.pth") in warnings[0] and str(final) in warnings[0]
     assert not list(tmp_path.glob(".*.partial"))
+
+
+def test_resume_rewrites_the_final_checkpoint_of_a_finished_run(tmp_path):
+    _run(tmp_path, [1, 2])  # a finished run of 3 iterations (0, 1, 2)
+    final = tmp_path / "model_final.pth"
+    final.write_bytes(final.read_bytes()[:1000])
+    iteration, has_checkpoint, warnings = _resume(tmp_path, max_iter=3)
+    assert (iteration, has_checkpoint) == (2, True)
+    assert read_checkpoint(str(final))["trainer"] == {"iteration": 2}
+    assert (tmp_path / "last_checkpoint").read_text() == "model_final.pth"
+    assert any("Rewriting model_final.pth" in w for w in warnings)
 
 
 def test_resume_with_no_loadable_checkpoint_starts_from_scratch(tmp_path):

@@ -467,9 +467,24 @@ class SafeCheckpointer(DetectionCheckpointer):
             found = self._newest_loadable()
             if found is not None:
                 self._verified = found
-                return self.load(found[0])
+                extra = self.load(found[0])
+                if found[0] != self.get_checkpoint_file():
+                    self._rewrite_final_if_finished(found[0], extra)
+                return extra
             self._nothing_to_resume = True
         return self.load(path, checkpointables=[])
+
+    def _rewrite_final_if_finished(self, source, extra):
+        """After resuming from a fallback checkpoint of the run's last iteration (the trainer
+        has nothing left to train, so it would not save again), write ``model_final.pth`` from
+        it: a finished run always ends with a final checkpoint that loads."""
+        max_iter = getattr(self.checkpointables.get("trainer"), "max_iter", None)
+        iteration = extra.get("iteration")
+        if max_iter is None or iteration is None or iteration + 1 < max_iter:
+            return
+        self.logger.warning("Rewriting model_final.pth from %s (iteration %d, the last one)",
+                            source, iteration)
+        self.save("model_final", iteration=iteration)
 
     # -------------------------------------------------------------------- saving
     def save(self, name, **kwargs):
