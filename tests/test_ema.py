@@ -242,7 +242,9 @@ def _ddp_worker(rank, world_size, init_method, out_dir):
             dist.all_reduce(total)
             model.train()
             ema_probe.append(out.item())
-            return {"sem_seg": {"probe": total.item() / world_size}} if comm.is_main_process() else {}
+            if not comm.is_main_process():
+                return {}
+            return {"sem_seg": {"probe": total.item() / world_size}}
 
         hook_list = [Record(), EMAHook(ema, checkpointer, out_dir)]
         if comm.is_main_process():

@@ -21,7 +21,6 @@ identical on every rank, hence their averages too; buffers are as identical as t
 import logging
 import math
 import os
-import tempfile
 from contextlib import contextmanager
 from typing import Dict, Iterator, Optional
 
@@ -32,6 +31,8 @@ from detectron2.evaluation.testing import flatten_results_dict
 from detectron2.utils import comm
 from torch import nn
 from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+from .checkpoint import atomic_write, read_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -208,43 +209,32 @@ class ModelEMA:
                     t.copy_(backup[name])
 
 
-def _atomic_torch_save(obj, path: str) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def _save_model_checkpoint(weights: Dict[str, torch.Tensor], iteration, path: str) -> None:
+    data = {"model": weights, "iteration": iteration}
+    atomic_write(path, lambda f: torch.save(data, f))
 
 
 def save_ema_weights(ema: ModelEMA, path: str, iteration: Optional[int] = None) -> None:
-    """Write the EMA weights as a plain model checkpoint (``{"model": ..., "iteration": ...}``)."""
-    _atomic_torch_save({"model": ema.model_state_dict(), "iteration": iteration}, path)
+    """Write the EMA weights as a plain model checkpoint (``{"model": ..., "iteration": ...}``),
+    atomically."""
+    _save_model_checkpoint(ema.model_state_dict(), iteration, path)
 
 
 def export_ema_weights(checkpoint_file: str, output_file: str) -> None:
     """Write the ``ema`` entry of a training checkpoint (e.g. ``model_0004999.pth``) as a plain
     model checkpoint that ``MODEL.WEIGHTS`` / ``--weights`` load like any other."""
-    try:
-        checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{checkpoint_file}: cannot be read as a data-only checkpoint: {e}") from e
-    if not isinstance(checkpoint, dict) or "ema" not in checkpoint:
-        raise ValueError(f"{checkpoint_file}: no 'ema' entry (trained without SOLVER.EMA.ENABLED?)")
+    checkpoint = read_checkpoint(checkpoint_file)  # data only; errors name the file
+    if "ema" not in checkpoint:
+        raise ValueError(
+            f"{checkpoint_file}: no 'ema' entry (trained without SOLVER.EMA.ENABLED?)"
+        )
     shadow = checkpoint["ema"].get("shadow") if isinstance(checkpoint["ema"], dict) else None
     if not isinstance(shadow, dict):
         raise ValueError(f"{checkpoint_file}: the 'ema' entry is not a saved ModelEMA state")
-    model = checkpoint.get("model", {})
-    weights = {name: t.to(model[name].dtype) if name in model else t for name, t in shadow.items()}
-    _atomic_torch_save({"model": weights, "iteration": checkpoint.get("iteration")}, output_file)
+    model = checkpoint["model"]
+    weights = {name: t.to(model[name].dtype) if isinstance(model.get(name), torch.Tensor) else t
+               for name, t in shadow.items()}
+    _save_model_checkpoint(weights, checkpoint.get("iteration"), output_file)
 
 
 class EMAHook(HookBase):
@@ -311,14 +301,17 @@ class EMAEvalHook(HookBase):
                 try:
                     flat["ema/" + key] = float(value)
                 except (TypeError, ValueError) as e:
-                    raise ValueError(f"EMA evaluation returned a non-number {key}: {value!r}") from e
+                    raise ValueError(
+                        f"EMA evaluation returned a non-number {key}: {value!r}"
+                    ) from e
             self.trainer.storage.put_scalars(**flat, smoothing_hint=False)
         comm.synchronize()
 
     def after_step(self):
         next_iter = self.trainer.iter + 1
-        if self._period > 0 and next_iter % self._period == 0 and next_iter != self.trainer.max_iter:
-            self._do_eval()
+        if self._period > 0 and next_iter % self._period == 0:
+            if next_iter != self.trainer.max_iter:  # the last evaluation is in after_train
+                self._do_eval()
 
     def after_train(self):
         # as EvalHook: only after a complete training (not after a failure)
