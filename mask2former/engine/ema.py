@@ -197,11 +197,11 @@ class ModelEMA:
         """Inside the block the model holds the EMA weights; on exit (also on an exception) its
         own weights are put back exactly (bit for bit, from a copy taken on entry)."""
         tensors = self._matching_tensors(model)
-        with torch.no_grad():
-            backup = {name: t.detach().clone() for name, t in tensors.items()}
-            for name, t in tensors.items():
-                t.copy_(self.shadow[name])
+        backup = {name: t.detach().clone() for name, t in tensors.items()}
         try:
+            with torch.no_grad():
+                for name, t in tensors.items():
+                    t.copy_(self.shadow[name])
             yield model
         finally:
             with torch.no_grad():
