@@ -37,8 +37,9 @@ def main(args):
     if args.eval_only:
         check_num_classes(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, cfg.DATASETS.TEST)
         model = Trainer.build_model(cfg)
+        # save_to_disk=False: evaluation never writes into (or cleans) a training's folder
         checkpointer = SafeCheckpointer(
-            model, save_dir=cfg.OUTPUT_DIR,
+            model, save_dir=cfg.OUTPUT_DIR, save_to_disk=False,
             allow_code_execution=cfg.MODEL.WEIGHTS_ALLOW_CODE_EXECUTION,
         )
         # refuses weights that leave any model tensor unloaded

@@ -135,6 +135,17 @@ def test_torch_file_named_pkl_loads(tmp_path):
     assert all(bool((v == 1).all()) for v in model.state_dict().values())
 
 
+def test_torch_objects_in_pkl_are_refused_with_advice(tmp_path):
+    legacy = tmp_path / "legacy_torch_save.pkl"
+    torch.save({"model": TinyNet().state_dict()}, legacy, _use_new_zipfile_serialization=False)
+    with pytest.raises(CorruptCheckpointError, match="legacy format, not a pickle: rename it"):
+        SafeCheckpointer(TinyNet()).load(str(legacy))
+    pickled = tmp_path / "pickled_tensors.pkl"
+    pickled.write_bytes(pickle.dumps({"model": TinyNet().state_dict()}))
+    with pytest.raises(UnsafeCheckpointError, match="save PyTorch tensors with torch.save"):
+        SafeCheckpointer(TinyNet()).load(str(pickled))
+
+
 @pytest.mark.parametrize("suffix", [".pkl", ".pth"])
 def test_opt_in_reads_trusted_legacy_file(tmp_path, suffix):
     path = tmp_path / f"legacy{suffix}"

@@ -46,6 +46,9 @@ LAST_CHECKPOINT = "last_checkpoint"
 # Checkpoints written by the trainer's periodic checkpointer (the only ones resuming falls back to).
 _TRAINER_CHECKPOINT = re.compile(r"model_(\d+|final)\.pth")
 
+# First pickle of a legacy-format (non-zip) torch.save file.
+_TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+
 _ALLOW_HINT = (
     "Only if you trust the file, set MODEL.WEIGHTS_ALLOW_CODE_EXECUTION True to read it with "
     "plain pickle (which runs whatever code it contains)."
@@ -118,6 +121,13 @@ class _DataUnpickler(pickle.Unpickler):
         try:
             return self._allowed[(module, name)]
         except KeyError:
+            if module.split(".")[0] == "torch":
+                raise UnsafeCheckpointError(
+                    self._path,
+                    f"refusing to unpickle it: it refers to {module}.{name}, but a .pkl "
+                    "checkpoint holds NumPy arrays; save PyTorch tensors with torch.save as a "
+                    ".pth file (read with torch.load(weights_only=True)). " + _ALLOW_HINT,
+                ) from None
             raise UnsafeCheckpointError(
                 self._path,
                 f"refusing to unpickle it: it refers to {module}.{name}, and unpickling such a "
@@ -234,6 +244,10 @@ def read_checkpoint(path, *, allow_code_execution=False):
     # torch.save output renamed to .pkl is still read by torch.load.
     if path.endswith(".pkl") and not _is_zip(path):
         data = _read_pickle(path, size, allow_code_execution)
+        if data == _TORCH_LEGACY_MAGIC:
+            raise CorruptCheckpointError(
+                path, "is a torch.save file of the legacy format, not a pickle: rename it to .pth"
+            )
         if isinstance(data, dict) and not ("model" in data and "__author__" in data):
             # Caffe2 / Detectron1 model zoo: arrays at the top level or under "blobs".
             blobs = data.get("blobs", data)
