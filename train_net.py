@@ -7,7 +7,6 @@
 """
 import logging
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
@@ -15,7 +14,13 @@ from detectron2.utils.logger import setup_logger
 
 from dinat import add_dinat_config
 from mask2former.data import register_datasets_from_cfg
-from mask2former.engine import Trainer, build_cfg
+from mask2former.engine import (
+    SafeCheckpointer,
+    Trainer,
+    build_cfg,
+    check_num_classes,
+    run_training_checks,
+)
 from semask import add_semask_config
 
 
@@ -33,14 +38,20 @@ def setup(args):
 def main(args):
     cfg = setup(args)
     if args.eval_only:
+        check_num_classes(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, cfg.DATASETS.TEST)
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
+        # save_to_disk=False: evaluation never writes into (or cleans) a training's folder
+        checkpointer = SafeCheckpointer(
+            model, save_dir=cfg.OUTPUT_DIR, save_to_disk=False,
+            allow_code_execution=cfg.MODEL.WEIGHTS_ALLOW_CODE_EXECUTION,
         )
+        # refuses weights that leave any model tensor unloaded
+        checkpointer.load_for_inference(cfg.MODEL.WEIGHTS, resume=args.resume)
         results = Trainer.test(cfg, model)
         verify_results(cfg, results)
         return results
 
+    run_training_checks(cfg)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()

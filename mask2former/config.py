@@ -33,6 +33,40 @@ def add_maskformer2_config(cfg):
     cfg.SOLVER.OPTIMIZER = "ADAMW"
     # Learning-rate multiplier for parameters of the backbone.
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
+    # Exponential moving average (EMA) of the weights, updated after every step, saved in the
+    # checkpoints (key "ema", restored by --resume), evaluated next to the raw weights (results
+    # under ema/ in the metrics, files in OUTPUT_DIR/inference_ema) and written at the end of
+    # training as the plain model checkpoint OUTPUT_DIR/model_final_ema.pth.
+    cfg.SOLVER.EMA = CN()
+    cfg.SOLVER.EMA.ENABLED = False
+    # Decay once warmed up: each update moves the average by (1 - DECAY) toward the weights (it
+    # averages over about 1 / (1 - DECAY) iterations: 0.9999 suits 100k-iteration schedules,
+    # 0.999 about 10k).
+    cfg.SOLVER.EMA.DECAY = 0.9999
+    # Warm-up time constant (iterations) of the decay: update t uses
+    # DECAY * (1 - exp(-t / WARMUP_ITERS)), so the early average follows the weights instead of
+    # remembering the initial ones (63% of DECAY after WARMUP_ITERS). 0 = DECAY from the start.
+    cfg.SOLVER.EMA.WARMUP_ITERS = 2000
+    # Floating-point buffers (BatchNorm running statistics): "average" (like the parameters, so
+    # they match the averaged weights) or "copy" (the model's current values). Integer buffers
+    # (indices, counters) are always copied.
+    cfg.SOLVER.EMA.BUFFERS = "average"
+    # Evaluate the EMA weights whenever the raw ones are evaluated (TEST.EVAL_PERIOD and the end
+    # of training); False saves the evaluation time (the EMA is still updated and saved).
+    cfg.SOLVER.EMA.EVAL = True
+    # Autocast dtype of mixed-precision training (SOLVER.AMP.ENABLED, GPU only): "float16" (alias
+    # "fp16"; loss scaling) or "bfloat16" ("bf16"; float32's exponent range, no loss scaling,
+    # better for transformers on GPUs that have it: Ampere and newer). Detectron2 0.6 has no such
+    # key; where the installed Detectron2 defines it, its default is kept.
+    if "PRECISION" not in cfg.SOLVER.AMP:
+        cfg.SOLVER.AMP.PRECISION = "float16"
+
+    # ------------------------------------------------------------------ weights files
+    # Read MODEL.WEIGHTS and resumed checkpoints with plain pickle / torch.load(weights_only=False),
+    # which RUNS ANY CODE the file contains: only for trusted legacy files holding Python objects
+    # besides arrays. False: .pkl files may hold only plain data and NumPy arrays (as official
+    # checkpoints do) and .pth files only tensors and plain data; anything else is refused.
+    cfg.MODEL.WEIGHTS_ALLOW_CODE_EXECUTION = False
 
     # ------------------------------------------------------------------ Mask2Former model
     cfg.MODEL.MASK_FORMER = CN()
@@ -40,6 +74,17 @@ def add_maskformer2_config(cfg):
     cfg.MODEL.MASK_FORMER.DEEP_SUPERVISION = True
     # Classification weight of the "no object" class.
     cfg.MODEL.MASK_FORMER.NO_OBJECT_WEIGHT = 0.1
+    # Per-class weights against class imbalance, applied to the classification cross-entropy
+    # (whose class weights become [w_0, ..., w_{K-1}, NO_OBJECT_WEIGHT]) and to the matcher's
+    # class cost (-w[c] * p[c]). Not to be confused with CLASS_WEIGHT, the loss's overall weight.
+    # "none": every class 1 (official); "list": the weights of CLASS_WEIGHTS;
+    # "inverse_sqrt_frequency": w_c proportional to 1 / sqrt(fraction of the labelled pixels of
+    # DATASETS.TRAIN with class c), mean 1 over the classes present, 1 for absent classes;
+    # computed and logged at the first training iteration (inference never reads the data).
+    cfg.MODEL.MASK_FORMER.CLASS_WEIGHTS_MODE = "none"
+    # With CLASS_WEIGHTS_MODE "list": one positive weight per class (MODEL.SEM_SEG_HEAD.NUM_CLASSES
+    # values, background included); must stay empty with the other modes.
+    cfg.MODEL.MASK_FORMER.CLASS_WEIGHTS = []
     # Loss weights (also used as matching costs): classification CE, dice, sigmoid BCE on masks.
     cfg.MODEL.MASK_FORMER.CLASS_WEIGHT = 1.0
     cfg.MODEL.MASK_FORMER.DICE_WEIGHT = 1.0

@@ -11,7 +11,6 @@ import argparse
 import json
 import logging
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
@@ -19,7 +18,7 @@ from detectron2.utils.logger import setup_logger
 from dinat import add_dinat_config
 from mask2former.data import register_datasets_from_cfg
 from mask2former.data.catalog.common import dataset_file_names
-from mask2former.engine import build_cfg
+from mask2former.engine import SafeCheckpointer, build_cfg
 from mask2former.inference.predictor import SemSegPredictor, predict_records
 from mask2former.inference.sinks import OverlaySink, ProbDumpSink, ScoreSink, SubmissionSink
 from semask import add_semask_config
@@ -49,7 +48,10 @@ def main(argv=None):
     cfg = build_cfg(args.config_file, args.opts, (add_semask_config, add_dinat_config))
     register_datasets_from_cfg(cfg)
     model = build_model(cfg)
-    DetectionCheckpointer(model).load(args.weights)
+    # refuses unsafe or broken files and weights that leave any model tensor unloaded
+    SafeCheckpointer(
+        model, allow_code_execution=cfg.MODEL.WEIGHTS_ALLOW_CODE_EXECUTION
+    ).load_for_inference(args.weights)
     predictor = SemSegPredictor(cfg, model, tta=args.tta)
     records = DatasetCatalog.get(args.dataset)
     if args.limit > 0:

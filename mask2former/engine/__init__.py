@@ -1,6 +1,32 @@
-"""Trainer, optimizer and config set-up."""
+"""Trainer, optimizer, config set-up, checkpointing and start-up checks."""
+from .checkpoint import (
+    CheckpointFileError,
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+    SafeCheckpointer,
+    UnsafeCheckpointError,
+)
+from .checks import check_num_classes, run_training_checks
+from .ema import EMAEvalHook, EMAHook, ModelEMA, export_ema_weights
 from .optimizer import build_optimizer, get_param_groups
 from .setup import build_cfg, get_project_cfg
 from .trainer import Trainer
 
-__all__ = ["Trainer", "build_cfg", "build_optimizer", "get_param_groups", "get_project_cfg"]
+__all__ = [
+    "CheckpointFileError",
+    "CorruptCheckpointError",
+    "EMAEvalHook",
+    "EMAHook",
+    "IncompleteCheckpointError",
+    "ModelEMA",
+    "SafeCheckpointer",
+    "Trainer",
+    "UnsafeCheckpointError",
+    "build_cfg",
+    "check_num_classes",
+    "export_ema_weights",
+    "build_optimizer",
+    "get_param_groups",
+    "get_project_cfg",
+    "run_training_checks",
+]

@@ -1,13 +1,21 @@
 """The Detectron2 trainer of this project."""
 import itertools
+import logging
 import os
+import weakref
 
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_train_loader
-from detectron2.engine import DefaultTrainer, hooks
+from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase, hooks
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from ..data.augmentation.copy_paste import CopyPasteSampler
 from ..data.augmentation.mapper import MaskFormerSemanticDatasetMapper
 from ..evaluation import LBSemSegEvaluator
+from .amp import MixedPrecisionTrainer, amp_dtype
+from .checkpoint import SafeCheckpointer
+from .ddp import create_ddp_model
+from .ema import EMAEvalHook, EMAHook, ModelEMA
 from .hooks import CopyPasteBankHook, bank_root_from_cfg
 from .lr_scheduler import build_lr_scheduler
 from .optimizer import build_optimizer
@@ -18,9 +26,44 @@ def train_records(cfg):
     return list(itertools.chain.from_iterable(DatasetCatalog.get(n) for n in cfg.DATASETS.TRAIN))
 
 
+def build_step_trainer(cfg, model, data_loader, optimizer) -> SimpleTrainer:
+    """The loop running one iteration: fp32, or mixed precision if ``SOLVER.AMP.ENABLED``
+    (``SOLVER.AMP.PRECISION`` float16 or bfloat16)."""
+    if cfg.SOLVER.AMP.ENABLED:
+        return MixedPrecisionTrainer(
+            model, data_loader, optimizer, precision=amp_dtype(cfg.SOLVER.AMP.PRECISION)
+        )
+    return SimpleTrainer(model, data_loader, optimizer)
+
+
 class Trainer(DefaultTrainer):
     """DefaultTrainer with the semantic mapper, the LB-style evaluator, the Mask2Former optimizer,
-    the poly LR schedule and the copy-paste bank hook."""
+    the poly LR schedule, the copy-paste bank hook, a DDP wrap that also works for CPU models,
+    bfloat16 AMP and the project's checkpointer."""
+
+    def __init__(self, cfg):
+        """The steps of ``DefaultTrainer.__init__`` with this project's DDP wrap (no
+        ``device_ids`` for CPU models, so ``--num-gpus N MODEL.DEVICE cpu`` trains with gloo),
+        mixed-precision loop and checkpointer."""
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()  # train_net.py's default_setup was not called
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+
+        # built in this order, as in DefaultTrainer
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+
+        model = create_ddp_model(model, broadcast_buffers=False)
+        self._trainer = build_step_trainer(cfg, model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        # checkpoints next to the logs and metrics; written by the main process only
+        self.checkpointer = SafeCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -76,4 +119,30 @@ class Trainer(DefaultTrainer):
             # Right after the evaluation, whose per-class IoUs it reads.
             eval_index = max(i for i, h in enumerate(hook_list) if isinstance(h, hooks.EvalHook))
             hook_list.insert(eval_index + 1, bank_hook)
+        if cfg.SOLVER.EMA.ENABLED:
+            self._add_ema_hooks(hook_list)
         return hook_list
+
+    def _add_ema_hooks(self, hook_list):
+        """The EMA update before the checkpointer (a checkpoint holds the EMA of its own
+        iteration) and, with ``SOLVER.EMA.EVAL``, the EMA evaluation after the raw evaluation and
+        the bank hook that reads the raw IoUs, before the writers (so both scores are written for
+        the same iteration). The EMA evaluation writes its files to OUTPUT_DIR/inference_ema."""
+        cfg = self.cfg
+        ema = ModelEMA(cfg, self.model)
+        first = min(i for i, h in enumerate(hook_list)
+                    if isinstance(h, (hooks.PeriodicCheckpointer, hooks.EvalHook)))
+        hook_list.insert(first, EMAHook(ema, self.checkpointer, cfg.OUTPUT_DIR))
+        if not cfg.SOLVER.EMA.EVAL:
+            return
+
+        def test_ema():
+            evaluators = [
+                self.build_evaluator(cfg, name, os.path.join(cfg.OUTPUT_DIR, "inference_ema", name))
+                for name in cfg.DATASETS.TEST
+            ]
+            return self.test(cfg, self.model, evaluators)
+
+        last = max(i for i, h in enumerate(hook_list)
+                   if isinstance(h, (hooks.EvalHook, CopyPasteBankHook)))
+        hook_list.insert(last + 1, EMAEvalHook(ema, cfg.TEST.EVAL_PERIOD, test_ema))

@@ -25,7 +25,8 @@ from detectron2.utils import comm
 from detectron2.utils.logger import create_small_table
 
 from ..data.masks.rasterize import record_to_label_map
-from ..utils import atomic_write, visualize
+from ..utils import visualize
+from ..utils.io import atomic_write
 
 __all__ = [
     "LBSemSegEvaluator",

@@ -16,7 +16,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..utils import atomic_write
+from ..utils.io import atomic_write
 
 __all__ = ["ProbDumpWriter", "ProbDumpReader"]
 

@@ -1,6 +1,6 @@
 """Set criterion of Mask2Former: Hungarian matching, then classification and point-sampled mask
 losses on the final prediction and (deep supervision) on every auxiliary prediction."""
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -57,13 +57,21 @@ class SetCriterion(nn.Module):
 
     * "labels": cross-entropy of all queries' class logits, unmatched queries having the
       "no object" class ``num_classes``, weighted by ``empty_weight`` (1 for real classes,
-      ``eos_coef`` for "no object");
+      ``eos_coef`` for "no object") times the optional per-class weights (see below);
     * "masks": on the matched masks only, sigmoid BCE and dice on ``num_points`` points per mask
       chosen by PointRend importance sampling of the predicted mask, each summed over masks and
       divided by the number of target masks in the batch (averaged over processes, >= 1).
 
     Returns unweighted losses "loss_ce", "loss_mask", "loss_dice" and, for auxiliary prediction
     i, "loss_ce_{i}", ...; ``weight_dict`` holds the weights the meta-architecture applies.
+
+    Per-class weights (class imbalance): K weights ``w`` multiply the cross-entropy's class
+    weights, which become ``[w_0, ..., w_{K-1}, eos_coef]`` ("no object" keeps ``eos_coef``), so
+    "loss_ce" is ``F.cross_entropy(..., weight=[w..., eos_coef])``, the weighted mean as torch
+    defines it (``sum_q weight[y_q] CE_q / sum_q weight[y_q]``). The same ``w`` go to the matcher
+    (``matcher.set_class_weights``), whose class cost then becomes ``-w[class] * p[class]``, so
+    matching prefers the queries that the weighted loss rewards. Without weights, the losses are
+    the official ones, unchanged.
     """
 
     def __init__(
@@ -76,6 +84,8 @@ class SetCriterion(nn.Module):
         num_points: int,
         oversample_ratio: float,
         importance_sample_ratio: float,
+        class_weights: Optional[Sequence[float]] = None,
+        class_weights_provider: Optional[Callable[[], Sequence[float]]] = None,
     ):
         """
         Args:
@@ -85,6 +95,12 @@ class SetCriterion(nn.Module):
             eos_coef: classification weight of the "no object" class.
             losses: subset of ("labels", "masks").
             num_points, oversample_ratio, importance_sample_ratio: point sampling of mask losses.
+            class_weights: optional K positive per-class weights (see the class docstring);
+                the matcher must then have ``set_class_weights`` (HungarianMatcher has).
+            class_weights_provider: alternative to ``class_weights``: a function returning them,
+                called once, at the first ``forward`` (the model calls the criterion in training
+                only), e.g. to compute them from the training set without reading it when the
+                model is built for inference. Until then the weights are 1.
         """
         super().__init__()
         unknown = set(losses) - {"labels", "masks"}
@@ -98,9 +114,39 @@ class SetCriterion(nn.Module):
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight)
+        if class_weights is not None and class_weights_provider is not None:
+            raise ValueError("give class_weights or class_weights_provider, not both")
+        weighted = class_weights is not None or class_weights_provider is not None
+        # Not persistent: the config, not a checkpoint, decides the per-class weights.
+        self.register_buffer(
+            "class_weights", torch.ones(num_classes) if weighted else None, persistent=False
+        )
+        self._class_weights_provider = class_weights_provider
+        if weighted:
+            self.set_class_weights([1.0] * num_classes if class_weights is None else class_weights)
         self.num_points = num_points
         self.oversample_ratio = oversample_ratio
         self.importance_sample_ratio = importance_sample_ratio
+
+    def set_class_weights(self, class_weights: Sequence[float]) -> None:
+        """Set the K per-class weights of the classification loss and of the matcher's cost."""
+        weights = torch.as_tensor(class_weights, dtype=torch.float32).flatten()
+        if weights.numel() != self.num_classes:
+            raise ValueError(
+                f"{weights.numel()} class weights given for {self.num_classes} classes"
+            )
+        if not (torch.isfinite(weights).all() and (weights > 0).all()):
+            raise ValueError(f"class weights must be finite and positive, got {weights.tolist()}")
+        if self.class_weights is None:
+            raise ValueError("the criterion was built without class weights")
+        self.class_weights.copy_(weights)
+        self.matcher.set_class_weights(weights)
+
+    def ce_class_weights(self) -> torch.Tensor:
+        """The [K + 1] class weights of the cross-entropy (last: "no object")."""
+        if self.class_weights is None:
+            return self.empty_weight
+        return self.empty_weight * torch.cat([self.class_weights, self.empty_weight.new_ones(1)])
 
     @staticmethod
     def _src_index(indices) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -121,7 +167,7 @@ class SetCriterion(nn.Module):
         target_classes[batch_idx.to(logits.device), src_idx.to(logits.device)] = matched_classes.to(
             logits.device
         )
-        loss = F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight)
+        loss = F.cross_entropy(logits.transpose(1, 2), target_classes, self.ce_class_weights())
         return {"loss_ce": loss}
 
     def loss_masks(self, outputs, targets, indices, num_masks) -> Dict[str, torch.Tensor]:
@@ -186,6 +232,9 @@ class SetCriterion(nn.Module):
         Returns:
             dict of unweighted losses.
         """
+        if self._class_weights_provider is not None:
+            provider, self._class_weights_provider = self._class_weights_provider, None
+            self.set_class_weights(provider())
         num_masks = self.num_masks(targets, outputs["pred_logits"].device)
         prediction_sets = [("", outputs)] + [
             (f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", []))
@@ -202,5 +251,6 @@ class SetCriterion(nn.Module):
         return (
             f"num_classes={self.num_classes}, eos_coef={self.eos_coef}, losses={self.losses}, "
             f"num_points={self.num_points}, oversample_ratio={self.oversample_ratio}, "
-            f"importance_sample_ratio={self.importance_sample_ratio}"
+            f"importance_sample_ratio={self.importance_sample_ratio}, "
+            f"class_weights={None if self.class_weights is None else self.class_weights.tolist()}"
         )

@@ -7,6 +7,9 @@ from torch import nn
 
 from .point_sampling import point_sample
 
+# Matching cost given to NaN / inf entries (finite costs are within a few tens).
+INVALID_COST = 1e6
+
 
 def batch_sigmoid_ce_cost(
     inputs: torch.Tensor, targets: torch.Tensor, weights: Optional[torch.Tensor] = None
@@ -58,11 +61,13 @@ def batch_dice_cost(
 class HungarianMatcher(nn.Module):
     """
     One-to-one assignment of predictions (queries) to targets minimising
-    ``cost_class * (-p[target class]) + cost_mask * BCE + cost_dice * dice``.
+    ``cost_class * (-w[target class] * p[target class]) + cost_mask * BCE + cost_dice * dice``,
+    where ``w`` are the optional per-class weights (1 without them, the official cost).
 
     The mask costs are computed on ``num_points`` points drawn uniformly at random per image and
     shared by all predicted and target masks, so no [Q, T, H, W] intermediate is formed. Costs are
-    computed in float32 even under autocast. Unmatched predictions are "no object".
+    computed in float32 even under autocast; NaN / inf costs (from inf logits) are replaced by a
+    large finite cost. Unmatched predictions are "no object".
     """
 
     def __init__(
@@ -71,7 +76,16 @@ class HungarianMatcher(nn.Module):
         cost_mask: float = 1,
         cost_dice: float = 1,
         num_points: int = 12544,
+        class_weights: Optional[Sequence[float]] = None,
     ):
+        """
+        Args:
+            cost_class, cost_mask, cost_dice: weights of the three costs.
+            num_points: points sampled per image for the mask costs.
+            class_weights: optional K per-class weights ``w`` (those of the classification
+                loss): the class cost of target t becomes ``-w[c_t] * p[c_t]``, so the matcher
+                prefers the queries that the class-weighted loss rewards. None: official cost.
+        """
         super().__init__()
         if cost_class == 0 and cost_mask == 0 and cost_dice == 0:
             raise ValueError("all matching costs are 0")
@@ -81,6 +95,16 @@ class HungarianMatcher(nn.Module):
         self.cost_mask = cost_mask
         self.cost_dice = cost_dice
         self.num_points = num_points
+        self.register_buffer("class_weights", None, persistent=False)
+        if class_weights is not None:
+            self.set_class_weights(class_weights)
+
+    def set_class_weights(self, class_weights: Sequence[float]) -> None:
+        """Set the K per-class weights of the class cost (see the constructor)."""
+        weights = torch.as_tensor(class_weights, dtype=torch.float32).flatten()
+        if self.class_weights is not None:
+            weights = weights.to(self.class_weights.device)
+        self.class_weights = weights.clone()
 
     @torch.no_grad()
     def cost_matrix(
@@ -100,6 +124,8 @@ class HungarianMatcher(nn.Module):
         device = pred_masks.device
         with torch.autocast(device_type=device.type, enabled=False):
             cost_class = -pred_logits.float().softmax(-1)[:, labels]
+            if self.class_weights is not None:
+                cost_class = cost_class * self.class_weights.to(device)[labels.to(device)]
             coords = torch.rand(1, self.num_points, 2, device=device)
             # all Q masks are channels of one map; channels-last sampling is ~2x faster on CPU
             pred = pred_masks[None].float().contiguous(memory_format=torch.channels_last)
@@ -141,6 +167,11 @@ class HungarianMatcher(nn.Module):
             cost = self.cost_matrix(
                 outputs["pred_logits"][b], outputs["pred_masks"][b], labels, target["masks"],
                 target.get("valid"),
+            )
+            # inf mask logits (fp16 overflow under AMP) give inf / NaN costs, which
+            # linear_sum_assignment rejects: such predictions become the worst matches instead
+            cost = torch.nan_to_num(
+                cost, nan=INVALID_COST, posinf=INVALID_COST, neginf=-INVALID_COST
             )
             rows, cols = linear_sum_assignment(cost.cpu().numpy())
             indices.append(

@@ -24,14 +24,18 @@ def point_sample(input: torch.Tensor, point_coords: torch.Tensor, **kwargs) -> t
         kwargs: passed to ``F.grid_sample`` (e.g. ``align_corners=False``, the default here).
 
     Returns:
-        [N, C, P] or [N, C, Hg, Wg] sampled values.
+        [N, C, P] or [N, C, Hg, Wg] sampled values, float32 for half precision ``input``.
     """
     kwargs.setdefault("align_corners", False)
     squeeze = point_coords.dim() == 3
     if squeeze:
         point_coords = point_coords.unsqueeze(2)
-    grid = 2.0 * point_coords.to(input.dtype) - 1.0
-    output = F.grid_sample(input, grid, **kwargs)
+    # Sampled in float32 (float64 for float64 maps), as the official code under autocast: half
+    # precision coordinates would move the points by up to 2**-11 (fp16) or 2**-8 (bf16) of the
+    # map, and half precision maps (AMP mask logits) give float32 point values for the losses.
+    dtype = torch.promote_types(input.dtype, torch.float32)
+    grid = 2.0 * point_coords.to(dtype) - 1.0
+    output = F.grid_sample(input.to(dtype), grid, **kwargs)
     return output.squeeze(3) if squeeze else output
 
 

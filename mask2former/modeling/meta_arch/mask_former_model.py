@@ -1,4 +1,5 @@
 """The MaskFormer / Mask2Former meta-architecture (semantic segmentation)."""
+import functools
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -9,6 +10,8 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_sem_seg_head
 from detectron2.modeling.backbone import Backbone
 from detectron2.structures import ImageList
+
+from mask2former.data.class_frequency import CLASS_WEIGHT_MODES, dataset_class_weights
 
 from ..criterion import SetCriterion
 from ..matcher import HungarianMatcher
@@ -186,9 +189,48 @@ class MaskFormer(nn.Module):
         self.semantic_on = semantic_on
         self.mask_loss_ignore_value = mask_loss_ignore_value
 
+    @staticmethod
+    def class_weight_args(cfg, num_classes: int) -> Dict:
+        """
+        SetCriterion's per-class weight arguments from ``MODEL.MASK_FORMER.CLASS_WEIGHTS_MODE``:
+        none for "none"; ``class_weights`` for "list"; for "inverse_sqrt_frequency", a
+        ``class_weights_provider`` that computes them from ``DATASETS.TRAIN`` when the criterion
+        first runs (training), so building the model for inference never reads the training set.
+        """
+        mf = cfg.MODEL.MASK_FORMER
+        mode, weights = mf.CLASS_WEIGHTS_MODE, list(mf.CLASS_WEIGHTS)
+        if mode not in CLASS_WEIGHT_MODES:
+            raise ValueError(
+                f"MODEL.MASK_FORMER.CLASS_WEIGHTS_MODE must be one of {CLASS_WEIGHT_MODES}, "
+                f"got {mode!r}"
+            )
+        if mode != "list" and weights:
+            raise ValueError(
+                "MODEL.MASK_FORMER.CLASS_WEIGHTS is only used with CLASS_WEIGHTS_MODE 'list' "
+                f"(mode is {mode!r})"
+            )
+        if mode == "list":
+            if len(weights) != num_classes:
+                raise ValueError(
+                    f"MODEL.MASK_FORMER.CLASS_WEIGHTS has {len(weights)} values for "
+                    f"{num_classes} classes (MODEL.SEM_SEG_HEAD.NUM_CLASSES)"
+                )
+            return {"class_weights": [float(w) for w in weights]}
+        if mode == "inverse_sqrt_frequency":
+            provider = functools.partial(
+                dataset_class_weights,
+                tuple(cfg.DATASETS.TRAIN),
+                num_classes,
+                cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
+                cfg.DATASETS.POLYGON_DRAW_ORDER,
+            )
+            return {"class_weights_provider": provider}
+        return {}
+
     @classmethod
     def build_criterion(cls, cfg, num_classes: int) -> SetCriterion:
-        """The matcher and set criterion of ``cfg.MODEL.MASK_FORMER`` (official weights)."""
+        """The matcher and set criterion of ``cfg.MODEL.MASK_FORMER`` (official weights, plus
+        the optional per-class weights, see ``class_weight_args``)."""
         mf = cfg.MODEL.MASK_FORMER
         matcher = HungarianMatcher(
             cost_class=mf.CLASS_WEIGHT,
@@ -216,6 +258,7 @@ class MaskFormer(nn.Module):
             num_points=mf.TRAIN_NUM_POINTS,
             oversample_ratio=mf.OVERSAMPLE_RATIO,
             importance_sample_ratio=mf.IMPORTANCE_SAMPLE_RATIO,
+            **cls.class_weight_args(cfg, num_classes),
         )
 
     @classmethod
