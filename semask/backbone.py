@@ -30,7 +30,12 @@ from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
 
-from mask2former.modeling.backbone.swin import D2SwinTransformer, SwinStage, WindowLayout
+from mask2former.modeling.backbone.swin import (
+    D2SwinTransformer,
+    StageOutput,
+    SwinStage,
+    WindowLayout,
+)
 
 __all__ = [
     "SEG_MAP_PREFIX",
@@ -43,7 +48,8 @@ __all__ = [
 ]
 
 # Backbone-output key of the class map of feature "resN": SEG_MAP_PREFIX + "resN".
-SEG_MAP_PREFIX = "seg_map_"
+SEG_MAP_NAME = "seg_map"
+SEG_MAP_PREFIX = SEG_MAP_NAME + "_"
 
 
 def seg_map_key(feature_name: str) -> str:
@@ -215,13 +221,13 @@ class SeMaskSwinStage(SwinStage):
             norm_layer=stage_kwargs.get("norm_layer", nn.LayerNorm),
         )
 
-    def forward(self, x: torch.Tensor, h: int, w: int):
-        """Returns (stage output [B, h*w, C], class logits [B, h*w, K], next-stage input, its h,
-        its w)."""
+    def forward(self, x: torch.Tensor, h: int, w: int) -> StageOutput:
+        """Stage output [B, h*w, C], next-stage input, its h, its w, and the class logits
+        [B, h*w, K] as the map ``"seg_map"`` (backbone output key ``seg_map_key(name)``)."""
         x = self.forward_blocks(x, h, w)
         seg_map, x = self.semantic_layer(x, h, w)
         x_down, next_h, next_w = self.forward_downsample(x, h, w)
-        return x, seg_map, x_down, next_h, next_w
+        return StageOutput(x, x_down, next_h, next_w, {SEG_MAP_NAME: seg_map})
 
 
 @BACKBONE_REGISTRY.register()
@@ -254,23 +260,23 @@ class D2SeMaskSwinTransformer(D2SwinTransformer):
         """
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        # read by build_stage, which the parent constructor calls
-        self._semantic_args = {
-            "num_classes": num_classes,
-            "sem_window_size": sem_window_size,
-            "num_sem_blocks": num_sem_blocks,
-        }
-        self._sem_global_stages = frozenset(sem_global_stages)
-        super().__init__(**kwargs)
-        bad = [i for i in sem_global_stages if not 0 <= i < self.num_layers]
+        num_stages = len(kwargs.get("depths", (2, 2, 6, 2)))
+        bad = [i for i in sem_global_stages if not 0 <= i < num_stages]
         if bad:
             raise ValueError(f"sem_global_stages {list(sem_global_stages)}: no stage {bad}")
+        global_stages = frozenset(sem_global_stages)
+
+        def semask_stage(index: int, **stage_kwargs) -> SeMaskSwinStage:
+            return SeMaskSwinStage(
+                num_classes=num_classes,
+                sem_window_size=sem_window_size,
+                num_sem_blocks=num_sem_blocks,
+                sem_windowed=index not in global_stages,
+                **stage_kwargs,
+            )
+
+        super().__init__(stage_factory=semask_stage, **kwargs)
         self.num_classes = num_classes
-        # the parent re-initialises every Linear layer with the Swin scheme; restore the official
-        # initialisation of the semantic-attention blocks
-        for module in self.modules():
-            if isinstance(module, SemanticAttention):
-                module.reset_parameters()
 
     @classmethod
     def from_config(cls, cfg, input_shape: Optional[ShapeSpec] = None):
@@ -283,30 +289,3 @@ class D2SeMaskSwinTransformer(D2SwinTransformer):
             sem_global_stages=swin.SEM_GLOBAL_STAGES,
         )
         return args
-
-    def build_stage(self, index: int, **kwargs) -> nn.Module:
-        return SeMaskSwinStage(
-            sem_windowed=index not in self._sem_global_stages, **self._semantic_args, **kwargs
-        )
-
-    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """
-        Args:
-            x: [N, C, H, W] images (any size; see :class:`D2SwinTransformer`).
-
-        Returns:
-            {"res{i+2}": [N, C_i, h_i, w_i], "seg_map_res{i+2}": [N, K, h_i, w_i]} for the
-            output stages (h_i = ceil(H / 2**(i+2)), likewise w_i).
-        """
-        if x.dim() != 4:
-            raise ValueError(f"SeMaskSwinTransformer takes an input of shape (N, C, H, W), got {tuple(x.shape)}")
-        x, h, w = self.forward_embed(x)
-        outs = {}
-        for i in range(max(self.out_indices) + 1):
-            x_out, seg_map, x, next_h, next_w = self.forward_stage(i, x, h, w)
-            if i in self.out_indices:
-                name = f"res{i + 2}"
-                outs[name] = self.forward_output(i, x_out, h, w)
-                outs[seg_map_key(name)] = seg_map.view(-1, h, w, self.num_classes).permute(0, 3, 1, 2).contiguous()
-            h, w = next_h, next_w
-        return outs

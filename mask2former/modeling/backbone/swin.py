@@ -7,15 +7,18 @@ attn.relative_position_bias_table, attn.relative_position_index, norm2, mlp.fc1,
 ``layers.{i}.downsample.{reduction, norm}`` and one output norm ``norm{i}`` per output stage.
 
 The backbone is meant to be extended (e.g. SeMask adds a semantic layer to each stage): stages are
-built by :meth:`SwinTransformer.build_stage` and run by :meth:`SwinTransformer.forward_stage`, and a
-stage splits into :meth:`SwinStage.forward_blocks` and :meth:`SwinStage.forward_downsample`.
+built by the ``stage_factory`` given to :class:`SwinTransformer` (default :func:`swin_stage`) and
+return a :class:`StageOutput`, whose ``maps`` (extra per-token maps of the stage, e.g. SeMask's
+class logits) appear in the backbone output next to the stage's features; a stage splits into
+:meth:`SwinStage.forward_blocks` and :meth:`SwinStage.forward_downsample`. Every stage initialises
+its own weights.
 
 Same numbers as the official code, computed with fewer copies: padding, cyclic shift and window
 partition (and their inverses) are one gather each (:class:`WindowLayout`, built once per stage),
 and without gradients the attention runs in ``scaled_dot_product_attention`` with the relative
 position bias and the shift mask folded into one additive mask.
 """
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -332,6 +335,30 @@ class PatchMerging(nn.Module):
         return self.reduction(self.norm(x.view(b, -1, 4 * c)))
 
 
+def init_swin_weights(m: nn.Module):
+    """The official Swin initialisation of Linear and LayerNorm layers (weights are normally
+    loaded from a checkpoint)."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.constant_(m.bias, 0)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.constant_(m.bias, 0)
+        nn.init.constant_(m.weight, 1.0)
+
+
+class StageOutput(NamedTuple):
+    """What a stage returns: its output tokens [B, h*w, C] (normalised into the feature map of
+    the stage), the next stage's input and size, and extra per-token maps [B, h*w, K] by name
+    (returned by the backbone as ``"<name>_res<i+2>"`` maps [B, K, h, w])."""
+
+    out: torch.Tensor
+    next: torch.Tensor
+    next_h: int
+    next_w: int
+    maps: Dict[str, torch.Tensor] = {}
+
+
 class SwinStage(nn.Module):
     """One Swin stage ("BasicLayer" in the official code): ``depth`` blocks alternating regular
     and shifted windows, then an optional :class:`PatchMerging` (``downsample``)."""
@@ -380,6 +407,7 @@ class SwinStage(nn.Module):
             ]
         )
         self.downsample = PatchMerging(dim=dim, norm_layer=norm_layer) if downsample else None
+        self.apply(init_swin_weights)
 
     def forward_blocks(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """Run the blocks on [B, H*W, C] tokens."""
@@ -402,11 +430,16 @@ class SwinStage(nn.Module):
             return x, h, w
         return self.downsample(x, h, w), (h + 1) // 2, (w + 1) // 2
 
-    def forward(self, x: torch.Tensor, h: int, w: int):
-        """Returns (stage output [B, H*W, C], next-stage input, its H, its W)."""
+    def forward(self, x: torch.Tensor, h: int, w: int) -> StageOutput:
+        """Stage output [B, H*W, C], next-stage input, its H, its W."""
         x = self.forward_blocks(x, h, w)
         x_down, hd, wd = self.forward_downsample(x, h, w)
-        return x, x_down, hd, wd
+        return StageOutput(x, x_down, hd, wd)
+
+
+def swin_stage(index: int, **stage_kwargs) -> SwinStage:
+    """The default stage factory of :class:`SwinTransformer`: a plain :class:`SwinStage`."""
+    return SwinStage(**stage_kwargs)
 
 
 class PatchEmbed(nn.Module):
@@ -463,6 +496,9 @@ class SwinTransformer(nn.Module):
             embedding; k >= 2 also stages 0 .. k-2 (official semantics). Frozen parts have
             ``requires_grad=False`` and stay in eval mode.
         use_checkpoint: activation checkpointing of every block (less memory, more time).
+        stage_factory: ``stage_factory(index, **stage_kwargs)`` builds stage ``index`` from the
+            :class:`SwinStage` arguments; the stage is called as ``stage(x, h, w)`` and returns
+            a :class:`StageOutput`.
     """
 
     def __init__(
@@ -486,6 +522,7 @@ class SwinTransformer(nn.Module):
         out_indices: Optional[Sequence[int]] = None,
         frozen_stages: int = -1,
         use_checkpoint: bool = False,
+        stage_factory: Callable[..., nn.Module] = swin_stage,
     ):
         super().__init__()
         if len(depths) != len(num_heads):
@@ -522,7 +559,7 @@ class SwinTransformer(nn.Module):
         self.layers = nn.ModuleList()
         for i in range(self.num_layers):
             self.layers.append(
-                self.build_stage(
+                stage_factory(
                     i,
                     dim=self.num_features[i],
                     depth=depths[i],
@@ -542,27 +579,9 @@ class SwinTransformer(nn.Module):
         for i in self.out_indices:
             self.add_module(f"norm{i}", norm_layer(self.num_features[i]))
 
-        self.apply(self._init_weights)
         if ape:
             nn.init.trunc_normal_(self.absolute_pos_embed, std=0.02)
         self._freeze_stages()
-
-    def build_stage(self, index: int, **kwargs) -> nn.Module:
-        """Build stage ``index`` from the :class:`SwinStage` arguments; override to extend the
-        stages. The returned module must be callable as ``stage(x, h, w)`` like
-        :class:`SwinStage`, or :meth:`forward_stage` must be overridden too."""
-        return SwinStage(**kwargs)
-
-    @staticmethod
-    def _init_weights(m: nn.Module):
-        # the official Swin initialisation (weights are normally loaded from a checkpoint)
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.constant_(m.bias, 0)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.constant_(m.bias, 0)
-            nn.init.constant_(m.weight, 1.0)
 
     def _freeze_stages(self):
         frozen = []
@@ -593,14 +612,15 @@ class SwinTransformer(nn.Module):
         x = x.flatten(2).transpose(1, 2)
         return self.pos_drop(x), h, w
 
-    def forward_stage(self, index: int, x: torch.Tensor, h: int, w: int):
-        """Run stage ``index``: returns (stage output, next-stage input, next h, next w)."""
-        return self.layers[index](x, h, w)
-
     def forward_output(self, index: int, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """Normalise the tokens of stage ``index`` and reshape to a [B, C, h, w] map."""
         x = getattr(self, f"norm{index}")(x)
         return x.view(-1, h, w, self.num_features[index]).permute(0, 3, 1, 2).contiguous()
+
+    @staticmethod
+    def tokens_to_map(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """[B, h*w, K] tokens -> [B, K, h, w] map."""
+        return x.view(x.shape[0], h, w, x.shape[-1]).permute(0, 3, 1, 2).contiguous()
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Image [B, C, H, W] -> {"res{i+2}": [B, embed_dim * 2**i, ceil(H / 2**(i+2)), ...]}
@@ -608,10 +628,13 @@ class SwinTransformer(nn.Module):
         x, h, w = self.forward_embed(x)
         outs = {}
         for i in range(max(self.out_indices) + 1):
-            x_out, x, next_h, next_w = self.forward_stage(i, x, h, w)
+            stage = self.layers[i](x, h, w)
             if i in self.out_indices:
-                outs[f"res{i + 2}"] = self.forward_output(i, x_out, h, w)
-            h, w = next_h, next_w
+                name = f"res{i + 2}"
+                outs[name] = self.forward_output(i, stage.out, h, w)
+                for key, tokens in stage.maps.items():
+                    outs[f"{key}_{name}"] = self.tokens_to_map(tokens, h, w)
+            x, h, w = stage.next, stage.next_h, stage.next_w
         return outs
 
 
