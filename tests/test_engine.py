@@ -14,7 +14,9 @@ from mask2former.engine import setup as engine_setup
 from semask import add_semask_config
 
 # the configuration train_net.py builds: Mask2Former + SeMask + DiNAT keys
-build_cfg = functools.partial(engine_setup.build_cfg, add_configs=(add_semask_config, add_dinat_config))
+build_cfg = functools.partial(
+    engine_setup.build_cfg, add_configs=(add_semask_config, add_dinat_config)
+)
 
 
 class Toy(nn.Module):

@@ -17,8 +17,6 @@ from dinat import add_dinat_config
 from mask2former.engine import setup as engine_setup
 from semask import add_semask_config
 
-# the configuration train_net.py builds: Mask2Former + SeMask + DiNAT keys
-build_cfg = functools.partial(engine_setup.build_cfg, add_configs=(add_semask_config, add_dinat_config))
 from semask import (
     BRANCH_OUTPUT_KEY,
     BranchMaskFormerHead,
@@ -33,13 +31,16 @@ from semask import (
     split_seg_maps,
 )
 
+# the configuration train_net.py builds: Mask2Former + SeMask + DiNAT keys
+build_cfg = functools.partial(
+    engine_setup.build_cfg, add_configs=(add_semask_config, add_dinat_config)
+)
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY_SEMASK = str(ROOT / "configs" / "tiny" / "semask_swin_tiny_cpu.yaml")
 TINY_M2F = str(ROOT / "configs" / "tiny" / "m2f_swin_tiny_cpu.yaml")
 TINY = dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), window_size=3, drop_path_rate=0.0)
 IGNORE = 255
-
-
 
 
 # ------------------------------------------------------------------------ float64 references

@@ -6,7 +6,8 @@
         --json data/trash/test.json --image-root data/trash --output out/pseudo_test --threshold 0.9 \
         [--class-thresholds 9=0.7 5=0.8] [--min-component 16] [--mode-filter] [--name trash_test_pseudo]
 
-Several dumps are soft-voted image by image (mask2former.inference.pseudo_label_writer). Writes OUT/pseudo.json (the json's images + sem_seg_file_name, polygons of the confident regions),
+Several dumps are soft-voted image by image (mask2former.inference.pseudo_label_writer). Writes
+OUT/pseudo.json (the json's images + sem_seg_file_name, polygons of the confident regions),
 OUT/labels/<file_name>.png (ignore 255) and OUT/report.json, then prints the statistics and the
 config overrides that train on train + pseudo-labels.
 """

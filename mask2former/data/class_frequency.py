@@ -1,9 +1,9 @@
 """Per-class pixel frequencies of a set of dataset records, and class weights derived from them.
 
 Every record is turned into its ground-truth label map with the project's rasteriser
-(:func:`mask2former.data.masks.rasterize.record_to_label_map`: the label PNG when the record has one,
-otherwise its polygons drawn in the configured order), at the record's own resolution, before any
-augmentation. Pixels with the ignore label are not counted.
+(:func:`mask2former.data.masks.rasterize.record_to_label_map`: the label PNG when the record has
+one, otherwise its polygons drawn in the configured order), at the record's own resolution,
+before any augmentation. Pixels with the ignore label are not counted.
 
 ``inverse_sqrt_frequency`` weights: with ``f_c`` the fraction of the labelled pixels that have
 class ``c``, ``w_c`` is proportional to ``1 / sqrt(f_c)`` and the weights are scaled so that

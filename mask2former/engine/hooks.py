@@ -85,7 +85,7 @@ class CopyPasteBankHook(HookBase):
                                    class_names=self.class_names, **self.kwargs)
             logger.info("copy-paste bank %d written to %s (class IoUs used: %s)", self.generation, folder,
                         "none (uniform)" if weights is None else
-                        ", ".join(f"{self.class_names[l]} {v:.3f}" for l, v in sorted(weights.items())))
+                        ", ".join(f"{self.class_names[c]} {v:.3f}" for c, v in sorted(weights.items())))
         self.generation += 1
         comm.synchronize()
 

@@ -22,8 +22,8 @@ preset                 Gaussian       bilateral
 
 Iterations: :data:`DEFAULT_ITERATIONS` = 10, the value of the widely copied pydensecrf snippet
 with the ``default`` preset and of DeepLab's CRF; some teams ran 50 (their write-ups do not
-say which they used). Zero iterations return the normalised clipped probabilities, whose argmax is the
-input's argmax.
+say which they used). Zero iterations return the normalised clipped probabilities, whose argmax
+is the input's argmax.
 
 Cost (512x512, 11 classes, ``default`` preset, one core; ``benchmarks/bench_crf.py``): about
 0.35 s to build the unary and the two permutohedral lattices, then about 0.12 s per iteration on

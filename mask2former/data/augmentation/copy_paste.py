@@ -84,7 +84,7 @@ def class_weights_from_iou(
         raise ValueError("no pastable objects: the training set has no usable annotations")
     if iou is None:
         return np.full(len(labels), 1.0 / len(labels))
-    raw = np.array([1.0 - iou[l] if l in iou and np.isfinite(iou[l]) else np.nan for l in labels])
+    raw = np.array([1.0 - iou[c] if c in iou and np.isfinite(iou[c]) else np.nan for c in labels])
     fill = np.nanmean(raw) if np.isfinite(raw).any() else 1.0
     weights = np.maximum(np.where(np.isfinite(raw), raw, fill), floor)
     return weights / weights.sum()
@@ -220,15 +220,15 @@ def generate_bank(
             if (i + 1) % 100 == 0 or i + 1 == num_images:
                 logger.info("copy-paste bank: %d / %d images", i + 1, num_images)
         categories = [
-            {"id": l, "name": class_names[l] if class_names else str(l)}
-            for l in range(1, len(class_names) if class_names else max(labels) + 1)
+            {"id": c, "name": class_names[c] if class_names else str(c)}
+            for c in range(1, len(class_names) if class_names else max(labels) + 1)
         ]
         bank = {
             "images": images,
             "annotations": annotations,
             "categories": categories,
-            "class_probs": {str(l): float(p) for l, p in zip(labels, probs)},
-            "pasted_per_class": {str(l): int(n) for l, n in zip(labels, pasted_per_class)},
+            "class_probs": {str(c): float(p) for c, p in zip(labels, probs)},
+            "pasted_per_class": {str(c): int(n) for c, n in zip(labels, pasted_per_class)},
             "seed": seed,
         }
         with open(os.path.join(tmp_dir, BANK_JSON), "w") as f:
