@@ -124,8 +124,8 @@ def _sync(device):
 
 def train_steps(config, precision, device, steps=3, batch_size=2, size=512, opts=()):
     """Warm-up + ``steps`` training steps of ``config``; a result row."""
-    amp = [] if precision == "fp32" else ["SOLVER.AMP.ENABLED", "True",
-                                          "SOLVER.AMP.PRECISION", precision]
+    amp = (["SOLVER.AMP.ENABLED", "False"] if precision == "fp32" else
+           ["SOLVER.AMP.ENABLED", "True", "SOLVER.AMP.PRECISION", precision])
     cfg = model_cfg(config, device, [*amp, *opts])
     torch.manual_seed(0)
     model = build_model(cfg)
