@@ -142,6 +142,14 @@ def test_opt_in_evaluates_trusted_legacy_file(data_root, clean_run, tmp_path):
     assert (tmp_path / "eval" / "inference" / "trash_val" / "lb_metrics.json").is_file()
 
 
+def test_truncated_weights_error_names_the_file(data_root, clean_run, tmp_path):
+    path = tmp_path / "truncated.pth"
+    path.write_bytes((clean_run / "model_final.pth").read_bytes()[:1_500_000])
+    output = run(predict_cmd(data_root, tmp_path, path), cwd=tmp_path, ok=False)
+    assert f"{path}: cannot read this checkpoint (1500000 bytes;" in output
+    assert "truncated or corrupt" in output and "will likely succeed" not in output
+
+
 # ------------------------------------------------------------------------------ wrong head
 def test_head_that_does_not_fit_is_refused_for_inference(data_root, clean_run, tmp_path):
     ckpt = read_checkpoint(str(clean_run / "model_final.pth"))
