@@ -57,7 +57,8 @@ def command(script, *args):
 
 def run(cmd, cwd, ok=True):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=str(cwd), env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=str(cwd), env=env, capture_output=True, text=True, check=False,
+                          timeout=600)
     output = proc.stdout + proc.stderr
     assert (proc.returncode == 0) == ok, f"{' '.join(cmd)}\n{output[-4000:]}"
     return output
@@ -140,6 +141,14 @@ def test_opt_in_evaluates_trusted_legacy_file(data_root, clean_run, tmp_path):
     run(eval_cmd(data_root, tmp_path / "eval", legacy, "MODEL.WEIGHTS_ALLOW_CODE_EXECUTION", True),
         cwd=tmp_path)
     assert (tmp_path / "eval" / "inference" / "trash_val" / "lb_metrics.json").is_file()
+
+
+def test_truncated_weights_error_names_the_file(data_root, clean_run, tmp_path):
+    path = tmp_path / "truncated.pth"
+    path.write_bytes((clean_run / "model_final.pth").read_bytes()[:1_500_000])
+    output = run(predict_cmd(data_root, tmp_path, path), cwd=tmp_path, ok=False)
+    assert f"{path}: cannot read this checkpoint (1500000 bytes;" in output
+    assert "truncated or corrupt" in output and "will likely succeed" not in output
 
 
 # ------------------------------------------------------------------------------ wrong head

@@ -19,7 +19,6 @@ import pickle
 import re
 import secrets
 from dataclasses import dataclass, field
-from typing import List, Tuple
 
 import numpy as np
 import torch
@@ -319,10 +318,10 @@ class LoadReport:
 
     path: str
     num_model_tensors: int
-    missing: List[str] = field(default_factory=list)
-    unexpected: List[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
     # (name, shape in the file, shape in the model)
-    wrong_shape: List[Tuple[str, tuple, tuple]] = field(default_factory=list)
+    wrong_shape: list[tuple[str, tuple, tuple]] = field(default_factory=list)
 
     @property
     def num_loaded(self):

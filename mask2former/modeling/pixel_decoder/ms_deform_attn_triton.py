@@ -118,7 +118,9 @@ if triton is not None:
             height = tl.load(levels_ptr + 3 * level)
             width = tl.load(levels_ptr + 3 * level + 1)
             start = tl.load(levels_ptr + 3 * level + 2).to(tl.int64)
-            for point in tl.static_range(NUM_POINTS):
+            # a loop, not unrolled: unrolling every point issues all corner loads at once and
+            # spills registers (sm_90, 32 queries x 32 channels: 255 registers and a stack)
+            for point in range(NUM_POINTS):
                 k = level * NUM_POINTS + point
                 attn = tl.load(
                     weight_ptr + bag * (NUM_LEVELS * NUM_POINTS) + k, mask=q_mask, other=0.0
@@ -284,7 +286,10 @@ class _MSDeformAttnTritonFunction(torch.autograd.Function):
     def forward(ctx, value, levels, locations, weights):
         n, s, m, d = value.shape
         _, lq, _, n_levels, n_points, _ = locations.shape
+        ctx.save_for_backward(value, levels, locations, weights)
         out = value.new_empty(n, lq, m, d)
+        if out.numel() == 0:
+            return out
         block_q, block_d, query_blocks, grid = _launch_config(n, m, lq, d)
         with _on_device(value):
             _ms_deform_attn_forward_kernel[grid](
@@ -292,7 +297,6 @@ class _MSDeformAttnTritonFunction(torch.autograd.Function):
                 NUM_HEADS=m, HEAD_DIM=d, NUM_LEVELS=n_levels, NUM_POINTS=n_points,
                 BLOCK_Q=block_q, BLOCK_D=block_d,
             )  # fmt: skip
-        ctx.save_for_backward(value, levels, locations, weights)
         return out
 
     @staticmethod
@@ -310,17 +314,20 @@ class _MSDeformAttnTritonFunction(torch.autograd.Function):
             grad_value = torch.zeros(value.shape, dtype=torch.float32, device=value.device)
         else:
             grad_value = value
-        grad_locations = torch.empty_like(locations) if need_sampling else locations
-        grad_weights = torch.empty_like(weights) if need_sampling else weights
-        block_q, block_d, query_blocks, grid = _launch_config(n, m, lq, d)
-        with _on_device(value):
-            _ms_deform_attn_backward_kernel[grid](
-                value, levels, locations, weights, grad_out,
-                grad_value, grad_locations, grad_weights, lq, s, query_blocks,
-                NUM_HEADS=m, HEAD_DIM=d, NUM_LEVELS=n_levels, NUM_POINTS=n_points,
-                BLOCK_Q=block_q, BLOCK_D=block_d,
-                GRAD_VALUE=need_value, GRAD_SAMPLING=need_sampling,
-            )  # fmt: skip
+        if need_sampling:
+            grad_locations, grad_weights = torch.zeros_like(locations), torch.zeros_like(weights)
+        else:
+            grad_locations, grad_weights = locations, weights
+        if grad_out.numel() > 0:
+            block_q, block_d, query_blocks, grid = _launch_config(n, m, lq, d)
+            with _on_device(value):
+                _ms_deform_attn_backward_kernel[grid](
+                    value, levels, locations, weights, grad_out,
+                    grad_value, grad_locations, grad_weights, lq, s, query_blocks,
+                    NUM_HEADS=m, HEAD_DIM=d, NUM_LEVELS=n_levels, NUM_POINTS=n_points,
+                    BLOCK_Q=block_q, BLOCK_D=block_d,
+                    GRAD_VALUE=need_value, GRAD_SAMPLING=need_sampling,
+                )  # fmt: skip
         return (
             grad_value.to(value.dtype) if need_value else None,
             None,
@@ -385,10 +392,6 @@ def ms_deform_attn_triton(
             raise ValueError(f"{name} must be a float tensor, got {tensor.dtype}")
     if not value.is_floating_point():
         raise ValueError(f"value must be a float tensor, got {value.dtype}")
-    if value.numel() == 0 or sampling_locations.numel() == 0:
-        # nothing to sample: zeros (as the reference), still differentiable
-        zeros = (value.sum() + sampling_locations.sum() + attention_weights.sum()) * 0
-        return zeros.to(value.dtype).expand(n, lq, m * d).contiguous()
     levels = _level_table(shapes, value.device)
     output = _MSDeformAttnTritonFunction.apply(
         value.contiguous(), levels, sampling_locations.contiguous(), attention_weights.contiguous()
