@@ -44,6 +44,7 @@ from detectron2.utils.events import EventStorage
 from mask2former.engine import build_cfg, build_optimizer
 from mask2former.engine.trainer import build_step_trainer
 from mask2former.modeling import MSDeformAttn
+from semask import add_semask_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TRAIN_MODELS = {
@@ -97,7 +98,11 @@ def _repeat(item):
 
 
 def model_cfg(config, device, opts=()):
-    return build_cfg(str(CONFIGS / config), ["MODEL.DEVICE", device, *map(str, opts)])
+    return build_cfg(
+        str(CONFIGS / config),
+        ["MODEL.DEVICE", device, *map(str, opts)],
+        (add_semask_config, dinat.add_dinat_config),
+    )
 
 
 @contextlib.contextmanager

@@ -31,7 +31,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Instances
 from detectron2.utils import comm
 
-from mask2former.data import generate_synthetic_trash
+from mask2former.data.offline.synthetic import generate_synthetic_trash
 from mask2former.engine.ddp import create_ddp_model
 from mask2former.engine.setup import build_cfg
 
