@@ -88,6 +88,9 @@ class SemanticAttention(nn.Module):
         proj_drop: dropout on the residual (official: 0.1).
     """
 
+    # the backbone's Swin initialisation leaves these layers with the official one below
+    keeps_own_init = True
+
     def __init__(self, dim: int, num_classes: int, proj_drop: float = 0.1):
         super().__init__()
         self.dim = dim

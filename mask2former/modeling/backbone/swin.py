@@ -10,8 +10,8 @@ The backbone is meant to be extended (e.g. SeMask adds a semantic layer to each 
 built by the ``stage_factory`` given to :class:`SwinTransformer` (default :func:`swin_stage`) and
 return a :class:`StageOutput`, whose ``maps`` (extra per-token maps of the stage, e.g. SeMask's
 class logits) appear in the backbone output next to the stage's features; a stage splits into
-:meth:`SwinStage.forward_blocks` and :meth:`SwinStage.forward_downsample`. Every stage initialises
-its own weights.
+:meth:`SwinStage.forward_blocks` and :meth:`SwinStage.forward_downsample`. Layers with their own
+official initialisation opt out of the Swin one (:func:`init_swin_weights`).
 
 Same numbers as the official code, computed with fewer copies: padding, cyclic shift and window
 partition (and their inverses) are one gather each (:class:`WindowLayout`, built once per stage),
@@ -335,16 +335,25 @@ class PatchMerging(nn.Module):
         return self.reduction(self.norm(x.view(b, -1, 4 * c)))
 
 
-def init_swin_weights(m: nn.Module):
-    """The official Swin initialisation of Linear and LayerNorm layers (weights are normally
-    loaded from a checkpoint)."""
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.constant_(m.bias, 0)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.constant_(m.bias, 0)
-        nn.init.constant_(m.weight, 1.0)
+def init_swin_weights(module: nn.Module):
+    """The official Swin initialisation of the Linear and LayerNorm layers under ``module``
+    (weights are normally loaded from a checkpoint), in module order.
+
+    Modules whose class sets ``keeps_own_init = True`` (an extension's layers with their own
+    official initialisation, e.g. SeMask's semantic attention) are left as they are, with
+    everything below them.
+    """
+    if getattr(module, "keeps_own_init", False):
+        return
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.constant_(module.bias, 0)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.constant_(module.bias, 0)
+        nn.init.constant_(module.weight, 1.0)
+    for child in module.children():
+        init_swin_weights(child)
 
 
 class StageOutput(NamedTuple):
@@ -407,7 +416,6 @@ class SwinStage(nn.Module):
             ]
         )
         self.downsample = PatchMerging(dim=dim, norm_layer=norm_layer) if downsample else None
-        self.apply(init_swin_weights)
 
     def forward_blocks(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """Run the blocks on [B, H*W, C] tokens."""
@@ -579,6 +587,7 @@ class SwinTransformer(nn.Module):
         for i in self.out_indices:
             self.add_module(f"norm{i}", norm_layer(self.num_features[i]))
 
+        init_swin_weights(self)
         if ape:
             nn.init.trunc_normal_(self.absolute_pos_embed, std=0.02)
         self._freeze_stages()
