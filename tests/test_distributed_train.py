@@ -203,6 +203,11 @@ def test_two_processes_train_kill_resume_and_eval(data_root, tmp_path):
     for key, value in one["metrics"].items():
         if isinstance(value, float):
             assert two["metrics"][key] == pytest.approx(value, abs=1e-6, nan_ok=True), key
+    # the gathered confusion matrix and per-image scores (the tiny model predicts mostly
+    # background after a few iterations, so these carry the comparison)
+    assert two["confusion_matrix"] == one["confusion_matrix"]
+    by_name = sorted(one["per_image"], key=lambda r: r["file_name"])
+    assert sorted(two["per_image"], key=lambda r: r["file_name"]) == by_name
 
 
 # --------------------------------------------------------------------------- 2 machines
