@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-r"""Soft-voting ensemble of probability dumps -> optional DenseCRF -> agreement overwrite -> outputs.
+r"""Soft-voting ensemble of probability dumps -> optional DenseCRF -> agreement overwrite ->
+outputs (submission CSV, label PNGs, probability dump, score).
 
     python tools/ensemble.py --dumps out/probs_dinat out/probs_semask out/probs_swin \
         --weights 2 2 1 --json data/trash/test.json --crf default --agreement-overwrite \

@@ -1,10 +1,12 @@
 #!/usr/bin/env python
 """Pseudo-label unlabeled images from probability dumps.
 
-    python tools/predict.py --config-file ... --weights ... --dataset trash_test --probs out/probs_a ...
+    python tools/predict.py --config-file ... --weights ... --dataset trash_test \
+        --probs out/probs_a ...
     python tools/pseudo_label.py --dumps out/probs_a out/probs_b [--weights 2 1] \
-        --json data/trash/test.json --image-root data/trash --output out/pseudo_test --threshold 0.9 \
-        [--class-thresholds 9=0.7 5=0.8] [--min-component 16] [--mode-filter] [--name trash_test_pseudo]
+        --json data/trash/test.json --image-root data/trash --output out/pseudo_test \
+        --threshold 0.9 [--class-thresholds 9=0.7 5=0.8] [--min-component 16] [--mode-filter] \
+        [--name trash_test_pseudo]
 
 Several dumps are soft-voted image by image (mask2former.inference.pseudo_label_writer). Writes
 OUT/pseudo.json (the json's images + sem_seg_file_name, polygons of the confident regions),
