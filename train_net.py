@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Train / evaluate Mask2Former, SeMask and DiNAT models for semantic segmentation.
 
-    python train_net.py --config-file configs/m2f_dinat_l.yaml --num-gpus 1 [KEY VALUE ...]
-    python train_net.py --config-file ... --eval-only MODEL.WEIGHTS out/model_final.pth
-    python train_net.py --config-file ... --resume
+python train_net.py --config-file configs/m2f_dinat_l.yaml --num-gpus 1 [KEY VALUE ...]
+python train_net.py --config-file ... --eval-only MODEL.WEIGHTS out/model_final.pth
+python train_net.py --config-file ... --resume
 """
+
 import logging
 
 from detectron2.engine import default_argument_parser, default_setup, launch
@@ -42,7 +43,9 @@ def main(args):
         model = Trainer.build_model(cfg)
         # save_to_disk=False: evaluation never writes into (or cleans) a training's folder
         checkpointer = SafeCheckpointer(
-            model, save_dir=cfg.OUTPUT_DIR, save_to_disk=False,
+            model,
+            save_dir=cfg.OUTPUT_DIR,
+            save_to_disk=False,
             allow_code_execution=cfg.MODEL.WEIGHTS_ALLOW_CODE_EXECUTION,
         )
         # refuses weights that leave any model tensor unloaded

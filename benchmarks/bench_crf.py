@@ -16,6 +16,7 @@
 
 Medians of ``--repeats`` runs, one thread; run on an otherwise idle machine.
 """
+
 import argparse
 import statistics
 import tempfile
@@ -30,8 +31,8 @@ from mask2former.data.masks.rasterize import polygons_to_label_map
 from mask2former.data.offline.synthetic import render_synthetic_image
 from mask2former.inference.ensemble import SoftVotingEnsemble
 from mask2former.inference.pipeline import EnsemblePipeline
-from mask2former.postprocess.crf import CRF_PRESETS, crf_unary, dense_crf
 from mask2former.inference.prob_dump import ProbDumpWriter
+from mask2former.postprocess.crf import CRF_PRESETS, crf_unary, dense_crf
 
 SIZE = 512
 NUM_CLASSES = 11
@@ -50,9 +51,13 @@ def model_like_probs(truth, rng, noise_scale=1.2, num_classes=NUM_CLASSES):
     """Probabilities of a model that is right on about 80 % of the pixels: softmax of
     3 * one-hot(truth) + smooth Gaussian noise (blobs of errors, not salt and pepper), stored as
     float16 like a dump and read back as float32."""
-    noise = cv2.GaussianBlur(rng.normal(size=truth.shape + (num_classes,)).astype(np.float32), (0, 0), 6)
+    noise = cv2.GaussianBlur(
+        rng.normal(size=truth.shape + (num_classes,)).astype(np.float32), (0, 0), 6
+    )
     noise /= noise.std()
-    logits = (3 * np.eye(num_classes, dtype=np.float32)[truth] + noise_scale * noise).transpose(2, 0, 1)
+    logits = (3 * np.eye(num_classes, dtype=np.float32)[truth] + noise_scale * noise).transpose(
+        2, 0, 1
+    )
     probs = np.exp(logits - logits.max(0))
     probs /= probs.sum(0)
     return probs.astype(np.float16).astype(np.float32)
@@ -72,17 +77,27 @@ def bench_crf(name, image, probs, truth, repeats):
     preset = CRF_PRESETS["default"]
     unary = median_time(lambda: crf_unary(probs), repeats)
     setup = median_time(lambda: dense_crf(image, probs, preset, 0), repeats)
-    print(f"\nDenseCRF {name} {SIZE}x{SIZE}, {NUM_CLASSES} classes, preset default (median of "
-          f"{repeats}); unary {unary * 1e3:.0f} ms, unary + lattices + copy (0 iterations) {setup:.2f} s")
-    print(f"{'iterations':>10} | {'dense_crf':>9} | {'textbook':>9} | {'per iteration':>13} | pixel accuracy")
-    print(f"{0:>10} | {setup:>8.2f}s | {'':>9} | {'':>13} | {(probs.argmax(0) == truth).mean():.4f}")
+    print(
+        f"\nDenseCRF {name} {SIZE}x{SIZE}, {NUM_CLASSES} classes, preset default (median of "
+        f"{repeats}); unary {unary * 1e3:.0f} ms, unary "
+        f"+ lattices + copy (0 iterations) {setup:.2f} s"
+    )
+    print(
+        f"{'iterations':>10} | {'dense_crf':>9} | {'textbook':>9} "
+        f"| {'per iteration':>13} | pixel accuracy"
+    )
+    print(
+        f"{0:>10} | {setup:>8.2f}s | {'':>9} | {'':>13} | {(probs.argmax(0) == truth).mean():.4f}"
+    )
     for iterations in (5, 10, 50):
         ours = median_time(lambda: dense_crf(image, probs, preset, iterations), repeats)
         textbook = median_time(lambda: textbook_crf(image, probs, iterations), repeats)
         accuracy = (dense_crf(image, probs, preset, iterations).argmax(0) == truth).mean()
         per_iteration = (ours - setup) / iterations * 1e3
-        print(f"{iterations:>10} | {ours:>8.2f}s | {textbook:>8.2f}s | {per_iteration:>10.0f} ms"
-              f" | {accuracy:.4f}")
+        print(
+            f"{iterations:>10} | {ours:>8.2f}s | {textbook:>8.2f}s | {per_iteration:>10.0f} ms"
+            f" | {accuracy:.4f}"
+        )
 
 
 def bench_ensemble(num_images, repeats):
@@ -110,8 +125,10 @@ def bench_ensemble(num_images, repeats):
                 pass
 
         vote()  # warm the page cache
-        print(f"\nsoft-voting ensemble, 3 dumps of {num_images} images {SIZE}x{SIZE} float16, "
-              f"{NUM_CLASSES} classes (median of {repeats})")
+        print(
+            f"\nsoft-voting ensemble, 3 dumps of {num_images} images {SIZE}x{SIZE} float16, "
+            f"{NUM_CLASSES} classes (median of {repeats})"
+        )
         for name, fn in (("soft vote", vote), ("soft vote + agreement + argmax", vote_agreement)):
             seconds = median_time(fn, repeats)
             ms = seconds / num_images * 1e3
@@ -121,36 +138,58 @@ def bench_ensemble(num_images, repeats):
 def bench_workers(num_images, repeats):
     """Vote + DenseCRF (10 iterations) + agreement over 2 dumps, 1 vs 2 worker processes."""
     with tempfile.TemporaryDirectory() as tmp:
-        writers = [ProbDumpWriter(f"{tmp}/m{m}", [f"c{k}" for k in range(NUM_CLASSES)]) for m in range(2)]
+        writers = [
+            ProbDumpWriter(f"{tmp}/m{m}", [f"c{k}" for k in range(NUM_CLASSES)]) for m in range(2)
+        ]
         for i in range(num_images):
             rng = np.random.default_rng(10 + i)
             photo, annotations = render_synthetic_image(SIZE, rng, objects_per_image=(5, 6))
             cv2.imwrite(f"{tmp}/img{i}.png", photo[:, :, ::-1])
             truth = polygons_to_label_map(annotations, SIZE, SIZE)
             for m, writer in enumerate(writers):
-                writer.add(f"img{i}.png", model_like_probs(truth, np.random.default_rng(100 * m + i)))
+                writer.add(
+                    f"img{i}.png", model_like_probs(truth, np.random.default_rng(100 * m + i))
+                )
         for writer in writers:
             writer.close()
         ensemble = SoftVotingEnsemble([w.out_dir for w in writers])
-        pipeline = EnsemblePipeline(ensemble, crf_params=CRF_PRESETS["default"], agreement=True,
-                                    image_root=tmp, keep_probs=False)
-        print(f"\nvote + DenseCRF default x10 + agreement, 2 dumps of {num_images} images "
-              f"(median of {repeats})")
+        pipeline = EnsemblePipeline(
+            ensemble,
+            crf_params=CRF_PRESETS["default"],
+            agreement=True,
+            image_root=tmp,
+            keep_probs=False,
+        )
+        print(
+            f"\nvote + DenseCRF default x10 + agreement, 2 dumps of {num_images} images "
+            f"(median of {repeats})"
+        )
         for workers in (1, 2):
             seconds = median_time(lambda: list(pipeline.predictions(workers=workers)), repeats)
             per_image = seconds / num_images
-            print(f"  workers {workers}: {num_images / seconds:.2f} images/s ({per_image:.2f} s/image)")
+            print(
+                f"  workers {workers}: {num_images / seconds:.2f} "
+                f"images/s ({per_image:.2f} s/image)"
+            )
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--noise", action="store_true", help="also a uniform-noise image (slow: ~2 min)")
-    parser.add_argument("--images", type=int, default=8, help="images per dump for the ensemble figure")
+    parser.add_argument(
+        "--noise", action="store_true", help="also a uniform-noise image (slow: ~2 min)"
+    )
+    parser.add_argument(
+        "--images", type=int, default=8, help="images per dump for the ensemble figure"
+    )
     args = parser.parse_args()
     cv2.setNumThreads(1)
 
-    photo, annotations = render_synthetic_image(SIZE, np.random.default_rng(1), objects_per_image=(5, 6))
+    photo, annotations = render_synthetic_image(
+        SIZE, np.random.default_rng(1), objects_per_image=(5, 6)
+    )
     truth = polygons_to_label_map(annotations, SIZE, SIZE)
     probs = model_like_probs(truth, np.random.default_rng(0))
     bench_crf("synthetic trash photo", np.ascontiguousarray(photo), probs, truth, args.repeats)

@@ -10,6 +10,7 @@ training step; 2.4 s of inference split as backbone 0.57, pixel decoder 1.41, tr
 decoder 0.30, upsampling + semantic inference 0.15.
 Figures are medians over ``--repeats`` runs after one warm-up run.
 """
+
 import argparse
 import statistics
 import time
@@ -17,13 +18,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from torch.nn import functional as F
-
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.projects.deeplab import add_deeplab_config
 from detectron2.structures import Instances
+from torch.nn import functional as F
 
 from mask2former.config import add_maskformer2_config
 from mask2former.modeling.backbone import swin  # noqa: F401  (registers D2SwinTransformer)

@@ -16,6 +16,7 @@ Model (``--skip-model`` to leave out): Mask2Former with DiNAT-L (configs/m2f_din
 init, one 512x512 image, 11 classes, fp32, split into backbone and the rest.
 Figures are medians over ``--repeats`` runs after one warm-up run (NATTEN: a single run).
 """
+
 import argparse
 import statistics
 import time
@@ -94,6 +95,7 @@ def bench_model(args):
 
     from dinat import add_dinat_config
     from mask2former import add_maskformer2_config
+
     # Registers MaskFormer and its pixel decoder.
     from mask2former.modeling import meta_arch, pixel_decoder  # noqa: F401
 

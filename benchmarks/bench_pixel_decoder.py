@@ -24,13 +24,13 @@ backbone 0.57 s of a 2.4 s inference.
 Wall-clock medians over ``--repeats`` runs after one warm-up, and the process CPU time (all
 threads), which is less sensitive to other processes on a shared machine.
 """
+
 import argparse
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
-
 from detectron2.layers import ShapeSpec
 
 from mask2former.modeling.backbone.swin import (
@@ -93,7 +93,9 @@ def op_inputs(image_size, batch, requires_grad, seed=0):
     value = torch.randn(batch, s, heads, dim, generator=g)
     refs = []
     for h, w in shapes:
-        ys, xs = torch.meshgrid((torch.arange(h) + 0.5) / h, (torch.arange(w) + 0.5) / w, indexing="ij")
+        ys, xs = torch.meshgrid(
+            (torch.arange(h) + 0.5) / h, (torch.arange(w) + 0.5) / w, indexing="ij"
+        )
         refs.append(torch.stack([xs, ys], -1).reshape(-1, 2))
     refs = torch.cat(refs)
     size = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float32).view(levels, 1, 2)
@@ -124,6 +126,7 @@ def bench_op(repeats):
     grad = torch.randn(2, inputs[1].shape[1], 256)
     base = None
     for name, fn in (("pytorch", ms_deform_attn_pytorch), ("fast", ms_deform_attn_fast)):
+
         def step():
             for t in inputs:
                 t.grad = None
@@ -164,7 +167,8 @@ def bench_module(repeats):
 def make_decoder(impl):
     torch.manual_seed(0)
     shapes = {
-        k: ShapeSpec(channels=c, stride=4 * 2**i) for i, (k, c) in enumerate(SWIN_T_CHANNELS.items())
+        k: ShapeSpec(channels=c, stride=4 * 2**i)
+        for i, (k, c) in enumerate(SWIN_T_CHANNELS.items())
     }
     return MSDeformAttnPixelDecoder(
         shapes,

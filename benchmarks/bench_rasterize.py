@@ -12,6 +12,7 @@ of identical pixels over all images).
 
     python benchmarks/bench_rasterize.py [--images 300] [--repeats 3] [--json PATH]
 """
+
 import argparse
 import contextlib
 import io
@@ -25,7 +26,9 @@ from pycocotools.coco import COCO
 
 from mask2former.data.masks.rasterize import polygons_to_label_map
 
-DEFAULT_JSON = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "taco" / "annotations.json"
+DEFAULT_JSON = (
+    Path(__file__).resolve().parents[1].parent / "shared" / "data" / "taco" / "annotations.json"
+)
 
 
 def load(json_file, n_images):
@@ -35,7 +38,9 @@ def load(json_file, n_images):
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
-    label_of = {c["id"]: i + 1 for i, c in enumerate(sorted(data["categories"], key=lambda c: c["id"]))}
+    label_of = {
+        c["id"]: i + 1 for i, c in enumerate(sorted(data["categories"], key=lambda c: c["id"]))
+    }
     images = [img for img in data["images"] if coco.imgToAnns.get(img["id"])][:n_images]
     return coco, images, label_of
 
@@ -68,7 +73,9 @@ def timed(fn, repeats):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--json", default=str(DEFAULT_JSON))
     parser.add_argument("--images", type=int, default=300, help="first N annotated images")
     parser.add_argument("--repeats", type=int, default=3)
@@ -76,11 +83,15 @@ def main():
 
     coco, images, label_of = load(args.json, args.images)
     per_image = [
-        [dict(a, category_id=label_of[a["category_id"]]) for a in coco.imgToAnns[img["id"]]] for img in images
+        [dict(a, category_id=label_of[a["category_id"]]) for a in coco.imgToAnns[img["id"]]]
+        for img in images
     ]
     megapixels = sum(img["height"] * img["width"] for img in images) / 1e6
     n_anns = sum(len(a) for a in per_image)
-    print(f"{len(images)} images, {n_anns} annotations, {megapixels:.0f} Mpx, {args.repeats} repeats (median)")
+    print(
+        f"{len(images)} images, {n_anns} annotations, "
+        f"{megapixels:.0f} Mpx, {args.repeats} repeats (median)"
+    )
 
     t_base, ref = timed(lambda: baseline(coco, images, label_of), args.repeats)
     t_ours, res = timed(lambda: ours(per_image, images), args.repeats)
@@ -88,9 +99,14 @@ def main():
     total = sum(a.size for a in ref)
     differing_images = sum(int(not np.array_equal(a, b)) for a, b in zip(ref, res))
     for name, t in (("pycocotools loop", t_base), ("polygons_to_label_map", t_ours)):
-        print(f"{name:>22}: {len(images) / t:7.1f} images/s  {megapixels / t:7.1f} Mpx/s  ({t:.2f} s)")
+        print(
+            f"{name:>22}: {len(images) / t:7.1f} images/s  {megapixels / t:7.1f} Mpx/s  ({t:.2f} s)"
+        )
     print(f"{'speed-up':>22}: {t_base / t_ours:.1f}x")
-    print(f"{'agreement':>22}: {same / total:.9f} of pixels identical ({differing_images} images differ)")
+    print(
+        f"{'agreement':>22}: {same / total:.9f} of pixels "
+        f"identical ({differing_images} images differ)"
+    )
 
 
 if __name__ == "__main__":

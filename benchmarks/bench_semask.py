@@ -8,6 +8,7 @@ one semantic-attention block per stage), 11 classes, random init. The semantic l
 the backbone time is measured with forward hooks. Figures are medians over ``--repeats`` runs
 after one warm-up run.
 """
+
 import argparse
 import statistics
 import time
@@ -15,12 +16,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-
 from detectron2.modeling import build_model
 
 from mask2former.engine.setup import build_cfg
-from semask import add_semask_config
-from semask import SemanticLayer
+from semask import SemanticLayer, add_semask_config
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "semask_swin_l.yaml"
 
@@ -60,7 +59,13 @@ def time_semantic_layers(model):
 
 def bench_inference(model, repeats):
     model.eval()
-    inputs = [{"image": torch.randint(0, 256, (3, 512, 512), dtype=torch.uint8), "height": 512, "width": 512}]
+    inputs = [
+        {
+            "image": torch.randint(0, 256, (3, 512, 512), dtype=torch.uint8),
+            "height": 512,
+            "width": 512,
+        }
+    ]
     head = model.sem_seg_head
     semantic = time_semantic_layers(model)
     timer = Timer()
@@ -84,9 +89,13 @@ def bench_inference(model, repeats):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: default)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch intra-op threads (0: default)"
+    )
     parser.add_argument("opts", nargs="*", help="extra config KEY VALUE pairs")
     args = parser.parse_args()
     if args.threads:
@@ -95,7 +104,10 @@ def main():
     torch.manual_seed(0)
     model = build_model(cfg)
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU; config {CONFIG.name}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} "
+        f"threads, fp32 CPU; config {CONFIG.name}"
+    )
     print(f"parameters: {params:.1f} M")
     timer = bench_inference(model, args.repeats)
     print("\nInference, one 512x512 image (random init)")

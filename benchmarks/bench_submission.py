@@ -9,6 +9,7 @@ the time of ``read_submission``.
 
     python benchmarks/bench_submission.py [--images 819] [--repeats 3]
 """
+
 import argparse
 import csv
 import os
@@ -81,8 +82,10 @@ def main():
             identical = a.read() == b.read()
         megabytes = os.path.getsize(fast_path) / 1e6
 
-    print(f"{args.images} label maps {args.size}x{args.size}, {args.classes} classes -> 256x256 "
-          f"CSV ({megabytes:.1f} MB), median of {args.repeats}")
+    print(
+        f"{args.images} label maps {args.size}x{args.size}, {args.classes} classes -> 256x256 "
+        f"CSV ({megabytes:.1f} MB), median of {args.repeats}"
+    )
     print("formatting the 256x256 masks only (no resize, no file):")
     print(f"  str join           : {join_only:7.2f} s")
     print(f"  format_prediction  : {format_only:7.2f} s   ({join_only / format_only:.1f}x faster)")

@@ -26,6 +26,7 @@ data; nothing is downloaded):
 One table is printed and the results are written as JSON (``--output``). The exit status is 1
 when a check fails.
 """
+
 import argparse
 import contextlib
 import json
@@ -36,11 +37,11 @@ import time
 from pathlib import Path
 
 import torch
-
-import dinat
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
 from detectron2.utils.events import EventStorage
+
+import dinat
 from mask2former.engine import build_cfg, build_optimizer
 from mask2former.engine.trainer import build_step_trainer
 from mask2former.modeling import MSDeformAttn
@@ -54,8 +55,10 @@ TRAIN_MODELS = {
 }
 PRECISIONS = ("fp32", "float16", "bfloat16")
 TINY_MODELS = ("m2f_swin_tiny_cpu.yaml", "semask_swin_tiny_cpu.yaml", "m2f_dinat_tiny_cpu.yaml")
-INFERENCE_MODELS = {"Swin-T 512x512": ("m2f_swin_t.yaml", 512, 23.8),
-                    "Swin-L 640x640": ("m2f_swin_l.yaml", 640, 8.8)}
+INFERENCE_MODELS = {
+    "Swin-T 512x512": ("m2f_swin_t.yaml", 512, 23.8),
+    "Swin-L 640x640": ("m2f_swin_l.yaml", 640, 8.8),
+}
 CHECKS = ("train", "parity", "attention", "deformable", "inference")
 # Largest differences accepted (fp32 on both sides; different kernels and summation orders).
 PARITY_TOL = 1e-3
@@ -67,8 +70,10 @@ def cuda_skip_reason():
     """Why the check cannot run here, or None when a CUDA device is available."""
     if torch.cuda.is_available():
         return None
-    return (f"CUDA is not available (torch {torch.__version__}, built with CUDA "
-            f"{torch.version.cuda or 'none'}): the GPU self-check needs a CUDA GPU")
+    return (
+        f"CUDA is not available (torch {torch.__version__}, built with CUDA "
+        f"{torch.version.cuda or 'none'}): the GPU self-check needs a CUDA GPU"
+    )
 
 
 def synthetic_batch(batch_size, size, num_classes, seed=0):
@@ -82,13 +87,20 @@ def synthetic_batch(batch_size, size, num_classes, seed=0):
         for _ in range(4):
             y, x = torch.randint(0, size // 2, (2,), generator=g).tolist()
             h, w = torch.randint(size // 8, size // 2, (2,), generator=g).tolist()
-            sem_seg[y:y + h, x:x + w] = int(torch.randint(1, num_classes, (1,), generator=g))
+            sem_seg[y : y + h, x : x + w] = int(torch.randint(1, num_classes, (1,), generator=g))
         classes = torch.unique(sem_seg)
         instances = Instances((size, size))
         instances.gt_classes = classes
         instances.gt_masks = sem_seg[None] == classes[:, None, None]
-        inputs.append({"image": image, "sem_seg": sem_seg, "instances": instances,
-                       "height": size, "width": size})
+        inputs.append(
+            {
+                "image": image,
+                "sem_seg": sem_seg,
+                "instances": instances,
+                "height": size,
+                "width": size,
+            }
+        )
     return inputs
 
 
@@ -129,8 +141,11 @@ def _sync(device):
 
 def train_steps(config, precision, device, steps=3, batch_size=2, size=512, opts=()):
     """Warm-up + ``steps`` training steps of ``config``; a result row."""
-    amp = (["SOLVER.AMP.ENABLED", "False"] if precision == "fp32" else
-           ["SOLVER.AMP.ENABLED", "True", "SOLVER.AMP.PRECISION", precision])
+    amp = (
+        ["SOLVER.AMP.ENABLED", "False"]
+        if precision == "fp32"
+        else ["SOLVER.AMP.ENABLED", "True", "SOLVER.AMP.PRECISION", precision]
+    )
     cfg = model_cfg(config, device, [*amp, *opts])
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -152,8 +167,9 @@ def train_steps(config, precision, device, steps=3, batch_size=2, size=512, opts
             storage.step()
             total = sum(float(v[0]) for k, v in storage.latest().items() if k.startswith("loss"))
             losses.append(total)
-            grads_finite = all(torch.isfinite(p.grad).all() for p in model.parameters()
-                               if p.grad is not None)
+            grads_finite = all(
+                torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None
+            )
             if scale is not None and scaler.get_scale() < scale:
                 skipped += 1  # the scaler found inf/NaN gradients and skipped the step
             elif not grads_finite:
@@ -163,9 +179,13 @@ def train_steps(config, precision, device, steps=3, batch_size=2, size=512, opts
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if "cuda" in str(device) else None
     finite = all(math.isfinite(v) for v in losses[1:]) and bad_grads == 0 and skipped < steps
     return {
-        "check": "train", "case": f"{config} {precision}", "ok": finite,
-        "images_per_s": steps * batch_size / elapsed, "peak_memory_gib": peak,
-        "losses": losses, "steps_skipped_by_loss_scaler": skipped,
+        "check": "train",
+        "case": f"{config} {precision}",
+        "ok": finite,
+        "images_per_s": steps * batch_size / elapsed,
+        "peak_memory_gib": peak,
+        "losses": losses,
+        "steps_skipped_by_loss_scaler": skipped,
         "non_finite_gradient_steps": bad_grads,
     }
 
@@ -183,8 +203,13 @@ def parity(config, device, size=128):
     cpu = cpu_model(inputs)[0]["sem_seg"]
     gpu = gpu_model(inputs)[0]["sem_seg"].cpu()
     diff = (cpu - gpu).abs().max().item()
-    return {"check": "parity", "case": config, "ok": diff <= PARITY_TOL, "max_abs_diff": diff,
-            "tolerance": PARITY_TOL}
+    return {
+        "check": "parity",
+        "case": config,
+        "ok": diff <= PARITY_TOL,
+        "max_abs_diff": diff,
+        "tolerance": PARITY_TOL,
+    }
 
 
 def _forward_backward(fn, inputs, grad_out):
@@ -203,8 +228,9 @@ def neighborhood_attention(device, size=64, heads=4, head_dim=32, kernel=11):
     """flex (compiled) and NATTEN against the tiled path, forward and backward."""
     rows = []
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, size, size, heads, head_dim, generator=g).to(device)
-               for _ in range(3))
+    q, k, v = (
+        torch.randn(1, size, size, heads, head_dim, generator=g).to(device) for _ in range(3)
+    )
     rpb = (torch.randn(heads, 2 * kernel - 1, 2 * kernel - 1, generator=g) * 0.1).to(device)
     grad_out = torch.randn(1, size, size, heads, head_dim, generator=g).to(device)
     for impl, bias in (("flex", rpb), ("natten", None)):
@@ -214,6 +240,7 @@ def neighborhood_attention(device, size=64, heads=4, head_dim=32, kernel=11):
             def run(name, bias=bias, dilation=dilation):
                 def fn(q, k, v, b=None):
                     return dinat.na2d(q, k, v, b, kernel, dilation, impl=name)
+
                 return _forward_backward(fn, [q, k, v, bias], grad_out)
 
             try:
@@ -223,21 +250,29 @@ def neighborhood_attention(device, size=64, heads=4, head_dim=32, kernel=11):
                 continue
             ref_out, ref_grads = run("tiled")
             fwd, bwd = _max_diff([out], [ref_out]), _max_diff(grads, ref_grads)
-            rows.append({"check": "attention", "case": case,
-                         "ok": fwd <= ATTENTION_TOL and bwd <= ATTENTION_TOL,
-                         "forward_max_abs_diff": fwd, "backward_max_abs_diff": bwd,
-                         "tolerance": ATTENTION_TOL})
+            rows.append(
+                {
+                    "check": "attention",
+                    "case": case,
+                    "ok": fwd <= ATTENTION_TOL and bwd <= ATTENTION_TOL,
+                    "forward_max_abs_diff": fwd,
+                    "backward_max_abs_diff": bwd,
+                    "tolerance": ATTENTION_TOL,
+                }
+            )
     return rows
 
 
 @exact_fp32()
-def deformable_attention(device, d_model=256, heads=8, points=4,
-                         shapes=((64, 64), (32, 32), (16, 16))):
+def deformable_attention(
+    device, d_model=256, heads=8, points=4, shapes=((64, 64), (32, 32), (16, 16))
+):
     """MSDeformAttn "pytorch" against "fast" on ``device``, forward and backward."""
     torch.manual_seed(0)
     levels = len(shapes)
-    attn = MSDeformAttn(d_model=d_model, n_levels=levels, n_heads=heads, n_points=points,
-                        impl="pytorch").to(device)
+    attn = MSDeformAttn(
+        d_model=d_model, n_levels=levels, n_heads=heads, n_points=points, impl="pytorch"
+    ).to(device)
     with torch.no_grad():
         attn.sampling_offsets.weight.normal_(std=0.1)
         attn.attention_weights.weight.normal_(std=0.1)
@@ -257,8 +292,14 @@ def deformable_attention(device, d_model=256, heads=8, points=4,
         results[impl] = (out.detach(), [query.grad, *(p.grad for p in attn.parameters())])
     fwd = _max_diff([results["fast"][0]], [results["pytorch"][0]])
     bwd = _max_diff(results["fast"][1], results["pytorch"][1])
-    return {"check": "deformable", "case": "fast vs pytorch", "ok": max(fwd, bwd) <= DEFORMABLE_TOL,
-            "forward_max_abs_diff": fwd, "backward_max_abs_diff": bwd, "tolerance": DEFORMABLE_TOL}
+    return {
+        "check": "deformable",
+        "case": "fast vs pytorch",
+        "ok": max(fwd, bwd) <= DEFORMABLE_TOL,
+        "forward_max_abs_diff": fwd,
+        "backward_max_abs_diff": bwd,
+        "tolerance": DEFORMABLE_TOL,
+    }
 
 
 @torch.no_grad()
@@ -274,8 +315,13 @@ def inference_speed(name, config, size, published, device, warmup=5, runs=20, nu
         model(inputs)
     _sync(device)
     fps = runs / (time.perf_counter() - start)
-    return {"check": "inference", "case": f"{name}, {num_classes} classes, fp32", "ok": True,
-            "images_per_s": fps, "published_mmseg_a100_fps": published}
+    return {
+        "check": "inference",
+        "case": f"{name}, {num_classes} classes, fp32",
+        "ok": True,
+        "images_per_s": fps,
+        "published_mmseg_a100_fps": published,
+    }
 
 
 def _figures(row):
@@ -327,8 +373,15 @@ def run_checks(device, checks=CHECKS, steps=3):
     if "train" in checks:
         for config in TRAIN_MODELS.values():
             for precision in PRECISIONS:
-                guarded("train", f"{config} {precision}", train_steps, config, precision, device,
-                        steps=steps)
+                guarded(
+                    "train",
+                    f"{config} {precision}",
+                    train_steps,
+                    config,
+                    precision,
+                    device,
+                    steps=steps,
+                )
     if "parity" in checks:
         for config in TINY_MODELS:
             guarded("parity", config, parity, "tiny/" + config, device)
@@ -360,12 +413,17 @@ def main(argv=None):
     start = time.perf_counter()
     rows = run_checks(device, [c for c in CHECKS if c not in skip], steps=args.steps)
     report = {
-        "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-        "cuda": torch.version.cuda, "seconds": time.perf_counter() - start, "results": rows,
+        "device": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "seconds": time.perf_counter() - start,
+        "results": rows,
     }
     print(format_table(rows))
-    print(f"{report['device']}, torch {report['torch']}, {report['seconds']:.0f} s; "
-          f"written to {args.output}")
+    print(
+        f"{report['device']}, torch {report['torch']}, {report['seconds']:.0f} s; "
+        f"written to {args.output}"
+    )
     write_json_atomic(args.output, report)
     return 1 if any(r["ok"] is False for r in rows) else 0
 

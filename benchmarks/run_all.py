@@ -4,6 +4,7 @@
 Each benchmark is a separate script printing its own table; run them on an otherwise idle
 machine (timings of concurrent runs are meaningless on 2 cores).
 """
+
 import subprocess
 import sys
 import time

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Multi-label stratified k-fold split of a COCO json (labels = classes present per image).
 
-    python datasets/kfold_split.py data/trash/train_all.json --output data/trash/folds --folds 5
+python datasets/kfold_split.py data/trash/train_all.json --output data/trash/folds --folds 5
 """
+
 import argparse
 
 import numpy as np
@@ -11,14 +12,21 @@ from mask2former.data.offline.kfold import write_kfold_splits
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("json_file", help="COCO json to split (e.g. train_all.json)")
-    parser.add_argument("--output", required=True, help="folder for train_fold{k}.json / val_fold{k}.json")
+    parser.add_argument(
+        "--output", required=True, help="folder for train_fold{k}.json / val_fold{k}.json"
+    )
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     folds = write_kfold_splits(args.json_file, args.output, args.folds, args.seed)
-    print(f"Wrote {args.folds} splits to {args.output}; images per fold: {np.bincount(folds).tolist()}")
+    print(
+        f"Wrote {args.folds} splits to {args.output}; "
+        f"images per fold: {np.bincount(folds).tolist()}"
+    )
 
 
 if __name__ == "__main__":

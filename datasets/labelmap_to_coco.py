@@ -5,16 +5,21 @@ class, holes kept; see mask2former/data/labelmap_to_coco.py).
     python datasets/labelmap_to_coco.py --labels camvid/val/labels --images camvid/val/images \
         --output camvid_val.json --num-classes 11 --ignore-label 11 --no-background
 """
+
 import argparse
 
 from mask2former.data.offline.convert_labelmaps import labelmaps_to_coco
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--labels", required=True, help="folder of label PNGs")
     parser.add_argument("--output", required=True, help="COCO json to write")
-    parser.add_argument("--images", default=None, help="folder of the images (file_name = <stem><ext>)")
+    parser.add_argument(
+        "--images", default=None, help="folder of the images (file_name = <stem><ext>)"
+    )
     parser.add_argument("--image-ext", default=".jpg")
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--class-names", nargs="+", help="name of each label value")
@@ -22,7 +27,9 @@ def main():
     parser.add_argument("--ignore-label", type=int, default=255)
     parser.add_argument("--background", type=int, default=0, help="label without annotations")
     parser.add_argument("--no-background", action="store_true", help="every label value is a class")
-    parser.add_argument("--min-area", type=int, default=0, help="components below this many pixels are small")
+    parser.add_argument(
+        "--min-area", type=int, default=0, help="components below this many pixels are small"
+    )
     parser.add_argument("--small", choices=("drop", "keep"), default="drop")
     args = parser.parse_args()
     class_names = args.class_names or [str(i) for i in range(args.num_classes)]

@@ -2,6 +2,7 @@
 
 Importing the package registers the ``D2DiNAT`` backbone with Detectron2's BACKBONE_REGISTRY.
 """
+
 from .backbone import D2DiNAT, DiNAT
 from .config import add_dinat_config
 from .convert import convert_dinat_checkpoint

@@ -18,13 +18,13 @@ Module and parameter names follow the official code (SHI-Labs/Neighborhood-Atten
 
 Features are kept channels-last (``[B, H, W, C]``) inside the network, as in the official code.
 """
+
 from typing import Optional, Sequence
 
 import torch
-from torch import nn
-
 from detectron2.config import configurable
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone, ShapeSpec
+from torch import nn
 
 from mask2former.modeling.layers import DropPath, Mlp
 

@@ -4,6 +4,7 @@
 (SHI-Labs/Neighborhood-Attention-Transformer, ``mask2former/``), so its YAML files load unchanged,
 plus this project's keys (layer scale, rpb switch, attention implementation, small-input padding).
 """
+
 from detectron2.config import CfgNode as CN
 
 

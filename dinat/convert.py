@@ -12,6 +12,7 @@ Note: the Mask2Former DiNAT-L config uses 6/12/24/48 heads while the ImageNet Di
 have 4/8/16/32, so their ``rpb`` tables (first dimension = heads) do not match and Detectron2's
 checkpointer skips them with a warning, exactly as with the official code.
 """
+
 import pickle
 from typing import Dict, Tuple
 

@@ -4,6 +4,7 @@ Importing the package registers its components with Detectron2's registries (bac
 heads, meta-architecture, transformer decoders); nothing else is loaded (datasets are
 registered by ``mask2former.data.register_datasets_from_cfg``).
 """
+
 from . import modeling  # noqa: F401
 from .config import add_maskformer2_config
 

@@ -4,6 +4,7 @@
 unchanged) plus this project's keys for the competition loop (datasets, polygon rasterisation,
 validation, copy-paste, evaluation). Call ``add_deeplab_config`` first (poly LR schedule keys).
 """
+
 from detectron2.config import CfgNode as CN
 
 
@@ -21,7 +22,8 @@ def add_maskformer2_config(cfg):
     # of this in the train mapper; -1 = no padding in the mapper (the model pads to its own size
     # divisibility).
     cfg.INPUT.SIZE_DIVISIBILITY = -1
-    # Large-scale-jitter keys of the official code (instance/panoptic mappers; kept for YAML compat).
+    # Large-scale-jitter keys of the official code (instance/panoptic mappers; kept for YAML
+    # compat).
     cfg.INPUT.IMAGE_SIZE = 1024
     cfg.INPUT.MIN_SCALE = 0.1
     cfg.INPUT.MAX_SCALE = 2.0
@@ -176,7 +178,8 @@ def add_maskformer2_config(cfg):
     cfg.MODEL.SWIN.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
     # Activation checkpointing in every Swin block (saves memory, costs time).
     cfg.MODEL.SWIN.USE_CHECKPOINT = False
-    # Stages frozen during training: -1 none, 0 patch embedding, i >= 1 patch embedding + stages < i.
+    # Stages frozen during training: -1 none, 0 patch embedding, i >= 1 patch embedding +
+    # stages < i.
     cfg.MODEL.SWIN.FROZEN_STAGES = -1
 
     # ------------------------------------------------------------------ datasets (project)
@@ -198,7 +201,8 @@ def add_maskformer2_config(cfg):
     cfg.DATASETS.POLYGON_DRAW_ORDER = "area_desc"
     # What to do with each problem found when validating a COCO json: "fix", "skip", "error".
     cfg.DATASETS.VALIDATION = CN()
-    # Duplicate annotation ids: "fix" keeps both (ids are not used for drawing), "skip" drops repeats.
+    # Duplicate annotation ids: "fix" keeps both (ids are not used for drawing), "skip" drops
+    # repeats.
     cfg.DATASETS.VALIDATION.DUPLICATE_ANNOTATION_ID = "fix"
     # Polygons with fewer than 3 points: dropped ("skip") or fatal ("error").
     cfg.DATASETS.VALIDATION.DEGENERATE_POLYGON = "skip"

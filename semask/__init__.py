@@ -4,6 +4,7 @@ Importing the package registers ``D2SeMaskSwinTransformer`` (BACKBONE_REGISTRY),
 ``BranchMaskFormerHead`` (SEM_SEG_HEADS_REGISTRY) and ``SeMaskMaskFormer`` (META_ARCH_REGISTRY),
 the names of the official SeMask-Mask2Former code.
 """
+
 from .backbone import (
     D2SeMaskSwinTransformer,
     SemanticAttention,

@@ -20,15 +20,15 @@ logits [B, K, h, w] under ``seg_map_key(name)`` ("seg_map_res2", ...). Those ext
 in ``output_shape()``, so pixel decoders (which read the features they were built for) ignore
 them; :func:`split_seg_maps` separates the two.
 """
+
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
-from torch import nn
-from torch.nn import functional as F
-
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
+from torch import nn
+from torch.nn import functional as F
 
 from mask2former.modeling.backbone.swin import (
     D2SwinTransformer,
@@ -58,11 +58,13 @@ def seg_map_key(feature_name: str) -> str:
 
 
 def split_seg_maps(
-    outputs: Dict[str, torch.Tensor]
+    outputs: Dict[str, torch.Tensor],
 ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
     """Split a SeMask backbone output into (features, class maps keyed by feature name)."""
     features = {k: v for k, v in outputs.items() if not k.startswith(SEG_MAP_PREFIX)}
-    seg_maps = {k[len(SEG_MAP_PREFIX) :]: v for k, v in outputs.items() if k.startswith(SEG_MAP_PREFIX)}
+    seg_maps = {
+        k[len(SEG_MAP_PREFIX) :]: v for k, v in outputs.items() if k.startswith(SEG_MAP_PREFIX)
+    }
     return features, seg_maps
 
 

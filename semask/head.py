@@ -4,16 +4,16 @@
 :class:`BranchMaskFormerHead` (the official registered name) is the Mask2Former head plus that
 branch, computed from the class maps the SeMask backbone puts in its output dict.
 """
+
 import math
 from typing import Dict, Optional, Sequence
 
 import torch
-from torch import nn
-from torch.nn import functional as F
-
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
+from torch import nn
+from torch.nn import functional as F
 
 from mask2former.modeling.meta_arch import MaskFormerHead
 
@@ -52,7 +52,9 @@ class SemanticBranchHead(nn.Module):
             ratio = stride / strides[0]
             steps = round(math.log2(ratio)) if ratio >= 1 else -1
             if steps < 0 or 2**steps != ratio:
-                raise ValueError(f"feature_strides {strides} must increase by powers of two from the first")
+                raise ValueError(
+                    f"feature_strides {strides} must increase by powers of two from the first"
+                )
             num_upsamplings.append(steps)
         self.feature_strides = strides
         self.num_upsamplings = num_upsamplings
@@ -66,15 +68,21 @@ class SemanticBranchHead(nn.Module):
             [B, K, s0 * h_0, s0 * w_0] logits.
         """
         if len(seg_maps) != len(self.feature_strides):
-            raise ValueError(f"expected {len(self.feature_strides)} class maps, got {len(seg_maps)}")
+            raise ValueError(
+                f"expected {len(self.feature_strides)} class maps, got {len(seg_maps)}"
+            )
         output = seg_maps[0]
         for seg_map, steps in zip(seg_maps[1:], self.num_upsamplings[1:]):
             for _ in range(steps):
                 seg_map = _upsample2x(seg_map)
-            output = output + F.interpolate(seg_map, size=output.shape[-2:], mode="bilinear", align_corners=True)
+            output = output + F.interpolate(
+                seg_map, size=output.shape[-2:], mode="bilinear", align_corners=True
+            )
         h, w = output.shape[-2:]
         scale = self.feature_strides[0]
-        return F.interpolate(output, size=(h * scale, w * scale), mode="bilinear", align_corners=True)
+        return F.interpolate(
+            output, size=(h * scale, w * scale), mode="bilinear", align_corners=True
+        )
 
     def extra_repr(self) -> str:
         return f"feature_strides={self.feature_strides}"
@@ -104,8 +112,10 @@ class BranchMaskFormerHead(MaskFormerHead):
         missing = [name for name in self.in_features if seg_map_key(name) not in features]
         if missing:
             raise KeyError(
-                f"BranchMaskFormerHead needs the class maps {[seg_map_key(n) for n in missing]} in the "
-                "backbone output; use a SeMask backbone (MODEL.BACKBONE.NAME D2SeMaskSwinTransformer)"
+                "BranchMaskFormerHead needs the class maps "
+                f"{[seg_map_key(n) for n in missing]} in the "
+                "backbone output; use a SeMask backbone "
+                "(MODEL.BACKBONE.NAME D2SeMaskSwinTransformer)"
             )
         return self.sem_head([features[seg_map_key(name)] for name in self.in_features])
 

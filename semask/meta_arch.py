@@ -1,12 +1,12 @@
 """The SeMask Mask2Former meta-architecture: Mask2Former plus a per-pixel cross-entropy on the
 semantic branch of a :class:`~semask.head.BranchMaskFormerHead`."""
+
 from typing import Dict, List, Tuple
 
 import torch
-from torch.nn import functional as F
-
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
+from torch.nn import functional as F
 
 from mask2former.modeling.meta_arch import MaskFormer
 
@@ -15,7 +15,9 @@ from .head import BRANCH_OUTPUT_KEY
 __all__ = ["semantic_branch_loss", "pad_sem_seg_targets", "SeMaskMaskFormer"]
 
 
-def semantic_branch_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_value: int) -> torch.Tensor:
+def semantic_branch_loss(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_value: int
+) -> torch.Tensor:
     """Mean per-pixel cross-entropy over the pixels whose label is not ``ignore_value``
     (``F.cross_entropy(..., ignore_index=ignore_value)``, the official "loss_cate"), but 0 instead
     of NaN when every pixel is ignored.
@@ -84,7 +86,11 @@ class SeMaskMaskFormer(MaskFormer):
             raise ValueError("SeMaskMaskFormer training inputs need 'sem_seg' label maps")
         branch = outputs[BRANCH_OUTPUT_KEY]
         targets = pad_sem_seg_targets(
-            [x["sem_seg"].to(self.device) for x in batched_inputs], tuple(branch.shape[-2:]), self.ignore_value
+            [x["sem_seg"].to(self.device) for x in batched_inputs],
+            tuple(branch.shape[-2:]),
+            self.ignore_value,
         )
-        losses["loss_cate"] = semantic_branch_loss(branch, targets, self.ignore_value) * self.cate_weight
+        losses["loss_cate"] = (
+            semantic_branch_loss(branch, targets, self.ignore_value) * self.cate_weight
+        )
         return losses

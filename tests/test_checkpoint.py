@@ -2,6 +2,7 @@
 official-style .pkl files of NumPy arrays load, the opt-in reads trusted legacy files, broken
 files get errors naming them, saves are atomic, resuming skips unreadable checkpoints, and loads
 report what did not fit the model."""
+
 import argparse
 import collections
 import contextlib
@@ -87,8 +88,11 @@ def test_malicious_pkl_is_refused_and_runs_nothing(tmp_path, protocol):
     marker = tmp_path / "marker"
     path = tmp_path / "evil.pkl"
     with open(path, "wb") as f:
-        pickle.dump({"model": numpy_state(TinyNet()), "__author__": "x", "x": RunsCode(marker)},
-                    f, protocol=protocol)
+        pickle.dump(
+            {"model": numpy_state(TinyNet()), "__author__": "x", "x": RunsCode(marker)},
+            f,
+            protocol=protocol,
+        )
     with pytest.raises(UnsafeCheckpointError) as e:
         SafeCheckpointer(TinyNet()).load(str(path))
     assert str(path) in str(e.value) and "system" in str(e.value)
@@ -100,8 +104,11 @@ def test_malicious_pkl_is_refused_and_runs_nothing(tmp_path, protocol):
 def test_malicious_pth_is_refused_and_runs_nothing(tmp_path, zip_format):
     marker = tmp_path / "marker"
     path = tmp_path / "evil.pth"
-    torch.save({"model": TinyNet().state_dict(), "x": RunsCode(marker)}, path,
-               _use_new_zipfile_serialization=zip_format)
+    torch.save(
+        {"model": TinyNet().state_dict(), "x": RunsCode(marker)},
+        path,
+        _use_new_zipfile_serialization=zip_format,
+    )
     with pytest.raises(UnsafeCheckpointError) as e:
         SafeCheckpointer(TinyNet()).load(str(path))
     assert str(path) in str(e.value) and "system" in str(e.value)
@@ -114,8 +121,12 @@ def test_official_style_pkl_loads(tmp_path, protocol):
     model = TinyNet()
     state = numpy_state(model)
     path = tmp_path / "model_final_official.pkl"
-    data = {"model": state, "__author__": "FAIR", "matching_heuristics": False,
-            "extra": [np.float32(1.5), np.int64(3), b"bytes", ("a", None, True)]}
+    data = {
+        "model": state,
+        "__author__": "FAIR",
+        "matching_heuristics": False,
+        "extra": [np.float32(1.5), np.int64(3), b"bytes", ("a", None, True)],
+    }
     with open(path, "wb") as f:
         pickle.dump(data, f, protocol=protocol)
     checkpointer = SafeCheckpointer(model)
@@ -184,6 +195,7 @@ def _truncate(make):
         make(path)
         data = path.read_bytes()
         path.write_bytes(data[: len(data) * 2 // 5])
+
     return write
 
 
@@ -268,8 +280,10 @@ def test_resume_skips_a_truncated_final_checkpoint(tmp_path):
     final = tmp_path / "model_final.pth"
     final.write_bytes(final.read_bytes()[:1000])
     # a newer-looking partial file must never be used
-    torch.save({"model": TinyNet().state_dict(), "trainer": {"iteration": 99}},
-               tmp_path / ".model_0000099.pth.12345678.partial")
+    torch.save(
+        {"model": TinyNet().state_dict(), "trainer": {"iteration": 99}},
+        tmp_path / ".model_0000099.pth.12345678.partial",
+    )
     iteration, has_checkpoint, warnings = _resume(tmp_path)
     assert (iteration, has_checkpoint) == (2, True)
     assert len(warnings) == 1
@@ -307,8 +321,9 @@ def test_resume_when_last_checkpoint_names_a_missing_file(tmp_path):
 
 def test_resume_refuses_an_unsafe_last_checkpoint(tmp_path):
     marker = tmp_path / "marker"
-    torch.save({"model": TinyNet().state_dict(), "x": RunsCode(marker)},
-               tmp_path / "model_final.pth")
+    torch.save(
+        {"model": TinyNet().state_dict(), "x": RunsCode(marker)}, tmp_path / "model_final.pth"
+    )
     (tmp_path / "last_checkpoint").write_text("model_final.pth")
     with pytest.raises(UnsafeCheckpointError):
         SafeCheckpointer(TinyNet(), str(tmp_path)).resume_or_load("", resume=True)

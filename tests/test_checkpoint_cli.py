@@ -3,6 +3,7 @@ refused by ``train_net.py`` (training and ``--eval-only``) and ``tools/predict.p
 the opt-in reads a trusted legacy file, a head that does not fit is refused for evaluation and
 prediction, and a ``train_net.py`` killed (SIGKILL, by PID) while writing a checkpoint resumes to a
 complete ``model_final.pth`` (as does a run left with a truncated ``model_final.pth``)."""
+
 import os
 import pickle
 import shutil
@@ -24,13 +25,30 @@ SIZE = 64
 MAX_ITER = 4
 
 COMMON = [
-    "MODEL.DEVICE", "cpu", "DATALOADER.NUM_WORKERS", "0",
-    "INPUT.MIN_SIZE_TEST", str(SIZE), "INPUT.SIZE_DIVISIBILITY", str(SIZE),
+    "MODEL.DEVICE",
+    "cpu",
+    "DATALOADER.NUM_WORKERS",
+    "0",
+    "INPUT.MIN_SIZE_TEST",
+    str(SIZE),
+    "INPUT.SIZE_DIVISIBILITY",
+    str(SIZE),
 ]
 TRAIN = [
-    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1", "INPUT.MIN_SIZE_TRAIN", f"({SIZE},)",
-    "INPUT.CROP.SIZE", f"({SIZE}, {SIZE})", "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "256",
-    "TEST.EVAL_PERIOD", "0", "SOLVER.MAX_ITER", str(MAX_ITER),
+    "SOLVER.IMS_PER_BATCH",
+    "2",
+    "SOLVER.WARMUP_ITERS",
+    "1",
+    "INPUT.MIN_SIZE_TRAIN",
+    f"({SIZE},)",
+    "INPUT.CROP.SIZE",
+    f"({SIZE}, {SIZE})",
+    "MODEL.MASK_FORMER.TRAIN_NUM_POINTS",
+    "256",
+    "TEST.EVAL_PERIOD",
+    "0",
+    "SOLVER.MAX_ITER",
+    str(MAX_ITER),
 ]
 
 
@@ -57,8 +75,9 @@ def command(script, *args):
 
 def run(cmd, cwd, ok=True):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=str(cwd), env=env, capture_output=True, text=True, check=False,
-                          timeout=600)
+    proc = subprocess.run(
+        cmd, cwd=str(cwd), env=env, capture_output=True, text=True, check=False, timeout=600
+    )
     output = proc.stdout + proc.stderr
     assert (proc.returncode == 0) == ok, f"{' '.join(cmd)}\n{output[-4000:]}"
     return output
@@ -66,19 +85,52 @@ def run(cmd, cwd, ok=True):
 
 def train_cmd(data_root, out, *extra, resume=False):
     flags = ["--resume"] if resume else []
-    return command("train_net.py", "--num-gpus", 1, *flags, *COMMON, *TRAIN,
-                   "DATASETS.TRASH_ROOT", data_root, "OUTPUT_DIR", out, *extra)
+    return command(
+        "train_net.py",
+        "--num-gpus",
+        1,
+        *flags,
+        *COMMON,
+        *TRAIN,
+        "DATASETS.TRASH_ROOT",
+        data_root,
+        "OUTPUT_DIR",
+        out,
+        *extra,
+    )
 
 
 def eval_cmd(data_root, out, weights, *extra):
-    return command("train_net.py", "--eval-only", *COMMON, "DATASETS.TRASH_ROOT", data_root,
-                   "OUTPUT_DIR", out, "MODEL.WEIGHTS", weights, *extra)
+    return command(
+        "train_net.py",
+        "--eval-only",
+        *COMMON,
+        "DATASETS.TRASH_ROOT",
+        data_root,
+        "OUTPUT_DIR",
+        out,
+        "MODEL.WEIGHTS",
+        weights,
+        *extra,
+    )
 
 
 def predict_cmd(data_root, tmp_path, weights, *extra):
-    return command("tools/predict.py", "--weights", weights, "--dataset", "trash_test",
-                   "--overlays", tmp_path / "overlays", "--num-overlays", 1, *COMMON,
-                   "DATASETS.TRASH_ROOT", data_root, *extra)
+    return command(
+        "tools/predict.py",
+        "--weights",
+        weights,
+        "--dataset",
+        "trash_test",
+        "--overlays",
+        tmp_path / "overlays",
+        "--num-overlays",
+        1,
+        *COMMON,
+        "DATASETS.TRASH_ROOT",
+        data_root,
+        *extra,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +161,14 @@ def malicious(tmp_path, suffix, state):
     path = tmp_path / f"evil{suffix}"
     if suffix == ".pkl":
         with open(path, "wb") as f:
-            pickle.dump({"model": {k: v.numpy() for k, v in state.items()}, "__author__": "x",
-                         "x": RunsCode(marker)}, f)
+            pickle.dump(
+                {
+                    "model": {k: v.numpy() for k, v in state.items()},
+                    "__author__": "x",
+                    "x": RunsCode(marker),
+                },
+                f,
+            )
     else:
         torch.save({"model": state, "x": RunsCode(marker)}, path)
     return path, marker
@@ -138,8 +196,10 @@ def test_opt_in_evaluates_trusted_legacy_file(data_root, clean_run, tmp_path):
     torch.save(ckpt, legacy)
     refused = run(eval_cmd(data_root, tmp_path / "eval", legacy), cwd=tmp_path, ok=False)
     assert f"{legacy}: refusing" in refused and "argparse.Namespace" in refused
-    run(eval_cmd(data_root, tmp_path / "eval", legacy, "MODEL.WEIGHTS_ALLOW_CODE_EXECUTION", True),
-        cwd=tmp_path)
+    run(
+        eval_cmd(data_root, tmp_path / "eval", legacy, "MODEL.WEIGHTS_ALLOW_CODE_EXECUTION", True),
+        cwd=tmp_path,
+    )
     assert (tmp_path / "eval" / "inference" / "trash_val" / "lb_metrics.json").is_file()
 
 
@@ -159,15 +219,19 @@ def test_head_that_does_not_fit_is_refused_for_inference(data_root, clean_run, t
     ckpt["model"][key.replace("weight", "bias")] = ckpt["model"][key.replace("weight", "bias")][:6]
     path = tmp_path / "five_classes.pth"
     torch.save(ckpt, path)
-    for cmd in (eval_cmd(data_root, tmp_path / "eval", path),
-                predict_cmd(data_root, tmp_path, path)):
+    for cmd in (
+        eval_cmd(data_root, tmp_path / "eval", path),
+        predict_cmd(data_root, tmp_path, path),
+    ):
         output = run(cmd, cwd=tmp_path, ok=False)
         assert f"{path}: does not fit the model" in output
         assert f"{key} (6, 64) in the file vs (12, 64) in the model" in output
     assert not (tmp_path / "overlays").exists() or not list((tmp_path / "overlays").iterdir())
     # training from it warns once with the counts and trains
-    output = run(train_cmd(data_root, tmp_path / "train", "MODEL.WEIGHTS", path,
-                           "SOLVER.MAX_ITER", 1), cwd=tmp_path)
+    output = run(
+        train_cmd(data_root, tmp_path / "train", "MODEL.WEIGHTS", path, "SOLVER.MAX_ITER", 1),
+        cwd=tmp_path,
+    )
     assert "0 missing from the file, 2 with another shape" in output
 
 
@@ -186,7 +250,8 @@ def test_kill_while_writing_a_checkpoint_then_resume(data_root, clean_run, tmp_p
                 names = os.listdir(out) if out.is_dir() else []
                 # a temporary file being written, or a checkpoint file still growing in place
                 writing = any(n.endswith(".partial") for n in names) or any(
-                    n.endswith(".pth") and os.path.getsize(out / n) < full_size for n in names)
+                    n.endswith(".pth") and os.path.getsize(out / n) < full_size for n in names
+                )
                 if writing:
                     os.kill(proc.pid, signal.SIGKILL)
                     killed_during_write = True
@@ -198,8 +263,9 @@ def test_kill_while_writing_a_checkpoint_then_resume(data_root, clean_run, tmp_p
     assert killed_during_write, "no checkpoint write was caught"
     assert_all_checkpoints_load(out)
 
-    output = run(train_cmd(data_root, out, "SOLVER.CHECKPOINT_PERIOD", 1, resume=True),
-                 cwd=tmp_path)
+    output = run(
+        train_cmd(data_root, out, "SOLVER.CHECKPOINT_PERIOD", 1, resume=True), cwd=tmp_path
+    )
     assert not list(out.glob(".*.partial"))
     assert_all_checkpoints_load(out)
     clean = checkpoint_keys(clean_run / "model_final.pth")
@@ -215,8 +281,9 @@ def test_resume_repairs_a_truncated_final_checkpoint(data_root, clean_run, tmp_p
     assert (out / "last_checkpoint").read_text().strip() == "model_final.pth"
     # a partial file from a killed save is never used
     shutil.copy(out / "model_0000001.pth", out / ".model_0000003.pth.0badf00d.partial")
-    output = run(train_cmd(data_root, out, "SOLVER.CHECKPOINT_PERIOD", 2, resume=True),
-                 cwd=tmp_path)
+    output = run(
+        train_cmd(data_root, out, "SOLVER.CHECKPOINT_PERIOD", 2, resume=True), cwd=tmp_path
+    )
     assert f"Resuming from {out / 'model_0000003.pth'}" in output and str(final) in output
     assert "Starting training from iteration 4" in output  # iteration 3 was the last one
     assert not list(out.glob(".*.partial"))

@@ -2,6 +2,7 @@
 classification loss and matching cost against hand computations, inverse-sqrt-frequency weights
 against a NumPy computation on label maps built here, the default config unchanged, no training
 data read when the model is built, and a tiny train_net.py run."""
+
 import json
 import logging
 import math
@@ -13,18 +14,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
+from PIL import Image
 
+from mask2former.data.catalog import TRASH_CLASSES
 from mask2former.data.class_frequency import (
     dataset_class_weights,
     inverse_sqrt_frequency_weights,
     pixel_class_counts,
 )
-from mask2former.data.catalog import TRASH_CLASSES
 from mask2former.data.offline.synthetic import generate_synthetic_trash
 from mask2former.engine import build_cfg
 from mask2former.modeling.criterion import SetCriterion
@@ -51,8 +51,9 @@ class RecordingMatcher:
 
 
 def labels_only_criterion(matcher, num_classes, eos, **kwargs):
-    return SetCriterion(num_classes, matcher, {"loss_ce": 1.0}, eos, ["labels"], 16, 3.0, 0.75,
-                        **kwargs)
+    return SetCriterion(
+        num_classes, matcher, {"loss_ce": 1.0}, eos, ["labels"], 16, 3.0, 0.75, **kwargs
+    )
 
 
 def test_weighted_cross_entropy_equals_hand_computation():
@@ -61,8 +62,10 @@ def test_weighted_cross_entropy_equals_hand_computation():
     weights, eos = [0.5, 3.0], 0.2
     matcher = RecordingMatcher([([0, 1], [0, 1])])
     criterion = labels_only_criterion(matcher, 2, eos, class_weights=weights)
-    outputs = {"pred_logits": torch.tensor(logits[None], dtype=torch.float32),
-               "pred_masks": torch.zeros(1, 3, 4, 4)}
+    outputs = {
+        "pred_logits": torch.tensor(logits[None], dtype=torch.float32),
+        "pred_masks": torch.zeros(1, 3, 4, 4),
+    }
     targets = [{"labels": torch.tensor([1, 0]), "masks": torch.zeros(2, 4, 4)}]
     loss = criterion(outputs, targets)["loss_ce"].item()
 
@@ -78,38 +81,51 @@ def test_weighted_cross_entropy_equals_hand_computation():
 
 def test_matcher_class_cost_is_weighted_by_the_target_class():
     probs = np.array([[0.2, 0.3, 0.5], [0.55, 0.4, 0.05]])  # 2 queries, classes 0, 1, no object
-    outputs = {"pred_logits": torch.tensor(np.log(probs)[None], dtype=torch.float32),
-               "pred_masks": torch.zeros(1, 2, 4, 4)}
+    outputs = {
+        "pred_logits": torch.tensor(np.log(probs)[None], dtype=torch.float32),
+        "pred_masks": torch.zeros(1, 2, 4, 4),
+    }
     targets = [{"labels": torch.tensor([0, 1]), "masks": torch.zeros(2, 4, 4)}]
     weights = [0.1, 1.0]
     plain = HungarianMatcher(cost_class=1, cost_mask=0, cost_dice=0, num_points=4)
-    weighted = HungarianMatcher(cost_class=1, cost_mask=0, cost_dice=0, num_points=4,
-                                class_weights=weights)
+    weighted = HungarianMatcher(
+        cost_class=1, cost_mask=0, cost_dice=0, num_points=4, class_weights=weights
+    )
 
-    cost = weighted.cost_matrix(outputs["pred_logits"][0], outputs["pred_masks"][0],
-                                targets[0]["labels"], targets[0]["masks"])
+    cost = weighted.cost_matrix(
+        outputs["pred_logits"][0],
+        outputs["pred_masks"][0],
+        targets[0]["labels"],
+        targets[0]["masks"],
+    )
     expected = -np.array([[0.1 * 0.2, 1.0 * 0.3], [0.1 * 0.55, 1.0 * 0.4]])
     np.testing.assert_allclose(cost.numpy(), expected, rtol=1e-5)
 
     # unweighted: q0 -> t1, q1 -> t0 (0.3 + 0.55 > 0.2 + 0.4); weighted: q0 -> t0, q1 -> t1
     # (0.1 * 0.2 + 0.4 = 0.42 > 0.1 * 0.55 + 0.3 = 0.355)
-    (rows, cols), = plain(outputs, targets)
+    ((rows, cols),) = plain(outputs, targets)
     assert rows.tolist() == [0, 1] and cols.tolist() == [1, 0]
-    (rows, cols), = weighted(outputs, targets)
+    ((rows, cols),) = weighted(outputs, targets)
     assert rows.tolist() == [0, 1] and cols.tolist() == [0, 1]
 
 
 def write_label_png(path, label):
     Image.fromarray(label.astype(np.uint8)).save(path)
-    return {"file_name": str(path).replace(".png", ".jpg"), "sem_seg_file_name": str(path),
-            "height": label.shape[0], "width": label.shape[1]}
+    return {
+        "file_name": str(path).replace(".png", ".jpg"),
+        "sem_seg_file_name": str(path),
+        "height": label.shape[0],
+        "width": label.shape[1],
+    }
 
 
 def synthetic_label_records(tmp_path):
     """Two label maps with classes 0, 1, 3 of 4 (class 2 absent) and ignored pixels."""
     rng = np.random.default_rng(0)
-    maps = [rng.choice([0, 0, 0, 1, 3, IGNORE], size=(7, 9)), rng.choice([0, 3, 3, IGNORE],
-                                                                          size=(5, 6))]
+    maps = [
+        rng.choice([0, 0, 0, 1, 3, IGNORE], size=(7, 9)),
+        rng.choice([0, 3, 3, IGNORE], size=(5, 6)),
+    ]
     records = [write_label_png(tmp_path / f"{i}.png", m) for i, m in enumerate(maps)]
     return records, maps
 
@@ -170,11 +186,22 @@ def test_label_outside_the_classes_is_an_error_naming_the_file(tmp_path):
 
 
 def tiny_cfg(*opts):
-    return build_cfg(str(TINY_CONFIG), [
-        "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS", "1", "MODEL.MASK_FORMER.DEC_LAYERS", "2",
-        "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES", "4", "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "64",
-        "DATASETS.TRASH_ROOT", "", *opts,
-    ])
+    return build_cfg(
+        str(TINY_CONFIG),
+        [
+            "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS",
+            "1",
+            "MODEL.MASK_FORMER.DEC_LAYERS",
+            "2",
+            "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES",
+            "4",
+            "MODEL.MASK_FORMER.TRAIN_NUM_POINTS",
+            "64",
+            "DATASETS.TRASH_ROOT",
+            "",
+            *opts,
+        ],
+    )
 
 
 def test_default_config_gives_the_unweighted_losses():
@@ -182,17 +209,30 @@ def test_default_config_gives_the_unweighted_losses():
     assert cfg.MODEL.MASK_FORMER.CLASS_WEIGHTS_MODE == "none"
     mf = cfg.MODEL.MASK_FORMER
     reference = SetCriterion(
-        11, HungarianMatcher(mf.CLASS_WEIGHT, mf.MASK_WEIGHT, mf.DICE_WEIGHT, mf.TRAIN_NUM_POINTS),
-        {}, mf.NO_OBJECT_WEIGHT, ["labels", "masks"], mf.TRAIN_NUM_POINTS, mf.OVERSAMPLE_RATIO,
+        11,
+        HungarianMatcher(mf.CLASS_WEIGHT, mf.MASK_WEIGHT, mf.DICE_WEIGHT, mf.TRAIN_NUM_POINTS),
+        {},
+        mf.NO_OBJECT_WEIGHT,
+        ["labels", "masks"],
+        mf.TRAIN_NUM_POINTS,
+        mf.OVERSAMPLE_RATIO,
         mf.IMPORTANCE_SAMPLE_RATIO,
     )
     built = MaskFormer.build_criterion(cfg, 11)
     ones = MaskFormer.build_criterion(
-        tiny_cfg("MODEL.MASK_FORMER.CLASS_WEIGHTS_MODE", "list",
-                 "MODEL.MASK_FORMER.CLASS_WEIGHTS", str([1.0] * 11)), 11)
+        tiny_cfg(
+            "MODEL.MASK_FORMER.CLASS_WEIGHTS_MODE",
+            "list",
+            "MODEL.MASK_FORMER.CLASS_WEIGHTS",
+            str([1.0] * 11),
+        ),
+        11,
+    )
     g = torch.Generator().manual_seed(0)
-    outputs = {"pred_logits": torch.randn(2, 4, 12, generator=g),
-               "pred_masks": torch.randn(2, 4, 8, 8, generator=g)}
+    outputs = {
+        "pred_logits": torch.randn(2, 4, 12, generator=g),
+        "pred_masks": torch.randn(2, 4, 8, 8, generator=g),
+    }
     targets = [
         {"labels": torch.tensor([0, 5, 7]), "masks": torch.rand(3, 16, 16, generator=g) > 0.5},
         {"labels": torch.tensor([2]), "masks": torch.rand(1, 16, 16, generator=g) > 0.5},
@@ -208,19 +248,42 @@ def test_default_config_gives_the_unweighted_losses():
     # and weights on a class of the targets change the classification loss
     torch.manual_seed(1)
     weighted = MaskFormer.build_criterion(
-        tiny_cfg("MODEL.MASK_FORMER.CLASS_WEIGHTS_MODE", "list",
-                 "MODEL.MASK_FORMER.CLASS_WEIGHTS", str([1.0] * 5 + [4.0] + [1.0] * 5)), 11)
+        tiny_cfg(
+            "MODEL.MASK_FORMER.CLASS_WEIGHTS_MODE",
+            "list",
+            "MODEL.MASK_FORMER.CLASS_WEIGHTS",
+            str([1.0] * 5 + [4.0] + [1.0] * 5),
+        ),
+        11,
+    )
     assert weighted(outputs, targets)["loss_ce"] != results[0]["loss_ce"]
 
 
-@pytest.mark.parametrize("opts, message", [
-    (["MODEL.MASK_FORMER.CLASS_WEIGHTS_MODE", "inverse_sqrt"], "must be one of"),
-    (["MODEL.MASK_FORMER.CLASS_WEIGHTS_MODE", "list", "MODEL.MASK_FORMER.CLASS_WEIGHTS", "[1.0]"],
-     "1 values for 11 classes"),
-    (["MODEL.MASK_FORMER.CLASS_WEIGHTS", str([1.0] * 11)], "only used with CLASS_WEIGHTS_MODE"),
-    (["MODEL.MASK_FORMER.CLASS_WEIGHTS_MODE", "list",
-      "MODEL.MASK_FORMER.CLASS_WEIGHTS", str([1.0] * 10 + [0.0])], "finite and positive"),
-])
+@pytest.mark.parametrize(
+    "opts, message",
+    [
+        (["MODEL.MASK_FORMER.CLASS_WEIGHTS_MODE", "inverse_sqrt"], "must be one of"),
+        (
+            [
+                "MODEL.MASK_FORMER.CLASS_WEIGHTS_MODE",
+                "list",
+                "MODEL.MASK_FORMER.CLASS_WEIGHTS",
+                "[1.0]",
+            ],
+            "1 values for 11 classes",
+        ),
+        (["MODEL.MASK_FORMER.CLASS_WEIGHTS", str([1.0] * 11)], "only used with CLASS_WEIGHTS_MODE"),
+        (
+            [
+                "MODEL.MASK_FORMER.CLASS_WEIGHTS_MODE",
+                "list",
+                "MODEL.MASK_FORMER.CLASS_WEIGHTS",
+                str([1.0] * 10 + [0.0]),
+            ],
+            "finite and positive",
+        ),
+    ],
+)
 def test_bad_class_weight_settings_are_refused(opts, message):
     with pytest.raises(ValueError, match=message):
         MaskFormer.build_criterion(tiny_cfg(*opts), 11)
@@ -249,8 +312,12 @@ def test_model_build_reads_no_training_data_and_first_training_step_does(tmp_pat
     name = "class_weights_test_lazy"
     DatasetCatalog.register(name, load)
     try:
-        cfg = tiny_cfg("MODEL.MASK_FORMER.CLASS_WEIGHTS_MODE", "inverse_sqrt_frequency",
-                       "DATASETS.TRAIN", f"('{name}',)")
+        cfg = tiny_cfg(
+            "MODEL.MASK_FORMER.CLASS_WEIGHTS_MODE",
+            "inverse_sqrt_frequency",
+            "DATASETS.TRAIN",
+            f"('{name}',)",
+        )
         model = build_model(cfg)  # what --eval-only and tools/predict.py do
         assert calls == []
         assert model.criterion.class_weights.tolist() == [1.0] * 11
@@ -271,17 +338,19 @@ def test_model_build_reads_no_training_data_and_first_training_step_does(tmp_pat
         expected = np.ones(11)
         present = counts > 0
         f = counts[present] / counts.sum()
-        expected[present] = f ** -0.5 / np.mean(f ** -0.5)
+        expected[present] = f**-0.5 / np.mean(f**-0.5)
         np.testing.assert_allclose(model.criterion.class_weights.numpy(), expected, rtol=1e-6)
-        np.testing.assert_allclose(model.criterion.matcher.class_weights.numpy(), expected,
-                                   rtol=1e-6)
+        np.testing.assert_allclose(
+            model.criterion.matcher.class_weights.numpy(), expected, rtol=1e-6
+        )
     finally:
         DatasetCatalog.remove(name)
 
 
 def test_empty_training_set_builds_and_fails_clearly_when_training():
-    cfg = tiny_cfg("MODEL.MASK_FORMER.CLASS_WEIGHTS_MODE", "inverse_sqrt_frequency",
-                   "DATASETS.TRAIN", "()")
+    cfg = tiny_cfg(
+        "MODEL.MASK_FORMER.CLASS_WEIGHTS_MODE", "inverse_sqrt_frequency", "DATASETS.TRAIN", "()"
+    )
     model = build_model(cfg)
     model.train()
     with pytest.raises(ValueError, match="DATASETS.TRAIN is empty"):
@@ -294,18 +363,47 @@ def test_train_net_with_inverse_sqrt_frequency_logs_the_weights(tmp_path):
     generate_synthetic_trash(str(data), num_train=3, num_val=1, num_test=1, image_size=size, seed=0)
     out = tmp_path / "out"
     cmd = [
-        sys.executable, str(ROOT / "train_net.py"), "--config-file", str(TINY_CONFIG),
-        "--num-gpus", "1", "MODEL.DEVICE", "cpu", "DATALOADER.NUM_WORKERS", "0",
-        "DATASETS.TRASH_ROOT", str(data), "OUTPUT_DIR", str(out),
-        "MODEL.MASK_FORMER.CLASS_WEIGHTS_MODE", "inverse_sqrt_frequency",
-        "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2", "SOLVER.WARMUP_ITERS", "1",
-        "SOLVER.CHECKPOINT_PERIOD", "100", "TEST.EVAL_PERIOD", "0", "DATASETS.TEST", "()",
-        "INPUT.MIN_SIZE_TRAIN", f"({size},)", "INPUT.CROP.SIZE", f"({size}, {size})",
-        "INPUT.SIZE_DIVISIBILITY", str(size), "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "256",
+        sys.executable,
+        str(ROOT / "train_net.py"),
+        "--config-file",
+        str(TINY_CONFIG),
+        "--num-gpus",
+        "1",
+        "MODEL.DEVICE",
+        "cpu",
+        "DATALOADER.NUM_WORKERS",
+        "0",
+        "DATASETS.TRASH_ROOT",
+        str(data),
+        "OUTPUT_DIR",
+        str(out),
+        "MODEL.MASK_FORMER.CLASS_WEIGHTS_MODE",
+        "inverse_sqrt_frequency",
+        "SOLVER.IMS_PER_BATCH",
+        "2",
+        "SOLVER.MAX_ITER",
+        "2",
+        "SOLVER.WARMUP_ITERS",
+        "1",
+        "SOLVER.CHECKPOINT_PERIOD",
+        "100",
+        "TEST.EVAL_PERIOD",
+        "0",
+        "DATASETS.TEST",
+        "()",
+        "INPUT.MIN_SIZE_TRAIN",
+        f"({size},)",
+        "INPUT.CROP.SIZE",
+        f"({size}, {size})",
+        "INPUT.SIZE_DIVISIBILITY",
+        str(size),
+        "MODEL.MASK_FORMER.TRAIN_NUM_POINTS",
+        "256",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600
+    )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     assert "counting the pixels of each class in 3 records of trash_train" in log
@@ -317,6 +415,9 @@ def test_train_net_with_inverse_sqrt_frequency_logs_the_weights(tmp_path):
     assert np.all(weights > 0) and np.all(np.isfinite(weights))
     assert np.mean(weights[fractions > 0]) == pytest.approx(1.0, abs=1e-3)
     assert np.all(weights[fractions == 0] == 1.0)
-    losses = [json.loads(line)["total_loss"]
-              for line in (out / "metrics.json").read_text().splitlines() if "total_loss" in line]
+    losses = [
+        json.loads(line)["total_loss"]
+        for line in (out / "metrics.json").read_text().splitlines()
+        if "total_loss" in line
+    ]
     assert losses and all(math.isfinite(v) for v in losses)

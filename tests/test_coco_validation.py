@@ -1,4 +1,5 @@
 """COCO json validation: every bad-input case gives its report entry, fix or clear error."""
+
 import json
 from pathlib import Path
 
@@ -12,7 +13,9 @@ from mask2former.data.coco import PROBLEMS, ValidationPolicy, load_coco_semseg_j
 from mask2former.data.masks.rasterize import polygons_to_label_map
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-requires_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not available")
+requires_shared_data = pytest.mark.skipif(
+    not SHARED_DATA.is_dir(), reason="../shared/data is not available"
+)
 
 W, H = 40, 30
 
@@ -37,12 +40,33 @@ def base_coco():
         ],
         "categories": [{"id": 1, "name": "Paper"}, {"id": 2, "name": "Metal"}],
         "annotations": [
-            {"id": 10, "image_id": 1, "category_id": 1, "segmentation": [box(2, 2, 20, 20)], "area": 324.0,
-             "bbox": [2, 2, 18, 18], "iscrowd": 0},
-            {"id": 11, "image_id": 1, "category_id": 2, "segmentation": [box(10, 10, 30, 25)], "area": 300.0,
-             "bbox": [10, 10, 20, 15], "iscrowd": 0},
-            {"id": 12, "image_id": 2, "category_id": 2, "segmentation": [box(0, 0, 8, 8)], "area": 64.0,
-             "bbox": [0, 0, 8, 8], "iscrowd": 0},
+            {
+                "id": 10,
+                "image_id": 1,
+                "category_id": 1,
+                "segmentation": [box(2, 2, 20, 20)],
+                "area": 324.0,
+                "bbox": [2, 2, 18, 18],
+                "iscrowd": 0,
+            },
+            {
+                "id": 11,
+                "image_id": 1,
+                "category_id": 2,
+                "segmentation": [box(10, 10, 30, 25)],
+                "area": 300.0,
+                "bbox": [10, 10, 20, 15],
+                "iscrowd": 0,
+            },
+            {
+                "id": 12,
+                "image_id": 2,
+                "category_id": 2,
+                "segmentation": [box(0, 0, 8, 8)],
+                "area": 64.0,
+                "bbox": [0, 0, 8, 8],
+                "iscrowd": 0,
+            },
         ],
     }
 
@@ -91,7 +115,11 @@ def test_duplicate_annotation_ids(dataset):
 
 @pytest.mark.parametrize(
     "polygon, detail",
-    [([1.0, 1.0, 5.0, 1.0], "2 points"), ([1.0, 1.0, 5.0, 1.0, 5.0], "odd number"), ([1, 1, "x", 2, 3, 3], "non-numeric")],
+    [
+        ([1.0, 1.0, 5.0, 1.0], "2 points"),
+        ([1.0, 1.0, 5.0, 1.0, 5.0], "odd number"),
+        ([1, 1, "x", 2, 3, 3], "non-numeric"),
+    ],
 )
 def test_degenerate_polygons(dataset, polygon, detail):
     coco = base_coco()
@@ -117,7 +145,9 @@ def test_out_of_bounds_clipped_or_dropped(dataset):
     assert xy[:, 0].max() == W and xy[:, 1].max() == H and xy.min() >= 0
     # Clipping keeps the part inside the image: same pixels as the unclipped polygon (the clip
     # only moves the boundary on the image border).
-    unclipped = polygons_to_label_map([{"segmentation": coco["annotations"][1]["segmentation"], "category_id": 1}], H, W)
+    unclipped = polygons_to_label_map(
+        [{"segmentation": coco["annotations"][1]["segmentation"], "category_id": 1}], H, W
+    )
     clipped = polygons_to_label_map([dict(fixed.records[0]["annotations"][1], category_id=1)], H, W)
     assert (unclipped != clipped).sum() <= 2
     skipped = load(dataset(coco), out_of_bounds="skip")
@@ -149,7 +179,9 @@ def test_unknown_category_and_orphans(dataset):
     message = str(err.value)
     assert "ann.json" in message and "unknown_category" in message and "a.jpg ann 11" in message
     data = load(dataset(coco), unknown_category="skip")
-    assert data.report.counts["unknown_category"] == 1 and data.report.counts["orphan_annotation"] == 1
+    assert (
+        data.report.counts["unknown_category"] == 1 and data.report.counts["orphan_annotation"] == 1
+    )
     assert [a["id"] for a in data.records[0]["annotations"]] == [10]
     with pytest.raises(ValueError, match="orphan_annotation"):
         load(dataset(coco), unknown_category="skip", orphan_annotation="error")
@@ -172,7 +204,9 @@ def test_missing_and_truncated_images(dataset, tmp_path):
     with pytest.raises(ValueError, match="unreadable_image"):
         load(dataset(base_coco()), verify_images=True)
     data = load(dataset(base_coco()), verify_images=True, missing_image="skip")
-    assert data.report.counts["unreadable_image"] == 1 and [r["image_id"] for r in data.records] == [1]
+    assert data.report.counts["unreadable_image"] == 1 and [
+        r["image_id"] for r in data.records
+    ] == [1]
     (tmp_path / "b.jpg").write_bytes(b"not an image")
     assert load(dataset(base_coco()), missing_image="skip").report.counts["unreadable_image"] == 1
 
@@ -183,7 +217,10 @@ def test_non_rgb_images_are_reported_and_read_as_rgb(dataset, tmp_path, mode):
     coco["images"][1]["file_name"] = f"b_{mode}.png"
     write_image(tmp_path / f"b_{mode}.png", mode=mode)
     data = load(dataset(coco))
-    assert data.report.counts["non_rgb_image"] == 1 and f"mode {mode}" in data.report.examples["non_rgb_image"][0]
+    assert (
+        data.report.counts["non_rgb_image"] == 1
+        and f"mode {mode}" in data.report.examples["non_rgb_image"][0]
+    )
     assert utils.read_image(data.records[1]["file_name"], format="RGB").shape == (H, W, 3)
 
 
@@ -208,7 +245,14 @@ def test_exif_rotated_image(dataset, tmp_path, orientation):
     coco = base_coco()
     coco["images"][1].update(file_name="rot.png")  # json size = raw size: annotated on raw pixels
     coco["annotations"][2]["segmentation"] = [box(25, 5, 38, 15)]
-    coco["annotations"].append(dict(coco["annotations"][2], id=13, category_id=1, segmentation=rle_of((raw == (250, 0, 0)).all(-1))))
+    coco["annotations"].append(
+        dict(
+            coco["annotations"][2],
+            id=13,
+            category_id=1,
+            segmentation=rle_of((raw == (250, 0, 0)).all(-1)),
+        )
+    )
     data = load(dataset(coco))
     assert data.report.counts["exif_size_mismatch"] == 1
     record = data.records[1]
@@ -250,13 +294,19 @@ def test_size_mismatch(dataset, tmp_path):
 
 def test_category_ids_zero_background_and_gaps(dataset):
     coco = base_coco()
-    coco["categories"] = [{"id": 0, "name": "Aluminium foil"}, {"id": 5, "name": "Metal"}, {"id": 9, "name": "_background_"}]
+    coco["categories"] = [
+        {"id": 0, "name": "Aluminium foil"},
+        {"id": 5, "name": "Metal"},
+        {"id": 9, "name": "_background_"},
+    ]
     for ann, cat in zip(coco["annotations"], (0, 5, 9)):
         ann["category_id"] = cat
     data = load(dataset(coco))
     assert data.categories.category_id_to_label == {0: 1, 5: 2, 9: 0}
     assert data.categories.class_names == ["Background", "Aluminium foil", "Metal"]
-    assert data.report.counts["category_remap"] == 2 and data.report.counts["background_category"] == 1
+    assert (
+        data.report.counts["category_remap"] == 2 and data.report.counts["background_category"] == 1
+    )
     assert data.report.counts["background_annotation"] == 1
     assert [a["category_id"] for a in data.records[0]["annotations"]] == [1, 2]
     assert data.records[1]["annotations"] == []  # the background-category annotation is dropped
@@ -283,7 +333,10 @@ def test_duplicate_images(dataset):
 
 def test_rle_crowd_and_inconsistent_area_bbox(dataset):
     coco = base_coco()
-    coco["annotations"][2].update(segmentation={"size": [H, W], "counts": [3 * H, 5, H - 5, 5, W * H - 3 * H - H - 5]}, iscrowd=1)
+    coco["annotations"][2].update(
+        segmentation={"size": [H, W], "counts": [3 * H, 5, H - 5, 5, W * H - 3 * H - H - 5]},
+        iscrowd=1,
+    )
     coco["annotations"][0].update(area=5000.0, bbox=[0, 0, 5, 5])
     data = load(dataset(coco))
     counts = data.report.counts
@@ -297,7 +350,9 @@ def test_rle_crowd_and_inconsistent_area_bbox(dataset):
 def test_policy_values_are_checked():
     with pytest.raises(ValueError, match="DATASETS.VALIDATION.ZERO_AREA"):
         ValidationPolicy(zero_area="fix")
-    assert ValidationPolicy.from_cfg({"ZERO_AREA": "error", "CHECK_FILES": False}).zero_area == "error"
+    assert (
+        ValidationPolicy.from_cfg({"ZERO_AREA": "error", "CHECK_FILES": False}).zero_area == "error"
+    )
     assert all(p.policy is None or hasattr(ValidationPolicy(), p.policy) for p in PROBLEMS.values())
 
 
@@ -322,7 +377,9 @@ def test_input_json_is_not_modified(dataset):
 @requires_shared_data
 def test_taco_json_loads_with_its_anomalies_reported():
     json_file = str(SHARED_DATA / "taco" / "annotations.json")
-    data = load_coco_semseg_json(json_file, str(SHARED_DATA / "taco"), ValidationPolicy(check_files=False))
+    data = load_coco_semseg_json(
+        json_file, str(SHARED_DATA / "taco"), ValidationPolicy(check_files=False)
+    )
     counts = data.report.counts
     assert counts["duplicate_annotation_id"] == 2  # ids 309 and 4040, in different images
     assert counts["out_of_bounds"] == 7  # -1.0 coordinates
@@ -333,20 +390,29 @@ def test_taco_json_loads_with_its_anomalies_reported():
     for rec in data.records:
         for ann in rec["annotations"]:
             xy = np.asarray(ann["segmentation"][0]).reshape(-1, 2)
-            assert xy.min() >= 0 and xy[:, 0].max() <= rec["width"] and xy[:, 1].max() <= rec["height"]
-    missing = load_coco_semseg_json(json_file, str(SHARED_DATA / "taco"), ValidationPolicy(missing_image="skip"))
+            assert (
+                xy.min() >= 0 and xy[:, 0].max() <= rec["width"] and xy[:, 1].max() <= rec["height"]
+            )
+    missing = load_coco_semseg_json(
+        json_file, str(SHARED_DATA / "taco"), ValidationPolicy(missing_image="skip")
+    )
     assert missing.report.counts["missing_image"] == 1500 and missing.records == []
 
 
 @requires_shared_data
 def test_labelme_json_loads_with_its_anomalies_reported():
     root = SHARED_DATA / "labelme_coco"
-    data = load_coco_semseg_json(str(root / "annotations.json"), str(root), ValidationPolicy(verify_images=True))
+    data = load_coco_semseg_json(
+        str(root / "annotations.json"), str(root), ValidationPolicy(verify_images=True)
+    )
     counts = data.report.counts
     assert counts["background_category"] == 1  # "_background_" with id 0
     assert counts["out_of_bounds"] == 1  # ann 9: y = 375.38 on a 375-pixel image
     assert sum(counts.values()) == 2  # labelme's pixel-count areas are within the area tolerance
-    assert data.categories.category_id_to_label[0] == 0 and data.categories.category_id_to_label[15] == 15
+    assert (
+        data.categories.category_id_to_label[0] == 0
+        and data.categories.category_id_to_label[15] == 15
+    )
     assert [r["image_id"] for r in data.records] == [0, 1, 2]  # image id 0 is a valid id
     assert sum(len(r["annotations"]) for r in data.records) == 12
     for record in data.records:

@@ -1,4 +1,5 @@
 """Copy-paste bank: pasting, class weighting, atomic versions, the sampler and the hook."""
+
 import hashlib
 import json
 import os
@@ -10,16 +11,18 @@ import pytest
 from detectron2.data import DatasetCatalog
 
 from mask2former.data import register_trash_dataset
+from mask2former.data.augmentation import copy_paste as cp
 from mask2former.data.masks.rasterize import record_to_label_map
 from mask2former.data.offline.synthetic import generate_synthetic_trash
-from mask2former.data.augmentation import copy_paste as cp
 from mask2former.engine.hooks import CopyPasteBankHook, iou_by_label
 
 
 @pytest.fixture(scope="module")
 def train_records(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
-    generate_synthetic_trash(str(root / "data"), num_train=12, num_val=2, num_test=1, image_size=64, seed=3)
+    generate_synthetic_trash(
+        str(root / "data"), num_train=12, num_val=2, num_test=1, image_size=64, seed=3
+    )
     register_trash_dataset(str(root / "data"), prefix="cp_test")
     records = DatasetCatalog.get("cp_test_train")
     yield records
@@ -58,7 +61,9 @@ def test_paste_hard_and_blended_edges():
 
     image2 = np.zeros((20, 20, 3), np.uint8)
     labels2 = np.zeros((20, 20), np.uint8)
-    assert cp.paste(image2, labels2, patch, mask, 7, np.random.default_rng(0), (1.0, 1.0), blend_sigma=1.0)
+    assert cp.paste(
+        image2, labels2, patch, mask, 7, np.random.default_rng(0), (1.0, 1.0), blend_sigma=1.0
+    )
     np.testing.assert_array_equal(labels2, labels)  # labels stay hard
     inside = image2[labels2 == 7][:, 0]
     assert inside.max() <= 200 and inside.min() < 200  # soft edge pixels
@@ -69,7 +74,9 @@ def test_bank_versions_are_atomic_and_data_untouched(train_records, tmp_path):
     data_dir = os.path.dirname(os.path.dirname(train_records[0]["file_name"]))
     before = _tree_digest(data_dir)
     bank = tmp_path / "bank"
-    first = cp.generate_bank(train_records, str(bank), 4, seed=0, class_names=[str(i) for i in range(11)])
+    first = cp.generate_bank(
+        train_records, str(bank), 4, seed=0, class_names=[str(i) for i in range(11)]
+    )
     assert (bank / "CURRENT").read_text().strip() == "v0000" and first.endswith("v0000")
     version, records = cp.read_current_bank(str(bank))
     assert version == "v0000" and len(records) == 4
@@ -108,7 +115,7 @@ def test_failed_generation_leaves_current_bank(train_records, tmp_path, monkeypa
 def test_weak_classes_are_pasted_more(train_records, tmp_path):
     pool = cp.ObjectPool(train_records)
     weak = pool.labels[0]
-    iou = {l: (0.0 if l == weak else 1.0) for l in pool.labels}
+    iou = {label: (0.0 if label == weak else 1.0) for label in pool.labels}
     folder = cp.generate_bank(train_records, str(tmp_path / "b"), 30, iou, seed=0, pool=pool)
     counts = json.loads(Path(folder, "bank.json").read_text())["pasted_per_class"]
     total = sum(counts.values())
@@ -160,10 +167,22 @@ class _Trainer:
 
 
 def test_hook_regenerates_before_training_and_after_each_evaluation(train_records, tmp_path):
-    names = ["Background", "General trash", "Paper", "Paper pack", "Metal", "Glass", "Plastic",
-             "Styrofoam", "Plastic bag", "Battery", "Clothing"]
-    hook = CopyPasteBankHook(lambda: train_records, str(tmp_path / "bank"), names, eval_period=10,
-                             num_images=2, seed=0)
+    names = [
+        "Background",
+        "General trash",
+        "Paper",
+        "Paper pack",
+        "Metal",
+        "Glass",
+        "Plastic",
+        "Styrofoam",
+        "Plastic bag",
+        "Battery",
+        "Clothing",
+    ]
+    hook = CopyPasteBankHook(
+        lambda: train_records, str(tmp_path / "bank"), names, eval_period=10, num_images=2, seed=0
+    )
     latest = {f"sem_seg/IoU-{n}": 0.9 for n in names}
     latest["sem_seg/IoU-Glass"] = 0.1
     hook.trainer = _Trainer(0, 100, latest)
@@ -190,8 +209,9 @@ def test_ignored_pixels_of_targets_stay_ignored(train_records, tmp_path):
     Image.fromarray(label).save(png)
     ignore_record = {k: src[k] for k in ("file_name", "height", "width")}
     ignore_record.update(image_id="with_ignore", sem_seg_file_name=str(png))
-    folder = cp.generate_bank(train_records + [ignore_record] * 30, str(tmp_path / "bank"), 4, seed=0,
-                              ignore_label=255)
+    folder = cp.generate_bank(
+        train_records + [ignore_record] * 30, str(tmp_path / "bank"), 4, seed=0, ignore_label=255
+    )
     bank = json.loads(Path(folder, "bank.json").read_text())
     assert {a["category_id"] for a in bank["annotations"]} <= set(range(1, 11))
     labels = [record_to_label_map(r) for r in cp.read_current_bank(str(tmp_path / "bank"))[1]]

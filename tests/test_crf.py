@@ -1,5 +1,6 @@
 """DenseCRF post-processing: presets against the textbook pydensecrf calls, denoising and colour
 edges on a synthetic image, zero iterations, the agreement overwrite and input validation."""
+
 import numpy as np
 import pydensecrf.densecrf as dcrf
 import pytest
@@ -83,12 +84,16 @@ def test_presets_run_the_documented_kernels(name):
     np.testing.assert_array_equal(dense_crf(image, probs, name, iterations=3), expected)
     # and the other presets give something else on this input
     others = [n for n in DOCUMENTED if n != name]
-    assert all(not np.array_equal(dense_crf(image, probs, o, iterations=3), expected) for o in others)
+    assert all(
+        not np.array_equal(dense_crf(image, probs, o, iterations=3), expected) for o in others
+    )
 
 
 def test_custom_parameters():
     image, probs = two_region_image(), noisy_probs()
-    custom = dict(gaussian_sxy=2, gaussian_compat=1, bilateral_sxy=20, bilateral_srgb=8, bilateral_compat=6)
+    custom = dict(
+        gaussian_sxy=2, gaussian_compat=1, bilateral_sxy=20, bilateral_srgb=8, bilateral_compat=6
+    )
     np.testing.assert_array_equal(
         dense_crf(image, probs, custom, iterations=2),
         textbook_crf(image, probs, (2, 1), (20, 8, 6), iterations=2),
@@ -141,7 +146,7 @@ def test_crf_moves_a_misplaced_boundary_to_the_colour_edge():
     labels = dense_crf_labels(image, probs, "default", iterations=10)
     assert labels.dtype == np.uint8
     assert (labels[:, band] == 2).all()
-    assert (labels[:, EDGE - 3:EDGE] == 1).all()  # and the left side stays
+    assert (labels[:, EDGE - 3 : EDGE] == 1).all()  # and the left side stays
 
     no_bilateral = CRF_PRESETS["default"].replace(bilateral_compat=0)
     gaussian_only = dense_crf_labels(image, probs, no_bilateral, iterations=10)
@@ -162,7 +167,8 @@ def test_zero_iterations_return_the_input_argmax():
 def test_float16_input_equals_float32_of_the_same_values():
     image, probs = two_region_image(), noisy_probs().astype(np.float16)
     np.testing.assert_array_equal(
-        dense_crf(image, probs, iterations=3), dense_crf(image, probs.astype(np.float32), iterations=3)
+        dense_crf(image, probs, iterations=3),
+        dense_crf(image, probs.astype(np.float32), iterations=3),
     )
 
 

@@ -1,4 +1,5 @@
 """Tests of SetCriterion on hand-checkable inputs."""
+
 import ast
 import math
 import socket

@@ -1,4 +1,5 @@
 """Dataset registration: trash splits from a synthetic root, generic COCO, label maps, config."""
+
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +25,17 @@ from mask2former.data.offline.synthetic import generate_synthetic_trash
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 SPEC_PALETTE = [
-    ("Background", (0, 0, 0)), ("General trash", (192, 0, 128)), ("Paper", (0, 128, 192)),
-    ("Paper pack", (0, 128, 64)), ("Metal", (128, 0, 0)), ("Glass", (64, 0, 128)),
-    ("Plastic", (64, 0, 192)), ("Styrofoam", (192, 128, 64)), ("Plastic bag", (192, 192, 128)),
-    ("Battery", (64, 64, 128)), ("Clothing", (128, 0, 192)),
+    ("Background", (0, 0, 0)),
+    ("General trash", (192, 0, 128)),
+    ("Paper", (0, 128, 192)),
+    ("Paper pack", (0, 128, 64)),
+    ("Metal", (128, 0, 0)),
+    ("Glass", (64, 0, 128)),
+    ("Plastic", (64, 0, 192)),
+    ("Styrofoam", (192, 128, 64)),
+    ("Plastic bag", (192, 192, 128)),
+    ("Battery", (64, 64, 128)),
+    ("Clothing", (128, 0, 192)),
 ]
 
 
@@ -55,8 +63,14 @@ def test_register_trash_splits(trash_root, unregister):
     assert names == ["t1_train_all", "t1_train", "t1_val", "t1_test"]
     meta = MetadataCatalog.get("t1_train")
     assert list(zip(meta.stuff_classes, meta.stuff_colors)) == SPEC_PALETTE
-    assert list(TRASH_CLASSES) == [n for n, _ in SPEC_PALETTE] and list(TRASH_COLORS) == [c for _, c in SPEC_PALETTE]
-    assert meta.evaluator_type == "lb_sem_seg" and meta.ignore_label == 255 and meta.draw_order == "area_desc"
+    assert list(TRASH_CLASSES) == [n for n, _ in SPEC_PALETTE] and list(TRASH_COLORS) == [
+        c for _, c in SPEC_PALETTE
+    ]
+    assert (
+        meta.evaluator_type == "lb_sem_seg"
+        and meta.ignore_label == 255
+        and meta.draw_order == "area_desc"
+    )
     assert meta.category_id_to_label == {i: i for i in range(1, 11)}
     assert meta.json_file == str(trash_root / "train.json") and meta.image_root == str(trash_root)
     assert meta.has_ground_truth and not MetadataCatalog.get("t1_test").has_ground_truth
@@ -99,7 +113,14 @@ def test_register_datasets_from_cfg(trash_root, tmp_path, unregister):
     cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE = 254
     names = register_datasets_from_cfg(cfg)
     unregister.extend(names)
-    assert names == ["trash_train_all", "trash_train", "trash_val", "trash_test", "t4_coco", "t4_maps"]
+    assert names == [
+        "trash_train_all",
+        "trash_train",
+        "trash_val",
+        "trash_test",
+        "t4_coco",
+        "t4_maps",
+    ]
     assert register_datasets_from_cfg(cfg) == names  # idempotent
     coco_meta = MetadataCatalog.get("t4_coco")
     assert coco_meta.draw_order == "area_asc" and coco_meta.ignore_label == 254
@@ -108,7 +129,9 @@ def test_register_datasets_from_cfg(trash_root, tmp_path, unregister):
     assert len(DatasetCatalog.get("t4_coco")) == 2
     cfg.DATASETS.TRASH_ROOT = ""
     cfg.DATASETS.COCO_SEMSEG = []
-    cfg.DATASETS.LABELMAP_SEMSEG = [["t4_named", str(image_dir), str(label_dir), ["sky", "road", "car"]]]
+    cfg.DATASETS.LABELMAP_SEMSEG = [
+        ["t4_named", str(image_dir), str(label_dir), ["sky", "road", "car"]]
+    ]
     unregister.extend(register_datasets_from_cfg(cfg))
     assert MetadataCatalog.get("t4_named").stuff_classes == ["sky", "road", "car"]
     cfg.DATASETS.COCO_SEMSEG = [["only_a_name"]]
@@ -122,7 +145,9 @@ def make_labelmap_dataset(tmp_path, n=3, size=(12, 10)):
     label_dir.mkdir()
     rng = np.random.default_rng(0)
     for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(image_dir / f"im{i}.jpg")
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(
+            image_dir / f"im{i}.jpg"
+        )
         label = rng.integers(0, 3, (size[1], size[0]), dtype=np.uint8)
         label[0, 0] = 255
         Image.fromarray(label).save(label_dir / f"im{i}.png")
@@ -133,13 +158,21 @@ def test_labelmap_dataset(tmp_path, unregister):
     image_dir, label_dir = make_labelmap_dataset(tmp_path)
     register_labelmap_semseg("t5_maps", str(image_dir), str(label_dir), ["a", "b", "c"])
     unregister.append("t5_maps")
-    register_labelmap_semseg("t5_maps", str(image_dir), str(label_dir), ["a", "b", "c"])  # idempotent
+    register_labelmap_semseg(
+        "t5_maps", str(image_dir), str(label_dir), ["a", "b", "c"]
+    )  # idempotent
     meta = MetadataCatalog.get("t5_maps")
-    assert meta.stuff_colors == default_palette(3) and meta.ignore_label == 255 and meta.has_ground_truth
+    assert (
+        meta.stuff_colors == default_palette(3)
+        and meta.ignore_label == 255
+        and meta.has_ground_truth
+    )
     records = DatasetCatalog.get("t5_maps")
     assert [r["image_id"] for r in records] == ["im0", "im1", "im2"]
     rec = records[1]
-    assert (rec["height"], rec["width"]) == (10, 12) and rec["sem_seg_file_name"].endswith("im1.png")
+    assert (rec["height"], rec["width"]) == (10, 12) and rec["sem_seg_file_name"].endswith(
+        "im1.png"
+    )
     label = record_to_label_map(rec)
     assert label.shape == (10, 12) and label[0, 0] == 255
 
@@ -149,7 +182,9 @@ def test_labelmap_dataset_unpaired_files(tmp_path, unregister):
     (label_dir / "im1.png").rename(label_dir / "other.png")
     register_labelmap_semseg("t6_maps", str(image_dir), str(label_dir), ["a", "b", "c"])
     unregister.append("t6_maps")
-    with pytest.raises(ValueError, match="(?s)images without a label.*im1.*labels without an image.*other"):
+    with pytest.raises(
+        ValueError, match="(?s)images without a label.*im1.*labels without an image.*other"
+    ):
         DatasetCatalog.get("t6_maps")
     with pytest.raises(FileNotFoundError, match="no folder"):
         register_labelmap_semseg("t6_none", str(tmp_path / "nope"), str(label_dir), ["a"])

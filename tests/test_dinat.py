@@ -1,20 +1,20 @@
 """DiNAT backbone: shapes and strides, official parameter names, the checkpoint converter, drop
 path, determinism and the YAML configs."""
+
 import argparse
 import importlib.util
 import os
 
 import pytest
 import torch
-from torch import nn
-
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.modeling import BACKBONE_REGISTRY, ShapeSpec, build_backbone
+from torch import nn
 
 from dinat import D2DiNAT, DiNAT, add_dinat_config
-from mask2former.modeling.layers import DropPath
 from dinat.convert import convert_dinat_checkpoint, convert_dinat_state_dict
+from mask2former.modeling.layers import DropPath
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,14 +50,22 @@ def _official_state_keys(depths, heads, kernel, dim, layer_scale=False, rpb=True
         c = dim * 2**i
         for j in range(depth):
             p = f"levels.{i}.blocks.{j}."
-            keys.update({
-                p + "norm1.weight": (c,), p + "norm1.bias": (c,),
-                p + "attn.qkv.weight": (3 * c, c), p + "attn.qkv.bias": (3 * c,),
-                p + "attn.proj.weight": (c, c), p + "attn.proj.bias": (c,),
-                p + "norm2.weight": (c,), p + "norm2.bias": (c,),
-                p + "mlp.fc1.weight": (2 * c, c), p + "mlp.fc1.bias": (2 * c,),
-                p + "mlp.fc2.weight": (c, 2 * c), p + "mlp.fc2.bias": (c,),
-            })
+            keys.update(
+                {
+                    p + "norm1.weight": (c,),
+                    p + "norm1.bias": (c,),
+                    p + "attn.qkv.weight": (3 * c, c),
+                    p + "attn.qkv.bias": (3 * c,),
+                    p + "attn.proj.weight": (c, c),
+                    p + "attn.proj.bias": (c,),
+                    p + "norm2.weight": (c,),
+                    p + "norm2.bias": (c,),
+                    p + "mlp.fc1.weight": (2 * c, c),
+                    p + "mlp.fc1.bias": (2 * c,),
+                    p + "mlp.fc2.weight": (c, 2 * c),
+                    p + "mlp.fc2.bias": (c,),
+                }
+            )
             if rpb:
                 keys[p + "attn.rpb"] = (h, 2 * kernel - 1, 2 * kernel - 1)
             if layer_scale:
@@ -126,7 +134,10 @@ def test_build_from_cfg_via_registry():
     model = build_backbone(cfg)
     assert isinstance(model, D2DiNAT)
     assert {k: (v.channels, v.stride) for k, v in model.output_shape().items()} == {
-        "res2": (16, 4), "res3": (32, 8), "res4": (64, 16), "res5": (128, 32)
+        "res2": (16, 4),
+        "res3": (32, 8),
+        "res4": (64, 16),
+        "res5": (128, 32),
     }
     block = model.levels[2].blocks[1]
     assert (block.attn.kernel_size, block.attn.dilation, block.attn.num_heads) == (5, 2, 2)
@@ -301,6 +312,9 @@ def test_tiny_cpu_config_backbone_runs():
     with torch.no_grad():
         out = model(torch.randn(1, 3, 128, 128))
     assert {k: tuple(v.shape[1:]) for k, v in out.items()} == {
-        "res2": (32, 32, 32), "res3": (64, 16, 16), "res4": (128, 8, 8), "res5": (256, 4, 4)
+        "res2": (32, 32, 32),
+        "res3": (64, 16, 16),
+        "res4": (128, 8, 8),
+        "res5": (256, 4, 4),
     }
     assert ShapeSpec(channels=256, stride=32) == model.output_shape()["res5"]

@@ -10,6 +10,7 @@
 * the loss normalisation: the gradient of a 2-process DDP step on two half batches equals the
   single-process gradient on the whole batch.
 """
+
 import contextlib
 import json
 import math
@@ -24,7 +25,6 @@ from unittest import mock
 
 import pytest
 import torch
-
 from detectron2.engine import create_ddp_model as detectron2_create_ddp_model
 from detectron2.engine import launch
 from detectron2.modeling import build_model
@@ -40,14 +40,36 @@ CONFIG = ROOT / "configs" / "tiny" / "m2f_swin_tiny_cpu.yaml"
 SIZE = 64
 
 COMMON = [
-    "MODEL.DEVICE", "cpu", "DATALOADER.NUM_WORKERS", "2", "TEST.CONFUSION_MATRIX_PLOT", "False",
-    "INPUT.MIN_SIZE_TEST", str(SIZE), "INPUT.SIZE_DIVISIBILITY", str(SIZE),
+    "MODEL.DEVICE",
+    "cpu",
+    "DATALOADER.NUM_WORKERS",
+    "2",
+    "TEST.CONFUSION_MATRIX_PLOT",
+    "False",
+    "INPUT.MIN_SIZE_TEST",
+    str(SIZE),
+    "INPUT.SIZE_DIVISIBILITY",
+    str(SIZE),
 ]
 TRAIN = [
-    "SOLVER.IMS_PER_BATCH", "4", "SOLVER.WARMUP_ITERS", "1", "INPUT.MIN_SIZE_TRAIN", f"({SIZE},)",
-    "INPUT.CROP.SIZE", f"({SIZE}, {SIZE})", "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "256",
-    "INPUT.COPY_PASTE.ENABLED", "True", "INPUT.COPY_PASTE.BANK_SIZE", "3",
-    "INPUT.COPY_PASTE.PROB", "0.5", "SEED", "3",
+    "SOLVER.IMS_PER_BATCH",
+    "4",
+    "SOLVER.WARMUP_ITERS",
+    "1",
+    "INPUT.MIN_SIZE_TRAIN",
+    f"({SIZE},)",
+    "INPUT.CROP.SIZE",
+    f"({SIZE}, {SIZE})",
+    "MODEL.MASK_FORMER.TRAIN_NUM_POINTS",
+    "256",
+    "INPUT.COPY_PASTE.ENABLED",
+    "True",
+    "INPUT.COPY_PASTE.BANK_SIZE",
+    "3",
+    "INPUT.COPY_PASTE.PROB",
+    "0.5",
+    "SEED",
+    "3",
 ]
 TIMEOUT = 600
 
@@ -66,15 +88,26 @@ def free_port() -> int:
 
 
 def train_net_cmd(*args):
-    return [sys.executable, str(ROOT / "train_net.py"), "--config-file", str(CONFIG),
-            *map(str, args)]
+    return [
+        sys.executable,
+        str(ROOT / "train_net.py"),
+        "--config-file",
+        str(CONFIG),
+        *map(str, args),
+    ]
 
 
 def start(cmd, cwd, log):
     """A train_net.py process in its own session (so that it can be killed with its children)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.Popen(cmd, cwd=str(cwd), env=env, stdout=open(log, "w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        cmd,
+        cwd=str(cwd),
+        env=env,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def finish(proc, log, cmd):
@@ -116,8 +149,11 @@ def assert_weights_follow_ious(bank, ious):
 
 
 def ious_of(eval_line, class_names):
-    return {label: eval_line[f"sem_seg/IoU-{name}"] for label, name in enumerate(class_names)
-            if not math.isnan(eval_line.get(f"sem_seg/IoU-{name}", math.nan))}
+    return {
+        label: eval_line[f"sem_seg/IoU-{name}"]
+        for label, name in enumerate(class_names)
+        if not math.isnan(eval_line.get(f"sem_seg/IoU-{name}", math.nan))
+    }
 
 
 def ious_logged(log_text, generation, class_names):
@@ -150,15 +186,29 @@ def test_two_processes_train_kill_resume_and_eval(data_root, tmp_path):
 
     # 1. a long run (MAX_ITER 1000): after iteration 2 a checkpoint, the evaluation and the bank
     #    regenerated from its IoUs; killed (with its workers) as soon as that bank is current
-    cmd = train_net_cmd("--num-gpus", 2, *opts, *TRAIN, "SOLVER.MAX_ITER", 1000,
-                        "SOLVER.CHECKPOINT_PERIOD", 2, "TEST.EVAL_PERIOD", 2)
+    cmd = train_net_cmd(
+        "--num-gpus",
+        2,
+        *opts,
+        *TRAIN,
+        "SOLVER.MAX_ITER",
+        1000,
+        "SOLVER.CHECKPOINT_PERIOD",
+        2,
+        "TEST.EVAL_PERIOD",
+        2,
+    )
     log = tmp_path / "train.log"
     proc = start(cmd, tmp_path, log)
     bank_dir = out / "copy_paste_bank" / "machine0"
     current = bank_dir / "CURRENT"
     try:
-        wait_for(lambda: current.is_file() and current.read_text() == "v0001\n",
-                 proc, log, "the bank regenerated after the evaluation")
+        wait_for(
+            lambda: current.is_file() and current.read_text() == "v0001\n",
+            proc,
+            log,
+            "the bank regenerated after the evaluation",
+        )
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -169,21 +219,35 @@ def test_two_processes_train_kill_resume_and_eval(data_root, tmp_path):
     # the checkpoint of iteration 2 (or a later one: the run went on while the bank was written)
     last = (out / "last_checkpoint").read_text().strip()
     assert last.startswith("model_") and last.endswith(".pth") and (out / last).is_file()
-    resume_at = int(last[len("model_"):-len(".pth")]) + 1
+    resume_at = int(last[len("model_") : -len(".pth")]) + 1
     assert resume_at % 2 == 0
     assert bank_version(bank_dir, "v0000")["class_probs"]  # written before training (uniform)
     assert "copy-paste bank 0 written" in text and "class IoUs used: none (uniform)" in text
-    assert_weights_follow_ious(bank_version(bank_dir, "v0001"),
-                               ious_logged(text, 1, class_names(data_root)))
+    assert_weights_follow_ious(
+        bank_version(bank_dir, "v0001"), ious_logged(text, 1, class_names(data_root))
+    )
     first = metrics_lines(out)
 
     # 2. --resume from that checkpoint for 2 more iterations (then the final evaluation)
-    resumed = run(train_net_cmd("--num-gpus", 2, "--resume", *opts, *TRAIN,
-                                "SOLVER.MAX_ITER", resume_at + 2, "SOLVER.CHECKPOINT_PERIOD", 100,
-                                "TEST.EVAL_PERIOD", 0),
-                  tmp_path, tmp_path / "resume.log")
+    resumed = run(
+        train_net_cmd(
+            "--num-gpus",
+            2,
+            "--resume",
+            *opts,
+            *TRAIN,
+            "SOLVER.MAX_ITER",
+            resume_at + 2,
+            "SOLVER.CHECKPOINT_PERIOD",
+            100,
+            "TEST.EVAL_PERIOD",
+            0,
+        ),
+        tmp_path,
+        tmp_path / "resume.log",
+    )
     assert f"Starting training from iteration {resume_at}" in resumed
-    later = metrics_lines(out)[len(first):]
+    later = metrics_lines(out)[len(first) :]
     iterations = [m["iteration"] for m in later if "total_loss" in m]
     assert iterations and min(iterations) >= resume_at and max(iterations) == resume_at + 1
     assert all(math.isfinite(m["total_loss"]) for m in later if "total_loss" in m)
@@ -193,10 +257,28 @@ def test_two_processes_train_kill_resume_and_eval(data_root, tmp_path):
     # 3. --eval-only of the final checkpoint: 2 processes (each evaluates one of the 2 images,
     #    the evaluator gathers them) == 1 process
     weights = ["MODEL.WEIGHTS", out / "model_final.pth", "DATASETS.TRASH_ROOT", data_root]
-    run(train_net_cmd("--num-gpus", 2, "--eval-only", *COMMON, *weights,
-                      "OUTPUT_DIR", tmp_path / "eval2"), tmp_path, tmp_path / "eval2.log")
-    run(train_net_cmd("--num-gpus", 1, "--eval-only", *COMMON, "DATALOADER.NUM_WORKERS", 0,
-                      *weights, "OUTPUT_DIR", tmp_path / "eval1"), tmp_path, tmp_path / "eval1.log")
+    run(
+        train_net_cmd(
+            "--num-gpus", 2, "--eval-only", *COMMON, *weights, "OUTPUT_DIR", tmp_path / "eval2"
+        ),
+        tmp_path,
+        tmp_path / "eval2.log",
+    )
+    run(
+        train_net_cmd(
+            "--num-gpus",
+            1,
+            "--eval-only",
+            *COMMON,
+            "DATALOADER.NUM_WORKERS",
+            0,
+            *weights,
+            "OUTPUT_DIR",
+            tmp_path / "eval1",
+        ),
+        tmp_path,
+        tmp_path / "eval1.log",
+    )
     two, one = lb_metrics(tmp_path / "eval2"), lb_metrics(tmp_path / "eval1")
     assert two["num_images"] == one["num_images"] == 2
     assert abs(two["metrics"]["mIoU"] - one["metrics"]["mIoU"]) <= 1e-6
@@ -216,10 +298,28 @@ def test_two_machines_on_one_host(data_root, tmp_path):
     procs = []
     for machine in range(2):
         out = tmp_path / f"machine{machine}_out"
-        cmd = train_net_cmd("--num-gpus", 1, "--num-machines", 2, "--machine-rank", machine,
-                            "--dist-url", url, *COMMON, "DATASETS.TRASH_ROOT", data_root,
-                            "OUTPUT_DIR", out, *TRAIN, "SOLVER.MAX_ITER", 3,
-                            "SOLVER.CHECKPOINT_PERIOD", 2, "TEST.EVAL_PERIOD", 2)
+        cmd = train_net_cmd(
+            "--num-gpus",
+            1,
+            "--num-machines",
+            2,
+            "--machine-rank",
+            machine,
+            "--dist-url",
+            url,
+            *COMMON,
+            "DATASETS.TRASH_ROOT",
+            data_root,
+            "OUTPUT_DIR",
+            out,
+            *TRAIN,
+            "SOLVER.MAX_ITER",
+            3,
+            "SOLVER.CHECKPOINT_PERIOD",
+            2,
+            "TEST.EVAL_PERIOD",
+            2,
+        )
         log = tmp_path / f"machine{machine}.log"
         procs.append((start(cmd, tmp_path, log), log, cmd))
     try:
@@ -249,14 +349,19 @@ def test_two_machines_on_one_host(data_root, tmp_path):
         assert label.read_bytes() == (bank1 / "v0001" / "labels" / label.name).read_bytes()
     evals = [m for m in metrics_lines(out0) if "sem_seg/mIoU" in m]
     assert evals[0]["iteration"] == 1
-    assert_weights_follow_ious(bank_version(bank1, "v0001"),
-                               ious_of(evals[0], class_names(data_root)))
+    assert_weights_follow_ious(
+        bank_version(bank1, "v0001"), ious_of(evals[0], class_names(data_root))
+    )
 
 
 # --------------------------------------------------------------------------- loss normalisation
 GRADIENT_OPTS = [
-    "MODEL.DEVICE", "cpu", "MODEL.SWIN.DROP_PATH_RATE", "0.0",
-    "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "256",
+    "MODEL.DEVICE",
+    "cpu",
+    "MODEL.SWIN.DROP_PATH_RATE",
+    "0.0",
+    "MODEL.MASK_FORMER.TRAIN_NUM_POINTS",
+    "256",
 ]
 # target masks per image: halves [0, 1] and [2, 3] with different numbers of masks (6 vs 2),
 # so that the global mask count matters; and with the same number per half (3 and 3)
@@ -292,11 +397,15 @@ def make_batch(counts, seed=0):
         for k in range(n):
             y, x = torch.randint(0, SIZE - 16, (2,), generator=g).tolist()
             h, w = torch.randint(8, 16, (2,), generator=g).tolist()
-            masks[k, y:y + h, x:x + w] = 1
+            masks[k, y : y + h, x : x + w] = 1
         classes = torch.randperm(10, generator=g)[:n] + 1
-        batch.append({"image": torch.randint(0, 256, (3, SIZE, SIZE), generator=g,
-                                             dtype=torch.uint8),
-                      "classes": classes, "masks": masks})
+        batch.append(
+            {
+                "image": torch.randint(0, 256, (3, SIZE, SIZE), generator=g, dtype=torch.uint8),
+                "classes": classes,
+                "masks": masks,
+            }
+        )
     return batch
 
 
@@ -355,8 +464,9 @@ def _gradient_worker(work_dir):
 def assert_same_gradients(got, expected):
     assert got.keys() == expected.keys()
     for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            got[name], expected[name], rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 def test_two_process_gradient_equals_single_process_gradient(tmp_path):
@@ -378,9 +488,13 @@ def test_two_process_gradient_equals_single_process_gradient(tmp_path):
 
     # the check discriminates: halves normalised by their own mask counts (6 and 2 instead of
     # the global mean 4) give another gradient
-    halves = [gradients(model, make_batch(UNEQUAL)[s], class_loss=False)
-              for s in (slice(0, 2), slice(2, 4))]
+    halves = [
+        gradients(model, make_batch(UNEQUAL)[s], class_loss=False)
+        for s in (slice(0, 2), slice(2, 4))
+    ]
     local = {n: (halves[0][n] + halves[1][n]) / 2 for n in full_unequal}
-    worst = max(((local[n] - g).abs().max() / g.abs().max().clamp_min(1e-12)).item()
-                for n, g in full_unequal.items())
+    worst = max(
+        ((local[n] - g).abs().max() / g.abs().max().clamp_min(1e-12)).item()
+        for n, g in full_unequal.items()
+    )
     assert worst > 1e-2

@@ -1,5 +1,6 @@
 """EMA of the weights: update maths against hand computations, swap-in/restore, state round trip,
 export, two gloo processes running the hooks, and train_net.py training / resuming with it."""
+
 import io
 import json
 import math
@@ -151,8 +152,9 @@ def test_state_dict_round_trip_and_mismatch_errors():
     other = ModelEMA(nn.Sequential(nn.Linear(4, 6)), decay=0.9)
     with pytest.raises(ValueError, match="does not match the model"):
         other.load_state_dict(saved)
-    wider = ModelEMA(nn.Sequential(nn.Linear(4, 7), nn.BatchNorm1d(7), nn.ReLU(),
-                                   nn.Linear(7, 3)), decay=0.9)
+    wider = ModelEMA(
+        nn.Sequential(nn.Linear(4, 7), nn.BatchNorm1d(7), nn.ReLU(), nn.Linear(7, 3)), decay=0.9
+    )
     with pytest.raises(ValueError, match="has shape"):
         wider.load_state_dict(saved)
     with pytest.raises(ValueError, match="does not match its EMA"):
@@ -259,7 +261,8 @@ def _ddp_worker(rank, world_size, init_method, out_dir):
             "final_raw": {k: v.clone() for k, v in model.module.state_dict().items()},
             "ema_probe": ema_probe,
             "storage": trainer.storage.history("ema/sem_seg/probe").values()
-            if comm.is_main_process() else None,
+            if comm.is_main_process()
+            else None,
         }
         with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
             pickle.dump(result, f)
@@ -269,8 +272,9 @@ def _ddp_worker(rank, world_size, init_method, out_dir):
 
 def test_two_processes_keep_identical_emas(tmp_path):
     init_method = f"file://{tmp_path / 'pg_init'}"
-    mp.start_processes(_ddp_worker, args=(2, init_method, str(tmp_path)), nprocs=2, join=True,
-                       start_method="fork")
+    mp.start_processes(
+        _ddp_worker, args=(2, init_method, str(tmp_path)), nprocs=2, join=True, start_method="fork"
+    )
     ranks = []
     for rank in range(2):
         with open(tmp_path / f"rank{rank}.pkl", "rb") as f:
@@ -311,13 +315,34 @@ def test_two_processes_keep_identical_emas(tmp_path):
 
 SIZE = 64
 COMMON = [
-    "MODEL.DEVICE", "cpu", "DATALOADER.NUM_WORKERS", "0", "TEST.CONFUSION_MATRIX_PLOT", "False",
-    "INPUT.MIN_SIZE_TEST", str(SIZE), "INPUT.SIZE_DIVISIBILITY", str(SIZE),
+    "MODEL.DEVICE",
+    "cpu",
+    "DATALOADER.NUM_WORKERS",
+    "0",
+    "TEST.CONFUSION_MATRIX_PLOT",
+    "False",
+    "INPUT.MIN_SIZE_TEST",
+    str(SIZE),
+    "INPUT.SIZE_DIVISIBILITY",
+    str(SIZE),
 ]
 TRAIN = [
-    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1", "INPUT.MIN_SIZE_TRAIN", f"({SIZE},)",
-    "INPUT.CROP.SIZE", f"({SIZE}, {SIZE})", "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "256",
-    "SOLVER.EMA.ENABLED", "True", "SOLVER.EMA.DECAY", "0.9", "SOLVER.EMA.WARMUP_ITERS", "2",
+    "SOLVER.IMS_PER_BATCH",
+    "2",
+    "SOLVER.WARMUP_ITERS",
+    "1",
+    "INPUT.MIN_SIZE_TRAIN",
+    f"({SIZE},)",
+    "INPUT.CROP.SIZE",
+    f"({SIZE}, {SIZE})",
+    "MODEL.MASK_FORMER.TRAIN_NUM_POINTS",
+    "256",
+    "SOLVER.EMA.ENABLED",
+    "True",
+    "SOLVER.EMA.DECAY",
+    "0.9",
+    "SOLVER.EMA.WARMUP_ITERS",
+    "2",
 ]
 
 
@@ -337,8 +362,22 @@ def test_train_net_evaluates_saves_and_resumes_the_ema(tmp_path):
     opts = [*COMMON, "DATASETS.TRASH_ROOT", data, "OUTPUT_DIR", out]
 
     # 1. 3 iterations: evaluation (raw and EMA) at iteration 2 and after the last one
-    run(ROOT / "train_net.py", "--config-file", config, "--num-gpus", 1, *opts, *TRAIN,
-        "SOLVER.MAX_ITER", 3, "SOLVER.CHECKPOINT_PERIOD", 100, "TEST.EVAL_PERIOD", 2, cwd=tmp_path)
+    run(
+        ROOT / "train_net.py",
+        "--config-file",
+        config,
+        "--num-gpus",
+        1,
+        *opts,
+        *TRAIN,
+        "SOLVER.MAX_ITER",
+        3,
+        "SOLVER.CHECKPOINT_PERIOD",
+        100,
+        "TEST.EVAL_PERIOD",
+        2,
+        cwd=tmp_path,
+    )
     lines = [json.loads(s) for s in (out / "metrics.json").read_text().splitlines() if s.strip()]
     evals = [m for m in lines if "sem_seg/mIoU" in m]
     assert len(evals) == 2 and evals[0]["iteration"] == 1  # raw and EMA in the same lines
@@ -356,22 +395,49 @@ def test_train_net_evaluates_saves_and_resumes_the_ema(tmp_path):
     assert final_ema["model"].keys() == first["model"].keys()
     for name, value in first["ema"]["shadow"].items():
         assert torch.equal(final_ema["model"][name], value.to(first["model"][name].dtype))
-    differs = [n for n, v in first["model"].items()
-               if v.is_floating_point() and not torch.equal(v, first["ema"]["shadow"][n])]
+    differs = [
+        n
+        for n, v in first["model"].items()
+        if v.is_floating_point() and not torch.equal(v, first["ema"]["shadow"][n])
+    ]
     assert differs  # the EMA is not the raw weights
 
     # 2. --eval-only on the final EMA weights file (a plain model checkpoint) gives the score the
     #    training's final EMA evaluation logged
-    run(ROOT / "train_net.py", "--config-file", config, "--eval-only", *opts,
-        "MODEL.WEIGHTS", out / FINAL_EMA_CHECKPOINT, cwd=tmp_path)
+    run(
+        ROOT / "train_net.py",
+        "--config-file",
+        config,
+        "--eval-only",
+        *opts,
+        "MODEL.WEIGHTS",
+        out / FINAL_EMA_CHECKPOINT,
+        cwd=tmp_path,
+    )
     report = json.loads((out / "inference" / "trash_val" / "lb_metrics.json").read_text())
     assert report["metrics"]["mIoU"] == pytest.approx(evals[-1]["ema/sem_seg/mIoU"], abs=1e-9)
 
     # 3. --resume to MAX_ITER 5, checkpoint every iteration: the checkpoint of iteration 3 holds
     #    EMA update 4 = d4 * (restored EMA of update 3) + (1 - d4) * (raw weights of iteration 3)
-    log = run(ROOT / "train_net.py", "--config-file", config, "--num-gpus", 1, "--resume", *opts,
-              *TRAIN, "SOLVER.MAX_ITER", 5, "SOLVER.CHECKPOINT_PERIOD", 1, "TEST.EVAL_PERIOD", 0,
-              "SOLVER.EMA.EVAL", "False", cwd=tmp_path)
+    log = run(
+        ROOT / "train_net.py",
+        "--config-file",
+        config,
+        "--num-gpus",
+        1,
+        "--resume",
+        *opts,
+        *TRAIN,
+        "SOLVER.MAX_ITER",
+        5,
+        "SOLVER.CHECKPOINT_PERIOD",
+        1,
+        "TEST.EVAL_PERIOD",
+        0,
+        "SOLVER.EMA.EVAL",
+        "False",
+        cwd=tmp_path,
+    )
     assert "EMA of the weights restored from the checkpoint (3 updates)" in log
     step3 = torch.load(out / "model_0000003.pth", weights_only=True)
     assert step3["ema"]["num_updates"] == 4
@@ -379,8 +445,9 @@ def test_train_net_evaluates_saves_and_resumes_the_ema(tmp_path):
     for name, saved in first["ema"]["shadow"].items():
         raw3 = step3["model"][name]
         if raw3.is_floating_point():
-            torch.testing.assert_close(step3["ema"]["shadow"][name], d4 * saved + (1 - d4) * raw3,
-                                       rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(
+                step3["ema"]["shadow"][name], d4 * saved + (1 - d4) * raw3, rtol=1e-5, atol=1e-7
+            )
         else:
             assert torch.equal(step3["ema"]["shadow"][name], raw3)
     assert torch.load(out / "model_final.pth", weights_only=True)["ema"]["num_updates"] == 5
@@ -395,16 +462,33 @@ def test_trainer_hook_order_with_copy_paste(tmp_path):
 
     data = tmp_path / "data"
     generate_synthetic_trash(str(data), num_train=2, num_val=1, num_test=1, image_size=SIZE, seed=0)
-    cfg = build_cfg(str(ROOT / "configs" / "tiny" / "m2f_swin_tiny_cpu.yaml"), [
-        *COMMON, *TRAIN, "DATASETS.TRASH_ROOT", str(data), "OUTPUT_DIR", str(tmp_path / "out"),
-        "INPUT.COPY_PASTE.ENABLED", "True", "TEST.EVAL_PERIOD", "2",
-    ])
+    cfg = build_cfg(
+        str(ROOT / "configs" / "tiny" / "m2f_swin_tiny_cpu.yaml"),
+        [
+            *COMMON,
+            *TRAIN,
+            "DATASETS.TRASH_ROOT",
+            str(data),
+            "OUTPUT_DIR",
+            str(tmp_path / "out"),
+            "INPUT.COPY_PASTE.ENABLED",
+            "True",
+            "TEST.EVAL_PERIOD",
+            "2",
+        ],
+    )
     register_datasets_from_cfg(cfg)
     trainer = Trainer(cfg)
     kinds = [type(h) for h in trainer._hooks]
     # update before the checkpointer; EMA evaluation after the raw one and the bank hook reading
     # the raw IoUs, before the writer
-    order = [EMAHook, hooks.PeriodicCheckpointer, hooks.EvalHook, CopyPasteBankHook, EMAEvalHook,
-             hooks.PeriodicWriter]
+    order = [
+        EMAHook,
+        hooks.PeriodicCheckpointer,
+        hooks.EvalHook,
+        CopyPasteBankHook,
+        EMAEvalHook,
+        hooks.PeriodicWriter,
+    ]
     assert [k for k in kinds if k in order] == order
     assert isinstance(trainer.checkpointer.checkpointables["ema"], ModelEMA)

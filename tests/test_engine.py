@@ -1,5 +1,6 @@
 """Optimizer parameter groups, full-model gradient clipping, the resumable poly LR schedule and
 the project config composition."""
+
 import functools
 import math
 
@@ -7,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from mask2former.engine import build_optimizer, get_param_groups, get_project_cfg
-from mask2former.engine.lr_scheduler import ResumableWarmupPolyLR, build_lr_scheduler
 from dinat import add_dinat_config
+from mask2former.engine import build_optimizer, get_param_groups, get_project_cfg
 from mask2former.engine import setup as engine_setup
+from mask2former.engine.lr_scheduler import ResumableWarmupPolyLR, build_lr_scheduler
 from semask import add_semask_config
 
 # the configuration train_net.py builds: Mask2Former + SeMask + DiNAT keys
@@ -129,5 +130,9 @@ def test_poly_schedule_values_and_resume_with_a_longer_schedule():
 def test_build_cfg_composes_all_packages_and_disables_amp_on_cpu():
     cfg = build_cfg("configs/m2f_swin_t.yaml", ["MODEL.DEVICE", "cpu"])
     assert cfg.SOLVER.AMP.ENABLED is False  # the YAML enables it for GPUs
-    assert cfg.MODEL.SWIN.EMBED_DIM == 96 and "DINAT" in cfg.MODEL and "CATE_WEIGHT" in cfg.MODEL.MASK_FORMER
+    assert (
+        cfg.MODEL.SWIN.EMBED_DIM == 96
+        and "DINAT" in cfg.MODEL
+        and "CATE_WEIGHT" in cfg.MODEL.MASK_FORMER
+    )
     assert cfg.is_frozen()

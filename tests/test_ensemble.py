@@ -1,6 +1,7 @@
 """Soft-voting ensemble of probability dumps: weighted vote against numpy, mismatched dumps,
 the agreement map, streaming, the post-processing chain, and tools/ensemble.py end to end
 (submission, label PNGs, a stacked dump, the LB-style score)."""
+
 import gc
 import json
 import os
@@ -14,14 +15,14 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_util
 
-from mask2former.postprocess.mode_filter import mode_filter
 from mask2former.inference.ensemble import SoftVotingEnsemble
 from mask2former.inference.pipeline import EnsemblePipeline
+from mask2former.inference.prob_dump import ProbDumpReader, ProbDumpWriter
 from mask2former.inference.sinks import label_png_path
+from mask2former.inference.submission import read_submission
 from mask2former.postprocess import agreement_map, normalize_weights, soft_vote
 from mask2former.postprocess.crf import CRF_PRESETS, dense_crf
-from mask2former.inference.prob_dump import ProbDumpReader, ProbDumpWriter
-from mask2former.inference.submission import read_submission
+from mask2former.postprocess.mode_filter import mode_filter
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["Background", "Paper", "Metal", "Glass"]
@@ -149,7 +150,9 @@ def test_corrupt_arrays_are_reported(three_dumps):
     files = {entry["file_name"]: os.path.join(dirs[1], entry["path"]) for entry in index["images"]}
     np.save(files["a/0003.jpg"], np.zeros((K, 8, 5), np.float16))  # index says 8 x 4
     ensemble = SoftVotingEnsemble(dirs)
-    with pytest.raises(ValueError, match=rf"{dirs[1]}: 'a/0003.jpg' holds an array of shape \(4, 8, 5\)"):
+    with pytest.raises(
+        ValueError, match=rf"{dirs[1]}: 'a/0003.jpg' holds an array of shape \(4, 8, 5\)"
+    ):
         ensemble.vote("a/0003.jpg")
     bad = models[1]["b/0001.jpg"].astype(np.float16)
     bad[0, 0, 0] = np.nan
@@ -162,9 +165,13 @@ def test_corrupt_arrays_are_reported(three_dumps):
 def test_json_images_must_match_the_dumps(three_dumps):
     dirs, _, names = three_dumps
     ensemble = SoftVotingEnsemble(dirs)
-    with pytest.raises(ValueError, match=r"1 image\(s\) of test.json are not in the dumps: 'x/1.jpg'"):
+    with pytest.raises(
+        ValueError, match=r"1 image\(s\) of test.json are not in the dumps: 'x/1.jpg'"
+    ):
         ensemble.check_file_names(names + ["x/1.jpg"], "test.json")
-    with pytest.raises(ValueError, match=r"1 image\(s\) of the dumps are not in test.json: 'c/0004.jpg'"):
+    with pytest.raises(
+        ValueError, match=r"1 image\(s\) of the dumps are not in test.json: 'c/0004.jpg'"
+    ):
         ensemble.check_file_names(names[:3], "test.json")
     with pytest.raises(ValueError, match="listed twice"):
         ensemble.check_file_names(names + names[:1], "test.json")
@@ -240,7 +247,7 @@ def test_streams_image_by_image(three_dumps):
     name, probs = next(stream)
     gc.collect()
     assert ref() is None  # the previous image's vote is not kept by the ensemble
-    assert log[len(dirs):] == [(d, names[1]) for d in dirs]
+    assert log[len(dirs) :] == [(d, names[1]) for d in dirs]
     assert len(log) == 2 * len(dirs)
 
 
@@ -251,7 +258,11 @@ def test_pipeline_agreement_and_mode_filter_against_numpy(three_dumps):
     dirs, models, names = three_dumps
     weights = [1.0, 2.0, 1.0]
     pipeline = EnsemblePipeline(
-        SoftVotingEnsemble(dirs, weights), agreement=True, min_agree=2, apply_mode_filter=True, keep_probs=False
+        SoftVotingEnsemble(dirs, weights),
+        agreement=True,
+        min_agree=2,
+        apply_mode_filter=True,
+        keep_probs=False,
     )
     predictions = list(pipeline.predictions(names[::-1]))
     assert [pred.file_name for pred in predictions] == names[::-1]
@@ -286,16 +297,22 @@ def test_crf_image_errors_name_the_file(three_dumps, tmp_path):
     pipeline = EnsemblePipeline(
         SoftVotingEnsemble(dirs), crf_params=CRF_PRESETS["default"], image_root=str(tmp_path)
     )
-    with pytest.raises(FileNotFoundError, match=r"'b/0001.jpg': no image .*b/0001.jpg \(check --image-root"):
+    with pytest.raises(
+        FileNotFoundError, match=r"'b/0001.jpg': no image .*b/0001.jpg \(check --image-root"
+    ):
         pipeline.predict("b/0001.jpg")
     os.makedirs(tmp_path / "b")
     cv2.imwrite(str(tmp_path / "b" / "0001.jpg"), np.zeros((7, 6, 3), np.uint8))
-    with pytest.raises(ValueError, match=r"0001.jpg: image is 7x6 but the probabilities of 'b/0001.jpg' are"):
+    with pytest.raises(
+        ValueError, match=r"0001.jpg: image is 7x6 but the probabilities of 'b/0001.jpg' are"
+    ):
         pipeline.predict("b/0001.jpg")
 
 
 def test_label_png_path():
-    assert label_png_path("out", "batch_01_vt/0002.jpg") == os.path.join("out", "batch_01_vt", "0002.png")
+    assert label_png_path("out", "batch_01_vt/0002.jpg") == os.path.join(
+        "out", "batch_01_vt", "0002.png"
+    )
     with pytest.raises(ValueError, match="not a relative path"):
         label_png_path("out", "../x.jpg")
 
@@ -327,9 +344,17 @@ def make_split(root, rng):
             segmentation = rectangle(*box)
             rle = mask_util.merge(mask_util.frPyObjects(segmentation, height, width))
             truth[mask_util.decode(rle).astype(bool)] = category
-            annotations.append({"id": len(annotations) + 1, "image_id": image["id"], "category_id": category,
-                                "segmentation": segmentation, "area": float(mask_util.area(rle)),
-                                "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]], "iscrowd": 0})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image["id"],
+                    "category_id": category,
+                    "segmentation": segmentation,
+                    "area": float(mask_util.area(rle)),
+                    "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
+                    "iscrowd": 0,
+                }
+            )
         picture = np.array(COLORS, np.float64)[truth] + rng.normal(0, 6, (height, width, 3))
         path = root / image["file_name"]
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -337,7 +362,9 @@ def make_split(root, rng):
         truths[image["file_name"]] = truth
     categories = [{"id": i, "name": name} for i, name in enumerate(CLASSES) if i > 0]
     json_file = root / "test.json"
-    json_file.write_text(json.dumps({"images": IMAGES, "annotations": annotations, "categories": categories}))
+    json_file.write_text(
+        json.dumps({"images": IMAGES, "annotations": annotations, "categories": categories})
+    )
     return json_file, truths
 
 
@@ -347,7 +374,9 @@ def model_probs(truth, rng, accuracy):
     wrong = rng.random(truth.shape) > accuracy
     labels[wrong] = rng.integers(0, K, int(wrong.sum()))
     probs = rng.uniform(0.0, 0.3, (K,) + truth.shape)
-    np.put_along_axis(probs, labels[None].astype(np.int64), rng.uniform(0.5, 1.0, truth.shape)[None], axis=0)
+    np.put_along_axis(
+        probs, labels[None].astype(np.int64), rng.uniform(0.5, 1.0, truth.shape)[None], axis=0
+    )
     return (probs / probs.sum(0)).astype(np.float32)
 
 
@@ -386,27 +415,64 @@ def test_tool_end_to_end(tmp_path):
     json_file, truths = make_split(data, rng)
     names = [image["file_name"] for image in IMAGES]
     dumps = [
-        write_dump(tmp_path / f"model{i}", {n: model_probs(truths[n], rng, acc) for n in sorted(names)})
+        write_dump(
+            tmp_path / f"model{i}", {n: model_probs(truths[n], rng, acc) for n in sorted(names)}
+        )
         for i, acc in enumerate((0.8, 0.7, 0.75))
     ]
     out = tmp_path / "out"
 
     # 1. three dumps -> CRF -> agreement of 2 of 3 -> every output, in 2 worker processes
-    run_tool("--dumps", *dumps, "--weights", 2, 1, 1, "--json", json_file, "--crf", "default",
-             "--crf-iters", 3, "--agreement-overwrite", "--min-agree", 2, "--workers", 2,
-             "--submission", out / "submission.csv", "--labels", out / "labels", "--probs", out / "stacked",
-             "--score", "--score-dir", out / "score", cwd=tmp_path)
+    run_tool(
+        "--dumps",
+        *dumps,
+        "--weights",
+        2,
+        1,
+        1,
+        "--json",
+        json_file,
+        "--crf",
+        "default",
+        "--crf-iters",
+        3,
+        "--agreement-overwrite",
+        "--min-agree",
+        2,
+        "--workers",
+        2,
+        "--submission",
+        out / "submission.csv",
+        "--labels",
+        out / "labels",
+        "--probs",
+        out / "stacked",
+        "--score",
+        "--score-dir",
+        out / "score",
+        cwd=tmp_path,
+    )
 
     # the same chain in this process, one image at a time
-    pipeline = EnsemblePipeline(SoftVotingEnsemble(dumps, [2, 1, 1]), crf_params=CRF_PRESETS["default"],
-                                crf_iterations=3, agreement=True, min_agree=2, image_root=str(data))
+    pipeline = EnsemblePipeline(
+        SoftVotingEnsemble(dumps, [2, 1, 1]),
+        crf_params=CRF_PRESETS["default"],
+        crf_iterations=3,
+        agreement=True,
+        min_agree=2,
+        image_root=str(data),
+    )
     expected = {p.file_name: p for p in pipeline.predictions(names)}
-    labels = {n: cv2.imread(label_png_path(str(out / "labels"), n), cv2.IMREAD_UNCHANGED) for n in names}
+    labels = {
+        n: cv2.imread(label_png_path(str(out / "labels"), n), cv2.IMREAD_UNCHANGED) for n in names
+    }
     for n in names:
         np.testing.assert_array_equal(labels[n], expected[n].labels)
     # the CRF did something, and the agreement overwrite too
     votes = {n: pipeline.ensemble.vote(n) for n in names}
-    crf_only = {n: dense_crf(pipeline.read_image(n), votes[n], "default", 3).argmax(0) for n in names}
+    crf_only = {
+        n: dense_crf(pipeline.read_image(n), votes[n], "default", 3).argmax(0) for n in names
+    }
     assert any((crf_only[n] != votes[n].argmax(0)).any() for n in names)
     assert any((crf_only[n] != labels[n]).any() for n in names)
 
@@ -429,12 +495,30 @@ def test_tool_end_to_end(tmp_path):
     assert 0.5 < miou < 1.0
 
     # 2. stacking: the new dump with one of the models, through a registered dataset, no CRF
-    run_tool("--dumps", out / "stacked", dumps[0], "--weights", 3, 1, "--dataset", "stack_val",
-             "--mode-filter", "--labels", out / "labels2", "--score", "--score-dir", out / "score2",
-             "DATASETS.COCO_SEMSEG", f"[['stack_val', '{json_file}', '{data}']]", cwd=tmp_path)
+    run_tool(
+        "--dumps",
+        out / "stacked",
+        dumps[0],
+        "--weights",
+        3,
+        1,
+        "--dataset",
+        "stack_val",
+        "--mode-filter",
+        "--labels",
+        out / "labels2",
+        "--score",
+        "--score-dir",
+        out / "score2",
+        "DATASETS.COCO_SEMSEG",
+        f"[['stack_val', '{json_file}', '{data}']]",
+        cwd=tmp_path,
+    )
     predictions = {}
     for n in names:
-        vote = 3 * stacked.get(n).astype(np.float64) + ProbDumpReader(dumps[0]).get(n).astype(np.float64)
+        vote = 3 * stacked.get(n).astype(np.float64) + ProbDumpReader(dumps[0]).get(n).astype(
+            np.float64
+        )
         predictions[n] = mode_filter(vote.argmax(0).astype(np.uint8))
         written = cv2.imread(label_png_path(str(out / "labels2"), n), cv2.IMREAD_UNCHANGED)
         np.testing.assert_array_equal(written, predictions[n])

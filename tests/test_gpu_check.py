@@ -1,5 +1,6 @@
 """benchmarks/gpu_check.py: the skip without CUDA, and its checks run on CPU with tiny sizes
 (the GPU-only parts, compiled flex attention and NATTEN, run only on a GPU)."""
+
 import importlib.util
 import json
 import math
@@ -27,9 +28,13 @@ gpu_check = _load()
 def test_skips_with_a_clear_message_without_cuda(tmp_path):
     out = tmp_path / "gpu_check.json"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"),
-                           "--output", str(out)], env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--output", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "gpu_check: skipped: CUDA is not available" in proc.stdout
     assert not out.exists()
@@ -60,8 +65,9 @@ def test_synthetic_batch_masks_match_the_label_map():
 
 
 def test_deformable_check_compares_the_two_implementations_on_cpu():
-    row = gpu_check.deformable_attention("cpu", d_model=32, heads=4, points=2,
-                                         shapes=((8, 8), (4, 4)))
+    row = gpu_check.deformable_attention(
+        "cpu", d_model=32, heads=4, points=2, shapes=((8, 8), (4, 4))
+    )
     assert row["ok"] is True
     assert row["forward_max_abs_diff"] <= 1e-4 and row["backward_max_abs_diff"] <= 1e-4
 
@@ -72,13 +78,21 @@ def test_failing_check_is_reported_and_table_and_json_are_written(tmp_path, monk
 
     monkeypatch.setattr(gpu_check, "deformable_attention", broken)
     rows = gpu_check.run_checks("cpu", checks=("deformable",))
-    assert rows == [{"check": "deformable", "case": "fast vs pytorch", "ok": False,
-                     "error": "RuntimeError: CUDA out of memory"}]
+    assert rows == [
+        {
+            "check": "deformable",
+            "case": "fast vs pytorch",
+            "ok": False,
+            "error": "RuntimeError: CUDA out of memory",
+        }
+    ]
     rows.append({"check": "inference", "case": "Swin-T", "ok": True, "images_per_s": 12.5})
     rows.append({"check": "attention", "case": "natten", "ok": None, "skipped": "no natten"})
     table = gpu_check.format_table(rows).splitlines()
     assert table[0] == "| check | case | result | figures |" and len(table) == 2 + len(rows)
-    assert "| deformable | fast vs pytorch | FAIL | error=RuntimeError: CUDA out of memory |" in table
+    assert (
+        "| deformable | fast vs pytorch | FAIL | error=RuntimeError: CUDA out of memory |" in table
+    )
     assert "| inference | Swin-T | ok | images_per_s=12.5 |" in table
     assert "| attention | natten | skipped | skipped=no natten |" in table
     path = tmp_path / "sub" / "gpu_check.json"

@@ -1,5 +1,6 @@
 """MODEL.MASK_FORMER.IGNORE_IN_MASK_LOSS: ignored pixels (pseudo-label pixels below the threshold,
 void classes, padding) left out of the mask losses and matching costs; off = official behaviour."""
+
 import torch
 from detectron2.modeling import build_model
 from detectron2.structures import ImageList, Instances
@@ -18,8 +19,12 @@ def test_weighted_costs_and_losses_equal_the_unweighted_ones_on_the_kept_points(
     keep = torch.rand(40, generator=g) > 0.4
     weights = keep.double()
     for fn in (batch_sigmoid_ce_cost, batch_dice_cost):
-        torch.testing.assert_close(fn(inputs, targets, torch.ones(40, dtype=torch.float64)), fn(inputs, targets))
-        torch.testing.assert_close(fn(inputs, targets, weights), fn(inputs[:, keep], targets[:, keep]))
+        torch.testing.assert_close(
+            fn(inputs, targets, torch.ones(40, dtype=torch.float64)), fn(inputs, targets)
+        )
+        torch.testing.assert_close(
+            fn(inputs, targets, weights), fn(inputs[:, keep], targets[:, keep])
+        )
     pair_targets = torch.cat([targets, targets[:2]])  # [5, 40], one target per prediction
     w = weights.expand(5, -1)
     for fn in (sigmoid_ce_loss, dice_loss):
@@ -36,8 +41,16 @@ def test_weighted_costs_and_losses_equal_the_unweighted_ones_on_the_kept_points(
 
 def _criterion(num_points=200):
     matcher = HungarianMatcher(cost_class=1, cost_mask=5, cost_dice=5, num_points=num_points)
-    return SetCriterion(2, matcher, {"loss_ce": 1, "loss_mask": 5, "loss_dice": 5}, 0.1,
-                        ["labels", "masks"], num_points, 3.0, 0.75)
+    return SetCriterion(
+        2,
+        matcher,
+        {"loss_ce": 1, "loss_mask": 5, "loss_dice": 5},
+        0.1,
+        ["labels", "masks"],
+        num_points,
+        3.0,
+        0.75,
+    )
 
 
 def test_no_gradient_reaches_predictions_inside_ignored_regions():
@@ -76,7 +89,10 @@ def _tiny_model(ignore: bool):
 
 def test_meta_arch_builds_validity_maps_from_sem_seg():
     model = _tiny_model(ignore=True)
-    assert model.mask_loss_ignore_value == 255 and _tiny_model(ignore=False).mask_loss_ignore_value is None
+    assert (
+        model.mask_loss_ignore_value == 255
+        and _tiny_model(ignore=False).mask_loss_ignore_value is None
+    )
     sem_seg = torch.tensor([[0, 1, 255], [255, 1, 1]])
     instances = Instances((2, 3))
     instances.gt_classes = torch.tensor([0, 1])

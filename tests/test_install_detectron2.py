@@ -1,4 +1,5 @@
 """The detectron2 installer: route choice, source patches, the compiled-ops stand-in."""
+
 import importlib.util
 import json
 import os
@@ -85,7 +86,7 @@ def test_patch_source_tree_writes_stub_and_fixes_files(tmp_path):
 
 
 # The worker of pb1-detectron2 0.6's detectron2/engine/launch.py, as shipped (abridged).
-LAUNCH_0_6_WORKER = '''def _distributed_worker(
+LAUNCH_0_6_WORKER = """def _distributed_worker(
     local_rank, main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args,
     timeout=DEFAULT_TIMEOUT,
 ):
@@ -106,7 +107,7 @@ LAUNCH_0_6_WORKER = '''def _distributed_worker(
     torch.cuda.set_device(local_rank)
     comm.synchronize()
     main_func(*args)
-'''
+"""
 
 
 def _run_worker(source, cuda_available, device_count=0):
@@ -145,7 +146,10 @@ def test_launch_patch_uses_gloo_without_cuda_and_nccl_with_it():
     patched = inst.patch_launch_py(LAUNCH_0_6_WORKER)
     assert _run_worker(patched, cuda_available=False) == [("init", "GLOO"), "main"]
     assert _run_worker(patched, cuda_available=True, device_count=2) == [
-        ("init", "NCCL"), ("set_device", 1), "main"]
+        ("init", "NCCL"),
+        ("set_device", 1),
+        "main",
+    ]
     with pytest.raises(AssertionError):
         _run_worker(patched, cuda_available=True, device_count=1)  # 2 processes, 1 GPU
     with pytest.raises(RuntimeError, match="launch.py of pb1-detectron2 has an unexpected layout"):
@@ -159,9 +163,9 @@ def test_stub_module_raises_clear_error_for_compiled_ops():
     assert stub.PATCH_LEVEL == inst.PYPI_PATCH_LEVEL
     assert stub.has_cuda() is False and "not built" in stub.get_compiler_version()
     with pytest.raises(RuntimeError, match="compiled op 'box_iou_rotated' is not available"):
-        stub.box_iou_rotated
+        _ = stub.box_iou_rotated
     with pytest.raises(AttributeError):
-        stub.__wrapped__
+        _ = stub.__wrapped__
 
 
 def test_upstream_failure_falls_back_to_pypi(monkeypatch, capsys):
@@ -177,8 +181,11 @@ def test_upstream_failure_falls_back_to_pypi(monkeypatch, capsys):
         state["route"] = "pypi"
 
     monkeypatch.delenv("D2_INSTALL_ROUTE", raising=False)
-    monkeypatch.setattr(inst, "installed_version",
-                        lambda python: state["route"] and (state["route"], inst.PYPI_PATCH_LEVEL))
+    monkeypatch.setattr(
+        inst,
+        "installed_version",
+        lambda python: state["route"] and (state["route"], inst.PYPI_PATCH_LEVEL),
+    )
     monkeypatch.setattr(inst, "github_reachable", lambda timeout=5.0: True)
     monkeypatch.setattr(inst, "install_upstream", fake_upstream)
     monkeypatch.setattr(inst, "install_pypi", fake_pypi)
@@ -202,11 +209,14 @@ def test_second_run_is_a_no_op(monkeypatch, capsys):
     assert "already installed (route: pypi)" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("installed,reinstalls", [
-    (("pypi", 1), True),                      # stand-in written before the launch patch
-    (("pypi", inst.PYPI_PATCH_LEVEL), False),
-    (("upstream", 0), False),
-])
+@pytest.mark.parametrize(
+    "installed,reinstalls",
+    [
+        (("pypi", 1), True),  # stand-in written before the launch patch
+        (("pypi", inst.PYPI_PATCH_LEVEL), False),
+        (("upstream", 0), False),
+    ],
+)
 def test_older_pypi_patch_level_is_upgraded(monkeypatch, capsys, installed, reinstalls):
     state = {"version": installed}
     calls = []
@@ -242,7 +252,7 @@ def test_installed_detectron2_matches_reported_route():
         assert inst.installed_version(sys.executable) == ("pypi", inst.PYPI_PATCH_LEVEL)
 
 
-LAUNCH_SCRIPT = '''import json, sys
+LAUNCH_SCRIPT = """import json, sys
 import torch.distributed as dist
 from detectron2.engine import launch
 from detectron2.utils import comm
@@ -258,7 +268,7 @@ def main(out):
 
 if __name__ == "__main__":
     launch(main, 2, dist_url="auto", args=(sys.argv[1],))
-'''
+"""
 
 
 def test_installed_launch_starts_two_cpu_processes_with_gloo(tmp_path):
@@ -266,10 +276,20 @@ def test_installed_launch_starts_two_cpu_processes_with_gloo(tmp_path):
     script = tmp_path / "launch_two.py"
     script.write_text(LAUNCH_SCRIPT)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "rank")], env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "rank")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     infos = [json.loads((tmp_path / f"rank.{r}").read_text()) for r in range(2)]
     for rank, info in enumerate(infos):
-        assert info == {"backend": "gloo", "world": 2, "ranks": [0, 1], "local_rank": rank,
-                        "local_size": 2}
+        assert info == {
+            "backend": "gloo",
+            "world": 2,
+            "ranks": [0, 1],
+            "local_rank": rank,
+            "local_size": 2,
+        }

@@ -1,10 +1,15 @@
 """Multi-label stratified k-fold: balance vs random splits, determinism, written jsons."""
+
 import json
 
 import numpy as np
 import pytest
 
-from mask2former.data.offline.kfold import image_labels, iterative_stratification, write_kfold_splits
+from mask2former.data.offline.kfold import (
+    image_labels,
+    iterative_stratification,
+    write_kfold_splits,
+)
 
 
 def skewed_multilabel(n=400, n_classes=10, seed=0):
@@ -45,8 +50,12 @@ def test_balanced_better_than_random():
 
 def test_deterministic_and_edge_cases():
     labels = skewed_multilabel(n=60)
-    np.testing.assert_array_equal(iterative_stratification(labels, 3, 7), iterative_stratification(labels, 3, 7))
-    assert not np.array_equal(iterative_stratification(labels, 3, 7), iterative_stratification(labels, 3, 8))
+    np.testing.assert_array_equal(
+        iterative_stratification(labels, 3, 7), iterative_stratification(labels, 3, 7)
+    )
+    assert not np.array_equal(
+        iterative_stratification(labels, 3, 7), iterative_stratification(labels, 3, 8)
+    )
     unlabeled = iterative_stratification([set()] * 9, 3)
     assert np.bincount(unlabeled).tolist() == [3, 3, 3]
     with pytest.raises(ValueError, match="n_folds"):
@@ -60,14 +69,20 @@ def test_write_kfold_splits(tmp_path):
     coco = {
         "info": {"description": "t"},
         "categories": [{"id": c + 1, "name": str(c)} for c in range(4)],
-        "images": [{"id": 100 + i, "file_name": f"{i}.jpg", "width": 8, "height": 8} for i in range(30)],
+        "images": [
+            {"id": 100 + i, "file_name": f"{i}.jpg", "width": 8, "height": 8} for i in range(30)
+        ],
         "annotations": [],
     }
     for i, labs in enumerate(labels):
         for c in sorted(labs):
             coco["annotations"].append(
-                {"id": len(coco["annotations"]), "image_id": 100 + i, "category_id": c + 1,
-                 "segmentation": [[0, 0, 4, 0, 4, 4]]}
+                {
+                    "id": len(coco["annotations"]),
+                    "image_id": 100 + i,
+                    "category_id": c + 1,
+                    "segmentation": [[0, 0, 4, 0, 4, 4]],
+                }
             )
     src = tmp_path / "train_all.json"
     src.write_text(json.dumps(coco))

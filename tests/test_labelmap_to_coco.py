@@ -1,4 +1,5 @@
 """Label maps -> COCO polygons -> label maps round trip (holes, islands, small parts, CamVid)."""
+
 import json
 from pathlib import Path
 
@@ -9,9 +10,9 @@ from PIL import Image
 from pycocotools import mask as mask_util
 
 from mask2former.data.coco import ValidationPolicy, load_coco_semseg_json
+from mask2former.data.masks.rasterize import polygons_to_label_map
 from mask2former.data.masks.trace import ConversionStats, label_map_to_annotations
 from mask2former.data.offline.convert_labelmaps import labelmaps_to_coco
-from mask2former.data.masks.rasterize import polygons_to_label_map
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -98,15 +99,33 @@ def test_camvid_labels_round_trip(tmp_path):
     labels.mkdir()
     for name in names:
         (labels / name).write_bytes((label_dir / name).read_bytes())
-    classes = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian", "Bicyclist"]
+    classes = [
+        "Sky",
+        "Building",
+        "Pole",
+        "Road",
+        "Pavement",
+        "Tree",
+        "SignSymbol",
+        "Fence",
+        "Car",
+        "Pedestrian",
+        "Bicyclist",
+    ]
     images = SHARED_DATA / "camvid" / "val" / "images"
     out = tmp_path / "camvid.json"
-    stats = labelmaps_to_coco(str(labels), str(out), classes, image_dir=str(images), ignore_label=11, background=None)
+    stats = labelmaps_to_coco(
+        str(labels), str(out), classes, image_dir=str(images), ignore_label=11, background=None
+    )
     coco = json.loads(out.read_text())
-    assert [img["file_name"] for img in coco["images"]] == [n.replace(".png", ".jpg") for n in names]
+    assert [img["file_name"] for img in coco["images"]] == [
+        n.replace(".png", ".jpg") for n in names
+    ]
     assert len(coco["annotations"]) == stats.components > 0
     data = load_coco_semseg_json(str(out), str(images), ValidationPolicy())
-    assert {k for k, n in data.report.counts.items() if n} == {"category_remap"}, data.report.table()
+    assert {k for k, n in data.report.counts.items() if n} == {"category_remap"}, (
+        data.report.table()
+    )
     assert data.categories.class_names[1:] == classes  # json ids 0..10 -> labels 1..11
 
 
@@ -115,5 +134,10 @@ def test_folder_conversion_errors(tmp_path):
     with pytest.raises(ValueError, match="a.png: label values \\[7\\]"):
         labelmaps_to_coco(str(tmp_path), str(tmp_path / "out.json"), ["bg", "x"])
     with pytest.raises(FileNotFoundError, match="no image"):
-        labelmaps_to_coco(str(tmp_path), str(tmp_path / "out.json"), [str(i) for i in range(8)], image_dir=str(tmp_path))
+        labelmaps_to_coco(
+            str(tmp_path),
+            str(tmp_path / "out.json"),
+            [str(i) for i in range(8)],
+            image_dir=str(tmp_path),
+        )
     assert not (tmp_path / "out.json").exists()

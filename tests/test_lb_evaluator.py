@@ -1,5 +1,6 @@
 """LB-style evaluator: hand-computed confusion matrices and metrics, the DatasetEvaluator API on
 tiny registered datasets, output files, and gathering across two gloo processes."""
+
 import json
 import math
 import os
@@ -34,20 +35,24 @@ PRED1 = np.array([[0, 1, 1, 1], [0, 0, 2, 3]])
 GT2 = np.array([[2, 2, 2], [0, 0, 4]])
 PRED2 = np.array([[0, 0, 2], [0, 0, 1]])
 
-CM1 = np.array([
-    [2, 1, 0, 0, 0],
-    [0, 2, 0, 0, 0],
-    [1, 0, 1, 0, 0],
-    [0, 0, 0, 0, 0],
-    [0, 0, 0, 0, 0],
-])
-CM2 = np.array([
-    [2, 0, 0, 0, 0],
-    [0, 0, 0, 0, 0],
-    [2, 0, 1, 0, 0],
-    [0, 0, 0, 0, 0],
-    [0, 1, 0, 0, 0],
-])
+CM1 = np.array(
+    [
+        [2, 1, 0, 0, 0],
+        [0, 2, 0, 0, 0],
+        [1, 0, 1, 0, 0],
+        [0, 0, 0, 0, 0],
+        [0, 0, 0, 0, 0],
+    ]
+)
+CM2 = np.array(
+    [
+        [2, 0, 0, 0, 0],
+        [0, 0, 0, 0, 0],
+        [2, 0, 1, 0, 0],
+        [0, 0, 0, 0, 0],
+        [0, 1, 0, 0, 0],
+    ]
+)
 # Totals: TP = [4, 2, 2, 0, 0], GT = [5, 2, 5, 0, 1], predicted = [7, 4, 2, 0, 0], 13 pixels.
 IOU = [4 / 8, 2 / 4, 2 / 5, math.nan, 0.0]
 MIOU = (0.5 + 0.5 + 0.4 + 0.0) / 4  # 0.35; without background it would be 0.3
@@ -88,13 +93,15 @@ def make_records(directory, gts, write_labels=True):
         label_path = os.path.join(directory, f"label_{i}.png")
         if write_labels:
             write_png(label_path, gt)
-        records.append({
-            "file_name": os.path.join(directory, f"image_{i}.jpg"),
-            "sem_seg_file_name": label_path,
-            "image_id": i,
-            "height": gt.shape[0],
-            "width": gt.shape[1],
-        })
+        records.append(
+            {
+                "file_name": os.path.join(directory, f"image_{i}.jpg"),
+                "sem_seg_file_name": label_path,
+                "image_id": i,
+                "height": gt.shape[0],
+                "width": gt.shape[1],
+            }
+        )
     return records
 
 
@@ -210,8 +217,10 @@ def test_evaluator_order_of_arrival_does_not_matter(hand_dataset):
 
 
 def test_custom_gt_loader(tmp_path):
-    records = [{"file_name": f"mem_{i}.jpg", "image_id": i, "height": 2, "width": w}
-               for i, w in ((0, 4), (1, 3))]
+    records = [
+        {"file_name": f"mem_{i}.jpg", "image_id": i, "height": 2, "width": w}
+        for i, w in ((0, 4), (1, 3))
+    ]
     name = register(records)
     try:
         gts = {0: GT1, 1: GT2}
@@ -228,8 +237,13 @@ def test_default_gt_loader_rasterises_polygons_in_the_dataset_draw_order(draw_or
     first it stays visible (GT Metal never predicted -> 0), in file order it is painted over."""
     small = {"category_id": 2, "segmentation": [[2, 2, 6, 2, 6, 6, 2, 6]], "iscrowd": 0}
     large = {"category_id": 1, "segmentation": [[0, 0, 10, 0, 10, 10, 0, 10]], "iscrowd": 0}
-    record = {"file_name": "poly.jpg", "image_id": 0, "height": 10, "width": 10,
-              "annotations": [small, large]}
+    record = {
+        "file_name": "poly.jpg",
+        "image_id": 0,
+        "height": 10,
+        "width": 10,
+        "annotations": [small, large],
+    }
     name = register([record], draw_order=draw_order)
     try:
         res = run(LBSemSegEvaluator(name), [record], [np.ones((10, 10), dtype=np.int64)])
@@ -255,9 +269,7 @@ def test_tied_scores_go_to_the_first_class(hand_dataset):
 
 def test_evaluator_without_plot_and_without_predictions(hand_dataset, tmp_path):
     name, records = hand_dataset
-    evaluator = LBSemSegEvaluator(
-        name, output_dir=str(tmp_path / "e"), plot_confusion_matrix=False
-    )
+    evaluator = LBSemSegEvaluator(name, output_dir=str(tmp_path / "e"), plot_confusion_matrix=False)
     run(evaluator, records, [PRED1, PRED2])
     assert os.listdir(tmp_path / "e") == ["lb_metrics.json"]
     evaluator.reset()
@@ -331,8 +343,7 @@ def test_two_processes_match_single_process(tmp_path):
     records, preds = random_split(str(data_dir), seed=3, write_labels=True)
     name = register(records)
     try:
-        single = run(LBSemSegEvaluator(name, distributed=True), records,
-                     preds)
+        single = run(LBSemSegEvaluator(name, distributed=True), records, preds)
     finally:
         unregister(name)
     assert math.isnan(single["sem_seg"]["IoU-Plastic"])
@@ -340,8 +351,11 @@ def test_two_processes_match_single_process(tmp_path):
     init_method = f"file://{tmp_path / 'pg_init'}"
     # fork: the workers inherit the imported modules (spawn would re-import torch twice).
     mp.start_processes(
-        _distributed_worker, args=(2, init_method, str(data_dir), 3, str(tmp_path)), nprocs=2,
-        join=True, start_method="fork",
+        _distributed_worker,
+        args=(2, init_method, str(data_dir), 3, str(tmp_path)),
+        nprocs=2,
+        join=True,
+        start_method="fork",
     )
     with open(tmp_path / "rank0.pkl", "rb") as f:
         rank0 = pickle.load(f)

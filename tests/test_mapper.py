@@ -1,4 +1,6 @@
-"""Train mapper: shapes, padding with ignore, instance masks, crop constraint, flip, copy-paste seam."""
+"""Train mapper: shapes, padding with ignore, instance "
+"masks, crop constraint, flip, copy-paste seam."""
+
 import numpy as np
 import pytest
 import torch
@@ -63,7 +65,9 @@ def test_outputs(record):
     out = make_mapper()(record)
     assert out["image"].dtype == torch.uint8 and out["image"].shape == (3, H, W)
     assert out["sem_seg"].dtype == torch.int64 and out["sem_seg"].shape == (H, W)
-    assert (out["height"], out["width"], out["image_id"]) == (H, W, 7) and out["file_name"] == record["file_name"]
+    assert (out["height"], out["width"], out["image_id"]) == (H, W, 7) and out[
+        "file_name"
+    ] == record["file_name"]
     assert "annotations" not in out and record["annotations"]  # the input record is not modified
     sem_seg, image = out["sem_seg"].numpy(), out["image"].permute(1, 2, 0).numpy()
     assert (image[sem_seg == 3] == RED).all() and (image[sem_seg == 7] == BLUE).all()
@@ -186,8 +190,13 @@ class SwapToOther:
 
 def test_copy_paste_seam(record, tmp_path):
     Image.fromarray(np.full((20, 30, 3), 60, dtype=np.uint8)).save(tmp_path / "other.png")
-    other = {"file_name": str(tmp_path / "other.png"), "height": 20, "width": 30, "image_id": "bank_0",
-             "annotations": [{"segmentation": rect(0, 0, 10, 10), "category_id": 5}]}
+    other = {
+        "file_name": str(tmp_path / "other.png"),
+        "height": 20,
+        "width": 30,
+        "image_id": "bank_0",
+        "annotations": [{"segmentation": rect(0, 0, 10, 10), "category_id": 5}],
+    }
     sampler = SwapToOther(other)
     mapper = make_mapper(copy_paste=sampler)
     out = mapper(record)

@@ -1,5 +1,6 @@
 """Tests of the Hungarian matcher: cost terms by explicit float64 loops, assignment against
 brute force over all assignments."""
+
 import itertools
 import math
 
@@ -111,7 +112,7 @@ def test_as_many_targets_as_queries():
     g = torch.Generator().manual_seed(3)
     pred_logits, pred_masks, labels, masks = random_image(g, 4, 4)
     torch.manual_seed(0)
-    (rows, cols), = HungarianMatcher(num_points=NUM_POINTS)(
+    ((rows, cols),) = HungarianMatcher(num_points=NUM_POINTS)(
         {"pred_logits": pred_logits[None], "pred_masks": pred_masks[None]},
         [{"labels": labels, "masks": masks}],
     )
@@ -147,7 +148,7 @@ def test_matching_prefers_the_right_mask_and_class():
     pred_logits[2, 1] = 5.0
     pred_logits[0, 3] = 5.0
     torch.manual_seed(0)
-    (rows, cols), = HungarianMatcher(num_points=200)(
+    ((rows, cols),) = HungarianMatcher(num_points=200)(
         {"pred_logits": pred_logits[None], "pred_masks": pred_masks[None]},
         [{"labels": labels, "masks": masks}],
     )

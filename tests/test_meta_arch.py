@@ -1,13 +1,11 @@
 """Tests of the MaskFormer meta-architecture and MaskFormerHead: with a tiny stand-in backbone and
 pixel decoder, and end to end from the tiny config with the real Swin and MSDeformAttn decoder."""
+
 import io
 from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-from torch.nn import functional as F
-
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model as build_detectron2_model
@@ -15,18 +13,20 @@ from detectron2.modeling.backbone import Backbone
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.projects.deeplab import add_deeplab_config
 from detectron2.structures import BitMasks, Instances
+from torch import nn
+from torch.nn import functional as F
 
 from mask2former.config import add_maskformer2_config
 from mask2former.modeling.backbone import swin  # noqa: F401  (registers D2SwinTransformer)
 from mask2former.modeling.criterion import SetCriterion
 from mask2former.modeling.matcher import HungarianMatcher
-from mask2former.modeling.pixel_decoder import msdeformattn  # noqa: F401  (registers the decoder)
 from mask2former.modeling.meta_arch import (
     MaskFormer,
     MaskFormerHead,
     resized_semantic_inference,
     semantic_inference_naive,
 )
+from mask2former.modeling.pixel_decoder import msdeformattn  # noqa: F401  (registers the decoder)
 from mask2former.modeling.transformer_decoder import MultiScaleMaskedTransformerDecoder
 
 NUM_CLASSES = 4  # background + 3 shapes
@@ -36,8 +36,6 @@ TINY_CONFIG = str(Path(__file__).resolve().parents[1] / "configs/tiny/m2f_swin_t
 NUM_CLASSES_TRASH = 11
 
 
-
-
 class TinyBackbone(Backbone):
     """Strided convolutions giving res2..res5 (strides 4..32)."""
 
@@ -45,8 +43,10 @@ class TinyBackbone(Backbone):
         super().__init__()
         c2, c3, c4, c5 = channels
         self.stem = nn.Sequential(
-            nn.Conv2d(3, c2, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(c2, c2, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(3, c2, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(c2, c2, 3, stride=2, padding=1),
+            nn.ReLU(),
         )
         self.stages = nn.ModuleList(
             nn.Sequential(nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.ReLU())
@@ -236,8 +236,10 @@ def test_semantic_inference_bands_do_not_change_the_result(resize_masks_first):
 
 def test_inference_shapes_and_values_for_a_batch_of_different_sizes():
     model = build_model().eval()
-    images = [torch.randint(0, 255, (3, 50, 37), dtype=torch.uint8),
-              torch.randint(0, 255, (3, 33, 70), dtype=torch.uint8)]
+    images = [
+        torch.randint(0, 255, (3, 50, 37), dtype=torch.uint8),
+        torch.randint(0, 255, (3, 33, 70), dtype=torch.uint8),
+    ]
     inputs = [
         {"image": images[0], "height": 100, "width": 74},
         {"image": images[1]},  # no requested size: the input size
@@ -250,8 +252,12 @@ def test_inference_shapes_and_values_for_a_batch_of_different_sizes():
     assert [r["sem_seg"].shape for r in results] == [(NUM_CLASSES, 100, 74), (NUM_CLASSES, 33, 70)]
     for i, (image_size, output_size) in enumerate([((50, 37), (100, 74)), ((33, 70), (33, 70))]):
         expected = official_semantic_inference(
-            outputs["pred_logits"][i], outputs["pred_masks"][i], (64, 96), image_size,
-            output_size, before=False,
+            outputs["pred_logits"][i],
+            outputs["pred_masks"][i],
+            (64, 96),
+            image_size,
+            output_size,
+            before=False,
         )
         torch.testing.assert_close(results[i]["sem_seg"].double(), expected, rtol=0, atol=2e-6)
 
@@ -324,7 +330,7 @@ def test_tiny_model_overfits_synthetic_images():
         model.train()
         return mean_iou([r["sem_seg"].argmax(0) for r in results], labels)
 
-    background_only = mean_iou([torch.zeros_like(l) for l in labels], labels)
+    background_only = mean_iou([torch.zeros_like(label) for label in labels], labels)
     initial_miou = evaluate()
     losses = []
     model.train()
@@ -426,7 +432,11 @@ def test_end_to_end_from_config_with_swin_and_msdeformattn():
     assert shapes == [(NUM_CLASSES_TRASH, 96, 96), (NUM_CLASSES_TRASH, 48, 37)]
     for i, (image_size, output_size) in enumerate([((64, 64), (96, 96)), ((48, 37), (48, 37))]):
         expected = official_semantic_inference(
-            outputs["pred_logits"][i], outputs["pred_masks"][i], tuple(images.tensor.shape[-2:]),
-            image_size, output_size, before=False,
+            outputs["pred_logits"][i],
+            outputs["pred_masks"][i],
+            tuple(images.tensor.shape[-2:]),
+            image_size,
+            output_size,
+            before=False,
         )
         torch.testing.assert_close(results[i]["sem_seg"].double(), expected, rtol=0, atol=2e-6)

@@ -3,12 +3,16 @@
 
 Autocast runs on CPU here with bfloat16 (what CPUs support); on GPU the same code runs with
 float16 or bfloat16 (benchmarks/gpu_check.py checks it there)."""
+
 import importlib
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from detectron2.engine import SimpleTrainer
+from detectron2.layers import ShapeSpec
+from detectron2.utils.events import EventStorage
 from torch import nn
 
 from mask2former.engine.amp import MixedPrecisionTrainer, amp_dtype
@@ -16,9 +20,6 @@ from mask2former.engine.setup import build_cfg
 from mask2former.engine.trainer import build_step_trainer
 from mask2former.modeling import HungarianMatcher, MSDeformAttn, MSDeformAttnPixelDecoder
 from mask2former.modeling.point_sampling import point_sample
-from detectron2.engine import SimpleTrainer
-from detectron2.utils.events import EventStorage
-from detectron2.layers import ShapeSpec
 
 
 # ------------------------------------------------------------------------------ AMP loop
@@ -65,8 +66,16 @@ def test_amp_precision_key_selects_the_loop():
     assert amp_dtype("float16") is torch.float16 and amp_dtype("fp16") is torch.float16
     with pytest.raises(ValueError, match="SOLVER.AMP.PRECISION must be one of"):
         amp_dtype("float8")
-    cfg = build_cfg(opts=["MODEL.DEVICE", "cuda", "SOLVER.AMP.ENABLED", "True",
-                          "SOLVER.AMP.PRECISION", "bfloat16"])
+    cfg = build_cfg(
+        opts=[
+            "MODEL.DEVICE",
+            "cuda",
+            "SOLVER.AMP.ENABLED",
+            "True",
+            "SOLVER.AMP.PRECISION",
+            "bfloat16",
+        ]
+    )
     model = RecordingModel()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     loop = build_step_trainer(cfg, model, _loader(), optimizer)
@@ -116,7 +125,7 @@ def test_matcher_treats_inf_logits_as_the_worst_match():
     matcher = HungarianMatcher(cost_class=1, cost_mask=5, cost_dice=5, num_points=256)
     cost = matcher.cost_matrix(pred_logits, pred_masks, targets[0]["labels"], masks)
     assert not torch.isfinite(cost[2]).all()  # what linear_sum_assignment used to receive
-    (rows, cols), = matcher(outputs, targets)
+    ((rows, cols),) = matcher(outputs, targets)
     assert rows.tolist() == [0, 1] and cols.tolist() == [0, 1]
 
 
@@ -150,7 +159,7 @@ def test_deformable_attention_core_runs_in_float32_under_autocast(monkeypatch):
     reference_points = torch.rand(2, 20, 2, 2)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         attn(query, reference_points, source, shapes)
-    (value, shapes, locations, weights, out), = calls
+    ((value, shapes, locations, weights, out),) = calls
     assert {value.dtype, locations.dtype, weights.dtype, out.dtype} == {torch.float32}
     fp32 = reference(value.double(), shapes, locations.double(), weights.double())
     torch.testing.assert_close(out.double(), fp32, rtol=0, atol=1e-6)
@@ -161,17 +170,27 @@ def test_deformable_attention_core_runs_in_float32_under_autocast(monkeypatch):
 def test_deformable_pixel_decoder_is_float32_under_autocast():
     """The whole deformable encoder + FPN gives the fp32 outputs to 1e-6 under autocast."""
     channels = {"res2": 16, "res3": 24, "res4": 32, "res5": 40}
-    shapes = {k: ShapeSpec(channels=c, stride=4 * 2**i)
-              for i, (k, c) in enumerate(channels.items())}
+    shapes = {
+        k: ShapeSpec(channels=c, stride=4 * 2**i) for i, (k, c) in enumerate(channels.items())
+    }
     torch.manual_seed(0)
     decoder = MSDeformAttnPixelDecoder(
-        shapes, transformer_dropout=0.0, transformer_nheads=4, transformer_dim_feedforward=32,
-        transformer_enc_layers=1, conv_dim=32, mask_dim=16, norm="GN",
-        transformer_in_features=["res3", "res4", "res5"], common_stride=4,
+        shapes,
+        transformer_dropout=0.0,
+        transformer_nheads=4,
+        transformer_dim_feedforward=32,
+        transformer_enc_layers=1,
+        conv_dim=32,
+        mask_dim=16,
+        norm="GN",
+        transformer_in_features=["res3", "res4", "res5"],
+        common_stride=4,
     ).eval()
     g = torch.Generator().manual_seed(1)
-    features = {k: torch.randn(1, c, 64 // (4 * 2**i), 64 // (4 * 2**i), generator=g)
-                for i, (k, c) in enumerate(channels.items())}
+    features = {
+        k: torch.randn(1, c, 64 // (4 * 2**i), 64 // (4 * 2**i), generator=g)
+        for i, (k, c) in enumerate(channels.items())
+    }
     with torch.no_grad():
         fp32 = decoder.forward_features(features)
         with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -1,4 +1,5 @@
 """3x3 mode filter: brute-force agreement, ties keep the centre, ignore label."""
+
 from collections import Counter
 
 import numpy as np
@@ -32,7 +33,9 @@ def test_matches_brute_force(ignore_label):
     for _ in range(25):
         h, w = (int(v) for v in rng.integers(1, 16, 2))
         label = rng.integers(0, 4, (h, w)).astype(np.uint8)
-        np.testing.assert_array_equal(mode_filter(label, ignore_label), brute_force(label, ignore_label))
+        np.testing.assert_array_equal(
+            mode_filter(label, ignore_label), brute_force(label, ignore_label)
+        )
 
 
 def test_ties_keep_centre_and_noise_is_removed():

@@ -1,5 +1,6 @@
 """Multi-scale deformable attention: both implementations against a brute-force bilinear
 reference (values and gradients, float64), fast == pytorch in fp32, and the module."""
+
 import math
 
 import numpy as np
@@ -15,8 +16,6 @@ from mask2former.modeling.pixel_decoder.deformable_attention import (
 IMPLS = {"pytorch": ms_deform_attn_pytorch, "fast": ms_deform_attn_fast}
 # odd sizes, a 1x1 level and a tall thin one
 SHAPES = [(5, 7), (3, 4), (1, 1), (6, 2)]
-
-
 
 
 def bilinear_reference(value, shapes, locations, weights):
@@ -107,7 +106,9 @@ def test_forward_exact_pixel_centres_and_edges(impl):
     out = IMPLS[impl](value, shapes, locations, weights).view(len(pixel_xy), 2)
     v = value.view(3, 4, 2)
     zero = torch.zeros(2, dtype=torch.float64)
-    expected = torch.stack([v[0, 0], v[2, 3], v[1, 1], 0.5 * v[1, 0], 0.5 * v[1, 3], zero, zero, zero])
+    expected = torch.stack(
+        [v[0, 0], v[2, 3], v[1, 1], 0.5 * v[1, 0], 0.5 * v[1, 3], zero, zero, zero]
+    )
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 

@@ -8,6 +8,7 @@ level sizes, several levels and points, head dims that are not powers of two, qu
 are not multiples of the query block, sampling points in the border bands, outside and far
 outside (beyond the int32 range in pixels) the maps.
 """
+
 import os
 import re
 import subprocess

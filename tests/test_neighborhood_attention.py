@@ -1,5 +1,6 @@
 """Neighborhood attention: every implementation against the brute-force reference (float64), the
 reference against NATTEN's own index definitions, and NATTEN 0.14's small-input padding."""
+
 import logging
 
 import pytest
@@ -7,14 +8,17 @@ import torch
 from torch.nn import functional as F
 
 from dinat import neighborhood_attention as na
-from dinat.neighborhood_attention import dispatch, flex, reference, tiled
 from dinat.neighborhood_attention import (
     NeighborhoodAttention2D,
+    dispatch,
+    flex,
     na2d_flex,
     na2d_natten,
     na2d_reference,
     na2d_tiled,
+    reference,
     resolve_attention_impl,
+    tiled,
 )
 
 # Eager flex attention on CPU is expected here (PyTorch warns that it is unfused).
@@ -98,8 +102,15 @@ def _natten_pb_start(index, length, kernel, dilation):
 
 
 AXES = [
-    (7, 7, 1), (13, 3, 1), (13, 5, 1), (17, 5, 2), (20, 3, 3), (15, 5, 3), (33, 3, 5),
-    (154, 11, 14), (160, 11, 14),
+    (7, 7, 1),
+    (13, 3, 1),
+    (13, 5, 1),
+    (17, 5, 2),
+    (20, 3, 3),
+    (15, 5, 3),
+    (33, 3, 5),
+    (154, 11, 14),
+    (160, 11, 14),
 ]
 
 

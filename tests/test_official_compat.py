@@ -3,6 +3,7 @@ chain, ``!!python/object/apply:eval`` lists, the official key names) load and bu
 network, whose state dict has exactly the official parameter names and shapes (a listing derived
 here from the architecture description of the paper / official code), and official-format
 checkpoints (``.pkl`` of NumPy arrays) load with no missing or unexpected keys."""
+
 import functools
 import pickle
 from pathlib import Path
@@ -149,9 +150,22 @@ MODEL:
 """
 
 
-def official_listing(embed=96, depths=(2, 2, 6, 2), window=7, heads=(3, 6, 12, 24), num_classes=150,
-                     hidden=256, queries=100, dec_layers=9, enc_layers=6, ffn=2048, enc_ffn=1024,
-                     n_heads=8, n_levels=3, n_points=4):
+def official_listing(
+    embed=96,
+    depths=(2, 2, 6, 2),
+    window=7,
+    heads=(3, 6, 12, 24),
+    num_classes=150,
+    hidden=256,
+    queries=100,
+    dec_layers=9,
+    enc_layers=6,
+    ffn=2048,
+    enc_ffn=1024,
+    n_heads=8,
+    n_levels=3,
+    n_points=4,
+):
     """{name: shape} of an official Mask2Former (Swin, MSDeformAttn pixel decoder, multi-scale
     masked decoder) for semantic segmentation, from its architecture description."""
     keys = {}
@@ -169,7 +183,7 @@ def official_listing(embed=96, depths=(2, 2, 6, 2), window=7, heads=(3, 6, 12, 2
     keys[b + "patch_embed.proj.weight"] = (embed, 3, 4, 4)
     keys[b + "patch_embed.proj.bias"] = (embed,)
     norm(b + "patch_embed.norm", embed)
-    dims = [embed * 2 ** i for i in range(4)]
+    dims = [embed * 2**i for i in range(4)]
     for i, (depth, c, h) in enumerate(zip(depths, dims, heads)):
         for j in range(depth):
             p = f"{b}layers.{i}.blocks.{j}."
@@ -192,8 +206,8 @@ def official_listing(embed=96, depths=(2, 2, 6, 2), window=7, heads=(3, 6, 12, 2
         keys[f"{d}input_proj.{k}.0.bias"] = (hidden,)
         norm(f"{d}input_proj.{k}.1", hidden)
     keys[d + "transformer.level_embed"] = (n_levels, hidden)
-    for l in range(enc_layers):
-        p = f"{d}transformer.encoder.layers.{l}."
+    for layer in range(enc_layers):
+        p = f"{d}transformer.encoder.layers.{layer}."
         linear(p + "self_attn.sampling_offsets", n_heads * n_levels * n_points * 2, hidden)
         linear(p + "self_attn.attention_weights", n_heads * n_levels * n_points, hidden)
         linear(p + "self_attn.value_proj", hidden, hidden)
@@ -255,10 +269,21 @@ def test_official_yaml_builds_the_official_network(tmp_path):
 
 
 def test_official_format_checkpoint_loads_strictly_and_round_trips(tmp_path):
-    cfg = build_cfg(str(_write_official_configs(tmp_path)), [
-        "MODEL.DEVICE", "cpu", "MODEL.SWIN.DEPTHS", "[1, 1, 1, 1]", "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS", "1",
-        "MODEL.MASK_FORMER.DEC_LAYERS", "3", "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES", "10",
-    ])
+    cfg = build_cfg(
+        str(_write_official_configs(tmp_path)),
+        [
+            "MODEL.DEVICE",
+            "cpu",
+            "MODEL.SWIN.DEPTHS",
+            "[1, 1, 1, 1]",
+            "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS",
+            "1",
+            "MODEL.MASK_FORMER.DEC_LAYERS",
+            "3",
+            "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES",
+            "10",
+        ],
+    )
     torch.manual_seed(0)
     source = build_model(cfg).eval()
     # official releases are pickles of NumPy arrays: {"model": {name: ndarray}, "__author__": ...}
@@ -269,7 +294,9 @@ def test_official_format_checkpoint_loads_strictly_and_round_trips(tmp_path):
 
     torch.manual_seed(1)
     target = build_model(cfg).eval()
-    incompatible = DetectionCheckpointer(target)._load_model(DetectionCheckpointer(target)._load_file(str(path)))
+    incompatible = DetectionCheckpointer(target)._load_model(
+        DetectionCheckpointer(target)._load_file(str(path))
+    )
     assert not incompatible.missing_keys and not incompatible.unexpected_keys
     image = torch.randint(0, 255, (3, 96, 80), dtype=torch.uint8)
     with torch.no_grad():

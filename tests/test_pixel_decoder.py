@@ -1,10 +1,10 @@
 """MSDeformAttn pixel decoder: shapes / strides for odd sizes, official names, config, padding
 masks, determinism; the sine position embedding against its formula."""
+
 import math
 
 import pytest
 import torch
-
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
@@ -23,8 +23,6 @@ INPUT_SHAPE = {
     k: ShapeSpec(channels=c, stride=4 * 2**i) for i, (k, c) in enumerate(CHANNELS.items())
 }
 CONV_DIM, MASK_DIM, LAYERS = 32, 16, 2
-
-
 
 
 def make_decoder(impl="fast", seed=0, enc_layers=LAYERS):
@@ -111,9 +109,16 @@ def test_with_swin_backbone_features():
     shapes = backbone.output_shape()
     torch.manual_seed(0)
     decoder = MSDeformAttnPixelDecoder(
-        shapes, transformer_dropout=0.0, transformer_nheads=4, transformer_dim_feedforward=64,
-        transformer_enc_layers=1, conv_dim=32, mask_dim=16, norm="GN",
-        transformer_in_features=["res3", "res4", "res5"], common_stride=4,
+        shapes,
+        transformer_dropout=0.0,
+        transformer_nheads=4,
+        transformer_dim_feedforward=64,
+        transformer_enc_layers=1,
+        conv_dim=32,
+        mask_dim=16,
+        norm="GN",
+        transformer_in_features=["res3", "res4", "res5"],
+        common_stride=4,
     )
     mask_features, _, multi_scale = decoder.forward_features(backbone(torch.randn(1, 3, 75, 90)))
     assert mask_features.shape == (1, 16, 19, 23)
@@ -202,14 +207,18 @@ def test_padding_mask_makes_encoder_independent_of_padding():
     """An image padded into a larger batch map (garbage in the padding) gives, at its valid
     positions, exactly the encoder output of the image alone."""
     torch.manual_seed(0)
-    encoder = MSDeformAttnTransformerEncoderOnly(
-        d_model=32,
-        nhead=4,
-        num_encoder_layers=2,
-        dim_feedforward=64,
-        dropout=0.0,
-        num_feature_levels=3,
-    ).double().eval()
+    encoder = (
+        MSDeformAttnTransformerEncoderOnly(
+            d_model=32,
+            nhead=4,
+            num_encoder_layers=2,
+            dim_feedforward=64,
+            dropout=0.0,
+            num_feature_levels=3,
+        )
+        .double()
+        .eval()
+    )
     with torch.no_grad():
         for layer in encoder.encoder.layers:
             layer.self_attn.sampling_offsets.weight.normal_(0, 0.3)

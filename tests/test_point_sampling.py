@@ -1,9 +1,9 @@
 """Tests of mask2former.modeling.point_sampling against brute-force float64 references."""
+
 import math
 
 import pytest
 import torch
-
 from torch.nn import functional as F
 
 from mask2former.modeling.point_sampling import (
@@ -51,9 +51,9 @@ def test_point_sample_matches_bilinear_reference():
 def test_point_sample_grid_coords_cast_to_input_dtype():
     maps = torch.arange(12, dtype=torch.float32).view(1, 1, 3, 4)
     # pixel centres of row 1 as a [1, 1, 4, 2] grid
-    grid = torch.stack(
-        [(torch.arange(4) + 0.5) / 4, torch.full((4,), 1.5 / 3)], dim=-1
-    ).view(1, 1, 4, 2)
+    grid = torch.stack([(torch.arange(4) + 0.5) / 4, torch.full((4,), 1.5 / 3)], dim=-1).view(
+        1, 1, 4, 2
+    )
     out = point_sample(maps, grid.double())
     assert out.shape == (1, 1, 1, 4)
     assert out.flatten().tolist() == pytest.approx([4.0, 5.0, 6.0, 7.0], abs=1e-5)

@@ -1,4 +1,5 @@
 """SemSegPredictor (calibration, multi-scale + flip TTA) and probability dumps."""
+
 import json
 import os
 
@@ -29,8 +30,9 @@ class ColumnModel(torch.nn.Module):
             self.seen_sizes.append((h, w))
             ramp = torch.linspace(0.1, 1.0, w).expand(h, w)
             scores = torch.stack([ramp, torch.full((h, w), 0.5), 0.2 + img[0] / 255.0])
-            scores = F.interpolate(scores[None], size=(x["height"], x["width"]), mode="bilinear",
-                                   align_corners=False)[0]
+            scores = F.interpolate(
+                scores[None], size=(x["height"], x["width"]), mode="bilinear", align_corners=False
+            )[0]
             outs.append({"sem_seg": scores})
         return outs
 
@@ -48,7 +50,11 @@ def test_single_view_equals_calibrated_model_output():
     image = np.random.RandomState(0).randint(0, 255, (20, 30, 3), dtype=np.uint8)
     model = ColumnModel()
     probs = SemSegPredictor(model, test_sizes=(20,))(image)
-    ref = calibrate(model([{"image": torch.as_tensor(image.transpose(2, 0, 1).copy()), "height": 20, "width": 30}])[0]["sem_seg"])
+    ref = calibrate(
+        model(
+            [{"image": torch.as_tensor(image.transpose(2, 0, 1).copy()), "height": 20, "width": 30}]
+        )[0]["sem_seg"]
+    )
     assert probs.shape == (3, 20, 30)
     assert torch.allclose(probs, ref, atol=1e-6)
 
@@ -86,7 +92,10 @@ def test_flip_tta_averages_mirrored_predictions():
 
 def test_prob_dump_round_trip_and_index(tmp_path):
     rng = np.random.RandomState(0)
-    arrays = {f"batch_01/{i:04d}.jpg": rng.dirichlet(np.ones(3), size=(5, 7)).transpose(2, 0, 1) for i in range(4)}
+    arrays = {
+        f"batch_01/{i:04d}.jpg": rng.dirichlet(np.ones(3), size=(5, 7)).transpose(2, 0, 1)
+        for i in range(4)
+    }
     out = tmp_path / "dump"
     with ProbDumpWriter(str(out), ["a", "b", "c"], model_name="m") as w:
         for name, arr in arrays.items():

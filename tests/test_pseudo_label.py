@@ -1,5 +1,6 @@
 """Pseudo-labels: thresholding, the streaming writer (PNGs, COCO json, report, atomic output),
 registration + the train mapper, and tools/pseudo_label.py end to end."""
+
 import ast
 import hashlib
 import json
@@ -15,16 +16,19 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
-from mask2former.data.catalog import TRASH_CLASSES, TRASH_COLORS
 from mask2former.data.augmentation.mapper import MaskFormerSemanticDatasetMapper
-from mask2former.postprocess.mode_filter import mode_filter
+from mask2former.data.catalog import TRASH_CLASSES, TRASH_COLORS
+from mask2former.data.catalog.pseudo import (
+    register_pseudo_label_dataset,
+    register_pseudo_labels_from_cfg,
+)
 from mask2former.data.masks.rasterize import record_to_label_map
 from mask2former.data.offline.synthetic import generate_synthetic_trash
 from mask2former.engine import get_project_cfg
 from mask2former.inference.prob_dump import ProbDumpWriter
-from mask2former.data.catalog.pseudo import register_pseudo_label_dataset, register_pseudo_labels_from_cfg
 from mask2former.inference.pseudo_label_writer import PseudoLabelWriter
 from mask2former.postprocess.confidence import PseudoLabelStats, pseudo_label_map
+from mask2former.postprocess.mode_filter import mode_filter
 
 ROOT = Path(__file__).resolve().parents[1]
 IGNORE = 255
@@ -32,7 +36,10 @@ IGNORE = 255
 
 def probs_from(label, confidence, num_classes):
     """[K, H, W] probabilities: ``confidence`` on ``label``, the rest spread evenly."""
-    label, confidence = np.asarray(label), np.broadcast_to(np.asarray(confidence, dtype=np.float64), np.shape(label))
+    label, confidence = (
+        np.asarray(label),
+        np.broadcast_to(np.asarray(confidence, dtype=np.float64), np.shape(label)),
+    )
     probs = np.repeat(((1 - confidence) / (num_classes - 1))[None], num_classes, axis=0)
     np.put_along_axis(probs, label[None], confidence[None], axis=0)
     return probs
@@ -124,7 +131,12 @@ def test_small_components_become_ignored_8_connected():
     confidence = np.full((3, 3), 0.99)
     confidence[0, 0] = 0.5
     stats = PseudoLabelStats(2)
-    out = pseudo_label_map(probs_from(np.ones((3, 3), dtype=np.int64), confidence, 2), 0.9, min_component=2, stats=stats)
+    out = pseudo_label_map(
+        probs_from(np.ones((3, 3), dtype=np.int64), confidence, 2),
+        0.9,
+        min_component=2,
+        stats=stats,
+    )
     assert out[0, 0] == IGNORE and (out.ravel()[1:] == 1).all() and stats.removed_components == 0
 
 
@@ -175,8 +187,14 @@ def source(tmp_path):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.full((H, W, 3), 90, dtype=np.uint8)).save(root / name)
     data = {
-        "images": [{"id": 10 + i, "file_name": n, "height": H, "width": W, "license": 0} for i, n in enumerate(names)],
-        "categories": [{"id": 7, "name": "cat seven", "supercategory": "s"}, {"id": 3, "name": "cat three"}],
+        "images": [
+            {"id": 10 + i, "file_name": n, "height": H, "width": W, "license": 0}
+            for i, n in enumerate(names)
+        ],
+        "categories": [
+            {"id": 7, "name": "cat seven", "supercategory": "s"},
+            {"id": 3, "name": "cat three"},
+        ],
         "annotations": [],
     }
     json_file = root / "test.json"
@@ -199,7 +217,9 @@ def source(tmp_path):
 
 
 def write_split(out, json_file, probs, root=None, **kwargs):
-    with PseudoLabelWriter(str(out), str(json_file), CLASSES, 0.9, image_root=root and str(root), **kwargs) as w:
+    with PseudoLabelWriter(
+        str(out), str(json_file), CLASSES, 0.9, image_root=root and str(root), **kwargs
+    ) as w:
         for name in reversed(list(probs)):  # any order
             w.add(name, probs[name])
         report = w.close()
@@ -221,8 +241,15 @@ def test_writer_outputs(source, tmp_path):
         dict(src["images"][0], sem_seg_file_name="labels/a/x.png"),
         dict(src["images"][1], sem_seg_file_name="labels/b/x.png"),
     ]
-    assert data["pseudo_labels"]["ignore_label"] == IGNORE and data["pseudo_labels"]["threshold"] == 0.9
-    assert len({a["id"] for a in data["annotations"]}) == len(data["annotations"]) == report["annotations"]
+    assert (
+        data["pseudo_labels"]["ignore_label"] == IGNORE
+        and data["pseudo_labels"]["threshold"] == 0.9
+    )
+    assert (
+        len({a["id"] for a in data["annotations"]})
+        == len(data["annotations"])
+        == report["annotations"]
+    )
     to_label = {3: 1, 7: 2}
     for img in data["images"]:
         png = np.asarray(Image.open(out / img["sem_seg_file_name"]))
@@ -286,7 +313,9 @@ def test_writer_is_atomic(source, tmp_path):
 def test_writer_errors(source, tmp_path):
     root, json_file, probs = source
     with pytest.raises(ValueError, match="do not match the probabilities' classes"):
-        PseudoLabelWriter(str(tmp_path / "o"), str(json_file), ["Background", "cat seven", "cat three"], 0.9)
+        PseudoLabelWriter(
+            str(tmp_path / "o"), str(json_file), ["Background", "cat seven", "cat three"], 0.9
+        )
     with pytest.raises(ValueError, match="contains the source json"):
         PseudoLabelWriter(str(root), str(json_file), CLASSES, 0.9, overwrite=True)
     with PseudoLabelWriter(str(tmp_path / "o"), str(json_file), CLASSES, 0.9) as w:
@@ -298,7 +327,9 @@ def test_writer_errors(source, tmp_path):
         w.abort()
     assert not (tmp_path / "o").exists()
     with pytest.raises(FileNotFoundError, match="no image"):
-        with PseudoLabelWriter(str(tmp_path / "o"), str(json_file), CLASSES, 0.9, image_root=str(tmp_path)) as w:
+        with PseudoLabelWriter(
+            str(tmp_path / "o"), str(json_file), CLASSES, 0.9, image_root=str(tmp_path)
+        ) as w:
             w.add("a/x.jpg", probs["a/x.jpg"])
     data = json.loads(json_file.read_text())
     data["images"][2]["file_name"] = "a/x.png"  # same label file as a/x.jpg
@@ -309,7 +340,8 @@ def test_writer_errors(source, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["collide.json", "data"]
 
 
-# ------------------------------------------------------------------------------ registration + mapper
+# ------------------------------------------------------------------------------ registration +
+# mapper
 
 
 @pytest.fixture(scope="module")
@@ -332,7 +364,9 @@ def trash(tmp_path_factory):
 def test_registration_and_train_mapper(trash, tmp_path, unregister):
     root, probs = trash
     out = tmp_path / "pseudo"
-    with PseudoLabelWriter(str(out), str(root / "test.json"), TRASH_CLASSES, 0.9, image_root=str(root)) as w:
+    with PseudoLabelWriter(
+        str(out), str(root / "test.json"), TRASH_CLASSES, 0.9, image_root=str(root)
+    ) as w:
         for name in w.file_names:
             w.add(name, probs[name])
     cfg = get_project_cfg()
@@ -342,7 +376,11 @@ def test_registration_and_train_mapper(trash, tmp_path, unregister):
     assert register_pseudo_labels_from_cfg(cfg) == ["pl_pseudo"]  # idempotent
     meta = MetadataCatalog.get("pl_pseudo")
     assert meta.stuff_classes == list(TRASH_CLASSES) and meta.stuff_colors == list(TRASH_COLORS)
-    assert (meta.ignore_label, meta.evaluator_type, meta.has_ground_truth) == (IGNORE, "lb_sem_seg", True)
+    assert (meta.ignore_label, meta.evaluator_type, meta.has_ground_truth) == (
+        IGNORE,
+        "lb_sem_seg",
+        True,
+    )
     records = DatasetCatalog.get("pl_pseudo")
     src = json.loads((root / "test.json").read_text())["images"]
     assert [r["image_id"] for r in records] == [i["id"] for i in src]
@@ -355,7 +393,9 @@ def test_registration_and_train_mapper(trash, tmp_path, unregister):
     cfg.INPUT.SIZE_DIVISIBILITY = -1
     mapper = MaskFormerSemanticDatasetMapper(cfg, True)
     for record in records:
-        label = pseudo_label_map(probs[record["file_name"][len(str(root)) + 1:]], 0.9).astype(np.int64)
+        label = pseudo_label_map(probs[record["file_name"][len(str(root)) + 1 :]], 0.9).astype(
+            np.int64
+        )
         out_dict = mapper(record)
         sem_seg = out_dict["sem_seg"].numpy()
         assert sem_seg.tolist() in (label.tolist(), label[:, ::-1].tolist())  # random flip
@@ -411,17 +451,46 @@ def test_cli_end_to_end(trash, tmp_path, unregister):
     write_dump(tmp_path / "dump_b", other)
     before = sha(root / "test.json")
     out = tmp_path / "pseudo"
-    cmd = [sys.executable, str(ROOT / "tools" / "pseudo_label.py"), "--dumps", str(tmp_path / "dump_a"),
-           str(tmp_path / "dump_b"), "--weights", "3", "1", "--json", str(root / "test.json"),
-           "--image-root", str(root), "--output", str(out), "--threshold", "0.8", "--class-thresholds", "3=0.4",
-           "--min-component", "4", "--mode-filter", "--name", "cli_pseudo"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "tools" / "pseudo_label.py"),
+        "--dumps",
+        str(tmp_path / "dump_a"),
+        str(tmp_path / "dump_b"),
+        "--weights",
+        "3",
+        "1",
+        "--json",
+        str(root / "test.json"),
+        "--image-root",
+        str(root),
+        "--output",
+        str(out),
+        "--threshold",
+        "0.8",
+        "--class-thresholds",
+        "3=0.4",
+        "--min-component",
+        "4",
+        "--mode-filter",
+        "--name",
+        "cli_pseudo",
+    ]
     proc = subprocess.run(cmd, cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert sha(root / "test.json") == before
     report = json.loads((out / "report.json").read_text())
-    assert report["settings"] == {"threshold": 0.8, "class_thresholds": {"3": 0.4}, "min_component": 4,
-                                  "mode_filter": True, "ignore_label": IGNORE}
-    assert "Paper pack" in proc.stdout and f"{report['stats']['confident_fraction']:.3f}" in proc.stdout
+    assert report["settings"] == {
+        "threshold": 0.8,
+        "class_thresholds": {"3": 0.4},
+        "min_component": 4,
+        "mode_filter": True,
+        "ignore_label": IGNORE,
+    }
+    assert (
+        "Paper pack" in proc.stdout
+        and f"{report['stats']['confident_fraction']:.3f}" in proc.stdout
+    )
     data = json.loads((out / "pseudo.json").read_text())
     filter_changed = second_model_changed = False
     for img in data["images"]:
@@ -432,10 +501,12 @@ def test_cli_end_to_end(trash, tmp_path, unregister):
         expected = pseudo_label_map(vote, 0.8, apply_mode_filter=True, **options)
         assert np.asarray(Image.open(out / img["sem_seg_file_name"])).tolist() == expected.tolist()
         filter_changed |= (pseudo_label_map(vote, 0.8, **options) != expected).any()
-        second_model_changed |= (pseudo_label_map(a, 0.8, apply_mode_filter=True, **options) != expected).any()
+        second_model_changed |= (
+            pseudo_label_map(a, 0.8, apply_mode_filter=True, **options) != expected
+        ).any()
     assert filter_changed and second_model_changed  # both made a difference on these images
     # the printed overrides register the split
-    line = next(l for l in proc.stdout.splitlines() if "DATASETS.PSEUDO_LABELS" in l)
+    line = next(s for s in proc.stdout.splitlines() if "DATASETS.PSEUDO_LABELS" in s)
     tokens = line.split('"')
     cfg = get_project_cfg()
     cfg.merge_from_list([tokens[0].strip(), tokens[1], tokens[2].strip(), tokens[3]])
@@ -450,18 +521,53 @@ def test_cli_errors(trash, tmp_path):
     write_dump(tmp_path / "dump", dict(list(probs.items())[:2]))
     main = runpy.run_path(str(ROOT / "tools" / "pseudo_label.py"))["main"]
     missing = list(probs)[2]
-    with pytest.raises(ValueError, match=rf"1 image\(s\) of .*test\.json are not in the dumps.*{missing}"):
-        main(["--dumps", str(tmp_path / "dump"), "--json", str(root / "test.json"), "--image-root", str(root),
-              "--output", str(tmp_path / "out")])
+    with pytest.raises(
+        ValueError, match=rf"1 image\(s\) of .*test\.json are not in the dumps.*{missing}"
+    ):
+        main(
+            [
+                "--dumps",
+                str(tmp_path / "dump"),
+                "--json",
+                str(root / "test.json"),
+                "--image-root",
+                str(root),
+                "--output",
+                str(tmp_path / "out"),
+            ]
+        )
     assert sorted(os.listdir(tmp_path)) == ["dump"]
     index = sha(tmp_path / "dump" / "index.json")
     with pytest.raises(SystemExit):  # argparse error: the output would replace the dump
-        main(["--dumps", str(tmp_path / "dump"), "--json", str(root / "test.json"), "--image-root", str(root),
-              "--output", str(tmp_path), "--overwrite"])
+        main(
+            [
+                "--dumps",
+                str(tmp_path / "dump"),
+                "--json",
+                str(root / "test.json"),
+                "--image-root",
+                str(root),
+                "--output",
+                str(tmp_path),
+                "--overwrite",
+            ]
+        )
     assert sha(tmp_path / "dump" / "index.json") == index
     with pytest.raises(SystemExit, match="LABEL=THRESHOLD"):
-        main(["--dumps", str(tmp_path / "dump"), "--json", str(root / "test.json"), "--image-root", str(root),
-              "--output", str(tmp_path / "out"), "--class-thresholds", "9:0.7"])
+        main(
+            [
+                "--dumps",
+                str(tmp_path / "dump"),
+                "--json",
+                str(root / "test.json"),
+                "--image-root",
+                str(root),
+                "--output",
+                str(tmp_path / "out"),
+                "--class-thresholds",
+                "9:0.7",
+            ]
+        )
     assert sorted(os.listdir(tmp_path)) == ["dump"]
 
 
@@ -469,7 +575,15 @@ def test_pseudo_json_is_refused_as_a_plain_coco_dataset(tmp_path):
     from mask2former.data import register_coco_semseg
 
     json_file = tmp_path / "pseudo.json"
-    json_file.write_text(json.dumps({"images": [], "annotations": [], "categories": [],
-                                     "pseudo_labels": {"ignore_label": 255}}))
+    json_file.write_text(
+        json.dumps(
+            {
+                "images": [],
+                "annotations": [],
+                "categories": [],
+                "pseudo_labels": {"ignore_label": 255},
+            }
+        )
+    )
     with pytest.raises(ValueError, match="DATASETS.PSEUDO_LABELS"):
         register_coco_semseg("pl_as_coco", str(json_file), str(tmp_path))

@@ -1,4 +1,5 @@
 """COCO polygons -> label map: pixel agreement with pycocotools, draw order, records."""
+
 import json
 from pathlib import Path
 
@@ -54,8 +55,12 @@ def test_polygon_mask_matches_pycocotools(kind):
     rng = np.random.default_rng(["star", "tangled", "decimals", "grid"].index(kind))
     for _ in range(150):
         height, width = (int(v) for v in rng.integers(1, 48, 2))
-        polygons = [random_polygon(rng, height, width, kind) for _ in range(int(rng.integers(1, 4)))]
-        np.testing.assert_array_equal(full_mask(polygons, height, width), ann_to_mask(polygons, height, width))
+        polygons = [
+            random_polygon(rng, height, width, kind) for _ in range(int(rng.integers(1, 4)))
+        ]
+        np.testing.assert_array_equal(
+            full_mask(polygons, height, width), ann_to_mask(polygons, height, width)
+        )
 
 
 def test_polygon_entirely_outside_and_on_pixel_edges():
@@ -79,7 +84,9 @@ def test_real_taco_polygons_at_reduced_scale():
         img = images[ann["image_id"]]
         height, width = int(img["height"] * scale), int(img["width"] * scale)
         polygons = [[v * scale for v in p] for p in ann["segmentation"]]
-        np.testing.assert_array_equal(full_mask(polygons, height, width), ann_to_mask(polygons, height, width))
+        np.testing.assert_array_equal(
+            full_mask(polygons, height, width), ann_to_mask(polygons, height, width)
+        )
         checked += 1
     assert checked > 700
 
@@ -110,7 +117,10 @@ def test_area_ties_keep_json_order():
 
 def test_area_is_polygon_area_of_all_parts():
     assert polygon_area([0, 0, 4, 0, 4, 2, 0, 2]) == 8.0
-    two_parts = {"segmentation": [[0, 0, 3, 0, 3, 3, 0, 3], [5, 5, 8, 5, 8, 8, 5, 8]], "category_id": 1}
+    two_parts = {
+        "segmentation": [[0, 0, 3, 0, 3, 3, 0, 3], [5, 5, 8, 5, 8, 8, 5, 8]],
+        "category_id": 1,
+    }
     one_big = square(0, 0, 4, 2)  # area 16 < 9 + 9: drawn after (on top of) the two-part one
     label = polygons_to_label_map([one_big, two_parts], 10, 10, "area_desc")
     assert label[1, 1] == 2 and label[6, 6] == 1
@@ -135,7 +145,9 @@ def test_record_to_label_map(tmp_path):
     assert record_to_label_map({"height": 3, "width": 4, "annotations": []}).shape == (3, 4)
     png = np.arange(12, dtype=np.uint8).reshape(3, 4)
     Image.fromarray(png).save(tmp_path / "label.png")
-    np.testing.assert_array_equal(record_to_label_map({"sem_seg_file_name": str(tmp_path / "label.png")}), png)
+    np.testing.assert_array_equal(
+        record_to_label_map({"sem_seg_file_name": str(tmp_path / "label.png")}), png
+    )
     Image.fromarray(np.zeros((3, 4, 3), dtype=np.uint8)).save(tmp_path / "rgb.png")
     with pytest.raises(ValueError, match="rgb.png.*single-channel"):
         record_to_label_map({"sem_seg_file_name": str(tmp_path / "rgb.png")})

@@ -1,30 +1,34 @@
 """SeMask: semantic attention (windowed / global) against a direct float64 computation, the backbone
 wiring, shapes and class maps, the semantic branch head, the branch cross-entropy, official
 parameter names (end to end through train_net.py: tests/test_train_net.py)."""
+
 import functools
 import math
 from pathlib import Path
 
 import pytest
 import torch
-from torch.nn import functional as F
-
 from detectron2.layers import ShapeSpec
-from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, SEM_SEG_HEADS_REGISTRY, build_model
+from detectron2.modeling import (
+    BACKBONE_REGISTRY,
+    META_ARCH_REGISTRY,
+    SEM_SEG_HEADS_REGISTRY,
+    build_model,
+)
 from detectron2.structures import Instances
+from torch.nn import functional as F
 
 from dinat import add_dinat_config
 from mask2former.engine import setup as engine_setup
-from semask import add_semask_config
-
 from semask import (
     BRANCH_OUTPUT_KEY,
     BranchMaskFormerHead,
     D2SeMaskSwinTransformer,
-    SeMaskMaskFormer,
     SemanticAttention,
     SemanticBranchHead,
     SemanticLayer,
+    SeMaskMaskFormer,
+    add_semask_config,
     pad_sem_seg_targets,
     seg_map_key,
     semantic_branch_loss,
@@ -39,7 +43,9 @@ build_cfg = functools.partial(
 ROOT = Path(__file__).resolve().parents[1]
 TINY_SEMASK = str(ROOT / "configs" / "tiny" / "semask_swin_tiny_cpu.yaml")
 TINY_M2F = str(ROOT / "configs" / "tiny" / "m2f_swin_tiny_cpu.yaml")
-TINY = dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), window_size=3, drop_path_rate=0.0)
+TINY = dict(
+    embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), window_size=3, drop_path_rate=0.0
+)
 IGNORE = 255
 
 
@@ -87,7 +93,9 @@ def randomize_semantic(module, seed=0):
     """Non-zero gamma and mlp_res (the official init has both at 0), random norm1 affine."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for i, m in enumerate(mod for mod in module.modules() if isinstance(mod, SemanticAttention)):
+        for i, m in enumerate(
+            mod for mod in module.modules() if isinstance(mod, SemanticAttention)
+        ):
             m.gamma.fill_(0.5 + 0.25 * i)
             m.mlp_res.weight.copy_(torch.randn(m.mlp_res.weight.shape, generator=gen) * 0.3)
             m.mlp_res.bias.copy_(torch.randn(m.mlp_res.bias.shape, generator=gen) * 0.1)
@@ -120,7 +128,10 @@ def resize_ac(x, h, w):
 # ------------------------------------------------------------------------ configs
 def test_config_defaults_and_first_place_configs():
     cfg = build_cfg()
-    assert (cfg.MODEL.SWIN.SEM_WINDOW_SIZE, cfg.MODEL.SWIN.NUM_SEM_BLOCKS) == (7, 1)  # official defaults
+    assert (cfg.MODEL.SWIN.SEM_WINDOW_SIZE, cfg.MODEL.SWIN.NUM_SEM_BLOCKS) == (
+        7,
+        1,
+    )  # official defaults
     assert cfg.MODEL.MASK_FORMER.CATE_WEIGHT == 0.4 and list(cfg.MODEL.SWIN.SEM_GLOBAL_STAGES) == []
     for name, embed_dim in (("semask_swin_l.yaml", 192), ("semask_swin_b.yaml", 128)):
         cfg = build_cfg(str(ROOT / "configs" / name))
@@ -142,7 +153,9 @@ def test_semantic_attention_is_identity_at_init():
         block.train(mode)
         seg_map, out = block(x)
         assert torch.equal(out, x)
-        torch.testing.assert_close(seg_map, x @ block.mlp_cls_q.weight.T + block.mlp_cls_q.bias, rtol=0, atol=1e-12)
+        torch.testing.assert_close(
+            seg_map, x @ block.mlp_cls_q.weight.T + block.mlp_cls_q.bias, rtol=0, atol=1e-12
+        )
     assert block.gamma.item() == 0 and not block.mlp_res.weight.any()
 
 
@@ -229,22 +242,39 @@ def test_backbone_wiring_matches_reference():
             ref_seg, x = reference_semantic_layer(stage.semantic_layer, x, h, w)
             ref_out = getattr(model, f"norm{i}")(x).view(1, h, w, -1).permute(0, 3, 1, 2)
             torch.testing.assert_close(out[f"res{i + 2}"], ref_out, rtol=0, atol=1e-10)
-            torch.testing.assert_close(out[seg_map_key(f"res{i + 2}")], ref_seg.view(1, h, w, 4).permute(0, 3, 1, 2),
-                                       rtol=0, atol=1e-10)
+            torch.testing.assert_close(
+                out[seg_map_key(f"res{i + 2}")],
+                ref_seg.view(1, h, w, 4).permute(0, 3, 1, 2),
+                rtol=0,
+                atol=1e-10,
+            )
             x, h, w = stage.forward_downsample(x, h, w)
 
 
 def test_backbone_out_features_subset_and_from_config():
-    cfg = build_cfg(TINY_SEMASK, ["MODEL.SWIN.OUT_FEATURES", "['res3', 'res5']", "MODEL.SWIN.SEM_GLOBAL_STAGES", "[2]",
-                                  "MODEL.SWIN.NUM_SEM_BLOCKS", "2", "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "7"])
+    cfg = build_cfg(
+        TINY_SEMASK,
+        [
+            "MODEL.SWIN.OUT_FEATURES",
+            "['res3', 'res5']",
+            "MODEL.SWIN.SEM_GLOBAL_STAGES",
+            "[2]",
+            "MODEL.SWIN.NUM_SEM_BLOCKS",
+            "2",
+            "MODEL.SEM_SEG_HEAD.NUM_CLASSES",
+            "7",
+        ],
+    )
     model = BACKBONE_REGISTRY.get("D2SeMaskSwinTransformer")(cfg, ShapeSpec(channels=3))
     assert [len(layer.semantic_layer.class_injection) for layer in model.layers] == [2, 2, 2, 2]
     assert [layer.semantic_layer.windowed for layer in model.layers] == [True, True, False, True]
     assert {layer.semantic_layer.window_size for layer in model.layers} == {4}
     out = model(torch.randn(1, 3, 64, 64))
     assert {k: tuple(v.shape) for k, v in out.items()} == {
-        "res3": (1, 64, 8, 8), seg_map_key("res3"): (1, 7, 8, 8),
-        "res5": (1, 256, 2, 2), seg_map_key("res5"): (1, 7, 2, 2),
+        "res3": (1, 64, 8, 8),
+        seg_map_key("res3"): (1, 7, 8, 8),
+        "res5": (1, 256, 2, 2),
+        seg_map_key("res5"): (1, 7, 2, 2),
     }
     with pytest.raises(ValueError, match="no stage"):
         D2SeMaskSwinTransformer(num_classes=3, sem_global_stages=[4], **TINY)
@@ -261,25 +291,52 @@ def official_semask_backbone_shapes(embed_dim, depths, num_classes, num_sem_bloc
         shapes[prefix + "norm1.bias"] = (c,)
         for j in range(num_sem_blocks):
             p = f"{prefix}class_injection.{j}."
-            shapes.update({
-                p + "mlp_cls_q.weight": (num_classes, c), p + "mlp_cls_q.bias": (num_classes,),
-                p + "mlp_cls_k.weight": (num_classes, c), p + "mlp_cls_k.bias": (num_classes,),
-                p + "mlp_v.weight": (c, c), p + "mlp_v.bias": (c,),
-                p + "mlp_res.weight": (c, c), p + "mlp_res.bias": (c,),
-                p + "gamma": (1,),
-            })
+            shapes.update(
+                {
+                    p + "mlp_cls_q.weight": (num_classes, c),
+                    p + "mlp_cls_q.bias": (num_classes,),
+                    p + "mlp_cls_k.weight": (num_classes, c),
+                    p + "mlp_cls_k.bias": (num_classes,),
+                    p + "mlp_v.weight": (c, c),
+                    p + "mlp_v.bias": (c,),
+                    p + "mlp_res.weight": (c, c),
+                    p + "mlp_res.bias": (c,),
+                    p + "gamma": (1,),
+                }
+            )
     return shapes
 
 
 def official_swin_block_names(depths):
-    names = {"patch_embed.proj.weight", "patch_embed.proj.bias", "patch_embed.norm.weight", "patch_embed.norm.bias"}
-    block = ["norm1.weight", "norm1.bias", "attn.relative_position_bias_table", "attn.relative_position_index",
-             "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias", "norm2.weight",
-             "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias"]
+    names = {
+        "patch_embed.proj.weight",
+        "patch_embed.proj.bias",
+        "patch_embed.norm.weight",
+        "patch_embed.norm.bias",
+    }
+    block = [
+        "norm1.weight",
+        "norm1.bias",
+        "attn.relative_position_bias_table",
+        "attn.relative_position_index",
+        "attn.qkv.weight",
+        "attn.qkv.bias",
+        "attn.proj.weight",
+        "attn.proj.bias",
+        "norm2.weight",
+        "norm2.bias",
+        "mlp.fc1.weight",
+        "mlp.fc1.bias",
+        "mlp.fc2.weight",
+        "mlp.fc2.bias",
+    ]
     for i, depth in enumerate(depths):
         names |= {f"layers.{i}.blocks.{j}.{p}" for j in range(depth) for p in block}
         if i < len(depths) - 1:
-            names |= {f"layers.{i}.downsample.{p}" for p in ("reduction.weight", "norm.weight", "norm.bias")}
+            names |= {
+                f"layers.{i}.downsample.{p}"
+                for p in ("reduction.weight", "norm.weight", "norm.bias")
+            }
     return names | {f"norm{i}.{p}" for i in range(len(depths)) for p in ("weight", "bias")}
 
 
@@ -292,12 +349,16 @@ def test_backbone_state_dict_has_official_names_and_loads_strictly(num_sem_block
     assert {k: tuple(state[k].shape) for k in semantic} == semantic
     # an "official" checkpoint (those names and shapes) loads with nothing missing or unexpected
     gen = torch.Generator().manual_seed(0)
-    checkpoint = {k: torch.randn(v.shape, generator=gen) if v.is_floating_point() else v.clone()
-                  for k, v in state.items()}
+    checkpoint = {
+        k: torch.randn(v.shape, generator=gen) if v.is_floating_point() else v.clone()
+        for k, v in state.items()
+    }
     result = model.load_state_dict(checkpoint, strict=True)
     assert not result.missing_keys and not result.unexpected_keys
-    assert torch.equal(model.layers[2].semantic_layer.class_injection[0].gamma, checkpoint[
-        "layers.2.semantic_layer.class_injection.0.gamma"])
+    assert torch.equal(
+        model.layers[2].semantic_layer.class_injection[0].gamma,
+        checkpoint["layers.2.semantic_layer.class_injection.0.gamma"],
+    )
 
 
 def test_full_model_adds_only_the_backbone_semantic_layers():
@@ -372,7 +433,11 @@ def test_pad_sem_seg_targets():
     a, b = torch.zeros(3, 2, dtype=torch.long), torch.ones(2, 4, dtype=torch.long)
     out = pad_sem_seg_targets([a, b], (4, 4), IGNORE)
     assert out.shape == (2, 4, 4) and out.dtype == torch.long
-    assert (out[0, :3, :2] == 0).all() and (out[0, 3:] == IGNORE).all() and (out[0, :, 2:] == IGNORE).all()
+    assert (
+        (out[0, :3, :2] == 0).all()
+        and (out[0, 3:] == IGNORE).all()
+        and (out[0, :, 2:] == IGNORE).all()
+    )
     assert (out[1, :2] == 1).all() and (out[1, 2:] == IGNORE).all()
     with pytest.raises(ValueError):
         pad_sem_seg_targets([torch.zeros(5, 5, dtype=torch.long)], (4, 4), IGNORE)
@@ -388,8 +453,19 @@ def _instances(sem_seg):
 
 
 def test_meta_arch_adds_weighted_branch_loss_on_padded_targets():
-    cfg = build_cfg(TINY_SEMASK, ["MODEL.DEVICE", "cpu", "MODEL.SWIN.DROP_PATH_RATE", "0.0",
-                                  "MODEL.MASK_FORMER.DROPOUT", "0.0", "MODEL.MASK_FORMER.CATE_WEIGHT", "0.25"])
+    cfg = build_cfg(
+        TINY_SEMASK,
+        [
+            "MODEL.DEVICE",
+            "cpu",
+            "MODEL.SWIN.DROP_PATH_RATE",
+            "0.0",
+            "MODEL.MASK_FORMER.DROPOUT",
+            "0.0",
+            "MODEL.MASK_FORMER.CATE_WEIGHT",
+            "0.25",
+        ],
+    )
     torch.manual_seed(9)
     model = build_model(cfg).train()
     gen = torch.Generator().manual_seed(9)

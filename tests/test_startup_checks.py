@@ -1,6 +1,7 @@
 """Start-up checks of train_net.py: a NUM_CLASSES that differs from the training data's class
 count, training data without annotations and a crop larger than every image are reported with
 the numbers (errors / one warning) instead of training silently on wrong targets."""
+
 import contextlib
 import json
 import logging
@@ -24,10 +25,24 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny" / "m2f_swin_tiny_cpu.yaml"
 SIZE = 64
 TRAIN = [
-    "MODEL.DEVICE", "cpu", "DATALOADER.NUM_WORKERS", "0", "SOLVER.IMS_PER_BATCH", "2",
-    "SOLVER.WARMUP_ITERS", "1", "INPUT.MIN_SIZE_TRAIN", f"({SIZE},)",
-    "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "256", "TEST.EVAL_PERIOD", "0", "SOLVER.MAX_ITER", "1",
-    "SOLVER.CHECKPOINT_PERIOD", "100",
+    "MODEL.DEVICE",
+    "cpu",
+    "DATALOADER.NUM_WORKERS",
+    "0",
+    "SOLVER.IMS_PER_BATCH",
+    "2",
+    "SOLVER.WARMUP_ITERS",
+    "1",
+    "INPUT.MIN_SIZE_TRAIN",
+    f"({SIZE},)",
+    "MODEL.MASK_FORMER.TRAIN_NUM_POINTS",
+    "256",
+    "TEST.EVAL_PERIOD",
+    "0",
+    "SOLVER.MAX_ITER",
+    "1",
+    "SOLVER.CHECKPOINT_PERIOD",
+    "100",
 ]
 
 
@@ -55,8 +70,12 @@ def test_num_classes_must_match_the_dataset():
 
 
 def record(annotations=0, label_file=None, size=(64, 64)):
-    r = {"file_name": "x.jpg", "height": size[0], "width": size[1],
-         "annotations": [{"category_id": 1}] * annotations}
+    r = {
+        "file_name": "x.jpg",
+        "height": size[0],
+        "width": size[1],
+        "annotations": [{"category_id": 1}] * annotations,
+    }
     if label_file:
         r["sem_seg_file_name"] = label_file
     return r
@@ -105,22 +124,43 @@ def data_root(tmp_path_factory):
 
 
 def train(data_root, tmp_path, *opts, ok):
-    cmd = [sys.executable, str(ROOT / "train_net.py"), "--config-file", str(CONFIG),
-           "--num-gpus", "1", *TRAIN, "DATASETS.TRASH_ROOT", str(data_root),
-           "OUTPUT_DIR", str(tmp_path / "out"), *map(str, opts)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train_net.py"),
+        "--config-file",
+        str(CONFIG),
+        "--num-gpus",
+        "1",
+        *TRAIN,
+        "DATASETS.TRASH_ROOT",
+        str(data_root),
+        "OUTPUT_DIR",
+        str(tmp_path / "out"),
+        *map(str, opts),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True,
-                          check=False, timeout=600)
+    proc = subprocess.run(
+        cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, check=False, timeout=600
+    )
     output = proc.stdout + proc.stderr
     assert (proc.returncode == 0) == ok, output[-4000:]
     return output
 
 
 def test_train_net_refuses_a_num_classes_that_differs_from_the_data(data_root, tmp_path):
-    output = train(data_root, tmp_path, "INPUT.CROP.SIZE", f"({SIZE}, {SIZE})",
-                   "MODEL.SEM_SEG_HEAD.NUM_CLASSES", 5, ok=False)
-    assert ("MODEL.SEM_SEG_HEAD.NUM_CLASSES is 5 but dataset 'trash_train' "
-            f"({data_root / 'train.json'}) has 11 classes") in output
+    output = train(
+        data_root,
+        tmp_path,
+        "INPUT.CROP.SIZE",
+        f"({SIZE}, {SIZE})",
+        "MODEL.SEM_SEG_HEAD.NUM_CLASSES",
+        5,
+        ok=False,
+    )
+    assert (
+        "MODEL.SEM_SEG_HEAD.NUM_CLASSES is 5 but dataset 'trash_train' "
+        f"({data_root / 'train.json'}) has 11 classes"
+    ) in output
 
 
 def test_train_net_refuses_training_data_without_annotations(data_root, tmp_path):

@@ -1,5 +1,6 @@
 """Submission CSV: nearest resize convention, byte format, order, atomic writing, validation,
 round trip, and gathering from two gloo processes."""
+
 import json
 import os
 import pickle
@@ -11,8 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mask2former.inference import submission
 from mask2former.data.coco import coco_image_names
+from mask2former.inference import submission
 from mask2former.inference.submission import (
     HEADER,
     SubmissionWriter,
@@ -161,7 +162,7 @@ def test_writer_format_order_and_round_trip(test_json, tmp_path):
 
 
 def test_writer_quotes_names_with_commas(tmp_path):
-    names = ['a,b.jpg', 'say "hi".jpg', "plain.jpg"]
+    names = ["a,b.jpg", 'say "hi".jpg', "plain.jpg"]
     path = str(tmp_path / "s.csv")
     with SubmissionWriter(path, names, size=2) as writer:
         for i, name in enumerate(names):
@@ -275,7 +276,10 @@ def _writer_worker(rank, world_size, init_method, path):
 def test_two_processes_write_one_file_in_order(tmp_path):
     path = str(tmp_path / "submission.csv")
     mp.start_processes(
-        _writer_worker, args=(2, f"file://{tmp_path / 'pg_init'}", path), nprocs=2, join=True,
+        _writer_worker,
+        args=(2, f"file://{tmp_path / 'pg_init'}", path),
+        nprocs=2,
+        join=True,
         start_method="fork",
     )
     with open(f"{path}.rank0.pkl", "rb") as f:

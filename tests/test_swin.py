@@ -1,5 +1,6 @@
 """Swin backbone: shapes, shifted-window attention against a brute-force reference, relative
 position bias, frozen stages, official parameter names and checkpoint conversion / loading."""
+
 import math
 import pickle
 import runpy
@@ -7,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.modeling import BACKBONE_REGISTRY, ShapeSpec
 from detectron2.projects.deeplab import add_deeplab_config
+from torch import nn
 
 from mask2former.config import add_maskformer2_config
 from mask2former.modeling.backbone.swin import (
@@ -33,19 +33,26 @@ TINY = dict(
 )
 
 
-
-
 def official_swin_keys(depths, ape=False, out_indices=(0, 1, 2, 3)):
     """State-dict names of the official (segmentation) Swin, from its architecture."""
     keys = [f"patch_embed.{m}.{p}" for m in ("proj", "norm") for p in ("weight", "bias")]
     if ape:
         keys.append("absolute_pos_embed")
     block_params = [
-        "norm1.weight", "norm1.bias",
-        "attn.relative_position_bias_table", "attn.relative_position_index",
-        "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
-        "norm2.weight", "norm2.bias",
-        "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias",
+        "norm1.weight",
+        "norm1.bias",
+        "attn.relative_position_bias_table",
+        "attn.relative_position_index",
+        "attn.qkv.weight",
+        "attn.qkv.bias",
+        "attn.proj.weight",
+        "attn.proj.bias",
+        "norm2.weight",
+        "norm2.bias",
+        "mlp.fc1.weight",
+        "mlp.fc1.bias",
+        "mlp.fc2.weight",
+        "mlp.fc2.bias",
     ]
     for i, depth in enumerate(depths):
         keys += [f"layers.{i}.blocks.{j}.{p}" for j in range(depth) for p in block_params]
@@ -146,11 +153,13 @@ def reference_block(block, x, h, w):
                     if rows[a] == rows[i] and cols[e] == cols[j]
                 ]
                 for head in range(heads):
-                    logits = torch.stack([
-                        (q[n, i, j, head] * k[n, a, e, head]).sum() * block.attn.scale
-                        + table[(i - a + ws - 1) * (2 * ws - 1) + (j - e + ws - 1), head]
-                        for a, e in keys
-                    ])
+                    logits = torch.stack(
+                        [
+                            (q[n, i, j, head] * k[n, a, e, head]).sum() * block.attn.scale
+                            + table[(i - a + ws - 1) * (2 * ws - 1) + (j - e + ws - 1), head]
+                            for a, e in keys
+                        ]
+                    )
                     attn = logits.softmax(0)
                     out[n, i, j, head] = sum(p * v[n, a, e, head] for p, (a, e) in zip(attn, keys))
     x = x + block.attn.proj(out.reshape(b, h * w, c))
@@ -196,15 +205,23 @@ def test_stage_alternates_shift_and_drop_path_increases():
     )
     shifts = [[blk.shift_size for blk in stage.blocks] for stage in model.layers]
     assert shifts == [[0, 2], [0, 2, 0]]
-    rates = [blk.drop_path.drop_prob if hasattr(blk.drop_path, "drop_prob") else 0.0
-             for stage in model.layers for blk in stage.blocks]
+    rates = [
+        blk.drop_path.drop_prob if hasattr(blk.drop_path, "drop_prob") else 0.0
+        for stage in model.layers
+        for blk in stage.blocks
+    ]
     torch.testing.assert_close(torch.tensor(rates), torch.linspace(0, 0.5, 5))
 
 
 def test_activation_checkpointing_same_values_and_grads():
     torch.manual_seed(0)
     config = dict(
-        embed_dim=8, depths=(2, 2), num_heads=(1, 2), window_size=3, out_indices=(1,), drop_path_rate=0.0
+        embed_dim=8,
+        depths=(2, 2),
+        num_heads=(1, 2),
+        window_size=3,
+        out_indices=(1,),
+        drop_path_rate=0.0,
     )
     plain = SwinTransformer(**config)
     ckpt = SwinTransformer(use_checkpoint=True, **config)
@@ -263,8 +280,14 @@ def _fake_official_imagenet_checkpoint(model: SwinTransformer):
     norms, plus the final norm, classifier head and attn_mask buffers of the shifted blocks."""
     sd = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("norm")}
     last = model.num_features[-1]
-    sd.update({"norm.weight": torch.rand(last), "norm.bias": torch.rand(last),
-               "head.weight": torch.rand(10, last), "head.bias": torch.rand(10)})
+    sd.update(
+        {
+            "norm.weight": torch.rand(last),
+            "norm.bias": torch.rand(last),
+            "head.weight": torch.rand(10, last),
+            "head.bias": torch.rand(10),
+        }
+    )
     for i, stage in enumerate(model.layers):
         for j, blk in enumerate(stage.blocks):
             if blk.shift_size:
@@ -304,7 +327,8 @@ def test_converter_round_trip(tmp_path):
     loaded = _Wrapper(D2SwinTransformer(**TINY))
     DetectionCheckpointer(loaded).load(str(dst))
     torch.testing.assert_close(
-        loaded.backbone.layers[3].blocks[1].attn.qkv.weight, source.layers[3].blocks[1].attn.qkv.weight
+        loaded.backbone.layers[3].blocks[1].attn.qkv.weight,
+        source.layers[3].blocks[1].attn.qkv.weight,
     )
 
 

@@ -1,4 +1,5 @@
 """Synthetic trash dataset: competition format, determinism, classes, masks."""
+
 import json
 import re
 
@@ -6,20 +7,36 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mask2former.data.coco import ValidationPolicy, load_coco_semseg_json
 from mask2former.data.catalog import TRASH_CLASSES
+from mask2former.data.coco import ValidationPolicy, load_coco_semseg_json
 from mask2former.data.masks.rasterize import record_to_label_map
 from mask2former.data.offline.synthetic import generate_synthetic_trash
 
 SIZE = 96
 SPEC_CATEGORIES = {
-    1: "General trash", 2: "Paper", 3: "Paper pack", 4: "Metal", 5: "Glass",
-    6: "Plastic", 7: "Styrofoam", 8: "Plastic bag", 9: "Battery", 10: "Clothing",
+    1: "General trash",
+    2: "Paper",
+    3: "Paper pack",
+    4: "Metal",
+    5: "Glass",
+    6: "Plastic",
+    7: "Styrofoam",
+    8: "Plastic bag",
+    9: "Battery",
+    10: "Clothing",
 }
 
 
 def generate(root, seed=0, **kwargs):
-    args = dict(num_train=10, num_val=3, num_test=2, image_size=SIZE, seed=seed, objects_per_image=(2, 4), images_per_batch=8)
+    args = dict(
+        num_train=10,
+        num_val=3,
+        num_test=2,
+        image_size=SIZE,
+        seed=seed,
+        objects_per_image=(2, 4),
+        images_per_batch=8,
+    )
     args.update(kwargs)
     return generate_synthetic_trash(str(root), **args)
 
@@ -32,15 +49,25 @@ def root(tmp_path_factory):
 
 
 def files_of(folder):
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
 def test_competition_format(root):
     assert sorted(p.name for p in root.iterdir()) == [
-        "batch_01_vt", "batch_02_vt", "test.json", "train.json", "train_all.json", "val.json"
+        "batch_01_vt",
+        "batch_02_vt",
+        "test.json",
+        "train.json",
+        "train_all.json",
+        "val.json",
     ]
-    splits = {name: json.loads((root / f"{name}.json").read_text()) for name in ("train_all", "train", "val", "test")}
-    for name, data in splits.items():
+    splits = {
+        name: json.loads((root / f"{name}.json").read_text())
+        for name in ("train_all", "train", "val", "test")
+    }
+    for data in splits.values():
         assert {c["id"]: c["name"] for c in data["categories"]} == SPEC_CATEGORIES
         assert [img["id"] for img in data["images"]] == list(range(len(data["images"])))
         for img in data["images"]:
@@ -50,18 +77,24 @@ def test_competition_format(root):
             assert (img["width"], img["height"]) == (SIZE, SIZE)
     assert splits["test"]["annotations"] == [] and len(splits["test"]["images"]) == 2
     names = [img["file_name"] for img in splits["train_all"]["images"]]
-    assert names == [img["file_name"] for img in splits["train"]["images"] + splits["val"]["images"]]
+    assert names == [
+        img["file_name"] for img in splits["train"]["images"] + splits["val"]["images"]
+    ]
     assert not set(names) & {img["file_name"] for img in splits["test"]["images"]}
     for ann in splits["train_all"]["annotations"]:
         assert ann["iscrowd"] == 0 and 1 <= ann["category_id"] <= 10 and ann["area"] > 0
-        assert isinstance(ann["segmentation"], list) and all(len(p) >= 6 and len(p) % 2 == 0 for p in ann["segmentation"])
+        assert isinstance(ann["segmentation"], list) and all(
+            len(p) >= 6 and len(p) % 2 == 0 for p in ann["segmentation"]
+        )
         xy = np.concatenate([np.asarray(p) for p in ann["segmentation"]]).reshape(-1, 2)
         assert xy.min() >= 0 and xy.max() <= SIZE
 
 
 def test_validator_finds_no_problem(root):
     for split in ("train_all", "test"):
-        data = load_coco_semseg_json(str(root / f"{split}.json"), str(root), ValidationPolicy(verify_images=True))
+        data = load_coco_semseg_json(
+            str(root / f"{split}.json"), str(root), ValidationPolicy(verify_images=True)
+        )
         assert not any(data.report.counts.values()), data.report.table()
     assert data.categories.category_id_to_label == {i: i for i in range(1, 11)}
 

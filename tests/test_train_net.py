@@ -1,6 +1,7 @@
 """train_net.py and tools/predict.py end to end on tiny configs (subprocesses, as users run them):
 train -> checkpoint -> --resume -> --eval-only -> submission, for Mask2Former-Swin, SeMask and
 DiNAT, with the copy-paste bank enabled in the Swin run."""
+
 import json
 import math
 import os
@@ -18,12 +19,28 @@ TINY = ROOT / "configs" / "tiny"
 SIZE = 64
 
 COMMON = [
-    "MODEL.DEVICE", "cpu", "DATALOADER.NUM_WORKERS", "0", "TEST.CONFUSION_MATRIX_PLOT", "True",
-    "INPUT.MIN_SIZE_TEST", str(SIZE), "INPUT.SIZE_DIVISIBILITY", str(SIZE),
+    "MODEL.DEVICE",
+    "cpu",
+    "DATALOADER.NUM_WORKERS",
+    "0",
+    "TEST.CONFUSION_MATRIX_PLOT",
+    "True",
+    "INPUT.MIN_SIZE_TEST",
+    str(SIZE),
+    "INPUT.SIZE_DIVISIBILITY",
+    str(SIZE),
 ]
 TRAIN = [
-    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1", "INPUT.MIN_SIZE_TRAIN", f"({SIZE},)",
-    "INPUT.CROP.SIZE", f"({SIZE}, {SIZE})", "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "256",
+    "SOLVER.IMS_PER_BATCH",
+    "2",
+    "SOLVER.WARMUP_ITERS",
+    "1",
+    "INPUT.MIN_SIZE_TRAIN",
+    f"({SIZE},)",
+    "INPUT.CROP.SIZE",
+    f"({SIZE}, {SIZE})",
+    "MODEL.MASK_FORMER.TRAIN_NUM_POINTS",
+    "256",
 ]
 
 
@@ -43,19 +60,41 @@ def run(script, config, *args, cwd):
 
 
 def metrics_lines(out):
-    return [json.loads(line) for line in (out / "metrics.json").read_text().splitlines() if line.strip()]
+    return [
+        json.loads(line) for line in (out / "metrics.json").read_text().splitlines() if line.strip()
+    ]
 
 
 def test_swin_train_resume_eval_and_submission(data_root, tmp_path):
     config = TINY / "m2f_swin_tiny_cpu.yaml"
     out = tmp_path / "out"
     opts = [*COMMON, "DATASETS.TRASH_ROOT", data_root, "OUTPUT_DIR", out]
-    copy_paste = ["INPUT.COPY_PASTE.ENABLED", "True", "INPUT.COPY_PASTE.BANK_SIZE", "3",
-                  "INPUT.COPY_PASTE.PROB", "0.5", "TEST.EVAL_PERIOD", "2"]
+    copy_paste = [
+        "INPUT.COPY_PASTE.ENABLED",
+        "True",
+        "INPUT.COPY_PASTE.BANK_SIZE",
+        "3",
+        "INPUT.COPY_PASTE.PROB",
+        "0.5",
+        "TEST.EVAL_PERIOD",
+        "2",
+    ]
 
     # 1. train 3 iterations: checkpoint at iteration 2, periodic evaluation at 2, final one at 3
-    run("train_net.py", config, "--num-gpus", 1, *opts, *TRAIN, *copy_paste,
-        "SOLVER.MAX_ITER", 3, "SOLVER.CHECKPOINT_PERIOD", 2, cwd=tmp_path)
+    run(
+        "train_net.py",
+        config,
+        "--num-gpus",
+        1,
+        *opts,
+        *TRAIN,
+        *copy_paste,
+        "SOLVER.MAX_ITER",
+        3,
+        "SOLVER.CHECKPOINT_PERIOD",
+        2,
+        cwd=tmp_path,
+    )
     assert (out / "model_0000001.pth").is_file() and (out / "model_final.pth").is_file()
     assert (out / "last_checkpoint").read_text().strip() == "model_final.pth"
     first = metrics_lines(out)
@@ -68,24 +107,63 @@ def test_swin_train_resume_eval_and_submission(data_root, tmp_path):
     assert (bank / "CURRENT").read_text().strip() == "v0001"  # before training + after eval at 2
 
     # 2. --resume continues from the final checkpoint (iteration 3) up to the new MAX_ITER
-    resumed = run("train_net.py", config, "--num-gpus", 1, "--resume", *opts, *TRAIN,
-                  "SOLVER.MAX_ITER", 5, "SOLVER.CHECKPOINT_PERIOD", 100, "TEST.EVAL_PERIOD", 0, cwd=tmp_path)
+    resumed = run(
+        "train_net.py",
+        config,
+        "--num-gpus",
+        1,
+        "--resume",
+        *opts,
+        *TRAIN,
+        "SOLVER.MAX_ITER",
+        5,
+        "SOLVER.CHECKPOINT_PERIOD",
+        100,
+        "TEST.EVAL_PERIOD",
+        0,
+        cwd=tmp_path,
+    )
     assert "Starting training from iteration 3" in resumed.stdout + resumed.stderr
-    iterations = [m["iteration"] for m in metrics_lines(out)[len(first):] if "total_loss" in m]
+    iterations = [m["iteration"] for m in metrics_lines(out)[len(first) :] if "total_loss" in m]
     assert iterations and min(iterations) >= 3 and max(iterations) == 4
 
     # 3. --eval-only: LB-style metrics + confusion matrix picture
-    run("train_net.py", config, "--eval-only", *opts, "MODEL.WEIGHTS", out / "model_final.pth", cwd=tmp_path)
+    run(
+        "train_net.py",
+        config,
+        "--eval-only",
+        *opts,
+        "MODEL.WEIGHTS",
+        out / "model_final.pth",
+        cwd=tmp_path,
+    )
     report = json.loads((out / "inference" / "trash_val" / "lb_metrics.json").read_text())
     assert report["num_images"] == 2 and 0.0 <= report["metrics"]["mIoU"] <= 1.0
     assert (out / "inference" / "trash_val" / "confusion_matrix.png").stat().st_size > 1000
 
     # 4. submission + probability dump + overlays for the test split
     sub = tmp_path / "submission.csv"
-    run("tools/predict.py", config, "--weights", out / "model_final.pth", "--dataset", "trash_test",
-        "--submission", sub, "--probs", tmp_path / "probs", "--overlays", tmp_path / "overlays",
-        "--num-overlays", 2, *opts, cwd=tmp_path)
-    test_names = [im["file_name"] for im in json.loads((data_root / "test.json").read_text())["images"]]
+    run(
+        "tools/predict.py",
+        config,
+        "--weights",
+        out / "model_final.pth",
+        "--dataset",
+        "trash_test",
+        "--submission",
+        sub,
+        "--probs",
+        tmp_path / "probs",
+        "--overlays",
+        tmp_path / "overlays",
+        "--num-overlays",
+        2,
+        *opts,
+        cwd=tmp_path,
+    )
+    test_names = [
+        im["file_name"] for im in json.loads((data_root / "test.json").read_text())["images"]
+    ]
     assert sub.read_text().splitlines()[0] == "image_id,PredictionString"
     image_ids, masks = read_submission(str(sub))
     assert list(image_ids) == test_names and masks.shape == (3, 256, 256) and masks.max() <= 10
@@ -93,19 +171,43 @@ def test_swin_train_resume_eval_and_submission(data_root, tmp_path):
     assert json.loads((tmp_path / "probs" / "index.json").read_text())["classes"][0] == "Background"
 
 
-@pytest.mark.parametrize("config,extra_loss", [
-    ("semask_swin_tiny_cpu.yaml", "loss_cate"),
-    ("m2f_dinat_tiny_cpu.yaml", None),
-])
+@pytest.mark.parametrize(
+    "config,extra_loss",
+    [
+        ("semask_swin_tiny_cpu.yaml", "loss_cate"),
+        ("m2f_dinat_tiny_cpu.yaml", None),
+    ],
+)
 def test_extension_configs_train_and_evaluate(data_root, tmp_path, config, extra_loss):
     out = tmp_path / "out"
     opts = [*COMMON, "DATASETS.TRASH_ROOT", data_root, "OUTPUT_DIR", out]
-    run("train_net.py", TINY / config, "--num-gpus", 1, *opts, *TRAIN, "SOLVER.MAX_ITER", 2,
-        "SOLVER.CHECKPOINT_PERIOD", 100, "TEST.EVAL_PERIOD", 0, cwd=tmp_path)
+    run(
+        "train_net.py",
+        TINY / config,
+        "--num-gpus",
+        1,
+        *opts,
+        *TRAIN,
+        "SOLVER.MAX_ITER",
+        2,
+        "SOLVER.CHECKPOINT_PERIOD",
+        100,
+        "TEST.EVAL_PERIOD",
+        0,
+        cwd=tmp_path,
+    )
     losses = [m for m in metrics_lines(out) if "total_loss" in m]
     assert losses and all(math.isfinite(m["total_loss"]) for m in losses)
     if extra_loss:
         assert all(math.isfinite(m[extra_loss]) and m[extra_loss] > 0 for m in losses)
-    run("train_net.py", TINY / config, "--eval-only", *opts, "MODEL.WEIGHTS", out / "model_final.pth", cwd=tmp_path)
+    run(
+        "train_net.py",
+        TINY / config,
+        "--eval-only",
+        *opts,
+        "MODEL.WEIGHTS",
+        out / "model_final.pth",
+        cwd=tmp_path,
+    )
     report = json.loads((out / "inference" / "trash_val" / "lb_metrics.json").read_text())
     assert report["num_images"] == 2 and 0.0 <= report["metrics"]["mIoU"] <= 1.0

@@ -1,10 +1,10 @@
 """Tests of the masked-attention multi-scale transformer decoder."""
+
 import pytest
 import torch
-from torch.nn import functional as F
-
 from detectron2.config import get_cfg
 from detectron2.projects.deeplab import add_deeplab_config
+from torch.nn import functional as F
 
 from mask2former.config import add_maskformer2_config
 from mask2former.modeling.transformer_decoder import (

@@ -1,4 +1,5 @@
 """Pictures: palette colouring, overlay colours at known pixels, panel layout, PNG files."""
+
 import os
 
 import cv2
@@ -59,8 +60,9 @@ def test_overlay_colours_at_known_pixels():
     assert tuple(out[1, 2]) == (0, 0, 0)  # background side of the boundary
     assert tuple(out[7, 7]) == IMAGE_COLOR  # ignore label: untouched, even on a boundary
 
-    plain = overlay(constant_image(), square_label_map(), PALETTE, alpha=0.25,
-                    draw_boundaries=False)
+    plain = overlay(
+        constant_image(), square_label_map(), PALETTE, alpha=0.25, draw_boundaries=False
+    )
     assert tuple(plain[2, 2]) == (139, 38, 150)  # 0.75*(100,50,200) + 0.25*(255,0,0)
     assert tuple(plain[1, 2]) == (75, 38, 150)  # 37.5 rounds up to 38
     with pytest.raises(ValueError, match="sizes differ"):

@@ -7,6 +7,7 @@ Usage (the project is installed in editable mode, so this runs from any director
 
 then train with ``MODEL.WEIGHTS dinat_l_d2.pth``. See ``dinat/convert.py`` for what is converted.
 """
+
 import argparse
 import sys
 

@@ -9,6 +9,7 @@ whose backbone is ``D2SwinTransformer``; the classifier head, final norm and att
 buffers are dropped, and the relative position bias tables are resized (bicubic) if
 ``--window-size`` differs from the checkpoint's.
 """
+
 import argparse
 import sys
 

@@ -11,6 +11,7 @@
 
 Every step is a command a user can run by hand; they are printed before they run.
 """
+
 import argparse
 import json
 import subprocess
@@ -46,15 +47,20 @@ def all_background_score(data_root: Path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", default="output/demo", help="everything is written below this folder")
     p.add_argument("--iters", type=int, default=900, help="training iterations (batch 4)")
     p.add_argument("--num-train", type=int, default=300)
     p.add_argument("--num-val", type=int, default=50)
     p.add_argument("--num-test", type=int, default=50)
     p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--copy-paste", action="store_true",
-                   help="train with the copy-paste bank (regenerated at every evaluation)")
+    p.add_argument(
+        "--copy-paste",
+        action="store_true",
+        help="train with the copy-paste bank (regenerated at every evaluation)",
+    )
     args = p.parse_args(argv)
 
     out = (ROOT / args.out).resolve()
@@ -65,23 +71,84 @@ def main(argv=None):
     if (data / "test.json").is_file():
         print(f"synthetic dataset found in {data}")
     else:
-        run([py, "datasets/prepare_synthetic_trash.py", "--output", data, "--num-train", args.num_train,
-             "--num-val", args.num_val, "--num-test", args.num_test, "--image-size", args.image_size,
-             "--seed", 0])
+        run(
+            [
+                py,
+                "datasets/prepare_synthetic_trash.py",
+                "--output",
+                data,
+                "--num-train",
+                args.num_train,
+                "--num-val",
+                args.num_val,
+                "--num-test",
+                args.num_test,
+                "--image-size",
+                args.image_size,
+                "--seed",
+                0,
+            ]
+        )
     t_data = time.time()
 
-    run([py, "train_net.py", "--config-file", CONFIG, "--num-gpus", 1,
-         "DATASETS.TRASH_ROOT", data, "OUTPUT_DIR", model_dir, "SOLVER.MAX_ITER", args.iters,
-         "TEST.EVAL_PERIOD", max(args.iters // 3, 1), "SOLVER.CHECKPOINT_PERIOD", max(args.iters // 3, 1),
-         "INPUT.COPY_PASTE.ENABLED", args.copy_paste, "INPUT.COPY_PASTE.BANK_SIZE", 100])
+    run(
+        [
+            py,
+            "train_net.py",
+            "--config-file",
+            CONFIG,
+            "--num-gpus",
+            1,
+            "DATASETS.TRASH_ROOT",
+            data,
+            "OUTPUT_DIR",
+            model_dir,
+            "SOLVER.MAX_ITER",
+            args.iters,
+            "TEST.EVAL_PERIOD",
+            max(args.iters // 3, 1),
+            "SOLVER.CHECKPOINT_PERIOD",
+            max(args.iters // 3, 1),
+            "INPUT.COPY_PASTE.ENABLED",
+            args.copy_paste,
+            "INPUT.COPY_PASTE.BANK_SIZE",
+            100,
+        ]
+    )
     t_train = time.time()
 
     weights = model_dir / "model_final.pth"
     common = ["--config-file", CONFIG, "--weights", weights]
     opts = ["DATASETS.TRASH_ROOT", data]
-    run([py, "tools/predict.py", *common, "--dataset", "trash_val", "--score", "--score-dir", out / "val_score",
-         "--overlays", out / "overlays", "--num-overlays", 8, *opts])
-    run([py, "tools/predict.py", *common, "--dataset", "trash_test", "--submission", out / "submission.csv", *opts])
+    run(
+        [
+            py,
+            "tools/predict.py",
+            *common,
+            "--dataset",
+            "trash_val",
+            "--score",
+            "--score-dir",
+            out / "val_score",
+            "--overlays",
+            out / "overlays",
+            "--num-overlays",
+            8,
+            *opts,
+        ]
+    )
+    run(
+        [
+            py,
+            "tools/predict.py",
+            *common,
+            "--dataset",
+            "trash_test",
+            "--submission",
+            out / "submission.csv",
+            *opts,
+        ]
+    )
     t_end = time.time()
 
     metrics = json.loads((out / "val_score" / "lb_metrics.json").read_text())
@@ -90,7 +157,10 @@ def main(argv=None):
     print("\n================ demo summary ================")
     print(f"val mIoU (LB-style)          : {miou:.4f}")
     print(f"all-background predictor     : {baseline:.4f}")
-    print(f"data {t_data - t0:.0f} s, training {t_train - t_data:.0f} s, scoring + submission {t_end - t_train:.0f} s")
+    print(
+        f"data {t_data - t0:.0f} s, training {t_train - t_data:.0f} "
+        f"s, scoring + submission {t_end - t_train:.0f} s"
+    )
     print(f"submission CSV               : {out / 'submission.csv'}")
     print(f"overlays (image | GT | pred) : {out / 'overlays'}")
     print(f"confusion matrix             : {out / 'val_score' / 'confusion_matrix.png'}")

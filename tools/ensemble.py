@@ -13,6 +13,7 @@ The dumps come from ``tools/predict.py --probs`` (keys = the json ``file_name`` 
 DenseCRF) are read from ``--image-root`` (default: the json's folder, or the dataset's image
 root). Config overrides ``KEY VALUE`` (with ``--dataset``) go last.
 """
+
 import argparse
 import json
 import logging
@@ -34,33 +35,75 @@ from semask import add_semask_config
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--dumps", nargs="+", required=True, help="probability dump folders")
-    p.add_argument("--weights", nargs="+", type=float, help="one weight per dump (normalised; default equal)")
+    p.add_argument(
+        "--weights", nargs="+", type=float, help="one weight per dump (normalised; default equal)"
+    )
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--json", help="COCO json of the images: submission row order, ground truth of --score")
-    src.add_argument("--dataset", help="a registered COCO dataset instead of --json (see --config-file)")
+    src.add_argument(
+        "--json", help="COCO json of the images: submission row order, ground truth of --score"
+    )
+    src.add_argument(
+        "--dataset", help="a registered COCO dataset instead of --json (see --config-file)"
+    )
     p.add_argument("--config-file", default="", help="config whose DATASETS.* register --dataset")
-    p.add_argument("--image-root", help="images folder (default: the json's folder / the dataset's root)")
-    p.add_argument("--crf", choices=sorted(CRF_PRESETS), help="DenseCRF of the soft vote with this preset")
-    p.add_argument("--crf-gaussian", nargs=2, type=float, metavar=("SXY", "COMPAT"),
-                   help="change the preset's Gaussian kernel")
-    p.add_argument("--crf-bilateral", nargs=3, type=float, metavar=("SXY", "SRGB", "COMPAT"),
-                   help="change the preset's bilateral kernel")
-    p.add_argument("--crf-iters", type=int, default=DEFAULT_ITERATIONS,
-                   help="mean-field iterations (default %(default)s)")
-    p.add_argument("--agreement-overwrite", action="store_true",
-                   help="pixels where the models' argmaxes agree take that label (after the CRF)")
+    p.add_argument(
+        "--image-root", help="images folder (default: the json's folder / the dataset's root)"
+    )
+    p.add_argument(
+        "--crf", choices=sorted(CRF_PRESETS), help="DenseCRF of the soft vote with this preset"
+    )
+    p.add_argument(
+        "--crf-gaussian",
+        nargs=2,
+        type=float,
+        metavar=("SXY", "COMPAT"),
+        help="change the preset's Gaussian kernel",
+    )
+    p.add_argument(
+        "--crf-bilateral",
+        nargs=3,
+        type=float,
+        metavar=("SXY", "SRGB", "COMPAT"),
+        help="change the preset's bilateral kernel",
+    )
+    p.add_argument(
+        "--crf-iters",
+        type=int,
+        default=DEFAULT_ITERATIONS,
+        help="mean-field iterations (default %(default)s)",
+    )
+    p.add_argument(
+        "--agreement-overwrite",
+        action="store_true",
+        help="pixels where the models' argmaxes agree take that label (after the CRF)",
+    )
     p.add_argument("--min-agree", type=int, help="models that must agree (default: all)")
-    p.add_argument("--mode-filter", action="store_true", help="3x3 mode filter of the labels (last step)")
+    p.add_argument(
+        "--mode-filter", action="store_true", help="3x3 mode filter of the labels (last step)"
+    )
     p.add_argument("--submission", help="write the submission CSV here (rows in the json's order)")
-    p.add_argument("--labels", help="write label PNGs here (<folder>/<file_name without extension>.png)")
-    p.add_argument("--probs", help="write the soft vote (the CRF marginals with --crf) as a new dump; "
-                                   "--agreement-overwrite / --mode-filter change only the labels")
+    p.add_argument(
+        "--labels", help="write label PNGs here (<folder>/<file_name without extension>.png)"
+    )
+    p.add_argument(
+        "--probs",
+        help="write the soft vote (the CRF marginals with --crf) as a new dump; "
+        "--agreement-overwrite / --mode-filter change only the labels",
+    )
     p.add_argument("--score", action="store_true", help="LB-style score of the final labels")
-    p.add_argument("--score-dir", help="where --score writes lb_metrics.json / confusion_matrix.png")
-    p.add_argument("--workers", type=int, default=1, help="worker processes (one image per process)")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ... (with --dataset)")
+    p.add_argument(
+        "--score-dir", help="where --score writes lb_metrics.json / confusion_matrix.png"
+    )
+    p.add_argument(
+        "--workers", type=int, default=1, help="worker processes (one image per process)"
+    )
+    p.add_argument(
+        "opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ... (with --dataset)"
+    )
     args = p.parse_args(argv)
 
     if (args.crf_gaussian or args.crf_bilateral) and not args.crf:
@@ -71,8 +114,15 @@ def parse_args(argv=None):
         p.error("--crf-iters must be >= 0 and --workers >= 1")
     if (args.opts or args.config_file) and not args.dataset:
         p.error("--config-file and KEY VALUE overrides are only used with --dataset")
-    needs_json = [flag for flag, on in (("--submission", args.submission), ("--crf", args.crf),
-                                        ("--score", args.score)) if on]
+    needs_json = [
+        flag
+        for flag, on in (
+            ("--submission", args.submission),
+            ("--crf", args.crf),
+            ("--score", args.score),
+        )
+        if on
+    ]
     if needs_json and not (args.json or args.dataset):
         p.error(f"{', '.join(needs_json)}: give --json or --dataset")
     if args.score_dir and not args.score:
@@ -92,7 +142,9 @@ def crf_params(args):
         return None
     params = CRF_PRESETS[args.crf]
     if args.crf_gaussian:
-        params = params.replace(gaussian_sxy=args.crf_gaussian[0], gaussian_compat=args.crf_gaussian[1])
+        params = params.replace(
+            gaussian_sxy=args.crf_gaussian[0], gaussian_compat=args.crf_gaussian[1]
+        )
     if args.crf_bilateral:
         sxy, srgb, compat = args.crf_bilateral
         params = params.replace(bilateral_sxy=sxy, bilateral_srgb=srgb, bilateral_compat=compat)
@@ -102,11 +154,15 @@ def crf_params(args):
 def image_source(args):
     """(json_file, image_root, dataset name for scoring) from --json / --dataset."""
     if args.dataset:
-        register_datasets_from_cfg(build_cfg(args.config_file, args.opts, (add_semask_config, add_dinat_config)))
+        register_datasets_from_cfg(
+            build_cfg(args.config_file, args.opts, (add_semask_config, add_dinat_config))
+        )
         meta = MetadataCatalog.get(args.dataset)
         if meta.get("json_file") is None:
-            raise SystemExit(f"dataset {args.dataset!r} is not a COCO dataset registered by the config "
-                             "(DATASETS.TRASH_ROOT / COCO_SEMSEG): no json_file")
+            raise SystemExit(
+                f"dataset {args.dataset!r} is not a COCO dataset registered by the config "
+                "(DATASETS.TRASH_ROOT / COCO_SEMSEG): no json_file"
+            )
         return meta.json_file, args.image_root or meta.image_root, args.dataset
     if args.json:
         image_root = args.image_root or os.path.dirname(os.path.abspath(args.json))
@@ -137,8 +193,14 @@ def main(argv=None):
         image_root=image_root,
         keep_probs=bool(args.probs),
     )
-    logger.info("%s; %d images; CRF %s; agreement overwrite %s; mode filter %s", ensemble.description(),
-                len(file_names), pipeline.crf_params, args.agreement_overwrite, args.mode_filter)
+    logger.info(
+        "%s; %d images; CRF %s; agreement overwrite %s; mode filter %s",
+        ensemble.description(),
+        len(file_names),
+        pipeline.crf_params,
+        args.agreement_overwrite,
+        args.mode_filter,
+    )
 
     sinks = {}
     if args.submission:

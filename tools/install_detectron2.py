@@ -17,6 +17,7 @@ The chosen route is printed. A second run finds the installation and returns at 
 is a pypi-route installation of an older patch level (``PYPI_PATCH_LEVEL``), which is upgraded.
 Set ``D2_INSTALL_ROUTE=upstream|pypi`` to force a route.
 """
+
 import argparse
 import os
 import re
@@ -93,7 +94,7 @@ ALIAS_FIXES = [
 # without CUDA the workers use the gloo backend and select no CUDA device, as upstream's launch.
 LAUNCH_PATCHES = [
     (
-        '    assert torch.cuda.is_available(), '
+        "    assert torch.cuda.is_available(), "
         '"cuda is not available. Please check your installation."\n',
         "    has_gpu = torch.cuda.is_available()\n"
         "    if has_gpu:\n"
@@ -103,8 +104,7 @@ LAUNCH_PATCHES = [
     (
         "    assert num_gpus_per_machine <= torch.cuda.device_count()\n"
         "    torch.cuda.set_device(local_rank)\n",
-        "    if has_gpu:\n"
-        "        torch.cuda.set_device(local_rank)\n",
+        "    if has_gpu:\n        torch.cuda.set_device(local_rank)\n",
     ),
 ]
 
@@ -213,16 +213,28 @@ def pip(python, *args):
 
 
 def install_upstream(python):
-    pip(python, "install", "--no-build-isolation", "--no-deps",
-        f"git+{UPSTREAM_REPO}@{UPSTREAM_COMMIT}")
+    pip(
+        python,
+        "install",
+        "--no-build-isolation",
+        "--no-deps",
+        f"git+{UPSTREAM_REPO}@{UPSTREAM_COMMIT}",
+    )
 
 
 def install_pypi(python):
     with tempfile.TemporaryDirectory(prefix="d2-pypi-") as tmp:
         tmp = Path(tmp)
         # pip < 25 still accepts the sdist's direct-URL extra when preparing its metadata.
-        pip(python, "download", "--no-deps", "--no-build-isolation", "-d", str(tmp),
-            PYPI_REQUIREMENT)
+        pip(
+            python,
+            "download",
+            "--no-deps",
+            "--no-build-isolation",
+            "-d",
+            str(tmp),
+            PYPI_REQUIREMENT,
+        )
         archives = list(tmp.glob("pb1*detectron2-0.6.tar.gz"))
         if len(archives) != 1:
             raise RuntimeError(f"expected one pb1-detectron2 sdist in {tmp}, found {archives}")
@@ -230,10 +242,12 @@ def install_pypi(python):
             tar.extractall(tmp, filter="data")
         src = tmp / "pb1-detectron2-0.6"
         summary = patch_source_tree(src)
-        log(f"patched {summary['replacements']} removed NumPy/Pillow aliases in "
+        log(
+            f"patched {summary['replacements']} removed NumPy/Pillow aliases in "
             f"{summary['files']} files; "
             "launch falls back to gloo without CUDA; "
-            "compiled ops replaced by detectron2/_C.py stand-in")
+            "compiled ops replaced by detectron2/_C.py stand-in"
+        )
         shutil.rmtree(src / "pb1_detectron2.egg-info", ignore_errors=True)
         # --force-reinstall: an older patch level of the same version 0.6 is replaced
         pip(python, "install", "--no-build-isolation", "--no-deps", "--force-reinstall", str(src))
@@ -241,8 +255,9 @@ def install_pypi(python):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--python", default=sys.executable,
-                        help="interpreter of the target environment")
+    parser.add_argument(
+        "--python", default=sys.executable, help="interpreter of the target environment"
+    )
     parser.add_argument("--force", action="store_true", help="reinstall even if detectron2 imports")
     args = parser.parse_args(argv)
 
@@ -257,12 +272,19 @@ def main(argv=None):
     if outdated and not args.force and forced is None:
         # same route as before: upgrading the patches needs no network probe
         route = "pypi"
-        log(f"detectron2 installed by the pypi route at patch level {level} < {PYPI_PATCH_LEVEL}; "
-            "reinstalling (route: pypi)")
+        log(
+            f"detectron2 installed by the pypi route at patch level {level} < {PYPI_PATCH_LEVEL}; "
+            "reinstalling (route: pypi)"
+        )
     else:
         route = choose_route(forced, github_reachable)
-        reason = ("forced by D2_INSTALL_ROUTE" if forced else
-                  "GitHub reachable" if route == "upstream" else "GitHub unreachable")
+        reason = (
+            "forced by D2_INSTALL_ROUTE"
+            if forced
+            else "GitHub reachable"
+            if route == "upstream"
+            else "GitHub unreachable"
+        )
         log(f"route: {route} ({reason})")
     if route == "upstream":
         try:
@@ -280,8 +302,10 @@ def main(argv=None):
     if got is None or got[0] != route:
         raise SystemExit(f"detectron2 does not import after the {route} route (found {got})")
     if route == "pypi" and got[1] != PYPI_PATCH_LEVEL:
-        raise SystemExit(f"detectron2 reports patch level {got[1]} after the pypi route, "
-                         f"expected {PYPI_PATCH_LEVEL}")
+        raise SystemExit(
+            f"detectron2 reports patch level {got[1]} after the pypi route, "
+            f"expected {PYPI_PATCH_LEVEL}"
+        )
     log(f"detectron2 installed (route: {route})")
     return 0
 

@@ -7,6 +7,7 @@
 
 Datasets are registered from the config (DATASETS.TRASH_ROOT, COCO_SEMSEG, LABELMAP_SEMSEG).
 """
+
 import argparse
 import json
 import logging
@@ -25,7 +26,9 @@ from semask import add_semask_config
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config-file", required=True)
     p.add_argument("--weights", required=True, help="model checkpoint (.pth / .pkl)")
     p.add_argument("--dataset", required=True, help="registered dataset name, e.g. trash_test")
@@ -34,8 +37,12 @@ def parse_args(argv=None):
     p.add_argument("--overlays", help="write image | GT | prediction pictures to this folder")
     p.add_argument("--num-overlays", type=int, default=8)
     p.add_argument("--score", action="store_true", help="LB-style score against the ground truth")
-    p.add_argument("--score-dir", help="where the score writes lb_metrics.json / confusion_matrix.png")
-    p.add_argument("--tta", action="store_true", help="multi-scale + flip (TEST.AUG.MIN_SIZES / FLIP)")
+    p.add_argument(
+        "--score-dir", help="where the score writes lb_metrics.json / confusion_matrix.png"
+    )
+    p.add_argument(
+        "--tta", action="store_true", help="multi-scale + flip (TEST.AUG.MIN_SIZES / FLIP)"
+    )
     p.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     return p.parse_args(argv)
@@ -60,8 +67,12 @@ def main(argv=None):
     if not (args.submission or args.probs or args.overlays or args.score):
         raise SystemExit("nothing to do: give --submission, --probs, --overlays and/or --score")
     if args.submission and args.limit > 0:
-        raise SystemExit("--limit cannot be combined with --submission (every test image is needed)")
-    if (args.submission or args.probs) and MetadataCatalog.get(args.dataset).get("json_file") is None:
+        raise SystemExit(
+            "--limit cannot be combined with --submission (every test image is needed)"
+        )
+    if (args.submission or args.probs) and MetadataCatalog.get(args.dataset).get(
+        "json_file"
+    ) is None:
         raise ValueError(f"dataset {args.dataset!r} has no COCO json (metadata json_file)")
     file_names = dataset_file_names(args.dataset)
     sinks = {}
@@ -75,8 +86,14 @@ def main(argv=None):
     if args.score:
         sinks["score"] = ScoreSink(args.dataset, args.score_dir)
 
-    closed = predict_records(predictor, records, file_names, list(sinks.values()),
-                             cfg.INPUT.FORMAT, description=f"predict {args.dataset}")
+    closed = predict_records(
+        predictor,
+        records,
+        file_names,
+        list(sinks.values()),
+        cfg.INPUT.FORMAT,
+        description=f"predict {args.dataset}",
+    )
     results = dict(zip(sinks, closed))
     if args.submission:
         logger.info("submission written to %s", results["submission"])
@@ -85,7 +102,9 @@ def main(argv=None):
     if args.overlays:
         logger.info("%d overlay pictures in %s", len(results["overlays"]), args.overlays)
     if args.score:
-        logger.info("LB-style score: %s", json.dumps({k: round(v, 4) for k, v in results["score"].items()}))
+        logger.info(
+            "LB-style score: %s", json.dumps({k: round(v, 4) for k, v in results["score"].items()})
+        )
     return results
 
 

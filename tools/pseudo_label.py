@@ -13,6 +13,7 @@ OUT/pseudo.json (the json's images + sem_seg_file_name, polygons of the confiden
 OUT/labels/<file_name>.png (ignore 255) and OUT/report.json, then prints the statistics and the
 config overrides that train on train + pseudo-labels.
 """
+
 import argparse
 import logging
 import os
@@ -32,28 +33,62 @@ def parse_class_thresholds(items):
         try:
             thresholds[int(label)] = float(value)
         except ValueError:
-            raise SystemExit(f"--class-thresholds: expected LABEL=THRESHOLD (e.g. 9=0.7), got {item!r}") from None
+            raise SystemExit(
+                f"--class-thresholds: expected LABEL=THRESHOLD (e.g. 9=0.7), got {item!r}"
+            ) from None
         if not sep:
-            raise SystemExit(f"--class-thresholds: expected LABEL=THRESHOLD (e.g. 9=0.7), got {item!r}")
+            raise SystemExit(
+                f"--class-thresholds: expected LABEL=THRESHOLD (e.g. 9=0.7), got {item!r}"
+            )
     return thresholds
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dumps", nargs="+", required=True, help="probability dump folder(s) (tools/predict.py --probs)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--dumps",
+        nargs="+",
+        required=True,
+        help="probability dump folder(s) (tools/predict.py --probs)",
+    )
     p.add_argument("--weights", nargs="+", type=float, help="one weight per dump (soft voting)")
-    p.add_argument("--json", required=True, help="COCO json of the unlabeled images (e.g. test.json)")
-    p.add_argument("--image-root", required=True, help="folder the json's file_name are relative to")
-    p.add_argument("--output", required=True, help="folder of the pseudo-labeled split (must not exist)")
-    p.add_argument("--threshold", type=float, default=0.9, help="minimum max-probability of a labelled pixel")
-    p.add_argument("--class-thresholds", nargs="+", default=[], metavar="LABEL=THR",
-                   help="per-class thresholds overriding --threshold for pixels predicted as LABEL")
-    p.add_argument("--min-component", type=int, default=0,
-                   help="confident 8-connected components with fewer pixels become ignored")
-    p.add_argument("--mode-filter", action="store_true", help="3x3 mode filter of the confident labels")
+    p.add_argument(
+        "--json", required=True, help="COCO json of the unlabeled images (e.g. test.json)"
+    )
+    p.add_argument(
+        "--image-root", required=True, help="folder the json's file_name are relative to"
+    )
+    p.add_argument(
+        "--output", required=True, help="folder of the pseudo-labeled split (must not exist)"
+    )
+    p.add_argument(
+        "--threshold", type=float, default=0.9, help="minimum max-probability of a labelled pixel"
+    )
+    p.add_argument(
+        "--class-thresholds",
+        nargs="+",
+        default=[],
+        metavar="LABEL=THR",
+        help="per-class thresholds overriding --threshold for pixels predicted as LABEL",
+    )
+    p.add_argument(
+        "--min-component",
+        type=int,
+        default=0,
+        help="confident 8-connected components with fewer pixels become ignored",
+    )
+    p.add_argument(
+        "--mode-filter", action="store_true", help="3x3 mode filter of the confident labels"
+    )
     p.add_argument("--ignore-label", type=int, default=255)
-    p.add_argument("--name", help="dataset name in the printed config (default: <json stem>_pseudo)")
-    p.add_argument("--overwrite", action="store_true", help="replace --output once the new split is complete")
+    p.add_argument(
+        "--name", help="dataset name in the printed config (default: <json stem>_pseudo)"
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace --output once the new split is complete"
+    )
     args = p.parse_args(argv)
     output = os.path.realpath(args.output)
     for dump in args.dumps:

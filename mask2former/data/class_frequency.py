@@ -9,13 +9,13 @@ before any augmentation. Pixels with the ignore label are not counted.
 class ``c``, ``w_c`` is proportional to ``1 / sqrt(f_c)`` and the weights are scaled so that
 their mean over the classes present is 1. A class with no pixel at all gets weight 1.
 """
+
 import logging
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
-from tabulate import tabulate
-
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from tabulate import tabulate
 
 from .masks.rasterize import record_to_label_map
 
@@ -113,7 +113,8 @@ def dataset_class_weights(
     records = [r for name in dataset_names for r in DatasetCatalog.get(name)]
     logger.info(
         "Class weights: counting the pixels of each class in %d records of %s",
-        len(records), ", ".join(dataset_names),
+        len(records),
+        ", ".join(dataset_names),
     )
     counts = pixel_class_counts(records, num_classes, ignore_label, draw_order)
     weights, absent = inverse_sqrt_frequency_weights(counts)
@@ -125,13 +126,12 @@ def dataset_class_weights(
         (c, names[c], int(counts[c]), f"{fractions[c]:.6f}", f"{weights[c]:.4f}")
         for c in range(num_classes)
     ]
-    table = tabulate(
-        rows, headers=["id", "class", "pixels", "fraction", "weight"], tablefmt="pipe"
-    )
+    table = tabulate(rows, headers=["id", "class", "pixels", "fraction", "weight"], tablefmt="pipe")
     logger.info("Class weights (inverse_sqrt_frequency, mean 1 over present classes):\n%s", table)
     if absent:
         logger.info(
             "Class weights: classes absent from %s get weight 1: %s",
-            ", ".join(dataset_names), ", ".join(names[c] for c in absent),
+            ", ".join(dataset_names),
+            ", ".join(names[c] for c in absent),
         )
     return weights.tolist()

@@ -1,4 +1,5 @@
 """Trainer, optimizer, config set-up, checkpointing and start-up checks."""
+
 from .checkpoint import (
     CheckpointFileError,
     CorruptCheckpointError,

@@ -1,4 +1,5 @@
 """Mixed-precision training step in float16 (with loss scaling) or bfloat16."""
+
 import time
 
 import torch

@@ -12,6 +12,7 @@ fsyncs it and renames it over the target, so that a killed run leaves the previo
 (or none), never a partial one. Resuming checks that the checkpoint named by ``last_checkpoint``
 loads and otherwise falls back to the newest checkpoint of the folder that does.
 """
+
 import collections
 import logging
 import os
@@ -201,8 +202,9 @@ def _read_torch(path, size, allow_code_execution):
 def _check_model_state(path, checkpoint):
     if not isinstance(checkpoint, dict):
         raise CorruptCheckpointError(
-            path, f"holds a {type(checkpoint).__name__}, not a checkpoint dictionary "
-            '({"model": {parameter name: tensor or array}, ...})'
+            path,
+            f"holds a {type(checkpoint).__name__}, not a checkpoint dictionary "
+            '({"model": {parameter name: tensor or array}, ...})',
         )
     state = checkpoint.get("model")
     if not isinstance(state, dict):
@@ -238,8 +240,11 @@ def read_checkpoint(path, *, allow_code_execution=False):
             path, "the file is empty (0 bytes), e.g. left by a run killed while saving it"
         )
     if allow_code_execution:
-        logger.warning("Reading %s with code execution allowed (MODEL.WEIGHTS_ALLOW_CODE_"
-                       "EXECUTION): only do this for files you trust", path)
+        logger.warning(
+            "Reading %s with code execution allowed (MODEL.WEIGHTS_ALLOW_CODE_"
+            "EXECUTION): only do this for files you trust",
+            path,
+        )
     # torch.save output renamed to .pkl is still read by torch.load.
     if path.endswith(".pkl") and not _is_zip(path):
         data = _read_pickle(path, size, allow_code_execution)
@@ -256,8 +261,11 @@ def read_checkpoint(path, *, allow_code_execution=False):
     else:
         data = _read_torch(path, size, allow_code_execution)
         if path.endswith(".pyth") and isinstance(data, dict) and "model_state" in data:
-            state = {k: v for k, v in data["model_state"].items()
-                     if not k.endswith("num_batches_tracked")}
+            state = {
+                k: v
+                for k, v in data["model_state"].items()
+                if not k.endswith("num_batches_tracked")
+            }
             data = {"model": state, "__author__": "pycls", "matching_heuristics": True}
         elif isinstance(data, dict) and "model" not in data:
             data = {"model": data}
@@ -301,13 +309,18 @@ def remove_stale_temporaries(folder):
     Returns:
         list[str]: the names removed.
     """
-    names = sorted(n for n in os.listdir(folder)
-                   if n.startswith(".") and n.endswith(PARTIAL_SUFFIX))
+    names = sorted(
+        n for n in os.listdir(folder) if n.startswith(".") and n.endswith(PARTIAL_SUFFIX)
+    )
     for n in names:
         os.remove(os.path.join(folder, n))
     if names:
-        logger.info("Removed %d partial file(s) left in %s by an interrupted save: %s",
-                    len(names), folder, ", ".join(names))
+        logger.info(
+            "Removed %d partial file(s) left in %s by an interrupted save: %s",
+            len(names),
+            folder,
+            ", ".join(names),
+        )
     return names
 
 
@@ -332,8 +345,9 @@ class LoadReport:
             shown = ", ".join(keys[:first])
             return f" ({shown}{', ...' if len(keys) > first else ''})" if keys else ""
 
-        shapes = [f"{k} {tuple(a)} in the file vs {tuple(b)} in the model"
-                  for k, a, b in self.wrong_shape]
+        shapes = [
+            f"{k} {tuple(a)} in the file vs {tuple(b)} in the model" for k, a, b in self.wrong_shape
+        ]
         source = f" from {self.path}" if name_file else ""
         return (
             f"{self.num_loaded} of {self.num_model_tensors} model tensors loaded{source}; "
@@ -347,7 +361,8 @@ class LoadReport:
         if self.missing or self.wrong_shape:
             raise IncompleteCheckpointError(
                 self.path,
-                "does not fit the model: " + self.summary(first=5, name_file=False)
+                "does not fit the model: "
+                + self.summary(first=5, name_file=False)
                 + ". The model tensors that were not loaded would keep random values, so "
                 "evaluation / prediction is refused. "
                 "Use the config the checkpoint was trained with (MODEL.SEM_SEG_HEAD.NUM_CLASSES, "
@@ -369,8 +384,15 @@ class SafeCheckpointer(DetectionCheckpointer):
         load_report (LoadReport or None): of the last file loaded into the model.
     """
 
-    def __init__(self, model, save_dir="", *, save_to_disk=None, allow_code_execution=False,
-                 **checkpointables):
+    def __init__(
+        self,
+        model,
+        save_dir="",
+        *,
+        save_to_disk=None,
+        allow_code_execution=False,
+        **checkpointables,
+    ):
         super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
         self.allow_code_execution = allow_code_execution
         self.load_report = None
@@ -408,8 +430,9 @@ class SafeCheckpointer(DetectionCheckpointer):
         if report.missing or report.unexpected or report.wrong_shape:
             self.logger.warning("Checkpoint does not fully fit the model: %s", report.summary())
         else:
-            self.logger.info("All %d model tensors loaded from %s",
-                             report.num_model_tensors, report.path)
+            self.logger.info(
+                "All %d model tensors loaded from %s", report.num_model_tensors, report.path
+            )
 
     def load_for_inference(self, path, *, resume=False):
         """Load weights for evaluation / prediction: like :meth:`resume_or_load`, then raise
@@ -448,8 +471,10 @@ class SafeCheckpointer(DetectionCheckpointer):
         if named and os.path.isfile(named):
             candidates = [named] + self._fallback_candidates(named)
         else:
-            problems.append(f"{os.path.join(self.save_dir, LAST_CHECKPOINT)} names no existing "
-                            f"file ({os.path.basename(named)!r})")
+            problems.append(
+                f"{os.path.join(self.save_dir, LAST_CHECKPOINT)} names no existing "
+                f"file ({os.path.basename(named)!r})"
+            )
             candidates = self._fallback_candidates(None)
         for path in candidates:
             try:
@@ -461,11 +486,17 @@ class SafeCheckpointer(DetectionCheckpointer):
                 self.logger.warning(
                     "Resuming from %s, the newest checkpoint that loads, instead of the last "
                     "one; training continues from there and writes its checkpoints again. "
-                    "Skipped: %s", path, " | ".join(problems))
+                    "Skipped: %s",
+                    path,
+                    " | ".join(problems),
+                )
             return path, checkpoint
         self.logger.warning(
             "No checkpoint in %s loads, so training starts from MODEL.WEIGHTS at iteration 0. "
-            "Skipped: %s", self.save_dir, " | ".join(problems) or "none found")
+            "Skipped: %s",
+            self.save_dir,
+            " | ".join(problems) or "none found",
+        )
         return None
 
     def resume_or_load(self, path, *, resume=True):
@@ -495,8 +526,9 @@ class SafeCheckpointer(DetectionCheckpointer):
         iteration = extra.get("iteration")
         if max_iter is None or iteration is None or iteration + 1 < max_iter:
             return
-        self.logger.warning("Rewriting model_final.pth from %s (iteration %d, the last one)",
-                            source, iteration)
+        self.logger.warning(
+            "Rewriting model_final.pth from %s (iteration %d, the last one)", source, iteration
+        )
         self.save("model_final", iteration=iteration)
 
     # -------------------------------------------------------------------- saving
@@ -518,5 +550,8 @@ class SafeCheckpointer(DetectionCheckpointer):
         self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename):
-        atomic_write(os.path.join(self.save_dir, LAST_CHECKPOINT),
-                     lambda f: f.write(last_filename_basename), mode="w")
+        atomic_write(
+            os.path.join(self.save_dir, LAST_CHECKPOINT),
+            lambda f: f.write(last_filename_basename),
+            mode="w",
+        )

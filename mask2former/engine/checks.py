@@ -7,6 +7,7 @@ built: settings that would otherwise train silently on wrong targets or crash de
 * an ``INPUT.CROP.SIZE`` larger than every training image, even at the largest resize of
   ``INPUT.MIN_SIZE_TRAIN``, is reported once (the crop never crops; images are only padded).
 """
+
 import logging
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -60,12 +61,16 @@ def check_training_annotations(records_by_dataset):
         if unlabelled:
             logger.warning(
                 "%d of %d training images of %s have no annotations (their targets are all "
-                "background)", unlabelled, len(records), _describe(name))
+                "background)",
+                unlabelled,
+                len(records),
+                _describe(name),
+            )
     if labelled == 0:
         names = ", ".join(_describe(n) for n in records_by_dataset)
         raise ValueError(
             f"None of the {total} training images of {names} has an annotation or a label file: "
-            "training would learn only background. Check that the json has \"annotations\" for "
+            'training would learn only background. Check that the json has "annotations" for '
             "its images (a test split has none)."
         )
 
@@ -98,8 +103,9 @@ def check_crop_size(cfg, records):
         return False
     crop_h, crop_w = (crop.SIZE[0], crop.SIZE[0]) if crop.TYPE == "absolute_range" else crop.SIZE
     short_edge = max(cfg.INPUT.MIN_SIZE_TRAIN)  # "choice" and "range" sampling alike
-    sizes = [_largest_resize(*_image_size(r), short_edge, cfg.INPUT.MAX_SIZE_TRAIN)
-             for r in records]
+    sizes = [
+        _largest_resize(*_image_size(r), short_edge, cfg.INPUT.MAX_SIZE_TRAIN) for r in records
+    ]
     if any(h >= crop_h and w >= crop_w for h, w in sizes):
         return False
     largest = max(sizes, key=lambda s: s[0] * s[1])
@@ -108,7 +114,12 @@ def check_crop_size(cfg, records):
         "resized to a short side of %d (the largest of INPUT.MIN_SIZE_TRAIN): the largest is "
         "%dx%d (height x width). Crops take whole images, which are padded; lower "
         "INPUT.CROP.SIZE or raise INPUT.MIN_SIZE_TRAIN.",
-        crop_h, crop_w, len(sizes), short_edge, *largest)
+        crop_h,
+        crop_w,
+        len(sizes),
+        short_edge,
+        *largest,
+    )
     return True
 
 

@@ -1,4 +1,5 @@
 """DistributedDataParallel wrapping of the model, for CPU (gloo) and GPU (NCCL) processes."""
+
 import torch
 from detectron2.utils import comm
 from torch.nn.parallel import DistributedDataParallel

@@ -18,6 +18,7 @@ With several processes each rank updates its own EMA from its own model. DDP kee
 identical on every rank, hence their averages too; buffers are as identical as the model's own
 (BatchNorm statistics differ across ranks without SyncBN, exactly as in the raw model).
 """
+
 import logging
 import math
 import os
@@ -64,8 +65,9 @@ class ModelEMA:
     """
 
     @configurable
-    def __init__(self, model: nn.Module, *, decay: float, warmup_iters: float = 0.0,
-                 buffers: str = "average"):
+    def __init__(
+        self, model: nn.Module, *, decay: float, warmup_iters: float = 0.0, buffers: str = "average"
+    ):
         """
         Args:
             model: the (possibly DDP-wrapped) model; the EMA starts from its current weights.
@@ -180,17 +182,24 @@ class ModelEMA:
         for name, value in saved.items():
             self.shadow[name].copy_(value)
         self.num_updates = int(state["num_updates"])
-        changed = {k: (state[k], getattr(self, k)) for k in ("decay", "warmup_iters", "buffers")
-                   if k in state and state[k] != getattr(self, k)}
+        changed = {
+            k: (state[k], getattr(self, k))
+            for k in ("decay", "warmup_iters", "buffers")
+            if k in state and state[k] != getattr(self, k)
+        }
         if changed:
-            logger.info("EMA restored with the configured settings instead of the saved ones: %s",
-                        ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()))
+            logger.info(
+                "EMA restored with the configured settings instead of the saved ones: %s",
+                ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()),
+            )
         self.restored = True
 
     def model_state_dict(self) -> Dict[str, torch.Tensor]:
         """The EMA weights in the model's own dtypes, on the CPU (a model state dict)."""
-        return {name: t.detach().to("cpu", self._dtypes[name], copy=True)
-                for name, t in self.shadow.items()}
+        return {
+            name: t.detach().to("cpu", self._dtypes[name], copy=True)
+            for name, t in self.shadow.items()
+        }
 
     @contextmanager
     def applied_to(self, model: nn.Module) -> Iterator[nn.Module]:
@@ -225,15 +234,15 @@ def export_ema_weights(checkpoint_file: str, output_file: str) -> None:
     model checkpoint that ``MODEL.WEIGHTS`` / ``--weights`` load like any other."""
     checkpoint = read_checkpoint(checkpoint_file)  # data only; errors name the file
     if "ema" not in checkpoint:
-        raise ValueError(
-            f"{checkpoint_file}: no 'ema' entry (trained without SOLVER.EMA.ENABLED?)"
-        )
+        raise ValueError(f"{checkpoint_file}: no 'ema' entry (trained without SOLVER.EMA.ENABLED?)")
     shadow = checkpoint["ema"].get("shadow") if isinstance(checkpoint["ema"], dict) else None
     if not isinstance(shadow, dict):
         raise ValueError(f"{checkpoint_file}: the 'ema' entry is not a saved ModelEMA state")
     model = checkpoint["model"]
-    weights = {name: t.to(model[name].dtype) if isinstance(model.get(name), torch.Tensor) else t
-               for name, t in shadow.items()}
+    weights = {
+        name: t.to(model[name].dtype) if isinstance(model.get(name), torch.Tensor) else t
+        for name, t in shadow.items()
+    }
     _save_model_checkpoint(weights, checkpoint.get("iteration"), output_file)
 
 
@@ -259,13 +268,18 @@ class EMAHook(HookBase):
 
     def before_train(self):
         if self.ema.restored:
-            logger.info("EMA of the weights restored from the checkpoint (%d updates)",
-                        self.ema.num_updates)
+            logger.info(
+                "EMA of the weights restored from the checkpoint (%d updates)", self.ema.num_updates
+            )
         else:
             self.ema.reset(self.trainer.model)
-            logger.info("EMA of the weights started from the current weights (decay %g, warm-up "
-                        "%g iterations, buffers %s)", self.ema.decay, self.ema.warmup_iters,
-                        self.ema.buffers)
+            logger.info(
+                "EMA of the weights started from the current weights (decay %g, warm-up "
+                "%g iterations, buffers %s)",
+                self.ema.decay,
+                self.ema.warmup_iters,
+                self.ema.buffers,
+            )
 
     def after_step(self):
         self.ema.update(self.trainer.model)
@@ -291,8 +305,11 @@ class EMAEvalHook(HookBase):
         self._func = eval_function
 
     def _do_eval(self):
-        logger.info("Evaluating the EMA weights (%d updates, current decay %.6f)",
-                    self.ema.num_updates, self.ema.decay_at(max(self.ema.num_updates, 1)))
+        logger.info(
+            "Evaluating the EMA weights (%d updates, current decay %.6f)",
+            self.ema.num_updates,
+            self.ema.decay_at(max(self.ema.num_updates, 1)),
+        )
         with self.ema.applied_to(self.trainer.model):
             results = self._func()
         if results:

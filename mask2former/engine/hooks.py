@@ -1,4 +1,5 @@
 """Training hooks: the copy-paste bank regenerated before training and after every evaluation."""
+
 import logging
 import math
 import os
@@ -25,7 +26,9 @@ def bank_root_from_cfg(cfg) -> str:
     return os.path.join(root, f"machine{machine}")
 
 
-def iou_by_label(latest: Dict[str, float], class_names: Sequence[str], prefix: str = "sem_seg/IoU-") -> Dict[int, float]:
+def iou_by_label(
+    latest: Dict[str, float], class_names: Sequence[str], prefix: str = "sem_seg/IoU-"
+) -> Dict[int, float]:
     """Per-label IoU from the trainer's latest scalars (as put there by Detectron2's EvalHook)."""
     out = {}
     for label, name in enumerate(class_names):
@@ -58,15 +61,23 @@ class CopyPasteBankHook(HookBase):
         ignore_label: int = 255,
     ):
         if class_weighting not in ("one_minus_iou", "uniform"):
-            raise ValueError(f"INPUT.COPY_PASTE.CLASS_WEIGHTING must be one_minus_iou or uniform, got {class_weighting!r}")
+            raise ValueError(
+                "INPUT.COPY_PASTE.CLASS_WEIGHTING must be "
+                f"one_minus_iou or uniform, got {class_weighting!r}"
+            )
         self._records_fn = records_fn
         self.bank_root = bank_root
         self.class_names = list(class_names)
         self.eval_period = eval_period
         self.num_images = num_images
         self.seed = seed
-        self.kwargs = dict(objects_per_image=tuple(objects_per_image), scale_range=tuple(scale_range),
-                           blend_sigma=blend_sigma, draw_order=draw_order, ignore_label=ignore_label)
+        self.kwargs = dict(
+            objects_per_image=tuple(objects_per_image),
+            scale_range=tuple(scale_range),
+            blend_sigma=blend_sigma,
+            draw_order=draw_order,
+            ignore_label=ignore_label,
+        )
         self.class_weighting = class_weighting
         self.generation = 0
         self._records: Optional[List[dict]] = None
@@ -80,12 +91,26 @@ class CopyPasteBankHook(HookBase):
                 self._records = self._records_fn()
                 self._pool = ObjectPool(self._records)
             weights = iou if self.class_weighting == "one_minus_iou" else None
-            folder = generate_bank(self._records, self.bank_root, self.num_images, weights,
-                                   seed=self.seed + self.generation, pool=self._pool,
-                                   class_names=self.class_names, **self.kwargs)
-            logger.info("copy-paste bank %d written to %s (class IoUs used: %s)", self.generation, folder,
-                        "none (uniform)" if weights is None else
-                        ", ".join(f"{self.class_names[c]} {v:.3f}" for c, v in sorted(weights.items())))
+            folder = generate_bank(
+                self._records,
+                self.bank_root,
+                self.num_images,
+                weights,
+                seed=self.seed + self.generation,
+                pool=self._pool,
+                class_names=self.class_names,
+                **self.kwargs,
+            )
+            logger.info(
+                "copy-paste bank %d written to %s (class IoUs used: %s)",
+                self.generation,
+                folder,
+                "none (uniform)"
+                if weights is None
+                else ", ".join(
+                    f"{self.class_names[c]} {v:.3f}" for c, v in sorted(weights.items())
+                ),
+            )
         self.generation += 1
         comm.synchronize()
 
@@ -94,7 +119,11 @@ class CopyPasteBankHook(HookBase):
 
     def after_step(self):
         next_iter = self.trainer.iter + 1
-        if self.eval_period <= 0 or next_iter % self.eval_period != 0 or next_iter == self.trainer.max_iter:
+        if (
+            self.eval_period <= 0
+            or next_iter % self.eval_period != 0
+            or next_iter == self.trainer.max_iter
+        ):
             return
         iou = None
         if comm.is_main_process():
@@ -102,5 +131,8 @@ class CopyPasteBankHook(HookBase):
             found = iou_by_label(latest, self.class_names)
             iou = {k: v for k, v in found.items() if not math.isnan(v)} or None
             if iou is None:
-                logger.warning("copy-paste bank: no per-class IoU found after evaluation; using uniform weights")
+                logger.warning(
+                    "copy-paste bank: no per-class IoU found "
+                    "after evaluation; using uniform weights"
+                )
         self._regenerate(iou)

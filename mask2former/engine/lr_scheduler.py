@@ -5,6 +5,7 @@ with a larger ``SOLVER.MAX_ITER`` (to train longer) restores the old length and 
 schedule goes past its end (``math domain error``). Here the configured shape of the schedule
 always comes from the current config; only the position (``last_epoch``, ...) is restored.
 """
+
 from typing import List
 
 import torch
@@ -18,13 +19,22 @@ class ResumableWarmupPolyLR(WarmupPolyLR):
     """DeepLab's warm-up + poly schedule, ``lr = base * warmup * (1 - it / max_iters) ** power``
     (never below ``constant_ending`` if set), that follows the current config after a resume."""
 
-    CONFIG_FIELDS = ("max_iters", "warmup_factor", "warmup_iters", "warmup_method", "power", "constant_ending")
+    CONFIG_FIELDS = (
+        "max_iters",
+        "warmup_factor",
+        "warmup_iters",
+        "warmup_method",
+        "power",
+        "constant_ending",
+    )
 
     def state_dict(self):
         return {k: v for k, v in super().state_dict().items() if k not in self.CONFIG_FIELDS}
 
     def load_state_dict(self, state_dict):
-        super().load_state_dict({k: v for k, v in state_dict.items() if k not in self.CONFIG_FIELDS})
+        super().load_state_dict(
+            {k: v for k, v in state_dict.items() if k not in self.CONFIG_FIELDS}
+        )
 
     def get_lr(self) -> List[float]:
         if self.last_epoch >= self.max_iters:

@@ -2,6 +2,7 @@
 (backbone LR multiplier, no weight decay on norms / embeddings / relative position tables) and
 optional gradient clipping over the full model (``SOLVER.CLIP_GRADIENTS.CLIP_TYPE "full_model"``).
 """
+
 import itertools
 from typing import Any, Dict, List, Set
 
@@ -80,5 +81,7 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
         optimizer = optim_cls(groups, cfg.SOLVER.BASE_LR, **kwargs)
     else:
         # "value" / "norm" clipping per parameter, as in Detectron2.
-        optimizer = maybe_add_gradient_clipping(cfg, optim_cls)(groups, cfg.SOLVER.BASE_LR, **kwargs)
+        optimizer = maybe_add_gradient_clipping(cfg, optim_cls)(
+            groups, cfg.SOLVER.BASE_LR, **kwargs
+        )
     return optimizer

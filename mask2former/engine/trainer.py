@@ -1,4 +1,5 @@
 """The Detectron2 trainer of this project."""
+
 import itertools
 import logging
 import os
@@ -130,8 +131,11 @@ class Trainer(DefaultTrainer):
         the same iteration). The EMA evaluation writes its files to OUTPUT_DIR/inference_ema."""
         cfg = self.cfg
         ema = ModelEMA(cfg, self.model)
-        first = min(i for i, h in enumerate(hook_list)
-                    if isinstance(h, (hooks.PeriodicCheckpointer, hooks.EvalHook)))
+        first = min(
+            i
+            for i, h in enumerate(hook_list)
+            if isinstance(h, (hooks.PeriodicCheckpointer, hooks.EvalHook))
+        )
         hook_list.insert(first, EMAHook(ema, self.checkpointer, cfg.OUTPUT_DIR))
         if not cfg.SOLVER.EMA.EVAL:
             return
@@ -143,6 +147,7 @@ class Trainer(DefaultTrainer):
             ]
             return self.test(cfg, self.model, evaluators)
 
-        last = max(i for i, h in enumerate(hook_list)
-                   if isinstance(h, (hooks.EvalHook, CopyPasteBankHook)))
+        last = max(
+            i for i, h in enumerate(hook_list) if isinstance(h, (hooks.EvalHook, CopyPasteBankHook))
+        )
         hook_list.insert(last + 1, EMAEvalHook(ema, cfg.TEST.EVAL_PERIOD, test_ema))

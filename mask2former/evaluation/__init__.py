@@ -1,4 +1,5 @@
 """LB-style (competition leaderboard) semantic segmentation evaluation."""
+
 from .lb_evaluator import (
     LBSemSegEvaluator,
     class_iou,

@@ -9,6 +9,7 @@ the ignore label are excluded.
 The pure functions (:func:`confusion_matrix`, :func:`metrics_from_confusion_matrix`) are shared
 with the tools that score saved predictions (ensembles, CRF).
 """
+
 import functools
 import itertools
 import json
@@ -17,12 +18,11 @@ import os
 from collections import OrderedDict
 
 import numpy as np
-from tabulate import tabulate
-
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import create_small_table
+from tabulate import tabulate
 
 from ..data.masks.rasterize import record_to_label_map
 from ..utils import visualize
@@ -335,7 +335,10 @@ class LBSemSegEvaluator(DatasetEvaluator):
                     "pred_pixels": int(pred),
                 }
                 for name, iou, acc, gt, pred in zip(
-                    names, metrics["IoU"], metrics["ACC"], metrics["gt_pixels"],
+                    names,
+                    metrics["IoU"],
+                    metrics["ACC"],
+                    metrics["gt_pixels"],
                     metrics["pred_pixels"],
                 )
             ],
@@ -356,4 +359,3 @@ class LBSemSegEvaluator(DatasetEvaluator):
                 os.path.join(self._output_dir, "confusion_matrix.png"),
                 title=f"{self._dataset_name}: mIoU {results['mIoU']:.4f}",
             )
-

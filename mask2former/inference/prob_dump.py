@@ -9,6 +9,7 @@ Layout of a dump folder::
 Memory does not grow with the number of images: only the index entries are kept. ``index.json``
 is written (atomically) when the writer closes, so a folder without it is an interrupted dump.
 """
+
 import json
 import os
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -44,7 +45,8 @@ class ProbDumpWriter:
             probs = probs.detach().cpu().numpy()
         if probs.ndim != 3 or probs.shape[0] != len(self.class_names):
             raise ValueError(
-                f"{file_name}: expected probabilities [{len(self.class_names)}, H, W], got {probs.shape}"
+                f"{file_name}: expected probabilities "
+                f"[{len(self.class_names)}, H, W], got {probs.shape}"
             )
         if file_name in self._seen:
             raise ValueError(f"{file_name}: added twice to the dump {self.out_dir}")
@@ -53,7 +55,12 @@ class ProbDumpWriter:
         with atomic_write(os.path.join(self.out_dir, name)) as f:
             np.save(f, probs.astype(np.float16))
         self._entries.append(
-            {"file_name": file_name, "path": name, "height": int(probs.shape[1]), "width": int(probs.shape[2])}
+            {
+                "file_name": file_name,
+                "path": name,
+                "height": int(probs.shape[1]),
+                "width": int(probs.shape[2]),
+            }
         )
 
     def close(self) -> None:
@@ -84,7 +91,8 @@ class ProbDumpReader:
         index_path = os.path.join(dump_dir, INDEX_NAME)
         if not os.path.isfile(index_path):
             raise FileNotFoundError(
-                f"{index_path} not found: {dump_dir} is not a probability dump or it was interrupted"
+                f"{index_path} not found: {dump_dir} is not "
+                "a probability dump or it was interrupted"
             )
         with open(index_path) as f:
             index = json.load(f)

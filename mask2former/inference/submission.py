@@ -16,11 +16,11 @@ Format::
 several processes) and writes the file atomically when closed; :func:`read_submission` reads one
 back for checks.
 """
+
 import csv
 import functools
 
 import numpy as np
-
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 
@@ -68,7 +68,7 @@ def resize_nearest(label_map, size=256):
     return label_map.take(rows, axis=0).take(cols, axis=1)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _token_table(dtype_name):
     """Every value of uint8 / uint16 -> its decimal digits and a space, NUL-padded to 4 / 8 bytes,
     viewed as one uint32 / uint64 per value (so a gather copies a whole token at once)."""

@@ -1,4 +1,5 @@
 """Mask2Former modeling components; importing registers them with Detectron2's registries."""
+
 from .backbone import D2SwinTransformer, SwinTransformer
 from .criterion import SetCriterion
 from .matcher import HungarianMatcher

@@ -1,13 +1,13 @@
 """Set criterion of Mask2Former: Hungarian matching, then classification and point-sampled mask
 losses on the final prediction and (deep supervision) on every auxiliary prediction."""
+
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
+from detectron2.utils import comm
 from torch import nn
 from torch.nn import functional as F
-
-from detectron2.utils import comm
 
 from .point_sampling import (
     calculate_uncertainty,
@@ -17,7 +17,10 @@ from .point_sampling import (
 
 
 def sigmoid_ce_loss(
-    inputs: torch.Tensor, targets: torch.Tensor, num_masks: float, weights: Optional[torch.Tensor] = None
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    num_masks: float,
+    weights: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """
     Sigmoid binary cross-entropy averaged over the points of each mask, summed over masks and
@@ -32,7 +35,10 @@ def sigmoid_ce_loss(
 
 
 def dice_loss(
-    inputs: torch.Tensor, targets: torch.Tensor, num_masks: float, weights: Optional[torch.Tensor] = None
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    num_masks: float,
+    weights: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """
     Dice loss ``1 - (2 |s t| + 1) / (|s| + |t| + 1)`` (``s = sigmoid(inputs)``) per mask, summed
@@ -198,7 +204,10 @@ class SetCriterion(nn.Module):
             if "valid" in targets[0]:
                 # the validity map of each matched mask's image, sampled at the same points
                 valid = torch.cat(
-                    [t["valid"][None].expand(len(tgt), -1, -1) for t, (_, tgt) in zip(targets, indices)]
+                    [
+                        t["valid"][None].expand(len(tgt), -1, -1)
+                        for t, (_, tgt) in zip(targets, indices)
+                    ]
                 )
                 point_weights = point_sample(valid[:, None].to(src_masks), point_coords).squeeze(1)
         point_logits = point_sample(src_masks, point_coords).squeeze(1)

@@ -1,4 +1,5 @@
 """Small layers shared by the transformer backbones (Swin, SeMask, DiNAT)."""
+
 import torch
 from torch import nn
 

@@ -1,4 +1,5 @@
 """Hungarian matching between predicted and ground-truth masks (Mask2Former)."""
+
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -138,9 +139,7 @@ class HungarianMatcher(nn.Module):
             cost_mask = batch_sigmoid_ce_cost(out_points, tgt_points, weights)
             cost_dice = batch_dice_cost(out_points, tgt_points, weights)
         return (
-            self.cost_class * cost_class
-            + self.cost_mask * cost_mask
-            + self.cost_dice * cost_dice
+            self.cost_class * cost_class + self.cost_mask * cost_mask + self.cost_dice * cost_dice
         )
 
     @torch.no_grad()
@@ -165,7 +164,10 @@ class HungarianMatcher(nn.Module):
                 indices.append((empty, empty.clone()))
                 continue
             cost = self.cost_matrix(
-                outputs["pred_logits"][b], outputs["pred_masks"][b], labels, target["masks"],
+                outputs["pred_logits"][b],
+                outputs["pred_masks"][b],
+                labels,
+                target["masks"],
                 target.get("valid"),
             )
             # inf mask logits (fp16 overflow under AMP) give inf / NaN costs, which

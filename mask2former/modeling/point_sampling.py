@@ -7,6 +7,7 @@
   products with 1-D resize matrices: the same values, much faster on CPU for downsampling, and
   composable (crop, resize twice) into one product.
 """
+
 from typing import Callable, Sequence
 
 import torch

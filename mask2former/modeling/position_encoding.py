@@ -1,4 +1,5 @@
 """Sine position embedding of DETR / Mask2Former for 2-D feature maps."""
+
 import math
 from typing import Optional
 

@@ -4,6 +4,7 @@ Every pixel takes the label that occurs most often in its 3x3 neighbourhood (its
 neighbours outside the image do not vote). When the most frequent label is not unique, the pixel
 keeps its own label. With ``ignore_label``, ignored pixels neither vote nor change.
 """
+
 import numpy as np
 
 __all__ = ["mode_filter"]

@@ -4,6 +4,7 @@ All images are RGB ``uint8`` arrays (H, W, 3); label maps are integer arrays (H,
 a sequence of RGB triples indexed by label (e.g. the ``stuff_colors`` of a dataset's metadata).
 Files are PNGs written atomically.
 """
+
 import io
 
 import cv2
@@ -149,8 +150,9 @@ def legend(labels, palette, class_names, width):
             swatch[:] = 0  # 1-pixel black frame, so black / white classes stay visible
             swatch[1:-1, 1:-1] = colors[label]
             origin = (left + _LEGEND_SWATCH + _LEGEND_PAD, top + _LEGEND_SWATCH - 2)
-            cv2.putText(strip, class_names[label], origin, _FONT, _FONT_SCALE, (0, 0, 0), 1,
-                        cv2.LINE_AA)
+            cv2.putText(
+                strip, class_names[label], origin, _FONT, _FONT_SCALE, (0, 0, 0), 1, cv2.LINE_AA
+            )
     return strip
 
 
@@ -235,8 +237,15 @@ def plot_confusion_matrix(cm, class_names, path, title=None):
     if num_classes <= 25:
         for i, j in zip(*np.nonzero(np.isfinite(normalized))):
             value = normalized[i, j]
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6,
-                    color="white" if value > 0.5 else "black")
+            ax.text(
+                j,
+                i,
+                f"{value:.2f}",
+                ha="center",
+                va="center",
+                fontsize=6,
+                color="white" if value > 0.5 else "black",
+            )
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")

@@ -16,6 +16,7 @@ Readers (:class:`CopyPasteSampler`, used by the train mapper in every data-loade
 ``CURRENT`` at each draw, so a new bank is picked up without restarting the workers; the previous
 version is kept until the next one is complete so in-flight reads never see a half-written bank.
 """
+
 import json
 import logging
 import os
@@ -28,8 +29,8 @@ import numpy as np
 from detectron2.data.detection_utils import read_image
 
 from ...utils.io import atomic_directory, atomic_write
-from ..masks.trace import label_map_to_annotations
 from ..masks.rasterize import polygons_to_label_map, record_to_label_map
+from ..masks.trace import label_map_to_annotations
 
 __all__ = [
     "CopyPasteSampler",
@@ -93,12 +94,16 @@ def class_weights_from_iou(
 def _cut_object(record: dict, ann: dict, label_map: np.ndarray, image: np.ndarray):
     """Image patch and visible-pixel mask of one annotation, cropped to its bounding box."""
     height, width = label_map.shape
-    coords = np.concatenate([np.asarray(p, dtype=np.float64).reshape(-1, 2) for p in ann["segmentation"]])
+    coords = np.concatenate(
+        [np.asarray(p, dtype=np.float64).reshape(-1, 2) for p in ann["segmentation"]]
+    )
     x0, y0 = np.floor(coords.min(0)).astype(int).clip(0, [width - 1, height - 1])
     x1, y1 = np.ceil(coords.max(0)).astype(int).clip(0, [width - 1, height - 1]) + 1
     shifted = {
-        "segmentation": [(np.asarray(p, dtype=np.float64).reshape(-1, 2) - [x0, y0]).ravel().tolist()
-                         for p in ann["segmentation"]],
+        "segmentation": [
+            (np.asarray(p, dtype=np.float64).reshape(-1, 2) - [x0, y0]).ravel().tolist()
+            for p in ann["segmentation"]
+        ],
         "category_id": 1,
         "area": ann.get("area", 0.0),
     }
@@ -134,14 +139,14 @@ def paste(
         patch, mask = patch[:, ::-1], mask[:, ::-1]
     y = int(rng.integers(0, th - nh + 1))
     x = int(rng.integers(0, tw - nw + 1))
-    region = image[y:y + nh, x:x + nw]
+    region = image[y : y + nh, x : x + nw]
     if blend_sigma > 0:
         alpha = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), blend_sigma) * mask
     else:
         alpha = mask.astype(np.float32)
     alpha = alpha[..., None]
     region[...] = (alpha * patch + (1.0 - alpha) * region).round().astype(np.uint8)
-    label_map[y:y + nh, x:x + nw][mask] = label
+    label_map[y : y + nh, x : x + nw][mask] = label
     return True
 
 
@@ -198,25 +203,33 @@ def generate_bank(
                     src = records[ref.record_index]
                     src_image = read_image(src["file_name"], format="RGB")
                     src_labels = record_to_label_map(src, draw_order=draw_order)
-                    patch, mask = _cut_object(src, src["annotations"][ref.annotation_index], src_labels, src_image)
-                    if mask.sum() >= 4 and paste(image, label_map, patch, mask, ref.label, rng,
-                                                 scale_range, blend_sigma):
+                    patch, mask = _cut_object(
+                        src, src["annotations"][ref.annotation_index], src_labels, src_image
+                    )
+                    if mask.sum() >= 4 and paste(
+                        image, label_map, patch, mask, ref.label, rng, scale_range, blend_sigma
+                    ):
                         pasted_per_class[li] += 1
                         break
             name = f"{i:06d}"
-            cv2.imwrite(os.path.join(tmp_dir, "images", name + ".jpg"), image[:, :, ::-1],
-                        [cv2.IMWRITE_JPEG_QUALITY, 95])
+            cv2.imwrite(
+                os.path.join(tmp_dir, "images", name + ".jpg"),
+                image[:, :, ::-1],
+                [cv2.IMWRITE_JPEG_QUALITY, 95],
+            )
             cv2.imwrite(os.path.join(tmp_dir, "labels", name + ".png"), label_map)
             for ann in label_map_to_annotations(label_map, ignore_label=ignore_label, background=0):
                 annotations.append({"id": len(annotations) + 1, "image_id": i, **ann})
-            images.append({
-                "id": i,
-                "file_name": f"images/{name}.jpg",
-                "sem_seg_file_name": f"labels/{name}.png",
-                "height": int(label_map.shape[0]),
-                "width": int(label_map.shape[1]),
-                "source_file_name": target["file_name"],
-            })
+            images.append(
+                {
+                    "id": i,
+                    "file_name": f"images/{name}.jpg",
+                    "sem_seg_file_name": f"labels/{name}.png",
+                    "height": int(label_map.shape[0]),
+                    "width": int(label_map.shape[1]),
+                    "source_file_name": target["file_name"],
+                }
+            )
             if (i + 1) % 100 == 0 or i + 1 == num_images:
                 logger.info("copy-paste bank: %d / %d images", i + 1, num_images)
         categories = [

@@ -15,6 +15,7 @@ read. It may return the record unchanged or substitute another one (e.g. an imag
 copy-paste bank with its annotations). ``rng`` is a ``numpy.random.Generator`` private to the
 current process, derived from NumPy's global seed (which Detectron2 seeds per data-loader worker).
 """
+
 import copy
 import logging
 import os

@@ -24,6 +24,7 @@ One pycocotools quirk is *not* reproduced: ``frPyObjects`` treats a polygon list
 polygon has exactly 4 numbers as a list of boxes. Here a 2-point polygon is a degenerate polygon
 (it fills nothing); the COCO validator drops polygons with fewer than 3 points anyway.
 """
+
 import numpy as np
 from detectron2.data import detection_utils as utils
 from pycocotools import mask as mask_util
@@ -157,8 +158,7 @@ def _rle_of(segmentation, height, width):
     """Compressed RLE of an RLE segmentation (compressed or uncompressed ``counts``)."""
     if tuple(segmentation["size"]) != (height, width):
         raise ValueError(
-            f"RLE segmentation of size {segmentation['size']} on an image of size "
-            f"{[height, width]}"
+            f"RLE segmentation of size {segmentation['size']} on an image of size {[height, width]}"
         )
     if isinstance(segmentation["counts"], list):
         return mask_util.frPyObjects(segmentation, height, width)
@@ -196,7 +196,9 @@ def polygons_to_label_map(annotations, height, width, draw_order="area_desc", dt
         ann = annotations[index]
         category = int(ann["category_id"])
         if not 0 <= category <= max_label:
-            raise ValueError(f"category_id {category} does not fit in a {np.dtype(dtype)} label map")
+            raise ValueError(
+                f"category_id {category} does not fit in a {np.dtype(dtype)} label map"
+            )
         segmentation = ann["segmentation"]
         if isinstance(segmentation, dict):
             mask = mask_util.decode(_rle_of(segmentation, height, width)).astype(bool)

@@ -21,6 +21,7 @@ invalid; COCO tools and this project's rasteriser fill them correctly.)
 Components smaller than ``min_area`` pixels are dropped and counted (``small="drop"``) or kept
 (``small="keep"``).
 """
+
 import cv2
 import numpy as np
 
@@ -83,7 +84,9 @@ def _component_polygons(mask):
     return polygons
 
 
-def label_map_to_annotations(label, ignore_label=255, background=0, min_area=0, small="drop", stats=None):
+def label_map_to_annotations(
+    label, ignore_label=255, background=0, min_area=0, small="drop", stats=None
+):
     """COCO annotations (without ids) of a label map.
 
     Args:
@@ -109,7 +112,9 @@ def label_map_to_annotations(label, ignore_label=255, background=0, min_area=0, 
     for value in np.unique(label):
         if value == ignore_label or value == background:
             continue
-        n, components, boxes, _ = cv2.connectedComponentsWithStats((label == value).astype(np.uint8), connectivity=8)
+        n, components, boxes, _ = cv2.connectedComponentsWithStats(
+            (label == value).astype(np.uint8), connectivity=8
+        )
         for k in range(1, n):
             x, y, w, h, area = (int(v) for v in boxes[k])
             if area < min_area and small == "drop":

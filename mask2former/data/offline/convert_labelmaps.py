@@ -52,13 +52,24 @@ def labelmaps_to_coco(
             raise ValueError(f"{path}: label maps must be single-channel, got shape {label.shape}")
         too_big = [int(v) for v in np.unique(label) if v >= len(class_names) and v != ignore_label]
         if too_big:
-            raise ValueError(f"{path}: label values {too_big} have no class name ({len(class_names)} classes)")
+            raise ValueError(
+                f"{path}: label values {too_big} have no class name ({len(class_names)} classes)"
+            )
         stem = os.path.splitext(name)[0]
         file_name = stem + image_ext if image_dir is not None else name
         if image_dir is not None and not os.path.isfile(os.path.join(image_dir, file_name)):
             raise FileNotFoundError(f"{path}: no image {os.path.join(image_dir, file_name)}")
-        images.append({"id": image_id, "file_name": file_name, "height": label.shape[0], "width": label.shape[1]})
-        for ann in label_map_to_annotations(label, ignore_label, background, min_area, small, stats):
+        images.append(
+            {
+                "id": image_id,
+                "file_name": file_name,
+                "height": label.shape[0],
+                "width": label.shape[1],
+            }
+        )
+        for ann in label_map_to_annotations(
+            label, ignore_label, background, min_area, small, stats
+        ):
             ann.update(id=len(annotations), image_id=image_id)
             annotations.append(ann)
     categories = [

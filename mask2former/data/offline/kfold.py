@@ -8,6 +8,7 @@ labels fill the folds that want the most images.
 
 :func:`write_kfold_splits` writes ``train_fold{k}.json`` / ``val_fold{k}.json`` from a COCO json.
 """
+
 import os
 
 import numpy as np

@@ -26,6 +26,7 @@ Every image has its own random stream (seed, image index): the same seed gives b
 output (same library versions). The output folder is built in a temporary folder next to it and
 renamed into place.
 """
+
 import json
 import math
 import os
@@ -65,7 +66,12 @@ def _rect(w, h, cx=0.0, cy=0.0):
 
 
 def _rounded_rect(w, h, r, cx=0.0, cy=0.0, n_arc=4):
-    corners = ((w / 2 - r, h / 2 - r, 0.0), (-w / 2 + r, h / 2 - r, 0.5), (-w / 2 + r, -h / 2 + r, 1.0), (w / 2 - r, -h / 2 + r, 1.5))
+    corners = (
+        (w / 2 - r, h / 2 - r, 0.0),
+        (-w / 2 + r, h / 2 - r, 0.5),
+        (-w / 2 + r, -h / 2 + r, 1.0),
+        (w / 2 - r, -h / 2 + r, 1.5),
+    )
     points = []
     for x, y, start in corners:
         for a in np.linspace(start * np.pi, (start + 0.5) * np.pi, n_arc):
@@ -83,7 +89,17 @@ def _shape_paper(length, rng):
 
 def _shape_paper_pack(length, rng):
     w, h = length * 0.6, length
-    return [np.array([[-w / 2, h / 2], [w / 2, h / 2], [w / 2, -h / 2 + 0.2 * length], [0, -h / 2], [-w / 2, -h / 2 + 0.2 * length]])]
+    return [
+        np.array(
+            [
+                [-w / 2, h / 2],
+                [w / 2, h / 2],
+                [w / 2, -h / 2 + 0.2 * length],
+                [0, -h / 2],
+                [-w / 2, -h / 2 + 0.2 * length],
+            ]
+        )
+    ]
 
 
 def _shape_metal(length, rng):
@@ -98,7 +114,9 @@ def _shape_glass(length, rng):
 
 def _shape_plastic(length, rng):
     top, bottom, h = length * 0.7, length * 0.48, length
-    return [np.array([[-top / 2, -h / 2], [top / 2, -h / 2], [bottom / 2, h / 2], [-bottom / 2, h / 2]])]
+    return [
+        np.array([[-top / 2, -h / 2], [top / 2, -h / 2], [bottom / 2, h / 2], [-bottom / 2, h / 2]])
+    ]
 
 
 def _shape_styrofoam(length, rng):
@@ -264,7 +282,9 @@ def _sample_objects(size, rng, first_class, objects_per_image):
         length = rng.uniform(lo, hi) * size
         if objects and rng.random() < 0.5:
             # Overlap a previous object.
-            center = objects[int(rng.integers(len(objects)))]["center"] + rng.normal(0, length / 3, 2)
+            center = objects[int(rng.integers(len(objects)))]["center"] + rng.normal(
+                0, length / 3, 2
+            )
         else:
             center = rng.uniform(0.1, 0.9, 2) * size
         polygons, angle, center, scale = _place(shape(length, rng), size, rng, center)
@@ -295,7 +315,11 @@ def render_synthetic_image(size, rng, first_class=1, objects_per_image=(1, 5)):
     annotations = []
     for obj in objects:
         mask, box = polygon_mask(obj["segmentation"], size, size)
-        annotations.append(dict(category_id=obj["category_id"], segmentation=obj["segmentation"], mask=mask, box=box))
+        annotations.append(
+            dict(
+                category_id=obj["category_id"], segmentation=obj["segmentation"], mask=mask, box=box
+            )
+        )
     for index in draw_order_indices(annotations, size, size, "area_desc"):
         obj, ann = objects[index], annotations[index]
         if ann["mask"] is None:
@@ -307,7 +331,9 @@ def render_synthetic_image(size, rng, first_class=1, objects_per_image=(1, 5)):
         u, v = cos * dx + sin * dy, -sin * dx + cos * dy
         tex = obj["texture"](u, v, obj["length"], rng)
         region = img[r0:r1, c0:c1]
-        region[ann["mask"]] = obj["opacity"] * tex[ann["mask"]] + (1 - obj["opacity"]) * region[ann["mask"]]
+        region[ann["mask"]] = (
+            obj["opacity"] * tex[ann["mask"]] + (1 - obj["opacity"]) * region[ann["mask"]]
+        )
     out = []
     for ann in annotations:
         flat = np.concatenate([np.asarray(p) for p in ann["segmentation"]]).reshape(-1, 2)
@@ -317,14 +343,23 @@ def render_synthetic_image(size, rng, first_class=1, objects_per_image=(1, 5)):
                 category_id=ann["category_id"],
                 segmentation=ann["segmentation"],
                 area=float(ann["mask"].sum()) if ann["mask"] is not None else 0.0,
-                bbox=[round(float(lo[0]), 1), round(float(lo[1]), 1), round(float(hi[0] - lo[0]), 1), round(float(hi[1] - lo[1]), 1)],
+                bbox=[
+                    round(float(lo[0]), 1),
+                    round(float(lo[1]), 1),
+                    round(float(hi[0] - lo[0]), 1),
+                    round(float(hi[1] - lo[1]), 1),
+                ],
             )
         )
     return np.clip(np.rint(img), 0, 255).astype(np.uint8), out
 
 
 def _categories():
-    return [{"id": i, "name": name, "supercategory": name} for i, name in enumerate(TRASH_CLASSES) if i > 0]
+    return [
+        {"id": i, "name": name, "supercategory": name}
+        for i, name in enumerate(TRASH_CLASSES)
+        if i > 0
+    ]
 
 
 def _coco_json(entries, with_annotations):
@@ -332,18 +367,36 @@ def _coco_json(entries, with_annotations):
     images, annotations = [], []
     for image_id, (file_name, size, anns) in enumerate(entries):
         images.append(
-            {"width": size, "height": size, "file_name": file_name, "license": 0,
-             "flickr_url": None, "coco_url": None, "date_captured": None, "id": image_id}
+            {
+                "width": size,
+                "height": size,
+                "file_name": file_name,
+                "license": 0,
+                "flickr_url": None,
+                "coco_url": None,
+                "date_captured": None,
+                "id": image_id,
+            }
         )
         if not with_annotations:
             continue
         for ann in anns:
             annotations.append(
-                {"id": len(annotations), "image_id": image_id, "category_id": ann["category_id"],
-                 "segmentation": ann["segmentation"], "area": ann["area"], "bbox": ann["bbox"], "iscrowd": 0}
+                {
+                    "id": len(annotations),
+                    "image_id": image_id,
+                    "category_id": ann["category_id"],
+                    "segmentation": ann["segmentation"],
+                    "area": ann["area"],
+                    "bbox": ann["bbox"],
+                    "iscrowd": 0,
+                }
             )
     return {
-        "info": {"description": "synthetic trash (mask2former.data.offline.synthetic)", "version": "1.0"},
+        "info": {
+            "description": "synthetic trash (mask2former.data.offline.synthetic)",
+            "version": "1.0",
+        },
         "licenses": [{"id": 0, "name": "CC0", "url": None}],
         "images": images,
         "categories": _categories(),
@@ -396,13 +449,20 @@ def generate_synthetic_trash(
         order = ["train"] * num_train + ["val"] * num_val + ["test"] * num_test
         for index, split in enumerate(tqdm(order, desc="Synthetic trash", disable=not progress)):
             rng = np.random.default_rng([seed, index])
-            image, anns = render_synthetic_image(image_size, rng, index % len(_CLASSES) + 1, objects_per_image)
-            file_name = f"batch_{index // images_per_batch + 1:02d}_vt/{index % images_per_batch:04d}.jpg"
+            image, anns = render_synthetic_image(
+                image_size, rng, index % len(_CLASSES) + 1, objects_per_image
+            )
+            file_name = (
+                f"batch_{index // images_per_batch + 1:02d}_vt/{index % images_per_batch:04d}.jpg"
+            )
             path = os.path.join(tmp_dir, file_name)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             Image.fromarray(image).save(path, quality=_JPEG_QUALITY)
             splits[split].append((file_name, image_size, anns))
-        _write_json(os.path.join(tmp_dir, "train_all.json"), _coco_json(splits["train"] + splits["val"], True))
+        _write_json(
+            os.path.join(tmp_dir, "train_all.json"),
+            _coco_json(splits["train"] + splits["val"], True),
+        )
         _write_json(os.path.join(tmp_dir, "train.json"), _coco_json(splits["train"], True))
         _write_json(os.path.join(tmp_dir, "val.json"), _coco_json(splits["val"], True))
         _write_json(os.path.join(tmp_dir, "test.json"), _coco_json(splits["test"], False))

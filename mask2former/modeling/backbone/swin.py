@@ -18,15 +18,15 @@ partition (and their inverses) are one gather each (:class:`WindowLayout`, built
 and without gradients the attention runs in ``scaled_dot_product_attention`` with the relative
 position bias and the shift mask folded into one additive mask.
 """
+
 from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint as checkpoint
-from torch import nn
-
 from detectron2.config import configurable
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone, ShapeSpec
+from torch import nn
 
 from ..layers import DropPath, Mlp
 

@@ -7,6 +7,7 @@ blocks besides the backbone weights. The conversion keeps the backbone weights u
 the relative position bias tables (bicubic, as the official fine-tuning code) when the target
 window size differs from the checkpoint's.
 """
+
 import math
 from typing import Dict, Mapping, Optional
 

@@ -1,12 +1,12 @@
 """The Mask2Former segmentation head: a pixel decoder followed by a transformer decoder."""
+
 from typing import Dict, Optional
 
 import torch
-from torch import nn
-
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
+from torch import nn
 
 from ..transformer_decoder.registry import build_transformer_decoder
 

@@ -1,15 +1,15 @@
 """The MaskFormer / Mask2Former meta-architecture (semantic segmentation)."""
+
 import functools
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch import nn
-from torch.nn import functional as F
-
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_sem_seg_head
 from detectron2.modeling.backbone import Backbone
 from detectron2.structures import ImageList
+from torch import nn
+from torch.nn import functional as F
 
 from mask2former.data.class_frequency import CLASS_WEIGHT_MODES, dataset_class_weights
 
@@ -329,7 +329,9 @@ class MaskFormer(nn.Module):
             if sem_segs is not None:
                 sem_seg = sem_segs[i].to(padded.device)
                 valid = torch.zeros((h_pad, w_pad), dtype=torch.float32, device=padded.device)
-                valid[: sem_seg.shape[0], : sem_seg.shape[1]] = (sem_seg != self.mask_loss_ignore_value).float()
+                valid[: sem_seg.shape[0], : sem_seg.shape[1]] = (
+                    sem_seg != self.mask_loss_ignore_value
+                ).float()
                 target["valid"] = valid
             targets.append(target)
         return targets
@@ -346,7 +348,9 @@ class MaskFormer(nn.Module):
         sem_segs = None
         if self.mask_loss_ignore_value is not None:
             if "sem_seg" not in batched_inputs[0]:
-                raise ValueError("MODEL.MASK_FORMER.IGNORE_IN_MASK_LOSS needs 'sem_seg' in the training inputs")
+                raise ValueError(
+                    "MODEL.MASK_FORMER.IGNORE_IN_MASK_LOSS needs 'sem_seg' in the training inputs"
+                )
             sem_segs = [x["sem_seg"] for x in batched_inputs]
         targets = self.prepare_targets(gt_instances, images, sem_segs)
         losses = self.criterion(outputs, targets)

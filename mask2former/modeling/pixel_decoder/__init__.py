@@ -1,4 +1,5 @@
 """Pixel decoders. Importing registers ``MSDeformAttnPixelDecoder`` in SEM_SEG_HEADS_REGISTRY."""
+
 from .deformable_attention import MSDeformAttn, ms_deform_attn_fast, ms_deform_attn_pytorch
 from .msdeformattn import MSDeformAttnPixelDecoder
 

@@ -19,6 +19,7 @@ compiled extension:
 :class:`MSDeformAttn` is the attention module with the official parameter names and
 initialisation.
 """
+
 import math
 import warnings
 from typing import List, Optional, Sequence, Tuple, Union

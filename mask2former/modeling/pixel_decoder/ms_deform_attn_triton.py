@@ -18,6 +18,7 @@ Inputs may be of any float dtype; everything is computed and accumulated in fp32
 The kernels run on CUDA tensors, or on CPU tensors under Triton's interpreter (environment
 variable ``TRITON_INTERPRET=1`` set before this module is imported), see :func:`triton_available`.
 """
+
 import contextlib
 import functools
 from typing import List, Sequence, Tuple, Union
@@ -384,8 +385,10 @@ def ms_deform_attn_triton(
             f"attention_weights shape {tuple(attention_weights.shape)} is not "
             f"{(n, lq, m, n_levels, n_points)}"
         )
-    for name, tensor in (("sampling_locations", sampling_locations), ("attention_weights",
-                                                                      attention_weights)):
+    for name, tensor in (
+        ("sampling_locations", sampling_locations),
+        ("attention_weights", attention_weights),
+    ):
         if tensor.device != value.device:
             raise ValueError(f"{name} is on {tensor.device}, value on {value.device}")
         if not tensor.is_floating_point():

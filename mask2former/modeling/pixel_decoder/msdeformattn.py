@@ -5,6 +5,7 @@ backbone features (1/8, 1/16, 1/32 by default), then an FPN adds the finer featu
 1x1 conv gives the per-pixel mask features. Module and parameter names follow the official code so
 that its checkpoints load unchanged.
 """
+
 import copy
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
@@ -12,11 +13,10 @@ import fvcore.nn.weight_init as weight_init
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
+from torch import nn
 
 from ..position_encoding import PositionEmbeddingSine
 from .deformable_attention import MSDeformAttn, SpatialShapes

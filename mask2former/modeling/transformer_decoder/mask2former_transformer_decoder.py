@@ -6,15 +6,15 @@ unchanged (``transformer_self_attention_layers.{i}.self_attn``,
 ``decoder_norm``, ``query_feat``, ``query_embed``, ``level_embed``, ``input_proj.{l}``,
 ``class_embed``, ``mask_embed.layers.{k}``).
 """
+
 from typing import Callable, Dict, List, Optional, Sequence
 
 import fvcore.nn.weight_init as weight_init
 import torch
-from torch import nn
-from torch.nn import functional as F
-
 from detectron2.config import configurable
 from detectron2.layers import Conv2d
+from torch import nn
+from torch.nn import functional as F
 
 from ..point_sampling import resize_bilinear
 from ..position_encoding import PositionEmbeddingSine
@@ -84,9 +84,7 @@ class SelfAttentionLayer(_ResidualBlock):
 
     def __init__(self, d_model: int, nhead: int, dropout: float = 0.0, normalize_before=False):
         super().__init__(d_model, dropout, normalize_before)
-        self.self_attn = nn.MultiheadAttention(
-            d_model, nhead, dropout=dropout, batch_first=True
-        )
+        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
         self._xavier_init()
 
     def forward(self, tgt: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
@@ -144,9 +142,7 @@ class FFNLayer(_ResidualBlock):
         self._xavier_init()
 
     def forward(self, tgt: torch.Tensor) -> torch.Tensor:
-        return self._residual(
-            tgt, lambda x: self.linear2(self.dropout(F.relu(self.linear1(x))))
-        )
+        return self._residual(tgt, lambda x: self.linear2(self.dropout(F.relu(self.linear1(x)))))
 
 
 class MLP(nn.Module):
@@ -347,9 +343,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             predictions_class.append(self.class_embed(decoder_output))
             mask_embed = self.mask_embed(decoder_output)
             if is_last or return_aux:
-                predictions_mask.append(
-                    torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features)
-                )
+                predictions_mask.append(torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features))
             if not is_last:
                 next_level = i % self.num_feature_levels
                 attn_logits = torch.einsum(

@@ -1,4 +1,5 @@
 """Registry of the transformer decoders ("predictors") of mask-classification heads."""
+
 from detectron2.utils.registry import Registry
 
 TRANSFORMER_DECODER_REGISTRY = Registry("TRANSFORMER_MODULE")
