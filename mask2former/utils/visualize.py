@@ -23,7 +23,9 @@ __all__ = [
     "legend",
     "make_panel",
     "save_panel",
+    "encode_png",
     "write_png",
+    "confusion_matrix_png",
     "plot_confusion_matrix",
 ]
 
@@ -183,13 +185,19 @@ def make_panel(image_rgb, gt_label_map, pred_label_map, palette, class_names, al
     return np.concatenate([top, strip], axis=0)
 
 
-def write_png(path, image_rgb):
-    """Write an RGB uint8 image as PNG, atomically."""
+def encode_png(image_rgb):
+    """PNG bytes of an RGB uint8 image."""
     ok, encoded = cv2.imencode(".png", cv2.cvtColor(np.asarray(image_rgb), cv2.COLOR_RGB2BGR))
     if not ok:
-        raise RuntimeError(f"PNG encoding failed for {path}")
+        raise RuntimeError(f"PNG encoding failed for an image of shape {np.shape(image_rgb)}")
+    return encoded.tobytes()
+
+
+def write_png(path, image_rgb):
+    """Write an RGB uint8 image as PNG, atomically."""
+    encoded = encode_png(image_rgb)
     with atomic_write(path, "wb") as f:
-        f.write(encoded.tobytes())
+        f.write(encoded)
 
 
 def save_panel(path, image_rgb, gt_label_map, pred_label_map, palette, class_names, alpha=0.5):
@@ -200,12 +208,18 @@ def save_panel(path, image_rgb, gt_label_map, pred_label_map, palette, class_nam
 
 
 def plot_confusion_matrix(cm, class_names, path, title=None):
-    """Save a row-normalised confusion matrix as PNG (atomically).
+    """Save :func:`confusion_matrix_png` to ``path`` (atomically)."""
+    encoded = confusion_matrix_png(cm, class_names, title)
+    with atomic_write(path, "wb") as f:
+        f.write(encoded)
+
+
+def confusion_matrix_png(cm, class_names, title=None):
+    """PNG bytes of a row-normalised confusion matrix picture.
 
     Args:
         cm: (K, K) counts, rows = ground truth, columns = prediction.
         class_names: K names.
-        path: output PNG path.
         title: optional figure title.
 
     Cell (i, j) shows the fraction of ground-truth class i pixels predicted as j; rows without
@@ -249,5 +263,4 @@ def plot_confusion_matrix(cm, class_names, path, title=None):
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
-    with atomic_write(path, "wb") as f:
-        f.write(buffer.getvalue())
+    return buffer.getvalue()
