@@ -12,6 +12,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..data.augmentation.copy_paste import CopyPasteSampler
 from ..data.augmentation.mapper import MaskFormerSemanticDatasetMapper
+from ..data.catalog.train_records import train_dataset_records
 from ..evaluation import LBSemSegEvaluator
 from .amp import MixedPrecisionTrainer, amp_dtype
 from .checkpoint import SafeCheckpointer
@@ -93,7 +94,9 @@ class Trainer(DefaultTrainer):
         if cfg.INPUT.COPY_PASTE.ENABLED:
             copy_paste = CopyPasteSampler(bank_root_from_cfg(cfg), cfg.INPUT.COPY_PASTE.PROB)
         mapper = MaskFormerSemanticDatasetMapper(cfg, True, copy_paste=copy_paste)
-        return build_detection_train_loader(cfg, mapper=mapper)
+        # empty = without label file and without non-crowd annotations, in any dataset order
+        dataset = train_dataset_records(cfg.DATASETS.TRAIN, cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+        return build_detection_train_loader(cfg, mapper=mapper, dataset=dataset)
 
     @classmethod
     def build_optimizer(cls, cfg, model):
