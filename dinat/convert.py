@@ -8,9 +8,12 @@ output level instead, ``norm0..norm3``, which stay randomly initialised) and pre
 with ``backbone.``. The result ``{"model": {"backbone.<name>": tensor}}`` loads with
 ``MODEL.WEIGHTS``.
 
-Note: the Mask2Former DiNAT-L config uses 6/12/24/48 heads while the ImageNet DiNAT-L checkpoints
-have 4/8/16/32, so their ``rpb`` tables (first dimension = heads) do not match and Detectron2's
-checkpointer skips them with a warning, exactly as with the official code.
+The official DiNAT-L classification models (``dinat_large_*``, ImageNet-22k with 21841 classes
+and the ImageNet-1k fine-tunes) have 6/12/24/48 heads, the same as the Mask2Former DiNAT-L config,
+so their ``rpb`` tables ``[heads, 2k-1, 2k-1]`` load as well. They fit when the kernel size
+matches: the ``*_11x11interp`` / ``*_11x11`` checkpoints for ``KERNEL_SIZE 11`` (the project's
+DiNAT-L config), the others for kernel 7. A kernel-7 table in a kernel-11 model does not fit, and
+Detectron2's checkpointer skips it with a shape-mismatch warning.
 """
 
 import pickle
