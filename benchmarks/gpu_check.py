@@ -45,6 +45,7 @@ import dinat
 from mask2former.engine import build_cfg, build_optimizer
 from mask2former.engine.trainer import build_step_trainer
 from mask2former.modeling import MSDeformAttn
+from mask2former.modeling.pixel_decoder.deformable_attention_triton import triton_available
 from semask import add_semask_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -265,9 +266,17 @@ def neighborhood_attention(device, size=64, heads=4, head_dim=32, kernel=11):
 
 @exact_fp32()
 def deformable_attention(
-    device, d_model=256, heads=8, points=4, shapes=((64, 64), (32, 32), (16, 16))
+    device,
+    candidate="fast",
+    d_model=256,
+    heads=8,
+    points=4,
+    shapes=((64, 64), (32, 32), (16, 16)),
+    runs=10,
 ):
-    """MSDeformAttn "pytorch" against "fast" on ``device``, forward and backward."""
+    """MSDeformAttn ``candidate`` ("fast" or "triton") against "pytorch" (``grid_sample``) on
+    ``device``: forward and backward differences, and the median forward + backward time of each
+    over ``runs`` runs (the speed-up of the candidate over grid_sample)."""
     torch.manual_seed(0)
     levels = len(shapes)
     attn = MSDeformAttn(
@@ -282,23 +291,33 @@ def deformable_attention(
     src = torch.randn(2, length, d_model, generator=g).to(device)
     ref = torch.rand(2, length, levels, 2, generator=g).to(device)
     grad_out = torch.randn(2, length, d_model, generator=g).to(device)
-    results = {}
-    for impl in ("pytorch", "fast"):
+    results, seconds = {}, {}
+    for impl in ("pytorch", candidate):
         attn.impl = impl
-        attn.zero_grad()
-        query = src.clone().requires_grad_(True)
-        out = attn(query, ref, query, shapes)
-        out.backward(grad_out)
+        times = []
+        for _ in range(max(runs, 1)):
+            attn.zero_grad()
+            query = src.clone().requires_grad_(True)
+            _sync(device)
+            start = time.perf_counter()
+            out = attn(query, ref, query, shapes)
+            out.backward(grad_out)
+            _sync(device)
+            times.append(time.perf_counter() - start)
         results[impl] = (out.detach(), [query.grad, *(p.grad for p in attn.parameters())])
-    fwd = _max_diff([results["fast"][0]], [results["pytorch"][0]])
-    bwd = _max_diff(results["fast"][1], results["pytorch"][1])
+        seconds[impl] = sorted(times)[len(times) // 2]
+    fwd = _max_diff([results[candidate][0]], [results["pytorch"][0]])
+    bwd = _max_diff(results[candidate][1], results["pytorch"][1])
     return {
         "check": "deformable",
-        "case": "fast vs pytorch",
+        "case": f"{candidate} vs pytorch",
         "ok": max(fwd, bwd) <= DEFORMABLE_TOL,
         "forward_max_abs_diff": fwd,
         "backward_max_abs_diff": bwd,
         "tolerance": DEFORMABLE_TOL,
+        f"{candidate}_fwd_bwd_ms": 1e3 * seconds[candidate],
+        "pytorch_fwd_bwd_ms": 1e3 * seconds["pytorch"],
+        "speedup_vs_pytorch": seconds["pytorch"] / seconds[candidate],
     }
 
 
@@ -389,6 +408,17 @@ def run_checks(device, checks=CHECKS, steps=3):
         guarded("attention", "neighborhood attention", neighborhood_attention, device)
     if "deformable" in checks:
         guarded("deformable", "fast vs pytorch", deformable_attention, device)
+        if triton_available(device):
+            guarded("deformable", "triton vs pytorch", deformable_attention, device, "triton")
+        else:
+            rows.append(
+                {
+                    "check": "deformable",
+                    "case": "triton vs pytorch",
+                    "ok": None,
+                    "skipped": f"Triton cannot run on {device}",
+                }
+            )
     if "inference" in checks:
         for name, (config, size, published) in INFERENCE_MODELS.items():
             guarded("inference", name, inference_speed, name, config, size, published, device)

@@ -150,8 +150,9 @@ def add_maskformer2_config(cfg):
     # MODEL.MASK_FORMER.NHEADS; this key must equal it (checked when the model is built).
     cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS = 8
     # Implementation of multi-scale deformable attention: "pytorch" (the official grid_sample
-    # path), "fast" (this project's gather path: same numbers, several times faster on CPU), or
-    # "auto" ("fast" on CPU, "pytorch" on GPU). Neither needs a compiled extension.
+    # path), "fast" (this project's gather path: same numbers, several times faster on CPU),
+    # "triton" (Triton kernels for CUDA, fp32 accumulation), or "auto" ("fast" on CPU, "triton" on
+    # CUDA when Triton is importable, else "pytorch"). None needs a compiled extension.
     cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_ATTENTION_IMPL = "auto"
 
     # ------------------------------------------------------------------ Swin backbone

@@ -66,10 +66,14 @@ def test_synthetic_batch_masks_match_the_label_map():
 
 def test_deformable_check_compares_the_two_implementations_on_cpu():
     row = gpu_check.deformable_attention(
-        "cpu", d_model=32, heads=4, points=2, shapes=((8, 8), (4, 4))
+        "cpu", d_model=32, heads=4, points=2, shapes=((8, 8), (4, 4)), runs=2
     )
     assert row["ok"] is True
     assert row["forward_max_abs_diff"] <= 1e-4 and row["backward_max_abs_diff"] <= 1e-4
+    assert row["case"] == "fast vs pytorch"
+    assert row["fast_fwd_bwd_ms"] > 0 and row["pytorch_fwd_bwd_ms"] > 0
+    ratio = row["pytorch_fwd_bwd_ms"] / row["fast_fwd_bwd_ms"]
+    assert row["speedup_vs_pytorch"] == pytest.approx(ratio)
 
 
 def test_failing_check_is_reported_and_table_and_json_are_written(tmp_path, monkeypatch):
@@ -84,7 +88,13 @@ def test_failing_check_is_reported_and_table_and_json_are_written(tmp_path, monk
             "case": "fast vs pytorch",
             "ok": False,
             "error": "RuntimeError: CUDA out of memory",
-        }
+        },
+        {
+            "check": "deformable",
+            "case": "triton vs pytorch",
+            "ok": None,
+            "skipped": "Triton cannot run on cpu",
+        },
     ]
     rows.append({"check": "inference", "case": "Swin-T", "ok": True, "images_per_s": 12.5})
     rows.append({"check": "attention", "case": "natten", "ok": None, "skipped": "no natten"})

@@ -282,3 +282,16 @@ def test_auto_impl_uses_the_fast_path_on_cpu(monkeypatch):
     torch.testing.assert_close(out_auto, out_fast, rtol=0, atol=0)
     with pytest.raises(ValueError, match="Unknown deformable attention impl"):
         MSDeformAttn(d_model=32, n_levels=2, n_heads=4, n_points=3, impl="cuda")
+
+
+def test_resolve_impl_per_device():
+    from mask2former.modeling.pixel_decoder import deformable_attention as op
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert op.resolve_impl("auto", cpu) == "fast"
+    assert op.resolve_impl("pytorch", cpu) == "pytorch"
+    assert op.resolve_impl("triton", cpu) == "triton"  # explicit names are kept (and may raise)
+    # On CUDA, "auto" takes Triton exactly when it can run there, else grid_sample.
+    expected = "triton" if op.triton_available(cuda) else "pytorch"
+    assert op.resolve_impl("auto", cuda) == expected
+    assert set(op.MS_DEFORM_ATTN_IMPLS) == {"pytorch", "fast", "triton"}

@@ -1,7 +1,7 @@
 """Multi-scale deformable attention (Deformable DETR), pure PyTorch.
 
-Two implementations of the same operator are provided, both running on CPU and GPU without a
-compiled extension:
+Two implementations of the same operator are provided here, both running on CPU and GPU without
+a compiled extension (a third, Triton kernels for GPUs, is in ``deformable_attention_triton``):
 
 * :func:`ms_deform_attn_pytorch`: the reference. One ``grid_sample`` per level, then a weighted
   sum over levels and points (the official PyTorch path of Deformable DETR / Mask2Former).
@@ -29,11 +29,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .deformable_attention_triton import ms_deform_attn_triton, triton_available
+
 __all__ = [
     "MSDeformAttn",
     "ms_deform_attn_pytorch",
     "ms_deform_attn_fast",
     "MS_DEFORM_ATTN_IMPLS",
+    "resolve_impl",
 ]
 
 SpatialShapes = Union[torch.Tensor, Sequence[Sequence[int]]]
@@ -302,7 +305,23 @@ def ms_deform_attn_fast(
     return _ms_deform_attn_fast_planar(value, shapes, pixel, weights)
 
 
-MS_DEFORM_ATTN_IMPLS = {"pytorch": ms_deform_attn_pytorch, "fast": ms_deform_attn_fast}
+MS_DEFORM_ATTN_IMPLS = {
+    "pytorch": ms_deform_attn_pytorch,
+    "fast": ms_deform_attn_fast,
+    "triton": ms_deform_attn_triton,
+}
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """The implementation ``impl`` stands for on ``device``: "auto" is "fast" on CPU, "triton" on
+    CUDA when Triton can run there, else "pytorch"; any other name is returned as it is."""
+    if impl != "auto":
+        return impl
+    if device.type == "cpu":
+        return "fast"
+    if device.type == "cuda" and triton_available(device):
+        return "triton"
+    return "pytorch"
 
 
 # ---------------------------------------------------------------------------------------- module
@@ -328,9 +347,9 @@ class MSDeformAttn(nn.Module):
             n_levels: number of feature levels.
             n_heads: number of attention heads.
             n_points: sampling points per head per level.
-            impl: "fast" or "pytorch" (see :data:`MS_DEFORM_ATTN_IMPLS`; same numbers), or
-                "auto": "fast" for CPU tensors, "pytorch" (cuDNN-backed ``grid_sample``) on
-                accelerators, where the sparse CSR products of the fast backward are not tested.
+            impl: "fast", "pytorch" or "triton" (see :data:`MS_DEFORM_ATTN_IMPLS`; same
+                numbers), or "auto" (:func:`resolve_impl`): "fast" for CPU tensors, "triton" on
+                CUDA when Triton is importable, else "pytorch" (``grid_sample``).
         """
         super().__init__()
         if d_model % n_heads != 0:
@@ -418,9 +437,7 @@ class MSDeformAttn(nn.Module):
                 raise ValueError(
                     f"Last dim of reference_points must be 2 or 4, got {reference_points.shape[-1]}"
                 )
-            impl = self.impl
-            if impl == "auto":
-                impl = "fast" if value.device.type == "cpu" else "pytorch"
+            impl = resolve_impl(self.impl, value.device)
             if impl == "fast" and reference_points.shape[-1] == 2:
                 output = self._fast_point_attention(
                     value, shapes, reference_points, offsets, logits

@@ -124,7 +124,7 @@ def reference(name, padding="zeros", shift=0.0):
 # ------------------------------------------------------------------------- interpreted kernels
 def run_interpreted_cases(output_path):
     """Runs in the ``TRITON_INTERPRET=1`` subprocess: the op on every case, saved to a file."""
-    from mask2former.modeling.pixel_decoder.ms_deform_attn_triton import (
+    from mask2former.modeling.pixel_decoder.deformable_attention_triton import (
         ms_deform_attn_triton,
         triton_available,
     )
@@ -235,7 +235,7 @@ def test_availability_and_errors(interpreted):
     reason="checks the compiled (not interpreted) mode",
 )
 def test_cpu_tensors_refused_without_interpreter():
-    from mask2former.modeling.pixel_decoder.ms_deform_attn_triton import (
+    from mask2former.modeling.pixel_decoder.deformable_attention_triton import (
         ms_deform_attn_triton,
         triton_available,
     )
@@ -275,7 +275,7 @@ def test_kernels_compile_for_cuda():
     Mask2Former configuration (8 heads of 32, 3 levels, 4 points): bf16 value maps with fp32
     locations forward, fp32 backward with fp32 atomic adds for the value gradient."""
     pytest.importorskip("triton")
-    from mask2former.modeling.pixel_decoder import ms_deform_attn_triton as op
+    from mask2former.modeling.pixel_decoder import deformable_attention_triton as op
 
     sizes = dict(NUM_HEADS=8, HEAD_DIM=32, NUM_LEVELS=3, NUM_POINTS=4, BLOCK_Q=32, BLOCK_D=32)
     forward = op._ms_deform_attn_forward_kernel
