@@ -2,8 +2,9 @@
 
 Detectron2's / DeepLab's schedulers save every attribute in their state dict, so resuming a run
 with a larger ``SOLVER.MAX_ITER`` (to train longer) restores the old length and the poly
-schedule goes past its end (``math domain error``). Here the configured shape of the schedule
-always comes from the current config; only the position (``last_epoch``, ...) is restored.
+schedule goes past its end (``math domain error``), and a changed ``SOLVER.BASE_LR`` is replaced
+by the old ``base_lrs``. Here the configured shape of the schedule and its base rates always come
+from the current config; only the position (``last_epoch``, ...) is restored.
 """
 
 from typing import List
@@ -17,7 +18,13 @@ __all__ = ["ResumableWarmupPolyLR", "build_lr_scheduler"]
 
 class ResumableWarmupPolyLR(WarmupPolyLR):
     """DeepLab's warm-up + poly schedule, ``lr = base * warmup * (1 - it / max_iters) ** power``
-    (never below ``constant_ending`` if set), that follows the current config after a resume."""
+    (never below ``constant_ending`` if set), that follows the current config after a resume.
+
+    The base rates are those of the optimizer it is built with (``SOLVER.BASE_LR`` times each
+    parameter group's multiplier), never the checkpoint's. The optimizer's own state, loaded after
+    the scheduler's on resume, brings back the old rates: :meth:`apply_lr` sets the rates of the
+    restored position again.
+    """
 
     CONFIG_FIELDS = (
         "max_iters",
@@ -27,14 +34,25 @@ class ResumableWarmupPolyLR(WarmupPolyLR):
         "power",
         "constant_ending",
     )
+    # the base rates of the current config, and the last rates computed from them
+    RATE_FIELDS = ("base_lrs", "_last_lr")
 
     def state_dict(self):
-        return {k: v for k, v in super().state_dict().items() if k not in self.CONFIG_FIELDS}
+        skip = self.CONFIG_FIELDS + self.RATE_FIELDS
+        return {k: v for k, v in super().state_dict().items() if k not in skip}
 
     def load_state_dict(self, state_dict):
-        super().load_state_dict(
-            {k: v for k, v in state_dict.items() if k not in self.CONFIG_FIELDS}
-        )
+        skip = self.CONFIG_FIELDS + self.RATE_FIELDS
+        super().load_state_dict({k: v for k, v in state_dict.items() if k not in skip})
+        self.apply_lr()
+
+    def apply_lr(self) -> None:
+        """Set the optimizer's rates (and ``initial_lr``) to those of the current position."""
+        lrs = self.get_lr()
+        for group, base_lr, lr in zip(self.optimizer.param_groups, self.base_lrs, lrs):
+            group["initial_lr"] = base_lr
+            group["lr"] = lr
+        self._last_lr = lrs
 
     def get_lr(self) -> List[float]:
         if self.last_epoch >= self.max_iters:

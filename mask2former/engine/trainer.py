@@ -19,7 +19,7 @@ from .checkpoint import SafeCheckpointer
 from .ddp import create_ddp_model
 from .ema import EMAEvalHook, EMAHook, ModelEMA
 from .hooks import CopyPasteBankHook, bank_root_from_cfg
-from .lr_scheduler import build_lr_scheduler
+from .lr_scheduler import ResumableWarmupPolyLR, build_lr_scheduler
 from .optimizer import build_optimizer
 
 
@@ -71,6 +71,13 @@ class Trainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    def resume_or_load(self, resume=True):
+        super().resume_or_load(resume=resume)
+        # The optimizer state loaded last holds the checkpoint's rates; the rates of the restored
+        # position come from the current config (SOLVER.BASE_LR may have changed).
+        if isinstance(self.scheduler, ResumableWarmupPolyLR):
+            self.scheduler.apply_lr()
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
