@@ -68,6 +68,12 @@ def split_seg_maps(
     return features, seg_maps
 
 
+def _linear_in(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` computed in the dtype of ``x`` whatever the dtype of the layer's weights."""
+    bias = None if layer.bias is None else layer.bias.to(x.dtype)
+    return F.linear(x, layer.weight.to(x.dtype), bias)
+
+
 class SemanticAttention(nn.Module):
     """One semantic-attention block ("SemanticAttention" in the official code).
 
@@ -122,11 +128,18 @@ class SemanticAttention(nn.Module):
         Returns:
             (class logits ``seg_map`` [G, N, K], output tokens [G, N, C]).
         """
-        seg_map = self.mlp_cls_q(x)
-        seg_ft = self.mlp_cls_k(x)
-        feats = F.scaled_dot_product_attention(seg_map, seg_ft, self.mlp_v(x), scale=1.0)
-        feats = self.proj_drop(self.mlp_res(feats))
-        return seg_map, x + self.gamma * feats
+        # Unscaled logits over a head dimension of K classes overflow half precision (an inf,
+        # then NaN that ``gamma * feats`` spreads even at gamma 0): under autocast the block
+        # runs in fp32 (or the input's wider dtype), and only the residual returns in x's dtype.
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x_wide = x.to(dtype)
+            seg_map = _linear_in(self.mlp_cls_q, x_wide)
+            seg_ft = _linear_in(self.mlp_cls_k, x_wide)
+            values = _linear_in(self.mlp_v, x_wide)
+            feats = F.scaled_dot_product_attention(seg_map, seg_ft, values, scale=1.0)
+            feats = self.proj_drop(_linear_in(self.mlp_res, feats))
+            return seg_map, x + (self.gamma.to(dtype) * feats).to(x.dtype)
 
 
 class SemanticLayer(nn.Module):

@@ -4,6 +4,7 @@
 Autocast runs on CPU here with bfloat16 (what CPUs support); on GPU the same code runs with
 float16 or bfloat16 (benchmarks/gpu_check.py checks it there)."""
 
+import copy
 import importlib
 import math
 
@@ -202,3 +203,37 @@ def test_deformable_pixel_decoder_is_float32_under_autocast():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     # bfloat16 rounding of the inputs alone already exceeds the tolerance
     assert (half_inputs[0] - fp32[0]).abs().max() > 1e-4
+
+
+def test_semask_semantic_attention_runs_in_float32_under_autocast():
+    from semask.backbone import SemanticAttention
+
+    torch.manual_seed(0)
+    block = SemanticAttention(dim=16, num_classes=11, proj_drop=0.0)
+    with torch.no_grad():
+        nn.init.normal_(block.mlp_res.weight, std=0.1)
+        block.gamma.fill_(0.5)
+    x = torch.randn(2, 9, 16) * 3
+    ref_map, ref_out = block(x)
+    for dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", dtype=dtype):
+            seg_map, out = block(x)
+        assert seg_map.dtype == torch.float32 and out.dtype == torch.float32
+        torch.testing.assert_close(seg_map, ref_map, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(out, ref_out, rtol=1e-6, atol=1e-6)
+    # A model cast to bfloat16 as a whole still runs (weights follow the widened input).
+    half_map, half_out = copy.deepcopy(block).to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert half_out.dtype == torch.bfloat16 and torch.isfinite(half_out.float()).all()
+    # The same attention computed in bfloat16 is far off: the tolerance above discriminates.
+    w = {n: p.to(torch.bfloat16) for n, p in block.named_parameters()}
+    xb = x.to(torch.bfloat16)
+    q = F.linear(xb, w["mlp_cls_q.weight"], w["mlp_cls_q.bias"])
+    k = F.linear(xb, w["mlp_cls_k.weight"], w["mlp_cls_k.bias"])
+    v = F.linear(xb, w["mlp_v.weight"], w["mlp_v.bias"])
+    feats = F.linear(
+        F.scaled_dot_product_attention(q, k, v, scale=1.0),
+        w["mlp_res.weight"],
+        w["mlp_res.bias"],
+    )
+    out_bf16 = xb + w["gamma"] * feats
+    assert (out_bf16.float() - ref_out).abs().max() > 1e-3
