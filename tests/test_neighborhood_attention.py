@@ -397,3 +397,78 @@ def test_module_implementations_agree(impl):
     other = _module(16, 4, 5, 2, impl=impl)
     with torch.no_grad():
         torch.testing.assert_close(other(x), ref(x), rtol=0, atol=1e-12)
+
+
+def test_auto_flex_falls_back_to_tiled_when_compiling_fails(caplog):
+    q, k, v, rpb, _ = _inputs(1, 9, 8, 2, 3, dtype=torch.float32)
+    q.requires_grad_(True)
+    calls = []
+
+    def failing_flex(*args):
+        calls.append(args[0].shape)
+        raise RuntimeError(
+            "No valid triton configs. OutOfResources: out of resource: shared memory"
+        )
+
+    with caplog.at_level(logging.WARNING, logger="dinat"):
+        out = dispatch._na2d_auto_flex(q, k, v, rpb, 3, 2, None, flex_fn=failing_flex)
+        again = dispatch._na2d_auto_flex(q, k, v, rpb, 3, 2, None, flex_fn=failing_flex)
+    expected = na2d_reference(q, k, v, rpb, 3, 2)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, expected, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 1  # probed once; the failure is remembered for this configuration
+    warnings = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
+    assert len(warnings) == 1 and "'tiled'" in warnings[0] and "OutOfResources" in warnings[0]
+    out.sum().backward()  # the fallback is differentiable
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_auto_flex_probes_each_configuration_once_and_then_uses_flex():
+    q, k, v, rpb, _ = _inputs(1, 7, 6, 2, 3, dtype=torch.float32)
+    calls = []
+
+    def eager_flex(*args):
+        calls.append(args[0].shape)
+        return na2d_flex(*args, compile=False)
+
+    with torch.no_grad():
+        out = dispatch._na2d_auto_flex(q, k, v, rpb, 3, 1, None, flex_fn=eager_flex)
+        dispatch._na2d_auto_flex(q, k, v, rpb, 3, 1, None, flex_fn=eager_flex)
+    assert len(calls) == 3  # one probe, then the two real calls
+    torch.testing.assert_close(out, na2d_reference(q, k, v, rpb, 3, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_flex_variants_keep_the_recompile_limit_above_their_count():
+    config = torch._dynamo.config
+    saved = (
+        config.recompile_limit,
+        config.accumulated_recompile_limit,
+        set(flex._COMPILED_VARIANTS),
+    )
+    try:
+        flex._COMPILED_VARIANTS.clear()
+        config.recompile_limit = 8
+        variants = set()
+        # A DiNAT-like network: 4 levels of head counts, training and evaluation, rpb on.
+        for level, heads in enumerate((6, 12, 24, 48)):
+            size = 32 >> level
+            x = torch.zeros(2, size, size, heads, 32)
+            bias = torch.zeros(heads, 13, 13, requires_grad=True)
+            for grad in (True, False):
+                with torch.set_grad_enabled(grad):
+                    variant = flex.flex_variant(x, bias, 7, 1)
+                variants.add(variant)
+                flex._reserve_compilation(variant)
+                flex._reserve_compilation(variant)  # the same variant again counts once
+        assert len(variants) == 8 and flex.compiled_variants() == 8
+        assert config.recompile_limit >= 8 + flex._RECOMPILE_HEADROOM
+        assert config.accumulated_recompile_limit >= config.recompile_limit
+        # what makes a new compilation: dtype, the bias, the head count; not the map's values
+        x = torch.zeros(2, 8, 8, 6, 32)
+        assert flex.flex_variant(x, None, 7, 1) != flex.flex_variant(x, bias[:6], 7, 1)
+        assert flex.flex_variant(x.half(), None, 7, 1) != flex.flex_variant(x, None, 7, 1)
+        assert flex.flex_variant(x, None, 7, 1) == flex.flex_variant(x + 1, None, 7, 3)
+    finally:
+        config.recompile_limit, config.accumulated_recompile_limit = saved[:2]
+        flex._COMPILED_VARIANTS.clear()
+        flex._COMPILED_VARIANTS.update(saved[2])

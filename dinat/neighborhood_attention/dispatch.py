@@ -4,7 +4,7 @@ import logging
 
 import torch
 
-from .flex import na2d_flex
+from .flex import flex_variant, na2d_flex
 from .natten_fused import na2d_natten, natten_fused_available
 from .reference import na2d_reference
 from .tiled import na2d_tiled
@@ -21,6 +21,9 @@ _IMPL_FNS = {
     "natten": na2d_natten,
 }
 _LOGGED_CHOICES = set()
+# Flex configurations that passed their first compiled forward (+ backward) / that failed it.
+_FLEX_PROBED = set()
+_FLEX_FAILED = {}
 
 
 def check_impl_name(impl: str) -> None:
@@ -64,7 +67,51 @@ def resolve_attention_impl(impl: str, device, has_rpb: bool) -> str:
     return resolved
 
 
+def _probe_flex(query, key, value, rpb, kernel_size, dilation, scale, flex_fn):
+    """One forward (and, when gradients flow, backward) of ``flex_fn`` on detached copies, so that
+    a kernel that does not compile (e.g. the fp32 backward exceeding the shared memory of GPUs
+    with about 100 KB per block) fails here, where it can be handled, and not in
+    ``loss.backward()``. The compiled kernels are cached: the real call compiles nothing more."""
+
+    def copy(t):
+        return None if t is None else t.detach().requires_grad_(t.requires_grad)
+
+    q, k, v, b = (copy(t) for t in (query, key, value, rpb))
+    out = flex_fn(q, k, v, b, kernel_size, dilation, scale)
+    if out.requires_grad:
+        out.float().sum().backward()
+
+
+def _na2d_auto_flex(query, key, value, rpb, kernel_size, dilation, scale, flex_fn=na2d_flex):
+    """Flex attention chosen by "auto": a configuration whose compilation fails falls back to the
+    tiled implementation (same numbers), with a warning naming the error."""
+    variant = flex_variant(query, rpb, kernel_size, dilation)
+    if variant not in _FLEX_FAILED and variant not in _FLEX_PROBED:
+        try:
+            _probe_flex(query, key, value, rpb, kernel_size, dilation, scale, flex_fn)
+            _FLEX_PROBED.add(variant)
+        except Exception as e:  # any compiler / kernel-resource error: the tiled path still works
+            _FLEX_FAILED[variant] = f"{type(e).__name__}: {e}"
+            logger.warning(
+                "Neighborhood attention: compiled flex attention failed for %s (%s); using the "
+                "'tiled' implementation for it (same numbers, more memory traffic). Set "
+                "MODEL.DINAT.ATTENTION_IMPL to choose explicitly.",
+                variant,
+                _FLEX_FAILED[variant].splitlines()[0][:300],
+            )
+    if variant in _FLEX_FAILED:
+        return na2d_tiled(query, key, value, rpb, kernel_size, dilation, scale)
+    return flex_fn(query, key, value, rpb, kernel_size, dilation, scale)
+
+
 def na2d(query, key, value, rpb, kernel_size: int, dilation=1, scale=None, impl: str = "auto"):
-    """Neighborhood attention with the implementation chosen by :func:`resolve_attention_impl`."""
+    """Neighborhood attention with the implementation chosen by :func:`resolve_attention_impl`.
+
+    With ``impl="auto"`` on CUDA, a flex configuration that does not compile falls back to
+    ``tiled`` with a warning (:func:`_na2d_auto_flex`); an explicitly requested implementation
+    raises its own errors.
+    """
     resolved = resolve_attention_impl(impl, query.device, rpb is not None)
+    if impl == "auto" and resolved == "flex":
+        return _na2d_auto_flex(query, key, value, rpb, kernel_size, dilation, scale)
     return _IMPL_FNS[resolved](query, key, value, rpb, kernel_size, dilation, scale)

@@ -48,7 +48,66 @@ def _flex_mods(height: int, width: int, kernel_size: int, dilation: int, rpb, de
 
 
 _BLOCK_MASKS: Dict[tuple, object] = {}
-_COMPILED_FLEX: Dict[str, Callable] = {}
+_COMPILED: Dict[str, Callable] = {}
+# Configurations the compiled flex attention has been called with (see :func:`flex_variant`).
+_COMPILED_VARIANTS: set = set()
+# Recompilations left for configurations a model has not used yet.
+_RECOMPILE_HEADROOM = 8
+
+
+def _compiled(name: str, fn: Callable) -> Callable:
+    """``torch.compile(fn)``, built once per name."""
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(fn)
+    return _COMPILED[name]
+
+
+def flex_variant(query, rpb, kernel_size: int, dilation: int) -> tuple:
+    """What makes the compiled flex attention specialise: a new value means a new compilation.
+
+    The map size and dilation reach the kernels as tensors (see :func:`_flex_mods`), but the
+    token count, heads, head dimension, dtype, whether gradients flow and whether there is a
+    bias are baked into each compiled variant.
+    """
+    batch, height, width, heads, head_dim = query.shape
+    needs_grad = torch.is_grad_enabled() and (
+        query.requires_grad or (rpb is not None and rpb.requires_grad)
+    )
+    return (
+        batch,
+        height * width,
+        heads,
+        head_dim,
+        query.dtype,
+        needs_grad,
+        rpb is not None,
+        kernel_size,
+        str(query.device),
+    )
+
+
+def compiled_variants() -> int:
+    """Number of configurations the compiled flex attention has been called with so far."""
+    return len(_COMPILED_VARIANTS)
+
+
+def _reserve_compilation(variant: tuple) -> None:
+    """Keep ``torch.compile``'s per-function recompile limit above the number of variants.
+
+    All DiNAT layers share one compiled flex attention; a network uses many variants (head counts
+    per level, training and evaluation, the padded stage), and past the limit (8 by default)
+    Dynamo silently runs the uncompiled flex attention, which materialises the whole score
+    matrix (about 13.5 GB per image at DiNAT-L's dilated first level).
+    """
+    if variant in _COMPILED_VARIANTS:
+        return
+    _COMPILED_VARIANTS.add(variant)
+    config = torch._dynamo.config
+    needed = len(_COMPILED_VARIANTS) + _RECOMPILE_HEADROOM
+    if config.recompile_limit < needed:
+        config.recompile_limit = needed
+    if config.accumulated_recompile_limit < needed:
+        config.accumulated_recompile_limit = needed
 
 
 def _block_mask(height: int, width: int, kernel_size: int, dilation: int, device, compile: bool):
@@ -60,20 +119,15 @@ def _block_mask(height: int, width: int, kernel_size: int, dilation: int, device
         _, mask_mod = _flex_mods(height, width, kernel_size, dilation, None, device)
         tokens = height * width
         # Compiled mask creation works block by block instead of on the dense tokens x tokens grid.
-        _BLOCK_MASKS[cache_key] = create_block_mask(
-            mask_mod, None, None, tokens, tokens, device=device, _compile=compile
-        )
+        build = _compiled("create_block_mask", create_block_mask) if compile else create_block_mask
+        _BLOCK_MASKS[cache_key] = build(mask_mod, None, None, tokens, tokens, device=device)
     return _BLOCK_MASKS[cache_key]
 
 
 def _flex_attention_fn(compile: bool):
     from torch.nn.attention.flex_attention import flex_attention
 
-    if not compile:
-        return flex_attention
-    if "compiled" not in _COMPILED_FLEX:
-        _COMPILED_FLEX["compiled"] = torch.compile(flex_attention)
-    return _COMPILED_FLEX["compiled"]
+    return _compiled("flex_attention", flex_attention) if compile else flex_attention
 
 
 def na2d_flex(query, key, value, rpb, kernel_size, dilation=1, scale=None, compile=None):
@@ -88,6 +142,8 @@ def na2d_flex(query, key, value, rpb, kernel_size, dilation=1, scale=None, compi
     batch, height, width, heads, _ = query.shape
     if compile is None:
         compile = query.device.type == "cuda"
+    if compile:
+        _reserve_compilation(flex_variant(query, rpb, kernel_size, dilation))
     score_mod, _ = _flex_mods(height, width, kernel_size, dilation, rpb, query.device)
     block_mask = _block_mask(height, width, kernel_size, dilation, query.device, compile)
 
