@@ -25,8 +25,12 @@ __all__ = ["build_report", "write_report"]
 
 logger = logging.getLogger(__name__)
 
-# Widest embedded panel (image | ground truth | prediction), pixels; wider ones are shrunk.
+# Embedded panels (image | ground truth | prediction) wider than this are shrunk, narrower
+# than the minimum enlarged by an integer factor (pixels stay square blocks); in pixels.
 _MAX_PANEL_WIDTH = 1140
+_MIN_PANEL_WIDTH = 600
+# Displayed width of the confusion matrix picture (CSS pixels).
+_CONFUSION_WIDTH = 560
 _JPEG_QUALITY = 90
 
 
@@ -83,6 +87,12 @@ def _dataset_section(page: ReportPage, stats: DatasetStatistics) -> None:
 def _panel_jpeg(record, labels, stats: DatasetStatistics, draw_order) -> bytes:
     image = read_image(record["file_name"], format="RGB")
     gt = record_to_label_map(record, draw_order)
+    tiles_width = 3 * image.shape[1]
+    if tiles_width < _MIN_PANEL_WIDTH:  # small images: enlarge before the legend is drawn
+        factor = -(-_MIN_PANEL_WIDTH // tiles_width)
+        image, gt, labels = (
+            np.repeat(np.repeat(a, factor, 0), factor, 1) for a in (image, gt, labels)
+        )
     panel = make_panel(image, gt, labels, stats.palette, stats.class_names)
     if panel.shape[1] > _MAX_PANEL_WIDTH:
         scale = _MAX_PANEL_WIDTH / panel.shape[1]
@@ -127,21 +137,22 @@ def _model_section(
         "class is in neither the ground truth nor the prediction.",
         note=True,
     )
+    page.heading(f"The {len(result.worst)} worst images by per-image mIoU", 3)
+    page.paragraph("image | ground truth | prediction", note=True)
+    for file_name, record, miou, labels in result.worst:
+        page.image(
+            _panel_jpeg(record, labels, stats, draw_order),
+            "image/jpeg",
+            f"{file_name}: image, ground truth and prediction",
+            caption=f"{file_name}: mIoU {miou:.4f}",
+        )
     page.heading("Confusion matrix", 3)
     page.image(
         confusion_matrix_png(result.confusion, stats.class_names),
         "image/png",
         "confusion matrix (rows: ground truth, columns: prediction)",
+        width=_CONFUSION_WIDTH,
     )
-    page.heading(f"The {len(result.worst)} worst images by per-image mIoU", 3)
-    page.paragraph("image | ground truth | prediction", note=True)
-    for record, miou, labels in result.worst:
-        page.image(
-            _panel_jpeg(record, labels, stats, draw_order),
-            "image/jpeg",
-            f"{record['file_name']}: image, ground truth and prediction",
-            caption=f"{record['file_name']}: mIoU {miou:.4f}",
-        )
 
 
 def write_report(

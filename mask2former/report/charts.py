@@ -12,7 +12,7 @@ _DPI = 100
 
 
 def _figure():
-    fig = Figure(figsize=(7.0, 3.2), dpi=_DPI)
+    fig = Figure(figsize=(6.4, 2.6), dpi=_DPI)
     FigureCanvasAgg(fig)
     return fig, fig.add_subplot(1, 1, 1)
 

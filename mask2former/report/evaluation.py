@@ -28,13 +28,14 @@ class ModelEvaluation:
         confusion: (K, K) int64, rows = ground truth, columns = prediction.
         metrics: :func:`~mask2former.evaluation.metrics_from_confusion_matrix` of ``confusion``.
         per_image: (file name, mIoU) of every image, in prediction order.
-        worst: (record, mIoU, predicted label map) of the worst images, lowest mIoU first.
+        worst: (file name, record, mIoU, predicted label map) of the worst images, lowest
+            mIoU first.
     """
 
     confusion: np.ndarray
     metrics: dict
     per_image: List[Tuple[str, float]]
-    worst: List[Tuple[dict, float, np.ndarray]]
+    worst: List[Tuple[str, dict, float, np.ndarray]]
 
 
 class EvaluationSink:
@@ -83,7 +84,7 @@ class EvaluationSink:
         miou = nanmean(class_iou(image_cm))
         self._per_image.append((file_name, miou))
         if self.worst_k and np.isfinite(miou):
-            entry = (-miou, -len(self._per_image), record, labels)
+            entry = (-miou, -len(self._per_image), file_name, record, labels)
             if len(self._worst) < self.worst_k:
                 heapq.heappush(self._worst, entry)
             else:
@@ -91,7 +92,7 @@ class EvaluationSink:
 
     def close(self) -> ModelEvaluation:
         ordered = sorted(self._worst, key=lambda entry: (-entry[0], -entry[1]))
-        worst = [(record, -neg_miou, labels) for neg_miou, _, record, labels in ordered]
+        worst = [(name, record, -neg, labels) for neg, _, name, record, labels in ordered]
         return ModelEvaluation(
             confusion=self._confusion.copy(),
             metrics=metrics_from_confusion_matrix(self._confusion),

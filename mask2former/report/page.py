@@ -99,9 +99,11 @@ class ReportPage:
             f"<tbody>{''.join(rows)}</tbody></table>"
         )
 
-    def image(self, data: bytes, mime: str, alt: str, caption: str = "") -> None:
+    def image(self, data: bytes, mime: str, alt: str, caption: str = "", width: int = 0) -> None:
+        """An embedded picture; ``width`` > 0 displays it that many CSS pixels wide."""
+        style = f' style="width:{int(width)}px"' if width > 0 else ""
         self._parts.append(
-            f'<figure><img src="{data_uri(data, mime)}" alt="{html.escape(alt)}" />'
+            f'<figure><img src="{data_uri(data, mime)}" alt="{html.escape(alt)}"{style} />'
             + (f"<figcaption>{html.escape(caption)}</figcaption>" if caption else "")
             + "</figure>"
         )
