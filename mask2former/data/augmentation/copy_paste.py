@@ -169,13 +169,17 @@ def generate_bank(
     max_tries: int = 20,
     class_names: Optional[Sequence[str]] = None,
     ignore_label: int = 255,
+    background: Optional[int] = 0,
 ) -> str:
     """Write a new bank version under ``bank_root`` and make it current. Returns its folder.
 
     ``class_probs`` maps label -> IoU of the last evaluation (None: uniform class choice).
     ``class_names`` (index = label id) names the json's categories; pixels of ``ignore_label``
     (e.g. unconfident pseudo-label pixels of a target image) stay ignored in the bank's label
-    PNGs and get no polygon. Deterministic for fixed records, IoUs and seed.
+    PNGs and get no polygon, as do the uncovered pixels of records of datasets whose uncovered
+    pixels are ignored (``record["uncovered_label"]``). ``background`` is the label of the
+    Background class (no polygon, no category), None for datasets whose labels are all
+    classes. Deterministic for fixed records, IoUs and seed.
     """
     if num_images <= 0:
         raise ValueError(f"num_images must be positive, got {num_images}")
@@ -218,7 +222,9 @@ def generate_bank(
                 [cv2.IMWRITE_JPEG_QUALITY, 95],
             )
             cv2.imwrite(os.path.join(tmp_dir, "labels", name + ".png"), label_map)
-            for ann in label_map_to_annotations(label_map, ignore_label=ignore_label, background=0):
+            for ann in label_map_to_annotations(
+                label_map, ignore_label=ignore_label, background=background
+            ):
                 annotations.append({"id": len(annotations) + 1, "image_id": i, **ann})
             images.append(
                 {
@@ -234,7 +240,8 @@ def generate_bank(
                 logger.info("copy-paste bank: %d / %d images", i + 1, num_images)
         categories = [
             {"id": c, "name": class_names[c] if class_names else str(c)}
-            for c in range(1, len(class_names) if class_names else max(labels) + 1)
+            for c in range(len(class_names) if class_names else max(labels) + 1)
+            if c != background
         ]
         bank = {
             "images": images,

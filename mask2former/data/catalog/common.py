@@ -5,9 +5,11 @@ Registration is cheap and idempotent; records are loaded the first time ``Datase
 is called, then cached per process (as a pickle: every call returns a fresh copy that callers may
 modify). The cache keeps the records of the most recently loaded datasets only.
 
-Metadata: ``stuff_classes`` (index = label, "Background" at 0 for COCO datasets),
-``stuff_colors``, ``ignore_label``, ``evaluator_type = "lb_sem_seg"``, ``has_ground_truth``, and
-for COCO datasets ``json_file``, ``image_root``, ``category_id_to_label``, ``draw_order``.
+Metadata: ``stuff_classes`` (index = label; "Background" at 0 for COCO datasets whose uncovered
+pixels are background), ``stuff_colors``, ``ignore_label``, ``evaluator_type = "lb_sem_seg"``,
+``has_ground_truth``, and for COCO datasets ``json_file``, ``image_root``,
+``category_id_to_label``, ``draw_order`` and ``uncovered`` (``"background"``: pixels no
+annotation covers are the Background class 0; ``"ignore"``: they get ``ignore_label``).
 """
 
 import collections

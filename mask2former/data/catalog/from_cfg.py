@@ -24,11 +24,12 @@ def register_datasets_from_cfg(cfg):
             ignore_label=ignore_label,
         )
     for entry in cfg.DATASETS.COCO_SEMSEG:
-        if len(entry) != 3:
+        if len(entry) not in (3, 4):
             raise ValueError(
-                f"DATASETS.COCO_SEMSEG entries are [name, json_file, image_root], got {entry}"
+                "DATASETS.COCO_SEMSEG entries are [name, json_file, image_root] or [name, "
+                f"json_file, image_root, uncovered ('background' or 'ignore')], got {entry}"
             )
-        name, json_file, image_root = entry
+        name, json_file, image_root = entry[:3]
         register_coco_semseg(
             name,
             json_file,
@@ -36,6 +37,7 @@ def register_datasets_from_cfg(cfg):
             validation,
             ignore_label=ignore_label,
             draw_order=draw_order,
+            uncovered=entry[3] if len(entry) == 4 else None,
         )
         names.append(name)
     for entry in cfg.DATASETS.LABELMAP_SEMSEG:

@@ -1,6 +1,14 @@
 """COCO-polygon json files: the one reader, the problem catalogue, validation and cleaning."""
 
-from .categories import CategoryMapping, build_category_mapping, read_coco_categories
+from .categories import (
+    UNCOVERED,
+    CategoryMapping,
+    build_category_mapping,
+    check_uncovered,
+    coco_categories,
+    json_uncovered,
+    read_coco_categories,
+)
 from .images import ImageFileInfo, inspect_image_file
 from .json_file import coco_image_names, read_coco_json
 from .problems import PROBLEMS, Problem
@@ -9,6 +17,7 @@ from .validator import CocoSemSegData, load_coco_semseg_json
 
 __all__ = [
     "PROBLEMS",
+    "UNCOVERED",
     "CategoryMapping",
     "CocoSemSegData",
     "ImageFileInfo",
@@ -16,6 +25,9 @@ __all__ = [
     "ValidationPolicy",
     "ValidationReport",
     "build_category_mapping",
+    "check_uncovered",
+    "coco_categories",
+    "json_uncovered",
     "inspect_image_file",
     "load_coco_semseg_json",
     "coco_image_names",

@@ -18,6 +18,8 @@ Categories map to contiguous labels ``1..K`` in increasing json id order (label 
 every pixel no annotation covers). A category named like background (``"_background_"``,
 ``"background"``) maps to label 0 and its annotations are dropped. A real category with id 0
 (TACO's "Aluminium foil") gets a label >= 1 like any other: it never collides with background.
+With ``uncovered="ignore"`` (datasets without a background class) the categories map to
+``0..K-1`` in id order instead, whatever their names, and uncovered pixels are ignored.
 """
 
 import os
@@ -332,7 +334,12 @@ class _CocoValidator:
 
 
 def load_coco_semseg_json(
-    json_file, image_root, policy=None, category_id_to_label=None, max_examples=5
+    json_file,
+    image_root,
+    policy=None,
+    category_id_to_label=None,
+    max_examples=5,
+    uncovered="background",
 ):
     """Load a COCO-polygon json as semantic-segmentation records, validating it.
 
@@ -343,6 +350,8 @@ def load_coco_semseg_json(
         category_id_to_label (dict or None): fixed json category id -> label mapping (default:
             contiguous labels 1..K in id order, background-named categories -> 0).
         max_examples (int): examples kept per problem in the report.
+        uncovered (str): what pixels no annotation covers are, see
+            :func:`~mask2former.data.coco.categories.build_category_mapping`.
 
     Returns:
         CocoSemSegData: ``records`` (Detectron2 dicts: file_name, height, width, image_id,
@@ -358,7 +367,7 @@ def load_coco_semseg_json(
     report = ValidationReport(json_file, policy, max_examples)
     data = read_coco_json(json_file)
     mapping = build_category_mapping(
-        data.get("categories", []), json_file, category_id_to_label, report
+        data.get("categories", []), json_file, category_id_to_label, report, uncovered
     )
     records = _CocoValidator(data, json_file, image_root, policy, mapping, report).run()
     report.log()

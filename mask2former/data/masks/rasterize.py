@@ -177,7 +177,9 @@ def draw_order_indices(annotations, height, width, draw_order="area_desc"):
     return sorted(range(len(annotations)), key=lambda i: sign * areas[i])
 
 
-def polygons_to_label_map(annotations, height, width, draw_order="area_desc", dtype=np.uint8):
+def polygons_to_label_map(
+    annotations, height, width, draw_order="area_desc", dtype=np.uint8, uncovered_label=0
+):
     """Paint COCO annotations into one label map.
 
     Args:
@@ -186,11 +188,14 @@ def polygons_to_label_map(annotations, height, width, draw_order="area_desc", dt
         height, width (int): label map size.
         draw_order (str): one of :data:`DRAW_ORDERS` (see the module docstring).
         dtype: dtype of the label map; label values must fit in it.
+        uncovered_label (int): value of the pixels no annotation covers (0 = background, or the
+            ignore label for datasets without a background class).
 
     Returns:
-        np.ndarray: (height, width) label map, 0 where no annotation covers a pixel.
+        np.ndarray: (height, width) label map, ``uncovered_label`` where no annotation covers a
+        pixel.
     """
-    label = np.zeros((height, width), dtype=dtype)
+    label = np.full((height, width), uncovered_label, dtype=dtype)
     max_label = np.iinfo(dtype).max
     for index in draw_order_indices(annotations, height, width, draw_order):
         ann = annotations[index]
@@ -215,7 +220,9 @@ def record_to_label_map(record, draw_order=None):
     """Ground-truth label map (H x W) of a dataset record.
 
     Reads ``record["sem_seg_file_name"]`` if present (values as stored in the PNG), otherwise
-    rasterises ``record["annotations"]`` at ``record["height"] x record["width"]``.
+    rasterises ``record["annotations"]`` at ``record["height"] x record["width"]``; pixels no
+    annotation covers get ``record["uncovered_label"]`` (set by datasets registered with
+    uncovered pixels ignored), 0 (background) when the record has none.
 
     Args:
         record (dict): a dataset record (Detectron2 format, see :mod:`mask2former.data.catalog`).
@@ -234,4 +241,5 @@ def record_to_label_map(record, draw_order=None):
         record["height"],
         record["width"],
         draw_order=draw_order or "area_desc",
+        uncovered_label=record.get("uncovered_label", 0),
     )

@@ -32,14 +32,25 @@ def labelmaps_to_coco(
         output_json (str): written atomically.
         class_names (list[str]): name per label value; categories are written for every label
             value except ``background`` and ``ignore_label`` (category id = label value).
+            Without a background (``background=None``) the label values must be ``0..K-1``
+            (``ignore_label`` outside them), so that registering the json with its recorded
+            ``info.uncovered = "ignore"`` maps category id ``c`` back to label ``c``.
         image_dir (str or None): folder of the images; ``file_name`` is ``<stem><image_ext>``
             relative to it (default: the label file name).
-        ignore_label, background, min_area, small: see :func:`label_map_to_annotations`.
+        ignore_label, background, min_area, small: see :func:`label_map_to_annotations`;
+            the json's ``info`` records ``uncovered``: ``"background"`` with ``background``
+            (its pixels are what no annotation covers), ``"ignore"`` without one.
         progress (bool): show a progress bar.
 
     Returns:
         ConversionStats
     """
+    if background is None and ignore_label < len(class_names):
+        raise ValueError(
+            f"ignore label {ignore_label} is one of the {len(class_names)} class values: without "
+            "a background the classes must be the label values 0..K-1 and the ignore label "
+            "another value"
+        )
     files = sorted(f for f in os.listdir(label_dir) if f.lower().endswith(".png"))
     if not files:
         raise ValueError(f"No .png label maps in {label_dir}")
@@ -77,6 +88,11 @@ def labelmaps_to_coco(
         for i, n in enumerate(class_names)
         if i != background and i != ignore_label
     ]
-    data = {"images": images, "annotations": annotations, "categories": categories}
+    info = {
+        "description": f"label maps of {os.path.abspath(label_dir)}",
+        # what pixels without an annotation are (read back by the dataset registration)
+        "uncovered": "ignore" if background is None else "background",
+    }
+    data = {"info": info, "images": images, "annotations": annotations, "categories": categories}
     write_json(output_json, data)
     return stats
