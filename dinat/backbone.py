@@ -209,15 +209,19 @@ class DiNAT(Backbone):
 
         self.patch_embed = ConvTokenizer(in_chans, embed_dim)
         drop_paths = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        # Only the levels up to the last returned one are built (and that one without its
+        # downsampler): parameters that never receive a gradient would make
+        # DistributedDataParallel fail. With every level returned this is the official layout.
+        built = max(_LEVEL_NAMES.index(name) for name in self._out_features) + 1
         self.levels = nn.ModuleList()
-        for i in range(num_levels):
+        for i in range(built):
             first = sum(depths[:i])
             self.levels.append(
                 NATLevel(
                     self.num_features[i],
                     dilations[i],
                     drop_paths[first : first + depths[i]],
-                    downsample=i < num_levels - 1,
+                    downsample=i < built - 1,
                     num_heads=num_heads[i],
                     kernel_size=kernel_size,
                     mlp_ratio=mlp_ratio,

@@ -107,6 +107,17 @@ def test_out_features_subset():
     assert not hasattr(model, "norm0") and hasattr(model, "norm1")
 
 
+def test_out_features_subset_builds_only_parameters_that_get_gradients():
+    # DistributedDataParallel (find_unused_parameters=False) fails on any parameter without a
+    # gradient: later levels and the last returned level's downsampler must not exist.
+    model = _tiny(out_features=["res2", "res4"])
+    assert len(model.levels) == 3 and model.levels[2].downsample is None
+    out = model(torch.randn(1, 3, 64, 64))
+    assert list(out) == ["res2", "res4"]
+    sum(o.square().mean() for o in out.values()).backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
+
 # ----------------------------------------------------------------------------- official names
 @pytest.mark.parametrize("layer_scale,rpb", [(None, True), (1e-5, True), (None, False)])
 def test_state_dict_matches_official_names(layer_scale, rpb):

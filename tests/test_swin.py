@@ -83,6 +83,19 @@ def test_out_features_subset_runs_only_needed_stages():
     assert not hasattr(model, "norm0") and hasattr(model, "norm1")
 
 
+def test_out_features_subset_builds_only_parameters_that_get_gradients():
+    # DistributedDataParallel (find_unused_parameters=False) fails on any parameter without a
+    # gradient: later stages and the last returned stage's patch merging must not exist.
+    model = D2SwinTransformer(out_features=["res2", "res3"], **TINY)
+    assert len(model.layers) == 2 and model.layers[1].downsample is None
+    assert model.layers[0].downsample is not None
+    out = model(torch.randn(1, 3, 64, 64))
+    sum(o.square().mean() for o in out.values()).backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+    full = D2SwinTransformer(**TINY)
+    assert len(full.layers) == 4 and full.layers[3].downsample is None
+
+
 def test_build_from_config_registry():
     cfg = get_cfg()
     add_deeplab_config(cfg)

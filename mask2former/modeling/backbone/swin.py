@@ -564,8 +564,12 @@ class SwinTransformer(nn.Module):
 
         # stochastic depth rate of every block, increasing linearly
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        # Only the stages up to the last returned one are built (and that one without its patch
+        # merging): parameters that never receive a gradient would make DistributedDataParallel
+        # fail. With every stage returned (all configs) this is the official layout.
+        built = max(self.out_indices) + 1
         self.layers = nn.ModuleList()
-        for i in range(self.num_layers):
+        for i in range(built):
             self.layers.append(
                 stage_factory(
                     i,
@@ -580,7 +584,7 @@ class SwinTransformer(nn.Module):
                     attn_drop=attn_drop_rate,
                     drop_path=dpr[sum(depths[:i]) : sum(depths[: i + 1])],
                     norm_layer=norm_layer,
-                    downsample=i < self.num_layers - 1,
+                    downsample=i < built - 1,
                     use_checkpoint=use_checkpoint,
                 )
             )
@@ -598,7 +602,7 @@ class SwinTransformer(nn.Module):
             frozen.append(self.patch_embed)
         if self.frozen_stages >= 2:
             frozen.append(self.pos_drop)
-            frozen.extend(self.layers[i] for i in range(self.frozen_stages - 1))
+            frozen.extend(self.layers[: self.frozen_stages - 1])
         for module in frozen:
             module.eval()
             for param in module.parameters():
