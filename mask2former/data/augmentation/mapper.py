@@ -29,6 +29,7 @@ from detectron2.data import transforms as T
 from detectron2.projects.point_rend import ColorAugSSDTransform
 from detectron2.structures import Instances
 
+from ..coco.images import UnreadableImageError, read_image_file
 from ..masks.rasterize import DRAW_ORDERS, record_to_label_map
 
 __all__ = ["MaskFormerSemanticDatasetMapper"]
@@ -37,6 +38,10 @@ logger = logging.getLogger(__name__)
 
 # Pixel value of image padding (as the official mapper).
 _IMAGE_PAD_VALUE = 128
+# Records kept per process as replacements of unreadable images (without fallback_records), and
+# draws of a replacement before giving up.
+_MAX_READ_RECORDS = 1000
+_MAX_DRAWS = 100
 
 
 class MaskFormerSemanticDatasetMapper:
@@ -59,6 +64,8 @@ class MaskFormerSemanticDatasetMapper:
         size_divisibility,
         draw_order="area_desc",
         copy_paste=None,
+        unreadable_image="error",
+        fallback_records=None,
     ):
         """
         Args:
@@ -70,11 +77,21 @@ class MaskFormerSemanticDatasetMapper:
                 padding in the mapper).
             draw_order (str): polygon draw order (see :mod:`.rasterize`).
             copy_paste: None or an object with ``maybe_sample(record, rng) -> record``.
+            unreadable_image (str): an image file that cannot be decoded (truncated, corrupt):
+                "error" stops with its path; "skip" warns once per file and maps another
+                record instead, drawn from ``fallback_records``.
+            fallback_records (list[dict] or None): records an unreadable image is replaced by
+                under "skip" (the training records); None: the records this process has read
+                before (an unreadable first image is then an error).
         """
         if not is_train:
             raise ValueError(
                 "MaskFormerSemanticDatasetMapper is a training mapper; use "
                 "detectron2.data.DatasetMapper(cfg, is_train=False) for inference."
+            )
+        if unreadable_image not in ("skip", "error"):
+            raise ValueError(
+                f"unreadable_image must be 'skip' or 'error', got {unreadable_image!r}"
             )
         if draw_order not in DRAW_ORDERS:
             raise ValueError(f"draw_order must be one of {DRAW_ORDERS}, got {draw_order!r}")
@@ -85,12 +102,16 @@ class MaskFormerSemanticDatasetMapper:
         self.size_divisibility = size_divisibility
         self.draw_order = draw_order
         self.copy_paste = copy_paste
+        self.unreadable_image = unreadable_image
+        self.fallback_records = fallback_records
+        self._skipped_files = set()  # unreadable images skipped by this process
+        self._read_records = []  # records read by this process (fallbacks without a list)
         self._rng_pid = None
         self._rng_generator = None
         logger.info(f"[{self.__class__.__name__}] Augmentations used in training: {augmentations}")
 
     @classmethod
-    def from_config(cls, cfg, is_train=True, copy_paste=None):
+    def from_config(cls, cfg, is_train=True, copy_paste=None, fallback_records=None):
         augs = [
             T.ResizeShortestEdge(
                 cfg.INPUT.MIN_SIZE_TRAIN,
@@ -118,6 +139,8 @@ class MaskFormerSemanticDatasetMapper:
             "size_divisibility": cfg.INPUT.SIZE_DIVISIBILITY,
             "draw_order": cfg.DATASETS.POLYGON_DRAW_ORDER,
             "copy_paste": copy_paste,
+            "unreadable_image": cfg.DATASETS.VALIDATION.UNREADABLE_IMAGE,
+            "fallback_records": fallback_records,
         }
 
     def _rng(self):
@@ -147,18 +170,56 @@ class MaskFormerSemanticDatasetMapper:
         instances.gt_masks = sem_seg[None] == classes[:, None, None]
         return instances
 
+    def _replacement(self, error):
+        """Apply the ``unreadable_image`` policy to a decode failure: raise, or return another
+        record (not known to be unreadable) to map instead."""
+        if self.unreadable_image == "error":
+            raise UnreadableImageError(
+                error.path,
+                f"{error.reason}; set DATASETS.VALIDATION.VERIFY_IMAGES True to find every such "
+                "file at registration, or DATASETS.VALIDATION.UNREADABLE_IMAGE skip",
+            ) from error
+        if error.path not in self._skipped_files:
+            self._skipped_files.add(error.path)
+            logger.warning(
+                "%s; skipped, another image is drawn (%d unreadable image(s) skipped by this "
+                "process)",
+                error,
+                len(self._skipped_files),
+            )
+        pool = self._read_records if self.fallback_records is None else self.fallback_records
+        rng = self._rng()
+        for _ in range(_MAX_DRAWS):
+            if not pool:
+                break
+            record = pool[int(rng.integers(len(pool)))]
+            if record["file_name"] not in self._skipped_files:
+                return record
+        raise UnreadableImageError(
+            error.path,
+            f"{error.reason}; no readable image to draw instead "
+            f"({len(self._skipped_files)} unreadable image(s) skipped by this process)",
+        ) from error
+
     def __call__(self, dataset_dict):
         """
         Args:
             dataset_dict (dict): a dataset record (COCO polygons or ``sem_seg_file_name``).
 
         Returns:
-            dict: see the class docstring.
+            dict: see the class docstring (of a replacement record when the image cannot be
+            decoded and ``unreadable_image`` is "skip").
         """
+        record = dataset_dict
         dataset_dict = copy.deepcopy(dataset_dict)
         if self.copy_paste is not None:
             dataset_dict = self.copy_paste.maybe_sample(dataset_dict, self._rng())
-        image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
+        try:
+            image = read_image_file(dataset_dict["file_name"], format=self.image_format)
+        except UnreadableImageError as e:
+            return self(self._replacement(e))
+        if self.fallback_records is None and len(self._read_records) < _MAX_READ_RECORDS:
+            self._read_records.append(record)
         utils.check_image_size(dataset_dict, image)
         sem_seg = record_to_label_map(dataset_dict, self.draw_order)
         if sem_seg.shape != image.shape[:2]:

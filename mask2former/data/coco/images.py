@@ -1,14 +1,54 @@
 """Image files as the json describes them and as ``read_image`` returns them: header checks,
-EXIF orientation, and the transform that brings annotations into the displayed frame."""
+EXIF orientation, decoding with errors that name the file, and the transform that brings
+annotations into the displayed frame."""
 
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import numpy as np
+from detectron2.data.detection_utils import read_image
 from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_util
 
-__all__ = ["ImageFileInfo", "ImageGeometry", "exif_points_to_displayed", "inspect_image_file"]
+__all__ = [
+    "ImageFileInfo",
+    "ImageGeometry",
+    "UnreadableImageError",
+    "exif_points_to_displayed",
+    "inspect_image_file",
+    "read_image_file",
+]
+
+# What PIL raises for a truncated, corrupt or unknown image file.
+_DECODE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError)
+
+
+class UnreadableImageError(OSError):
+    """An image file that exists but cannot be decoded (truncated, corrupt, not an image).
+
+    ``path`` is the file, ``reason`` what the decoder said."""
+
+    def __init__(self, path, reason):
+        super().__init__(f"{path}: cannot decode the image ({reason})")
+        self.path = path
+        self.reason = reason
+
+
+def read_image_file(path, format=None):
+    """``detectron2.data.detection_utils.read_image`` (EXIF orientation applied), with decode
+    failures raised as :class:`UnreadableImageError` naming the file.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        UnreadableImageError: the file is truncated, corrupt or not an image.
+    """
+    try:
+        return read_image(path, format=format)
+    except FileNotFoundError:
+        raise
+    except _DECODE_ERRORS as e:
+        raise UnreadableImageError(path, f"{type(e).__name__}: {e}") from e
+
 
 _EXIF_ORIENTATION_TAG = 0x0112
 # Orientations whose displayed image has width and height swapped.
@@ -40,7 +80,7 @@ def inspect_image_file(path, verify=False):
             info = ImageFileInfo(tuple(img.size), orientation, img.mode)
             if verify:
                 img.load()
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+    except _DECODE_ERRORS as e:
         return ImageFileInfo(error=f"{type(e).__name__}: {e}")
     if info.orientation not in range(1, 9):
         info.orientation = 1  # read_image ignores invalid orientation values too
