@@ -182,13 +182,19 @@ def add_maskformer2_config(cfg):
     # Stages frozen during training: -1 none, 0 patch embedding, i >= 1 patch embedding +
     # stages < i.
     cfg.MODEL.SWIN.FROZEN_STAGES = -1
+    # Initialisation of the Swin Linear layers before any checkpoint is loaded: "official"
+    # (as the official Mask2Former backbone, which never calls the classifier's init: PyTorch's
+    # default Linear init) or "trunc_normal" (truncated normal std 0.02, zero biases).
+    cfg.MODEL.SWIN.INIT = "official"
 
     # ------------------------------------------------------------------ datasets (project)
     # Competition data root (train_all.json, train.json, val.json, test.json + batch folders).
     # When set, registers trash_train_all, trash_train, trash_val and trash_test.
     cfg.DATASETS.TRASH_ROOT = ""
-    # Extra COCO-polygon datasets, each [name, json_file, image_root]; registered for semantic
-    # segmentation (category ids mapped to contiguous labels 1..K, 0 = background).
+    # Extra COCO-polygon datasets, each [name, json_file, image_root] or [name, json_file,
+    # image_root, uncovered]: uncovered "background" (category ids -> labels 1..K in id order,
+    # uncovered pixels = Background class 0) or "ignore" (ids -> labels 0..K-1, uncovered pixels
+    # = MODEL.SEM_SEG_HEAD.IGNORE_VALUE); default: the json's info.uncovered, else "background".
     cfg.DATASETS.COCO_SEMSEG = []
     # Extra label-map datasets, each [name, image_dir, label_dir, num_classes or [class names]];
     # label PNGs hold class ids (paired with images by file stem), MODEL.SEM_SEG_HEAD.IGNORE_VALUE
@@ -226,6 +232,10 @@ def add_maskformer2_config(cfg):
     # these at registration): "error" stops with the file name (a careful default: no image is
     # dropped unnoticed), "skip" warns once per file with the count and draws another image.
     cfg.DATASETS.VALIDATION.UNREADABLE_IMAGE = "error"
+    # An image that fails to decode while training (truncated / corrupt; only VERIFY_IMAGES finds
+    # these at registration): "error" stops with the file name (a careful default: no image is
+    # dropped unnoticed), "skip" warns once per file with the count and draws another image.
+    cfg.DATASETS.VALIDATION.UNREADABLE_IMAGE = "error"
     # Several images with one id (annotations cannot be attributed): "skip" drops them all, "error".
     cfg.DATASETS.VALIDATION.DUPLICATE_IMAGE_ID = "error"
     # Several image entries naming one file: "fix" merges their annotations, "skip" keeps the first.
@@ -252,6 +262,8 @@ def add_maskformer2_config(cfg):
     cfg.INPUT.COPY_PASTE.BLEND_SIGMA = 0.0
     # Class sampling weights from the last evaluation: "one_minus_iou" or "uniform".
     cfg.INPUT.COPY_PASTE.CLASS_WEIGHTING = "one_minus_iou"
+    # The DATASETS.TEST entry whose per-class IoUs weight the classes ("" = the first one).
+    cfg.INPUT.COPY_PASTE.IOU_DATASET = ""
     # Bank folder (relative paths are inside OUTPUT_DIR).
     cfg.INPUT.COPY_PASTE.DIR = "copy_paste_bank"
 
