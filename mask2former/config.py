@@ -232,10 +232,6 @@ def add_maskformer2_config(cfg):
     # these at registration): "error" stops with the file name (a careful default: no image is
     # dropped unnoticed), "skip" warns once per file with the count and draws another image.
     cfg.DATASETS.VALIDATION.UNREADABLE_IMAGE = "error"
-    # An image that fails to decode while training (truncated / corrupt; only VERIFY_IMAGES finds
-    # these at registration): "error" stops with the file name (a careful default: no image is
-    # dropped unnoticed), "skip" warns once per file with the count and draws another image.
-    cfg.DATASETS.VALIDATION.UNREADABLE_IMAGE = "error"
     # Several images with one id (annotations cannot be attributed): "skip" drops them all, "error".
     cfg.DATASETS.VALIDATION.DUPLICATE_IMAGE_ID = "error"
     # Several image entries naming one file: "fix" merges their annotations, "skip" keeps the first.
