@@ -1,5 +1,6 @@
 """Optimizer of the Mask2Former recipe: AdamW/SGD with per-parameter hyper-parameters
-(backbone LR multiplier, no weight decay on norms / embeddings / relative position tables) and
+(backbone LR multiplier, no weight decay on norms / ``nn.Embedding`` modules / Swin position tables;
+plain parameters such as the pixel decoder's ``level_embed`` keep ``SOLVER.WEIGHT_DECAY``) and
 optional gradient clipping over the full model (``SOLVER.CLIP_GRADIENTS.CLIP_TYPE "full_model"``).
 """
 
@@ -46,7 +47,7 @@ def get_param_groups(cfg, model: torch.nn.Module) -> List[Dict[str, Any]]:
                 weight_decay = 0.0
             if isinstance(module, NORM_MODULE_TYPES):
                 weight_decay = cfg.SOLVER.WEIGHT_DECAY_NORM
-            if isinstance(module, torch.nn.Embedding) or name == "level_embed":
+            if isinstance(module, torch.nn.Embedding):
                 weight_decay = cfg.SOLVER.WEIGHT_DECAY_EMBED
             groups.append({"params": [param], "lr": lr, "weight_decay": weight_decay})
     return groups

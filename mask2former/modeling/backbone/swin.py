@@ -335,9 +335,15 @@ class PatchMerging(nn.Module):
         return self.reduction(self.norm(x.view(b, -1, 4 * c)))
 
 
+# Initialisations of the Linear layers (``SwinTransformer(init=...)``, ``MODEL.SWIN.INIT``).
+SWIN_INITS = ("official", "trunc_normal")
+
+
 def init_swin_weights(module: nn.Module):
-    """The official Swin initialisation of the Linear and LayerNorm layers under ``module``
-    (weights are normally loaded from a checkpoint), in module order.
+    """The Swin classifier's ``init_weights`` for the Linear and LayerNorm layers under
+    ``module`` (truncated normal std 0.02, zero biases), in module order. The official
+    Mask2Former ``D2SwinTransformer`` never calls it (``init="official"`` keeps PyTorch's default
+    init); ``init="trunc_normal"`` applies it.
 
     Modules whose class sets ``keeps_own_init = True`` (an extension's layers with their own
     official initialisation, e.g. SeMask's semantic attention) are left as they are, with
@@ -507,6 +513,9 @@ class SwinTransformer(nn.Module):
         stage_factory: ``stage_factory(index, **stage_kwargs)`` builds stage ``index`` from the
             :class:`SwinStage` arguments; the stage is called as ``stage(x, h, w)`` and returns
             a :class:`StageOutput`.
+        init: "official" (the official Mask2Former backbone: Linear layers keep PyTorch's
+            default init) or "trunc_normal" (:func:`init_swin_weights`). The relative position
+            tables (and ``absolute_pos_embed``) are truncated normal std 0.02 in both.
     """
 
     def __init__(
@@ -531,8 +540,11 @@ class SwinTransformer(nn.Module):
         frozen_stages: int = -1,
         use_checkpoint: bool = False,
         stage_factory: Callable[..., nn.Module] = swin_stage,
+        init: str = "official",
     ):
         super().__init__()
+        if init not in SWIN_INITS:
+            raise ValueError(f"Swin init must be one of {SWIN_INITS}, got {init!r}")
         if len(depths) != len(num_heads):
             raise ValueError(f"depths {depths} and num_heads {num_heads} differ in length")
         self.pretrain_img_size = pretrain_img_size
@@ -591,7 +603,8 @@ class SwinTransformer(nn.Module):
         for i in self.out_indices:
             self.add_module(f"norm{i}", norm_layer(self.num_features[i]))
 
-        init_swin_weights(self)
+        if init == "trunc_normal":
+            init_swin_weights(self)
         if ape:
             nn.init.trunc_normal_(self.absolute_pos_embed, std=0.02)
         self._freeze_stages()
@@ -698,6 +711,7 @@ class D2SwinTransformer(SwinTransformer, Backbone):
             "frozen_stages": swin.FROZEN_STAGES,
             "use_checkpoint": swin.USE_CHECKPOINT,
             "out_features": swin.OUT_FEATURES,
+            "init": swin.INIT,
         }
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
