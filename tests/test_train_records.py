@@ -7,7 +7,11 @@ import numpy as np
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from mask2former.data.catalog import TRASH_CLASSES, register_trash_dataset
+from mask2former.data.catalog import (
+    TRASH_CLASSES,
+    register_datasets_from_cfg,
+    register_trash_dataset,
+)
 from mask2former.data.catalog.pseudo import register_pseudo_label_dataset
 from mask2former.data.catalog.train_records import has_ground_truth, train_dataset_records
 from mask2former.data.offline.synthetic import generate_synthetic_trash
@@ -78,3 +82,25 @@ def test_trainer_train_loader_draws_a_batch(datasets, order):
     batch = next(iter(Trainer.build_train_loader(cfg)))
     assert len(batch) == 4
     assert all(d["sem_seg"].shape == (32, 32) for d in batch)
+
+
+@pytest.fixture
+def trash_names():
+    names = []
+    yield names
+    for name in names:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+
+
+def test_corrupt_unused_split_does_not_block_training(tmp_path, trash_names):
+    root = tmp_path / "data"
+    generate_synthetic_trash(str(root), num_train=2, num_val=1, num_test=1, image_size=32, seed=0)
+    (root / "test.json").write_text('{"images": [')  # truncated
+    cfg = get_project_cfg()
+    cfg.DATASETS.TRASH_ROOT = str(root)
+    trash_names.extend(register_datasets_from_cfg(cfg))
+    assert "trash_test" in trash_names
+    assert len(train_dataset_records(["trash_train"], filter_empty=True)) == 2
+    with pytest.raises(ValueError, match=r"test\.json: not valid JSON"):
+        DatasetCatalog.get("trash_test")
