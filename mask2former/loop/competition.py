@@ -56,6 +56,14 @@ class LoopSettings:
         pseudo_threshold: minimum soft-vote probability of a pseudo-labelled pixel.
         extra_opts: config overrides ``[KEY, VALUE, ...]`` of every model.
         ensemble_workers: worker processes of ``tools/ensemble.py``.
+        tta: also score (and dump) models A and B with TTA; the ensemble then votes the TTA
+            dumps.
+        crf_presets: DenseCRF presets of the CRF rows (None: every preset); the first one
+            is used by the agreement rows.
+        all_ensemble_rows: plain soft vote, one row per CRF preset, and the mode filter row;
+            False: only the vote + CRF + agreement overwrite row.
+        pseudo_ignore_in_mask: the ``IGNORE_IN_MASK_LOSS`` values of the retrained models.
+        repo_root: working directory of the tools (the repository root).
     """
 
     data_root: str
@@ -77,6 +85,10 @@ class LoopSettings:
     pseudo_threshold: float = 0.9
     extra_opts: List[str] = field(default_factory=list)
     ensemble_workers: int = 2
+    tta: bool = True
+    crf_presets: Optional[Sequence[str]] = None
+    all_ensemble_rows: bool = True
+    pseudo_ignore_in_mask: Sequence[bool] = (True, False)
     repo_root: str = "."
 
     def __post_init__(self):
@@ -220,16 +232,15 @@ class _Loop:
     def row(self, group, name, score, reference, step_names):
         self.rows.append((group, name, score, reference, step_names))
 
-    def model(self, group, name, config, seed, iters, opts=(), reference=None, tta=True, **kw):
-        out_dir = self.train(group, name, config, seed, iters, opts, **kw)
+    def model(self, group, name, config, seed, iters, opts=(), reference=None, tta=True):
+        out_dir = self.train(group, name, config, seed, iters, opts)
         weights = os.path.join(out_dir, "model_final.pth")
-        _, score, dump = self.predict(group, name, config, weights, probs=tta)
+        _, score, dump = self.predict(group, name, config, weights)
         self.row(group, name, score, reference, [f"train_{name}", f"predict_{name}"])
-        tta_dump = None
         if tta:
-            _, tta_score, tta_dump = self.predict(group, f"{name}_tta", config, weights, tta=True)
+            _, tta_score, dump = self.predict(group, f"{name}_tta", config, weights, tta=True)
             self.row(group, f"{name} + TTA", tta_score, reference, [f"predict_{name}_tta"])
-        return out_dir, tta_dump
+        return out_dir, dump
 
     def ensemble(self, name, dumps, extra, reference):
         score_dir = self.path("scores", name)
@@ -247,16 +258,22 @@ class _Loop:
         s = self.s
         self.convert()
         iters = s.budget_iters
-        _, dump_a = self.model("models", "A", s.config_a, s.seed_a, iters)
-        _, dump_b = self.model("models", "B", s.config_b, s.seed_b, iters, reference="A")
+        _, dump_a = self.model("models", "A", s.config_a, s.seed_a, iters, tta=s.tta)
+        _, dump_b = self.model("models", "B", s.config_b, s.seed_b, iters, reference="A", tta=s.tta)
         dumps = [dump_a, dump_b]
-        self.ensemble("A+B", dumps, [], "A")
-        for preset in sorted(CRF_PRESETS):
-            self.ensemble(f"A+B_crf_{preset}", dumps, ["--crf", preset], "A")
-        best_crf = "default" if "default" in CRF_PRESETS else sorted(CRF_PRESETS)[0]
-        post = ["--crf", best_crf, "--agreement-overwrite"]
-        self.ensemble(f"A+B_crf_{best_crf}_agreement", dumps, post, "A")
-        self.ensemble(f"A+B_crf_{best_crf}_agreement_mode", dumps, post + ["--mode-filter"], "A")
+        presets = list(CRF_PRESETS) if s.crf_presets is None else list(s.crf_presets)
+        unknown = sorted(set(presets) - set(CRF_PRESETS))
+        if not presets or unknown:
+            raise ValueError(f"crf_presets {presets}: choose from {sorted(CRF_PRESETS)}")
+        if s.all_ensemble_rows:
+            self.ensemble("A+B", dumps, [], "A")
+            for preset in presets:
+                self.ensemble(f"A+B_crf_{preset}", dumps, ["--crf", preset], "A")
+        post = ["--crf", presets[0], "--agreement-overwrite"]
+        self.ensemble(f"A+B_crf_{presets[0]}_agreement", dumps, post, "A")
+        if s.all_ensemble_rows:
+            mode = post + ["--mode-filter"]
+            self.ensemble(f"A+B_crf_{presets[0]}_agreement_mode", dumps, mode, "A")
 
         pseudo_dir = self.path("pseudo", "val")
         pseudo_json = os.path.join(pseudo_dir, "pseudo.json")
@@ -272,7 +289,7 @@ class _Loop:
             "DATASETS.PSEUDO_LABELS", repr(pseudo_entry),
             "DATALOADER.FILTER_EMPTY_ANNOTATIONS", "True",
         ]  # fmt: skip
-        for flag in (True, False):
+        for flag in s.pseudo_ignore_in_mask:
             name = f"A_pseudo_ignore_mask_{'on' if flag else 'off'}"
             opts = pseudo_opts + ["MODEL.MASK_FORMER.IGNORE_IN_MASK_LOSS", str(flag)]
             train_sets = ("loop_train", "loop_val_pseudo")
