@@ -22,6 +22,7 @@ import os
 
 from ..coco import (
     ValidationPolicy,
+    check_not_pseudo_labels,
     check_uncovered,
     coco_categories,
     json_uncovered,
@@ -116,17 +117,25 @@ def register_coco_semseg(
         raise FileNotFoundError(f"Dataset {name!r}: no json file {json_file}")
     json_file, image_root = os.path.abspath(json_file), os.path.abspath(image_root)
     policy = ValidationPolicy.from_cfg(cfg_validation)
+    # A broken json blocks no other dataset: the loader raises the error (naming the file)
+    # when the dataset is first loaded. Configuration mistakes (a pseudo-label json, an
+    # uncovered choice contradicting the json) are raised here.
+    mapping = None
     try:
         data = read_coco_json(json_file)
     except ValueError as e:
-        # raised again, naming the file, when the dataset is first loaded
         logger.warning(f"Dataset {name!r} cannot be loaded: {e}")
         data = None
     if data is not None:
         uncovered = resolve_uncovered(uncovered, data, json_file)
-        mapping, has_ground_truth = coco_categories(
-            data, json_file, category_id_to_label, uncovered
-        )
+        check_not_pseudo_labels(data, json_file)
+        try:
+            mapping, has_ground_truth = coco_categories(
+                data, json_file, category_id_to_label, uncovered
+            )
+        except ValueError as e:
+            logger.warning(f"Dataset {name!r} cannot be loaded: {e}")
+    if mapping is not None:
         mapping = dict(mapping.category_id_to_label), mapping.class_names
     else:
         uncovered = uncovered or "background"

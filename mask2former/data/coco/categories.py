@@ -11,6 +11,7 @@ __all__ = [
     "UNCOVERED",
     "CategoryMapping",
     "build_category_mapping",
+    "check_not_pseudo_labels",
     "check_uncovered",
     "coco_categories",
     "json_uncovered",
@@ -109,8 +110,8 @@ def json_uncovered(data, json_file):
     return uncovered
 
 
-def coco_categories(data, json_file, category_id_to_label=None, uncovered="background"):
-    """:func:`read_coco_categories` of an already parsed json ``data``."""
+def check_not_pseudo_labels(data, json_file):
+    """Refuse a pseudo-label json (``tools/pseudo_label.py``) where a plain COCO json is read."""
     if "pseudo_labels" in data:
         # its polygons leave out the ignored (not confident) pixels: read as a plain COCO json
         # they would silently become background
@@ -118,6 +119,11 @@ def coco_categories(data, json_file, category_id_to_label=None, uncovered="backg
             f"{json_file} is a pseudo-label split (tools/pseudo_label.py): register it with "
             "DATASETS.PSEUDO_LABELS, which reads its label PNGs with their ignored pixels"
         )
+
+
+def coco_categories(data, json_file, category_id_to_label=None, uncovered="background"):
+    """:func:`read_coco_categories` of an already parsed json ``data``."""
+    check_not_pseudo_labels(data, json_file)
     mapping = build_category_mapping(
         data.get("categories", []), json_file, category_id_to_label, uncovered=uncovered
     )
