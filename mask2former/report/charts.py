@@ -11,16 +11,15 @@ __all__ = ["objects_per_image_png", "object_size_png"]
 _DPI = 100
 
 
-def _figure():
-    fig = Figure(figsize=(6.4, 2.6), dpi=_DPI)
+def _figure(width=6.4):
+    fig = Figure(figsize=(width, 2.6), dpi=_DPI)
     FigureCanvasAgg(fig)
     return fig, fig.add_subplot(1, 1, 1)
 
 
 def _png(fig):
-    fig.tight_layout()
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
+    fig.savefig(buffer, format="png", bbox_inches="tight")  # keeps an outside legend
     return buffer.getvalue()
 
 
@@ -42,7 +41,7 @@ def object_size_png(object_labels, object_areas, class_names, palette, bins=24):
     """
     labels = np.asarray(object_labels, dtype=np.int64)
     areas = np.maximum(np.asarray(object_areas, dtype=np.float64), 1.0)
-    fig, ax = _figure()
+    fig, ax = _figure(width=7.6)
     if areas.size:
         edges = np.logspace(0, np.log10(areas.max()) + 1e-6, bins + 1)
         present = [c for c in range(len(class_names)) if np.any(labels == c)]
@@ -56,7 +55,7 @@ def object_size_png(object_labels, object_areas, class_names, palette, bins=24):
             linewidth=0.3,
         )
         ax.set_xscale("log")
-        ax.legend(fontsize=7, ncol=2, loc="upper left", frameon=False)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.set_xlabel("object size (pixels)")
     ax.set_ylabel("objects")
     ax.grid(axis="y", alpha=0.3)
