@@ -311,8 +311,10 @@ def test_crf_image_errors_name_the_file(three_dumps, tmp_path):
 
 def test_label_png_path():
     assert label_png_path("out", "batch_01_vt/0002.jpg") == os.path.join(
-        "out", "batch_01_vt", "0002.png"
+        "out", "batch_01_vt", "0002.jpg.png"
     )
+    # one stem, two extensions: two label files
+    assert label_png_path("out", "img/one.jpg") != label_png_path("out", "img/one.png")
     with pytest.raises(ValueError, match="not a relative path"):
         label_png_path("out", "../x.jpg")
 

@@ -238,8 +238,8 @@ def test_writer_outputs(source, tmp_path):
     assert data["categories"] == src["categories"]
     # the source's entries (ids, file_names, sizes, other keys) + sem_seg_file_name, json order
     assert data["images"] == [
-        dict(src["images"][0], sem_seg_file_name="labels/a/x.png"),
-        dict(src["images"][1], sem_seg_file_name="labels/b/x.png"),
+        dict(src["images"][0], sem_seg_file_name="labels/a/x.jpg.png"),
+        dict(src["images"][1], sem_seg_file_name="labels/b/x.jpg.png"),
     ]
     assert (
         data["pseudo_labels"]["ignore_label"] == IGNORE
@@ -264,7 +264,7 @@ def test_writer_outputs(source, tmp_path):
         }
         confident_objects = np.where((expected == 0) | (expected == IGNORE), 0, expected)
         assert record_to_label_map(record).tolist() == confident_objects.tolist()
-    first = np.asarray(Image.open(out / "labels/a/x.png"))
+    first = np.asarray(Image.open(out / "labels/a/x.jpg.png"))
     assert (first[0] == IGNORE).all() and (first[7, 8:10] == IGNORE).all() and (first[7, 7] == 2)
     assert report["images_in_json"] == 2 and report["images_without_confident_pixels"] == 1
     assert report["examples_without_confident_pixels"] == ["b/y.jpg"]
@@ -274,7 +274,7 @@ def test_writer_outputs(source, tmp_path):
     assert [c["pseudo_pixels"] for c in stats["per_class"]] == [
         sum(int((pseudo_label_map(p, 0.9) == c).sum()) for p in probs.values()) for c in range(3)
     ]
-    assert not (out / "labels/b/y.png").exists()
+    assert not (out / "labels/b/y.jpg.png").exists()
 
 
 def test_writer_is_atomic(source, tmp_path):
@@ -332,10 +332,12 @@ def test_writer_errors(source, tmp_path):
         ) as w:
             w.add("a/x.jpg", probs["a/x.jpg"])
     data = json.loads(json_file.read_text())
-    data["images"][2]["file_name"] = "a/x.png"  # same label file as a/x.jpg
+    data["images"][2]["file_name"] = "a/./x.jpg"  # same label file as a/x.jpg
     collide = tmp_path / "collide.json"
     collide.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match=r"collide\.json.*share the label file labels/a/x\.png"):
+    with pytest.raises(
+        ValueError, match=r"collide\.json.*share the label file labels/a/x\.jpg\.png"
+    ):
         PseudoLabelWriter(str(tmp_path / "o"), str(collide), CLASSES, 0.9)
     assert sorted(os.listdir(tmp_path)) == ["collide.json", "data"]
 

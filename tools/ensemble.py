@@ -29,7 +29,13 @@ from mask2former.data.coco import coco_image_names
 from mask2former.engine import build_cfg
 from mask2former.inference.ensemble import SoftVotingEnsemble
 from mask2former.inference.pipeline import EnsemblePipeline
-from mask2former.inference.sinks import LabelPngSink, ProbDumpSink, ScoreSink, SubmissionSink
+from mask2former.inference.sinks import (
+    LabelPngSink,
+    ProbDumpSink,
+    ScoreSink,
+    SubmissionSink,
+    write_predictions,
+)
 from mask2former.postprocess.crf import CRF_PRESETS, DEFAULT_ITERATIONS
 from semask import add_semask_config
 
@@ -86,9 +92,7 @@ def parse_args(argv=None):
         "--mode-filter", action="store_true", help="3x3 mode filter of the labels (last step)"
     )
     p.add_argument("--submission", help="write the submission CSV here (rows in the json's order)")
-    p.add_argument(
-        "--labels", help="write label PNGs here (<folder>/<file_name without extension>.png)"
-    )
+    p.add_argument("--labels", help="write label PNGs here (<folder>/<file_name>.png)")
     p.add_argument(
         "--probs",
         help="write the soft vote (the CRF marginals with --crf) as a new dump; "
@@ -202,20 +206,17 @@ def main(argv=None):
         args.mode_filter,
     )
 
-    sinks = {}
+    sinks = {}  # the score first: its class check fails before any other output is started
+    if args.score:
+        sinks["score"] = ScoreSink(dataset, args.score_dir, class_names=ensemble.class_names)
     if args.submission:
         sinks["submission"] = SubmissionSink(args.submission, file_names)
     if args.probs:
         sinks["probs"] = ProbDumpSink(args.probs, ensemble.class_names, ensemble.description())
     if args.labels:
         sinks["labels"] = LabelPngSink(args.labels)
-    if args.score:
-        sinks["score"] = ScoreSink(dataset, args.score_dir, class_names=ensemble.class_names)
     predictions = pipeline.predictions(file_names, workers=args.workers)
-    for pred in tqdm(predictions, total=len(file_names), desc="ensemble"):
-        for sink in sinks.values():
-            sink.add(pred.file_name, pred.labels, pred.probs)
-    results = {name: sink.close() for name, sink in sinks.items()}
+    results = write_predictions(tqdm(predictions, total=len(file_names), desc="ensemble"), sinks)
     score = results.get("score")
 
     if args.submission:

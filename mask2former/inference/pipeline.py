@@ -9,8 +9,8 @@ import os
 from typing import Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
-from detectron2.data.detection_utils import read_image
 
+from ..data.coco.images import read_image_file
 from ..postprocess.agreement import agreement_map, agreement_overwrite, check_min_agree
 from ..postprocess.crf import DEFAULT_ITERATIONS, CRFParams, dense_crf
 from ..postprocess.labels import argmax_labels
@@ -87,11 +87,15 @@ class EnsemblePipeline:
 
     def read_image(self, file_name: str) -> np.ndarray:
         """The RGB uint8 image of a dump key (C-contiguous, EXIF orientation applied like
-        ``tools/predict.py``), checked against the dumps' size."""
+        ``tools/predict.py``), checked against the dumps' size.
+
+        Raises:
+            FileNotFoundError, UnreadableImageError: naming the image file.
+        """
         path = os.path.join(self.image_root, file_name)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{file_name!r}: no image {path} (check --image-root)")
-        image = np.ascontiguousarray(read_image(path, format="RGB"))
+        image = np.ascontiguousarray(read_image_file(path, format="RGB"))
         size = self.ensemble.size_of(file_name)
         if image.shape[:2] != size:
             raise ValueError(

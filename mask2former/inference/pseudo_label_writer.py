@@ -6,15 +6,17 @@ the ignore label elsewhere) -> :class:`PseudoLabelWriter` (label PNGs + COCO jso
 :func:`mask2former.data.catalog.pseudo.register_pseudo_label_dataset` (``DATASETS.PSEUDO_LABELS``)
 -> train on ``DATASETS.TRAIN ("trash_train", "trash_test_pseudo")``.
 
-Layout of a pseudo-labeled split (built in a temporary folder next to it, renamed into place)::
+Layout of a pseudo-labeled split (built in a hidden temporary folder next to it,
+``.tmp_<name>.<pid>.<random>``, renamed into place; a temporary of a killed run is removed by the
+next run)::
 
     OUT/pseudo.json                  COCO json: the source json's images (same ids, file_names,
                                      sizes) + "sem_seg_file_name" (relative to OUT), polygons of
                                      the confident regions, the source json's categories, and a
                                      "pseudo_labels" entry with the settings
-    OUT/labels/batch_03/0001.png     uint8 label map (label values of the model, ignore 255),
-                                     mirroring the image's file_name (no stem collisions across
-                                     batch folders; the images themselves are not copied)
+    OUT/labels/batch_03/0001.jpg.png uint8 label map (label values of the model, ignore 255),
+                                     mirroring the image's file_name, extension kept (no name
+                                     collisions; the images themselves are not copied)
     OUT/report.json                  settings and statistics (per-class confident fractions)
 
 Only the label PNGs carry the ignored pixels: a COCO polygon json cannot express an ignore region
@@ -29,17 +31,16 @@ import json
 import logging
 import os
 import shutil
-import uuid
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 from tabulate import tabulate
 from tqdm import tqdm
 
-from ..data.coco import build_category_mapping, read_coco_json
+from ..data.coco import build_category_mapping, check_uncovered, read_coco_json
 from ..data.masks.trace import label_map_to_annotations
 from ..postprocess.confidence import PseudoLabelStats, pseudo_label_map, threshold_per_class
-from ..utils.io import format_examples, replace_directory
+from ..utils.io import format_examples, make_temporary_directory, replace_directory
 from .ensemble import SoftVotingEnsemble
 from .sinks import LabelPngSink, label_png_path
 
@@ -64,8 +65,7 @@ _MAX_EXAMPLES = 5
 
 
 def _label_path(file_name: str, json_file: str) -> str:
-    """``labels/<file_name without extension>.png``, relative to the split's folder,
-    "/"-separated."""
+    """``labels/<file_name>.png``, relative to the split's folder, "/"-separated."""
     try:
         path = label_png_path(LABEL_DIR_NAME, file_name)
     except ValueError as e:
@@ -105,6 +105,8 @@ class PseudoLabelWriter:
         image_root: Optional[str] = None,
         sources: Sequence[str] = (),
         overwrite: bool = False,
+        source_data: Optional[dict] = None,
+        uncovered: str = "background",
     ):
         """
         Args:
@@ -118,9 +120,18 @@ class PseudoLabelWriter:
                 exist there.
             sources (list[str]): where the probabilities come from (recorded in the report).
             overwrite (bool): replace an existing ``output_dir`` when the new one is complete.
+            source_data (dict or None): the images and categories, as a COCO dict, of a source
+                without a json file (a label-map dataset, see
+                :func:`~mask2former.data.catalog.common.dataset_images_source`);
+                ``source_json`` then only names the source in messages and the report.
+            uncovered (str): the source's meaning of label 0: ``"background"`` (``class_names``
+                start with Background, which gets no polygon) or ``"ignore"`` (every label is
+                a category of the source, in id order); recorded in the json.
         """
+        check_uncovered(uncovered, source_json)
+        self.uncovered = uncovered
         self.output_dir = os.path.abspath(output_dir)
-        self.source_json = os.path.abspath(source_json)
+        self.source_json = os.path.abspath(source_json) if source_data is None else source_json
         self.class_names = list(class_names)
         self.image_root = os.path.abspath(image_root) if image_root else None
         self.settings = {
@@ -148,7 +159,7 @@ class PseudoLabelWriter:
         self.overwrite = overwrite
         self._check_output_dir()
 
-        data = read_coco_json(self.source_json)
+        data = source_data if source_data is not None else read_coco_json(self.source_json)
         self._categories = data.get("categories", [])
         self._label_to_category = self._label_to_category_ids(self._categories)
         self._licenses = data.get("licenses")
@@ -162,12 +173,8 @@ class PseudoLabelWriter:
         self._empty: List[str] = []
         self.num_annotations = 0
         self.stats = PseudoLabelStats(len(self.class_names))
-        # A folder with the permissions of a normal one (umask), unlike tempfile.mkdtemp's 0700.
-        self._tmp_dir = os.path.join(
-            os.path.dirname(self.output_dir),
-            f".tmp_{os.path.basename(self.output_dir)}_{os.getpid()}_{uuid.uuid4().hex[:8]}",
-        )
-        os.makedirs(self._tmp_dir)
+        # Removes the temporaries of killed runs first; normal permissions (umask).
+        self._tmp_dir = make_temporary_directory(self.output_dir)
         self._label_pngs = LabelPngSink(os.path.join(self._tmp_dir, LABEL_DIR_NAME))
         self._annotations_file = open(os.path.join(self._tmp_dir, ".annotations.jsonl"), "w")
         self._closed = False
@@ -175,19 +182,26 @@ class PseudoLabelWriter:
     def _check_output_dir(self):
         if os.path.exists(self.output_dir) and not self.overwrite:
             raise FileExistsError(f"{self.output_dir} exists (pass overwrite to replace it)")
-        for what, path in (("source json", self.source_json), ("image root", self.image_root)):
+        json_file = self.source_json if os.path.isfile(self.source_json) else None
+        for what, path in (("source json", json_file), ("image root", self.image_root)):
             if path and _is_inside(path, self.output_dir):
                 raise ValueError(f"the output folder {self.output_dir} contains the {what} {path}")
 
     def _label_to_category_ids(self, categories) -> Dict[int, int]:
-        mapping = build_category_mapping(categories, self.source_json)
-        json_names = mapping.class_names
-        if [n.lower() for n in json_names[1:]] != [str(n).lower() for n in self.class_names[1:]]:
+        mapping = build_category_mapping(categories, self.source_json, uncovered=self.uncovered)
+        first = 1 if self.uncovered == "background" else 0
+        json_names = mapping.class_names[first:]
+        if [n.lower() for n in json_names] != [str(n).lower() for n in self.class_names[first:]]:
             raise ValueError(
-                f"{self.source_json}: categories {json_names[1:]} (in id order) do not match the "
-                f"probabilities' classes {self.class_names[1:]} (after background)"
+                f"{self.source_json}: categories {json_names} (in id order) do not match the "
+                f"probabilities' classes {self.class_names[first:]}"
+                + (" (after background)" if first else "")
             )
-        return {label: cid for cid, label in mapping.category_id_to_label.items() if label != 0}
+        return {
+            label: cid
+            for cid, label in mapping.category_id_to_label.items()
+            if label != 0 or not first
+        }
 
     def _index_images(self):
         problems, by_label_path, ids = [], {}, set()
@@ -254,7 +268,8 @@ class PseudoLabelWriter:
             self._empty.append(file_name)
             return
         self._label_pngs.add(file_name, label)
-        for ann in label_map_to_annotations(label, ignore_label=ignore, background=0):
+        background = 0 if self.uncovered == "background" else None
+        for ann in label_map_to_annotations(label, ignore_label=ignore, background=background):
             self.num_annotations += 1
             ann.update(
                 id=self.num_annotations,
@@ -274,7 +289,10 @@ class PseudoLabelWriter:
         head = {
             "info": {"description": f"pseudo-labels of {self.source_json}"},
             "pseudo_labels": dict(
-                self.settings, source_json=self.source_json, sources=self.sources
+                self.settings,
+                source_json=self.source_json,
+                sources=self.sources,
+                uncovered=self.uncovered,
             ),
             "images": images,
             "categories": self._categories,
@@ -321,6 +339,7 @@ class PseudoLabelWriter:
                 f"{self.source_json}: "
                 f"lower the threshold ({self.settings['threshold']})"
             )
+        self._label_pngs.close()
         self._write_json(os.path.join(self._tmp_dir, PSEUDO_JSON_NAME))
         report = self.report()
         with open(os.path.join(self._tmp_dir, REPORT_NAME), "w") as f:

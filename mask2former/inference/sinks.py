@@ -3,7 +3,12 @@
 ``file_name`` is the image's key (its ``file_name`` as written in the dataset's COCO json, see
 :func:`~mask2former.data.catalog.common.dataset_file_names`), ``labels`` its (H, W) integer
 label map at the original size, ``probs`` its [K, H, W] class probabilities when the producer has
-them (a model, a soft vote). ``close()`` finishes the output and returns what it produced. The
+them (a model, a soft vote). ``close()`` finishes the output, switches it into place and
+returns what it produced; ``abort()`` drops it. Every output is built in a temporary location
+next to its final one (a hidden ``.tmp_<name>.<pid>.<random>`` folder: removed by the next run
+when its process is gone) and switched into place at ``close()``: a failed or killed run leaves
+the previous complete result or nothing. :func:`write_predictions` feeds a run's predictions to
+its sinks and closes them only when every prediction has been added. The
 same sinks serve ``tools/predict.py`` (one model), ``tools/ensemble.py`` (a soft vote and its
 post-processing) and the pseudo-label writer's label PNGs.
 
@@ -15,17 +20,18 @@ post-processing) and the pseudo-label writer's label PNGs.
 """
 
 import os
-from typing import List, Optional, Sequence
+import shutil
+from typing import Iterable, List, Mapping, Optional, Sequence
 
 import cv2
 import numpy as np
 from detectron2.data import MetadataCatalog
-from detectron2.data.detection_utils import read_image
 
 from ..data.catalog.common import records_by_file_name
+from ..data.coco.images import read_image_file
 from ..data.masks.rasterize import record_to_label_map
 from ..evaluation import LBSemSegEvaluator
-from ..utils.io import atomic_write
+from ..utils.io import atomic_write, make_temporary_directory, replace_directory
 from ..utils.visualize import save_panel
 from .prob_dump import ProbDumpWriter
 from .submission import SubmissionWriter
@@ -37,17 +43,78 @@ __all__ = [
     "ScoreSink",
     "SubmissionSink",
     "label_png_path",
+    "output_png_path",
+    "write_predictions",
 ]
 
 
-def label_png_path(out_dir: str, file_name: str) -> str:
-    """``out_dir/<file_name without extension>.png``, mirroring the json's sub-folders."""
+def output_png_path(out_dir: str, file_name: str, what: str = "output") -> str:
+    """``out_dir/<file_name>.png``: the json's sub-folders mirrored and the image's extension kept
+    (``img/one.jpg`` -> ``img/one.jpg.png``), so that no two images share an output file."""
     norm = os.path.normpath(file_name)
     if os.path.isabs(norm) or norm == ".." or norm.startswith(".." + os.sep):
-        raise ValueError(
-            f"file_name {file_name!r} is not a relative path: cannot place its label PNG"
-        )
-    return os.path.join(out_dir, os.path.splitext(norm)[0] + ".png")
+        raise ValueError(f"file_name {file_name!r} is not a relative path: cannot place its {what}")
+    return os.path.join(out_dir, norm + ".png")
+
+
+def label_png_path(out_dir: str, file_name: str) -> str:
+    """The label PNG of an image: ``out_dir/<file_name>.png`` (see :func:`output_png_path`)."""
+    return output_png_path(out_dir, file_name, "label PNG")
+
+
+class _TemporaryFolder:
+    """A folder of one file per image, filled under a temporary name next to ``out_dir`` and
+    switched onto ``out_dir`` (replacing a previous result) at :meth:`commit`."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = os.path.abspath(out_dir)
+        self.tmp_dir: Optional[str] = make_temporary_directory(self.out_dir)
+        self._names: dict = {}
+
+    def path(self, relative: str, file_name: str) -> str:
+        """Temporary path of ``relative``; two images with one output file are an error."""
+        if self.tmp_dir is None:
+            raise RuntimeError(f"{file_name!r}: the output folder {self.out_dir} is closed")
+        if relative in self._names:
+            raise ValueError(
+                f"{file_name!r} and {self._names[relative]!r} would share the output file "
+                f"{os.path.join(self.out_dir, relative)}"
+            )
+        self._names[relative] = file_name
+        return os.path.join(self.tmp_dir, relative)
+
+    def commit(self) -> None:
+        if self.tmp_dir is not None:
+            replace_directory(self.tmp_dir, self.out_dir)
+            self.tmp_dir = None
+
+    def abort(self) -> None:
+        if self.tmp_dir is not None:
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+            self.tmp_dir = None
+
+
+def write_predictions(predictions: Iterable, sinks: Mapping[str, object]) -> dict:
+    """Add every prediction (``file_name``, ``labels``, ``probs`` attributes) to every sink, then
+    close the sinks in order; returns ``{name: what its close() returned}``.
+
+    If anything fails or the run is interrupted before all sinks are closed, the sinks not yet
+    closed are aborted (their outputs keep their previous content) and the error is raised.
+    """
+    closed = set()
+    try:
+        for pred in predictions:
+            for sink in sinks.values():
+                sink.add(pred.file_name, pred.labels, pred.probs)
+        results = {}
+        for name, sink in sinks.items():
+            results[name] = sink.close()
+            closed.add(name)
+        return results
+    finally:
+        for name, sink in sinks.items():
+            if name not in closed:
+                sink.abort()
 
 
 class SubmissionSink:
@@ -61,6 +128,9 @@ class SubmissionSink:
 
     def close(self) -> str:
         return self.writer.close()
+
+    def abort(self) -> None:
+        self.writer.discard()
 
 
 class ProbDumpSink:
@@ -78,14 +148,18 @@ class ProbDumpSink:
         self.writer.close()
         return self.writer.out_dir
 
+    def abort(self) -> None:
+        self.writer.abort()
+
 
 class LabelPngSink:
     """Each label map as a single-channel PNG (8-bit, 16-bit beyond 256 labels) at
-    :func:`label_png_path`, written atomically."""
+    :func:`label_png_path`; the folder replaces ``out_dir`` at :meth:`close`."""
 
     def __init__(self, out_dir: str):
         self.out_dir = out_dir
         self.written = 0
+        self._folder = _TemporaryFolder(out_dir)
 
     def add(self, file_name: str, labels: np.ndarray, probs=None) -> str:
         labels = np.asarray(labels)
@@ -94,24 +168,32 @@ class LabelPngSink:
                 f"{file_name!r}: label map must be H x W uint8 / uint16, got {labels.shape} "
                 f"{labels.dtype}"
             )
-        path = label_png_path(self.out_dir, file_name)
+        relative = os.path.relpath(label_png_path(self.out_dir, file_name), self.out_dir)
+        tmp_path = self._folder.path(relative, file_name)
         ok, encoded = cv2.imencode(".png", labels)
         if not ok:
-            raise RuntimeError(f"PNG encoding failed for {path}")
-        with atomic_write(path, "wb") as f:
+            raise RuntimeError(f"PNG encoding failed for {file_name!r}")
+        with atomic_write(tmp_path, "wb") as f:
             f.write(encoded.tobytes())
         self.written += 1
-        return path
+        return os.path.join(self.out_dir, relative)
 
     def close(self) -> int:
+        """Switch the complete folder into place; returns the number of PNGs."""
+        self._folder.commit()
         return self.written
+
+    def abort(self) -> None:
+        self._folder.abort()
 
 
 class ScoreSink:
     """LB-style score of the label maps against a registered dataset's ground truth.
 
     Runs :class:`~mask2former.evaluation.LBSemSegEvaluator` (the same metrics, logged per-class
-    table, ``lb_metrics.json`` and ``confusion_matrix.png`` as ``--eval-only``).
+    table, ``lb_metrics.json`` and ``confusion_matrix.png`` as ``--eval-only``). The files are
+    written into a temporary folder and each is moved into ``output_dir`` at :meth:`close`
+    (other files of ``output_dir`` are left alone).
     """
 
     def __init__(
@@ -136,8 +218,12 @@ class ScoreSink:
                 f"{list(class_names)}: they must be the same, in the same order"
             )
         self.dataset_name = dataset_name
+        self.output_dir = os.path.abspath(output_dir) if output_dir else None
         self._records = records_by_file_name(dataset_name)
-        self._evaluator = LBSemSegEvaluator(dataset_name, distributed=False, output_dir=output_dir)
+        self._tmp_dir = make_temporary_directory(self.output_dir) if output_dir else None
+        self._evaluator = LBSemSegEvaluator(
+            dataset_name, distributed=False, output_dir=self._tmp_dir
+        )
         self._evaluator.reset()
 
     def add(self, file_name: str, labels: np.ndarray, probs=None) -> None:
@@ -152,11 +238,24 @@ class ScoreSink:
     def close(self) -> dict:
         """The metrics (``mIoU``, ``mIoU_per_image``, ``pACC``, ``mACC``, ``fwIoU``,
         ``IoU-<class>``), also logged and written to ``output_dir``."""
-        return dict(self._evaluator.evaluate().get("sem_seg", {}))
+        metrics = dict(self._evaluator.evaluate().get("sem_seg", {}))
+        if self._tmp_dir is not None:
+            os.makedirs(self.output_dir, exist_ok=True)
+            for name in sorted(os.listdir(self._tmp_dir)):
+                os.replace(os.path.join(self._tmp_dir, name), os.path.join(self.output_dir, name))
+            self.abort()
+        return metrics
+
+    def abort(self) -> None:
+        if self._tmp_dir is not None:
+            shutil.rmtree(self._tmp_dir, ignore_errors=True)
+            self._tmp_dir = None
 
 
 class OverlaySink:
-    """``image | ground truth | prediction`` pictures of the first ``max_images`` images."""
+    """``image | ground truth | prediction`` pictures of the first ``max_images`` images, at
+    :func:`output_png_path` (``out_dir/<file_name>.png``); the folder replaces ``out_dir`` at
+    :meth:`close`."""
 
     def __init__(self, out_dir: str, dataset_name: str, max_images: int = 8):
         meta = MetadataCatalog.get(dataset_name)
@@ -168,19 +267,26 @@ class OverlaySink:
         self.max_images = max_images
         self.written: List[str] = []
         self._records = records_by_file_name(dataset_name)
-        os.makedirs(out_dir, exist_ok=True)
+        self._folder = _TemporaryFolder(out_dir)
 
     def add(self, file_name: str, labels: np.ndarray, probs=None) -> None:
         if len(self.written) >= self.max_images:
             return
         record = self._records[file_name]
-        image = read_image(record["file_name"], format="RGB")
+        image = read_image_file(record["file_name"], format="RGB")
         gt = record_to_label_map(record, self.draw_order) if self.has_gt else None
-        stem = os.path.splitext(os.path.basename(record["file_name"]))[0]
-        parent = os.path.basename(os.path.dirname(record["file_name"]))
-        path = os.path.join(self.out_dir, f"{parent}_{stem}.png")
-        save_panel(path, image, gt, np.asarray(labels), self.palette, self.class_names)
-        self.written.append(path)
+        relative = os.path.relpath(
+            output_png_path(self.out_dir, file_name, "overlay"), self.out_dir
+        )
+        tmp_path = self._folder.path(relative, file_name)
+        os.makedirs(os.path.dirname(tmp_path), exist_ok=True)
+        save_panel(tmp_path, image, gt, np.asarray(labels), self.palette, self.class_names)
+        self.written.append(os.path.join(self.out_dir, relative))
 
     def close(self) -> List[str]:
+        """Switch the complete folder into place; returns the pictures' final paths."""
+        self._folder.commit()
         return self.written
+
+    def abort(self) -> None:
+        self._folder.abort()

@@ -8,11 +8,81 @@ final path; folders are filled under a temporary name next to the final one and 
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
 
-__all__ = ["atomic_directory", "atomic_write", "format_examples", "replace_directory", "write_json"]
+__all__ = [
+    "atomic_directory",
+    "atomic_write",
+    "format_examples",
+    "make_temporary_directory",
+    "remove_stale_temporaries",
+    "replace_directory",
+    "write_json",
+]
+
+
+def _temporary_prefix(final_path):
+    """Hidden name prefix of the temporaries of ``final_path``: ``.tmp_<name>.``."""
+    return f".tmp_{os.path.basename(os.path.normpath(final_path))}."
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(final_path):
+    """Remove the temporaries of ``final_path`` left by killed processes; returns their paths.
+
+    Only names this module gives (``.tmp_<name>.<pid>.<8 hex>`` folders of
+    :func:`make_temporary_directory`, ``.<name>.<pid>.<8 hex>.tmp`` files of
+    :func:`atomic_write`) next to ``final_path`` whose process is no longer alive on this machine:
+    another run's folder in progress, or anything else in the parent folder, is left alone.
+    """
+    final_path = os.path.abspath(final_path)
+    parent, name = os.path.split(final_path)
+    if not os.path.isdir(parent):
+        return []
+    patterns = (
+        re.compile(re.escape(_temporary_prefix(final_path)) + r"(\d+)\.[0-9a-f]{8}"),
+        re.compile(re.escape(f".{name}.") + r"(\d+)\.[0-9a-f]{8}\.tmp"),
+    )
+    removed = []
+    for entry in os.listdir(parent):
+        match = next((m for m in (p.fullmatch(entry) for p in patterns) if m), None)
+        if match is None or _pid_alive(int(match.group(1))):
+            continue
+        path = os.path.join(parent, entry)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        removed.append(path)
+    return removed
+
+
+def make_temporary_directory(final_dir):
+    """A new empty folder ``.tmp_<name>.<pid>.<8 hex>`` next to ``final_dir`` (parent created),
+    with normal permissions (umask), after removing the stale temporaries of ``final_dir``
+    (:func:`remove_stale_temporaries`). Fill it, then :func:`replace_directory` it into place."""
+    final_dir = os.path.abspath(final_dir)
+    os.makedirs(os.path.dirname(final_dir), exist_ok=True)
+    remove_stale_temporaries(final_dir)
+    tmp_dir = os.path.join(
+        os.path.dirname(final_dir),
+        f"{_temporary_prefix(final_dir)}{os.getpid()}.{uuid.uuid4().hex[:8]}",
+    )
+    os.makedirs(tmp_dir)
+    return tmp_dir
 
 
 @contextlib.contextmanager
@@ -67,9 +137,8 @@ def replace_directory(tmp_dir, final_dir, overwrite=True):
     if os.path.exists(final_dir):
         if not overwrite:
             raise FileExistsError(f"{final_dir} already exists (pass overwrite to replace it)")
-        old = tempfile.mkdtemp(
-            prefix=f".old_{os.path.basename(final_dir)}_", dir=os.path.dirname(final_dir)
-        )
+        # named as a temporary: removed by a later run if a kill leaves it behind
+        old = make_temporary_directory(final_dir)
         os.rename(final_dir, os.path.join(old, "previous"))
     try:
         os.rename(tmp_dir, final_dir)
@@ -86,14 +155,17 @@ def replace_directory(tmp_dir, final_dir, overwrite=True):
 def atomic_directory(final_dir, overwrite=True, prefix=None):
     """Yield a temporary folder next to ``final_dir``; swap it in when the block succeeds.
 
-    The temporary folder (named ``prefix`` + a random suffix; default ``.tmp_<name>_``) is
-    removed if the block raises (``final_dir`` is then untouched).
+    The temporary folder (named ``prefix`` + a random suffix; default: that of
+    :func:`make_temporary_directory`, which also removes stale ones) is removed if the block
+    raises (``final_dir`` is then untouched).
     """
     final_dir = os.path.abspath(final_dir)
     parent = os.path.dirname(final_dir)
     os.makedirs(parent, exist_ok=True)
-    prefix = prefix or f".tmp_{os.path.basename(final_dir)}_"
-    tmp_dir = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    if prefix is None:
+        tmp_dir = make_temporary_directory(final_dir)
+    else:
+        tmp_dir = tempfile.mkdtemp(prefix=prefix, dir=parent)
     try:
         yield tmp_dir
         replace_directory(tmp_dir, final_dir, overwrite)

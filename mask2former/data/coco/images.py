@@ -33,6 +33,9 @@ class UnreadableImageError(OSError):
         self.path = path
         self.reason = reason
 
+    def __reduce__(self):  # picklable between processes (worker pools)
+        return type(self), (self.path, self.reason)
+
 
 def read_image_file(path, format=None):
     """``detectron2.data.detection_utils.read_image`` (EXIF orientation applied), with decode
