@@ -1,6 +1,10 @@
 """Predicting images named by files, globs or folders: what is read (EXIF, RGBA, grayscale),
 what is skipped or refused, and batched inference equal to one image at a time."""
 
+import csv
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +22,10 @@ from mask2former.inference.image_inputs import (
     read_input_image,
 )
 from mask2former.inference.predictor import SemSegPredictor
+from mask2former.inference.sinks import label_png_path
 
-TINY_CONFIG = str(Path(__file__).resolve().parents[1] / "configs/tiny/m2f_swin_tiny_cpu.yaml")
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = str(REPO / "configs/tiny/m2f_swin_tiny_cpu.yaml")
 EXIF_ORIENTATION = 0x0112
 
 
@@ -173,3 +179,59 @@ def test_batch_of_four_equals_one_at_a_time(tmp_path):
         reference = single(read_input_image(image.path, cfg.INPUT.FORMAT))
         torch.testing.assert_close(probs1, reference, atol=1e-6, rtol=0)
     assert len({round(p[1].sum().item(), 3) for _, _, p in one}) == len(images)  # all differ
+
+
+def test_predict_cli_on_a_folder(folder, tmp_path):
+    """``tools/predict.py --input FOLDER``: submission rows, dump, label PNGs and overlays named
+    by the images' paths in the folder; EXIF-rotated sizes; the non-images named in a warning."""
+    root, _, _ = folder
+    cfg, model = _tiny_model()
+    weights = tmp_path / "model.pth"
+    torch.save({"model": model.state_dict()}, weights)
+    (tmp_path / "lm" / "images").mkdir(parents=True)
+    (tmp_path / "lm" / "labels").mkdir()
+    classes = [f"c{i}" for i in range(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)]
+    out = tmp_path / "out"
+    command = [
+        sys.executable,
+        str(REPO / "tools" / "predict.py"),
+        "--config-file", TINY_CONFIG,
+        "--weights", str(weights),
+        "--input", str(root),
+        "--submission", str(out / "sub.csv"),
+        "--probs", str(out / "probs"),
+        "--labels", str(out / "labels"),
+        "--overlays", str(out / "overlays"),
+        "--batch-size", "2",
+        "--workers", "1",
+        "--",
+        "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS", "1",
+        "MODEL.MASK_FORMER.DEC_LAYERS", "2",
+        "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES", "8",
+        "INPUT.MIN_SIZE_TEST", "48",
+        "INPUT.SIZE_DIVISIBILITY", "32",
+        "DATASETS.TRASH_ROOT", "",
+        "DATASETS.LABELMAP_SEMSEG",
+        json.dumps([["photo_classes", str(tmp_path / "lm/images"), str(tmp_path / "lm/labels"),
+                     classes]]),
+        "DATASETS.TEST", "('photo_classes',)",
+    ]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    log = run.stdout + run.stderr  # Detectron2's logger prints to stdout
+    assert "skipped 2 file(s) that are not images" in log
+    assert "labels.json" in log and "notes.txt" in log
+
+    keys = ["gray.png", "rgba.png", "rot8.JPG", "sub/rot6.jpg"]
+    with open(out / "sub.csv") as f:
+        rows = list(csv.reader(f))
+    assert [row[0] for row in rows[1:]] == keys
+    index = json.loads((out / "probs" / "index.json").read_text())
+    assert [entry["file_name"] for entry in index["images"]] == keys
+    assert index["classes"] == classes
+    label = np.array(Image.open(label_png_path(str(out / "labels"), "sub/rot6.jpg")))
+    assert label.shape == (64, 32) and label.dtype == np.uint8  # displayed size (EXIF applied)
+    assert np.array(Image.open(label_png_path(str(out / "labels"), "rgba.png"))).shape == (24, 40)
+    overlays = sorted(p.name for p in (out / "overlays").iterdir())
+    assert overlays == ["gray.png", "rgba.png", "rot8.png", "sub_rot6.png"]
+    assert Image.open(out / "overlays" / "sub_rot6.png").size[0] == 2 * 32  # image | prediction

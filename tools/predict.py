@@ -5,6 +5,10 @@
         --dataset trash_test --submission out/submission.csv --probs out/probs_dinat [--tta] \
         [--overlays out/overlays --num-overlays 16] [--score] [KEY VALUE ...]
 
+    python tools/predict.py --config-file C --weights W --input photos/ [more.jpg 'dir/*.png'] \
+        --submission out/sub.csv --probs out/probs --labels out/labels --overlays out/overlays \
+        [--batch-size 4 --workers 2] [--] [KEY VALUE ...]
+
 Datasets are registered from the config (DATASETS.TRASH_ROOT, COCO_SEMSEG, LABELMAP_SEMSEG).
 """
 
@@ -20,6 +24,7 @@ from dinat import add_dinat_config
 from mask2former.data import register_datasets_from_cfg
 from mask2former.data.catalog.common import dataset_file_names
 from mask2former.engine import SafeCheckpointer, build_cfg
+from mask2former.inference.image_inputs import predict_image_files
 from mask2former.inference.predictor import SemSegPredictor, predict_records
 from mask2former.inference.sinks import OverlaySink, ProbDumpSink, ScoreSink, SubmissionSink
 from semask import add_semask_config
@@ -31,7 +36,15 @@ def parse_args(argv=None):
     )
     p.add_argument("--config-file", required=True)
     p.add_argument("--weights", required=True, help="model checkpoint (.pth / .pkl)")
-    p.add_argument("--dataset", required=True, help="registered dataset name, e.g. trash_test")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--dataset", help="registered dataset name, e.g. trash_test")
+    source.add_argument(
+        "--input",
+        nargs="+",
+        metavar="PATH",
+        help="image files, glob patterns or folders instead of a dataset (no ground truth; "
+        "classes of DATASETS.TEST[0]); KEY VALUE overrides go before --input or after --",
+    )
     p.add_argument("--submission", help="write the submission CSV here")
     p.add_argument("--probs", help="write a float16 probability dump to this folder")
     p.add_argument("--overlays", help="write image | GT | prediction pictures to this folder")
@@ -44,8 +57,18 @@ def parse_args(argv=None):
         "--tta", action="store_true", help="multi-scale + flip (TEST.AUG.MIN_SIZES / FLIP)"
     )
     p.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")
+    p.add_argument("--labels", help="with --input: write label PNGs to this folder")
+    p.add_argument(
+        "--batch-size", type=int, default=1, help="with --input: images per forward pass"
+    )
+    p.add_argument(
+        "--workers", type=int, default=0, help="with --input: image-decoding worker processes"
+    )
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.opts[:1] == ["--"]:  # the separator after --input's paths
+        args.opts = args.opts[1:]
+    return args
 
 
 def main(argv=None):
@@ -59,6 +82,26 @@ def main(argv=None):
     SafeCheckpointer(
         model, allow_code_execution=cfg.MODEL.WEIGHTS_ALLOW_CODE_EXECUTION
     ).load_for_inference(args.weights)
+    if args.input:
+        if args.score:
+            raise SystemExit("--score needs --dataset (images given by --input have no labels)")
+        return predict_image_files(
+            cfg,
+            model,
+            args.input,
+            submission=args.submission,
+            probs=args.probs,
+            labels=args.labels,
+            overlays=args.overlays,
+            num_overlays=args.num_overlays,
+            tta=args.tta,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            limit=args.limit,
+            model_name=args.weights,
+        )
+    if args.labels or args.batch_size != 1 or args.workers:
+        raise SystemExit("--labels, --batch-size and --workers need --input")
     predictor = SemSegPredictor(cfg, model, tta=args.tta)
     records = DatasetCatalog.get(args.dataset)
     if args.limit > 0:

@@ -12,16 +12,18 @@ import collections
 import glob
 import logging
 import os
-from typing import List, NamedTuple, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from detectron2.data import MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from tqdm import tqdm
 
 from ..postprocess.labels import label_dtype
 from ..utils.visualize import save_panel
 from .predictor import SemSegPredictor, calibrate
+from .sinks import LabelPngSink, ProbDumpSink, SubmissionSink
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -29,6 +31,8 @@ __all__ = [
     "ImageInput",
     "ImageOverlaySink",
     "collect_image_inputs",
+    "model_classes",
+    "predict_image_files",
     "predict_image_inputs",
     "read_input_image",
 ]
@@ -234,3 +238,87 @@ def predict_image_inputs(
             for sink in sinks:
                 sink.add(images[index].key, labels, probs)
     return [sink.close() for sink in sinks]
+
+
+def model_classes(cfg) -> Tuple[List[str], list]:
+    """Class names and RGB colours of the dataset ``DATASETS.TEST[0]`` (registered from the
+    config by :func:`~mask2former.data.register_datasets_from_cfg`), the classes the model was
+    evaluated on. ``ValueError`` if that dataset is not registered or has no class names."""
+    if not cfg.DATASETS.TEST:
+        raise ValueError("DATASETS.TEST is empty: it names the dataset whose classes the model has")
+    name = cfg.DATASETS.TEST[0]
+    meta = MetadataCatalog.get(name)
+    classes = meta.get("stuff_classes")
+    if classes is None:
+        raise ValueError(
+            f"DATASETS.TEST[0] = {name!r} is not a registered dataset with class names (set "
+            "DATASETS.TRASH_ROOT / COCO_SEMSEG / LABELMAP_SEMSEG, or DATASETS.TEST)"
+        )
+    colors = meta.get("stuff_colors")
+    if colors is None:
+        raise ValueError(f"dataset {name!r} has no class colours (stuff_colors)")
+    return list(classes), list(colors)
+
+
+def predict_image_files(
+    cfg,
+    model: torch.nn.Module,
+    inputs: Sequence[str],
+    *,
+    class_names: Optional[Sequence[str]] = None,
+    palette=None,
+    submission: Optional[str] = None,
+    probs: Optional[str] = None,
+    labels: Optional[str] = None,
+    overlays: Optional[str] = None,
+    num_overlays: int = 8,
+    tta: Optional[bool] = None,
+    batch_size: int = 1,
+    workers: int = 0,
+    limit: int = 0,
+    model_name: str = "",
+    progress: bool = True,
+) -> Dict[str, object]:
+    """Predict the images named by ``inputs`` (see :func:`collect_image_inputs`) with ``model``
+    and write the requested outputs; returns ``{output: what its sink's close() returned}``.
+
+    Args:
+        class_names, palette: the model's classes (index = label) and their RGB colours;
+            None: those of the dataset ``DATASETS.TEST[0]`` (see :func:`model_classes`).
+        submission: submission CSV (``image_id`` = the image's key).
+        probs: folder of the float16 probability dump (keys = the images' keys).
+        labels: folder of single-channel label PNGs (``<key without extension>.png``).
+        overlays: folder of ``image | prediction`` pictures of the first ``num_overlays`` images.
+        tta: multi-scale + flip views (``TEST.AUG``); None: ``TEST.AUG.ENABLED``.
+        batch_size, workers: see :func:`predict_image_inputs`.
+        limit: only the first N images (0: all).
+    """
+    if not (submission or probs or labels or overlays):
+        raise ValueError("nothing to do: give a submission, probs, labels and/or overlays output")
+    if class_names is None:
+        class_names, default_palette = model_classes(cfg)
+        palette = default_palette if palette is None else palette
+    if cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES != len(class_names):
+        raise ValueError(
+            f"the model predicts {cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES} classes but "
+            f"{len(class_names)} class names were given ({list(class_names)})"
+        )
+    images, _ = collect_image_inputs(inputs)
+    if limit > 0:
+        if submission:
+            raise ValueError("a limit cannot be combined with a submission (every image is needed)")
+        images = images[:limit]
+    sinks = {}
+    if submission:
+        sinks["submission"] = SubmissionSink(submission, [image.key for image in images])
+    if probs:
+        sinks["probs"] = ProbDumpSink(probs, class_names, model_name=model_name)
+    if labels:
+        sinks["labels"] = LabelPngSink(labels)
+    if overlays:
+        sinks["overlays"] = ImageOverlaySink(overlays, images, palette, class_names, num_overlays)
+    predictor = BatchSemSegPredictor(cfg, model, tta=tta, batch_size=batch_size)
+    closed = predict_image_inputs(
+        predictor, images, list(sinks.values()), batch_size, workers, progress
+    )
+    return dict(zip(sinks, closed))
