@@ -1,0 +1,158 @@
+"""The competition loop end to end on a tiny synthetic label-map dataset, every tool a
+subprocess as a user chains them (mask2former.loop): two models trained by train_net.py,
+probability dumps, soft vote + DenseCRF + agreement overwrite, pseudo-labels of the val images,
+a retrain on train + pseudo-labels with FILTER_EMPTY_ANNOTATIONS True, then train_net.py
+--eval-only with TEST.AUG.ENABLED True."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mask2former.loop import LoopSettings, build_loop, run_loop
+from mask2former.loop.report import read_score
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLASSES = ["background", "square", "disc"]
+SIZE = 64
+
+
+def write_split(root, split, count, seed):
+    """Grey noisy background (0) with a red square (1) and a blue disc (2) per image."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(root, split, "images"))
+    os.makedirs(os.path.join(root, split, "labels"))
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    for i in range(count):
+        label = np.zeros((SIZE, SIZE), np.uint8)
+        x, y, side = rng.integers(4, 24), rng.integers(4, 40), rng.integers(14, 22)
+        label[y : y + side, x : x + side] = 1
+        cx, cy, r = rng.integers(44, 56), rng.integers(12, 52), rng.integers(7, 11)
+        label[(xx - cx) ** 2 + (yy - cy) ** 2 <= r * r] = 2
+        colors = np.array([[128, 128, 128], [220, 30, 30], [30, 30, 220]], np.float64)
+        image = colors[label] + rng.normal(0, 12, (SIZE, SIZE, 3))
+        image = np.clip(image, 0, 255).astype(np.uint8)
+        Image.fromarray(image).save(os.path.join(root, split, "images", f"{i:03d}.jpg"))
+        Image.fromarray(label).save(os.path.join(root, split, "labels", f"{i:03d}.png"))
+
+
+def tiny_settings(data, output, **overrides):
+    kwargs = dict(
+        data_root=str(data),
+        output=str(output),
+        class_names=CLASSES,
+        background_label=0,
+        config_a="configs/tiny/m2f_swin_tiny_cpu.yaml",
+        config_b="configs/tiny/semask_swin_tiny_cpu.yaml",
+        budget_iters=60,
+        ablation_iters=10,
+        min_size_test=SIZE,
+        crop=SIZE,
+        jitter_scales=(0.875, 1.0, 1.125),
+        steps=("convert", "models", "ensemble", "pseudo"),
+        tta=False,
+        crf_presets=("default",),
+        all_ensemble_rows=False,
+        pseudo_ignore_in_mask=(True,),
+        ensemble_workers=1,
+        extra_opts=["INPUT.SIZE_DIVISIBILITY", str(SIZE), "DATALOADER.NUM_WORKERS", "0"],
+        repo_root=REPO,
+    )
+    kwargs.update(overrides)
+    return LoopSettings(**kwargs)
+
+
+def all_background_miou(label_dir):
+    """mIoU of predicting background everywhere: IoU(background) = its pixel share, other
+    classes 0, averaged over the classes present."""
+    labels = np.stack(
+        [np.array(Image.open(os.path.join(label_dir, f))) for f in sorted(os.listdir(label_dir))]
+    )
+    present = [c for c in range(len(CLASSES)) if (labels == c).any()]
+    return float((labels == 0).mean()) / len(present)
+
+
+@pytest.fixture(scope="module")
+def loop(tmp_path_factory):
+    data = tmp_path_factory.mktemp("data")
+    write_split(data, "train", 24, seed=0)
+    write_split(data, "val", 6, seed=1)
+    output = tmp_path_factory.mktemp("loop")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    settings = tiny_settings(data, output)
+    document = run_loop(settings, command="test")
+    return settings, document
+
+
+def test_loop_learns_and_writes_table(loop):
+    settings, document = loop
+    rows = {row["name"]: row for row in document["rows"]}
+    assert set(rows) == {
+        "A",
+        "B",
+        "A+B crf default agreement",
+        "A pseudo ignore mask on",
+    }
+    baseline = all_background_miou(os.path.join(settings.data_root, "val", "labels"))
+    for name, row in rows.items():
+        assert row["mIoU"] > baseline + 0.2, (name, row["mIoU"], baseline)
+    assert rows["B"]["delta"] == pytest.approx(rows["B"]["mIoU"] - rows["A"]["mIoU"])
+    with open(os.path.join(settings.output, "results.json"), encoding="utf-8") as f:
+        assert json.load(f)["rows"] == document["rows"]
+    with open(os.path.join(settings.output, "results.md"), encoding="utf-8") as f:
+        table = f.read()
+    assert "| models | A |" in table and "A pseudo ignore mask on" in table
+    # every step has a wall time
+    steps, _ = build_loop(settings)
+    assert set(document["wall_s"]) == {s.name for s in steps}
+
+
+def test_pseudo_labels_cover_val_and_retrain_used_them(loop):
+    settings, _ = loop
+    with open(os.path.join(settings.output, "pseudo", "val", "pseudo.json")) as f:
+        pseudo = json.load(f)
+    assert len(pseudo["images"]) == 6
+    log = os.path.join(settings.output, "logs", "train_A_pseudo_ignore_mask_on.log")
+    with open(log, encoding="utf-8") as f:
+        text = f.read()
+    assert "loop_val_pseudo" in text and "FILTER_EMPTY_ANNOTATIONS" in text
+
+
+def test_rerun_reuses_every_step(loop, caplog):
+    settings, document = loop
+    caplog.set_level("INFO", logger="mask2former.loop.steps")
+    again = run_loop(settings, command="test")
+    assert again["rows"] == document["rows"]
+    assert "running" not in caplog.text and "complete, reused" in caplog.text
+
+
+def test_eval_only_with_tta(loop, tmp_path):
+    """train_net.py --eval-only with TEST.AUG.ENABLED True scores the retrained model with
+    multi-scale + flip."""
+    settings, document = loop
+    steps, _ = build_loop(settings)
+    train = next(s for s in steps if s.name == "train_A_pseudo_ignore_mask_on")
+    weights = train.artefacts[0]
+    command = [a for a in train.command if a != "--resume"]
+    command[0] = sys.executable
+    out = str(tmp_path / "eval_tta")
+    command += ["--eval-only", "MODEL.WEIGHTS", weights, "OUTPUT_DIR", out]
+    command += ["DATASETS.TEST", "('loop_val',)", "TEST.AUG.ENABLED", "True"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = [
+        os.path.join(d, "lb_metrics.json")
+        for d, _, files in os.walk(out)
+        if "lb_metrics.json" in files
+    ]
+    assert found, os.listdir(out)
+    tta = read_score(found[0])
+    baseline = all_background_miou(os.path.join(settings.data_root, "val", "labels"))
+    assert tta["mIoU"] > baseline + 0.2
+    # multi-scale + flip changes the predictions: not the single-scale score of the same model
+    single = next(r for r in document["rows"] if r["name"] == "A pseudo ignore mask on")
+    assert tta["mIoU"] != single["mIoU"]
