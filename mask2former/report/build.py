@@ -2,6 +2,7 @@
 IoU table, the confusion matrix and the worst images by per-image mIoU."""
 
 import logging
+import os
 from typing import Optional
 
 import cv2
@@ -207,6 +208,8 @@ def build_report(
         )
     predictor = None
     if weights:
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"weights file {weights} does not exist")
         model = build_model(cfg)
         SafeCheckpointer(
             model, allow_code_execution=cfg.MODEL.WEIGHTS_ALLOW_CODE_EXECUTION
