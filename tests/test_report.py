@@ -17,12 +17,13 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 
 from mask2former.data.catalog.common import dataset_file_names
+from mask2former.data.catalog.labelmap import register_labelmap_semseg
 from mask2former.data.masks.rasterize import record_to_label_map
 from mask2former.data.offline.synthetic import generate_synthetic_trash
 from mask2former.engine import SafeCheckpointer, build_cfg
 from mask2former.inference.predictor import SemSegPredictor, predict_records
 from mask2former.inference.sinks import ScoreSink
-from mask2former.report import EvaluationSink, build_report
+from mask2former.report import EvaluationSink, build_report, dataset_statistics
 from mask2former.report.dataset_stats import label_map_objects
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -238,3 +239,26 @@ def test_report_renders_in_headless_chromium(setup, tmp_path):
     for panel in panels:
         match = cv2.matchTemplate(screenshot, panel, cv2.TM_CCOEFF_NORMED)
         assert match.max() > 0.95, f"panel not visible (best match {match.max():.3f})"
+
+
+def test_label_map_dataset_statistics_and_out_of_range_labels(tmp_path):
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir()
+    labels.mkdir()
+    label_map = np.zeros((8, 8), dtype=np.uint8)
+    label_map[1:3, 1:3] = 1
+    label_map[5:7, 5:8] = 1
+    label_map[0, 7] = 255
+    cv2.imwrite(str(images / "a.png"), np.full((8, 8, 3), 128, np.uint8))
+    cv2.imwrite(str(labels / "a.png"), label_map)
+    register_labelmap_semseg("report_labelmap", str(images), str(labels), ["bg", "thing"], 255)
+    stats = dataset_statistics("report_labelmap", progress=False)
+    assert stats.pixels_per_class.tolist() == [64 - 4 - 6 - 1, 10]
+    assert stats.objects_per_image.tolist() == [3] and stats.object_source == "connected components"
+    assert sorted(stats.object_areas.tolist()) == [4, 6, 64 - 4 - 6 - 1]
+
+    label_map[0, 0] = 2  # not a class of the dataset
+    cv2.imwrite(str(labels / "a.png"), label_map)
+    register_labelmap_semseg("report_labelmap_bad", str(images), str(labels), ["bg", "thing"], 255)
+    with pytest.raises(ValueError, match=r"a\.png: label 2 is outside the dataset's 2 classes"):
+        dataset_statistics("report_labelmap_bad", progress=False)
