@@ -39,8 +39,9 @@ class ModelEvaluation:
 
 
 class EvaluationSink:
-    """``add(file_name, labels, probs=None)`` / ``close()`` sink (see
-    :mod:`mask2former.inference.sinks`) returning a :class:`ModelEvaluation`.
+    """``add(file_name, labels, probs=None)`` / ``close()`` / ``abort()`` sink (see
+    :mod:`mask2former.inference.sinks`) returning a :class:`ModelEvaluation`; it writes
+    nothing, so ``abort()`` only drops what it accumulated.
 
     Args:
         dataset_name: registered dataset with ground truth.
@@ -89,6 +90,11 @@ class EvaluationSink:
                 heapq.heappush(self._worst, entry)
             else:
                 heapq.heappushpop(self._worst, entry)
+
+    def abort(self) -> None:
+        self._confusion[:] = 0
+        self._per_image.clear()
+        self._worst.clear()
 
     def close(self) -> ModelEvaluation:
         ordered = sorted(self._worst, key=lambda entry: (-entry[0], -entry[1]))
