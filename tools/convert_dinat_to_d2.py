@@ -1,38 +1,12 @@
 #!/usr/bin/env python
 """Convert an official DiNAT ImageNet checkpoint into Detectron2 backbone weights.
 
-Usage (the project is installed in editable mode, so this runs from any directory):
-
-    python tools/convert_dinat_to_d2.py dinat_large_in22k_224_11x11interp.pth dinat_l_d2.pth
-
-then train with ``MODEL.WEIGHTS dinat_l_d2.pth``. See ``dinat/convert.py`` for what is converted.
+Same as ``m2f-convert-dinat`` (``python -m mask2former.cli.convert_dinat``); see that module.
 """
 
-import argparse
 import sys
 
-from dinat.convert import convert_dinat_checkpoint
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("src", help="official DiNAT checkpoint (.pth)")
-    parser.add_argument("dst", help="output Detectron2 checkpoint (.pth)")
-    parser.add_argument(
-        "--trusted",
-        action="store_true",
-        help="allow arbitrary pickled objects in SRC (only for files you trust)",
-    )
-    args = parser.parse_args(argv)
-    try:
-        count, dropped = convert_dinat_checkpoint(args.src, args.dst, trusted=args.trusted)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    dropped_names = ", ".join(dropped) or "nothing"
-    print(f"wrote {count} backbone tensors to {args.dst} (dropped: {dropped_names})")
-    return 0
-
+from mask2former.cli.convert_dinat import main
 
 if __name__ == "__main__":
     sys.exit(main())

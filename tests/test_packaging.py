@@ -1,0 +1,89 @@
+"""The project as a package: declared dependencies match the pinned requirements, and every
+console command (and ``python -m mask2former.cli.<module>``) runs from outside the checkout."""
+
+import importlib
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import tomllib
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+REPO = Path(__file__).resolve().parents[1]
+# Pinned in the requirements files but not needed at run time: installers, build and dev tools.
+NOT_RUNTIME = {"pip", "setuptools", "wheel", "cython", "pytest", "ruff"}
+DEV_TOOLS = {"pytest", "ruff"}
+
+
+def _project():
+    with open(REPO / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)["project"]
+
+
+def _pins():
+    """``{name: version}`` of the ``name==version`` lines of the requirements files."""
+    pins = {}
+    for name in ("requirements.txt", "requirements-build.txt"):
+        for line in (REPO / name).read_text().splitlines():
+            line = line.split("#", 1)[0].strip()
+            match = re.fullmatch(r"([A-Za-z0-9_.\-]+)==(\S+)", line)
+            if match:
+                pins[canonicalize_name(match.group(1))] = match.group(2)
+    return pins
+
+
+def _requirements(lines):
+    return {canonicalize_name(r.name): r for r in map(Requirement, lines)}
+
+
+def test_dependencies_are_ranges_around_the_pins():
+    project = _project()
+    pins = _pins()
+    declared = _requirements(project["dependencies"])
+    runtime_pins = {name: v for name, v in pins.items() if name not in NOT_RUNTIME}
+    assert set(declared) == set(runtime_pins)
+    assert "detectron2" not in declared  # not on PyPI: installed before the project
+    for name, requirement in declared.items():
+        assert requirement.specifier.contains(runtime_pins[name]), (name, str(requirement))
+        assert "<" in str(requirement.specifier), f"{name}: no upper bound"
+    dev = _requirements(project["optional-dependencies"]["dev"])
+    assert set(dev) == DEV_TOOLS
+    for name, requirement in dev.items():
+        assert requirement.specifier.contains(pins[name]), (name, str(requirement))
+
+
+def _commands():
+    return _project()["scripts"]
+
+
+def test_entry_points_name_package_functions():
+    for command, target in _commands().items():
+        module_name, function = target.split(":")
+        assert module_name.startswith("mask2former.cli."), command
+        assert callable(getattr(importlib.import_module(module_name), function)), command
+
+
+def test_console_commands_run_from_outside_the_checkout(tmp_path):
+    bin_dir = Path(sys.executable).parent
+    commands = _commands()
+    missing = [c for c in commands if not (bin_dir / c).exists()]
+    assert not missing, (
+        f"console commands {missing} are not installed in {bin_dir}: reinstall the project with "
+        "pip install --no-build-isolation --no-deps -e ."
+    )
+    runs = {c: [str(bin_dir / c), "--help"] for c in commands}
+    module = next(iter(commands.values())).split(":")[0]
+    runs["python -m " + module] = [sys.executable, "-m", module, "--help"]
+    # all at once: each start imports torch and Detectron2
+    processes = {
+        name: subprocess.Popen(
+            argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for name, argv in runs.items()
+    }
+    for name, process in processes.items():
+        out, err = process.communicate()
+        assert process.returncode == 0, f"{name} --help failed:\n{err[-2000:]}"
+        assert out.startswith("usage:"), (name, out[:200])
