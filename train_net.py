@@ -51,6 +51,8 @@ def main(args):
         # refuses weights that leave any model tensor unloaded
         checkpointer.load_for_inference(cfg.MODEL.WEIGHTS, resume=args.resume)
         results = Trainer.test(cfg, model)
+        if cfg.TEST.AUG.ENABLED:  # as the official trainer: both scores, TTA keys end in _TTA
+            results.update(Trainer.test_with_TTA(cfg, model))
         verify_results(cfg, results)
         return results
 

@@ -54,7 +54,10 @@ def parse_args(argv=None):
         "--score-dir", help="where the score writes lb_metrics.json / confusion_matrix.png"
     )
     p.add_argument(
-        "--tta", action="store_true", help="multi-scale + flip (TEST.AUG.MIN_SIZES / FLIP)"
+        "--tta",
+        action="store_true",
+        help="multi-scale + flip (TEST.AUG.MIN_SIZES / MAX_SIZE / FLIP); also on when the config "
+        "sets TEST.AUG.ENABLED",
     )
     p.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")
     p.add_argument("--labels", help="with --input: write label PNGs to this folder")
@@ -77,6 +80,7 @@ def main(argv=None):
     logger = setup_logger(name="predict")
     cfg = build_cfg(args.config_file, args.opts, (add_semask_config, add_dinat_config))
     register_datasets_from_cfg(cfg)
+    tta = args.tta or cfg.TEST.AUG.ENABLED  # the official meaning of TEST.AUG.ENABLED
     model = build_model(cfg)
     # refuses unsafe or broken files and weights that leave any model tensor unloaded
     SafeCheckpointer(
@@ -94,7 +98,7 @@ def main(argv=None):
             labels=args.labels,
             overlays=args.overlays,
             num_overlays=args.num_overlays,
-            tta=args.tta,
+            tta=tta,
             batch_size=args.batch_size,
             workers=args.workers,
             limit=args.limit,
@@ -102,7 +106,7 @@ def main(argv=None):
         )
     if args.labels or args.batch_size != 1 or args.workers:
         raise SystemExit("--labels, --batch-size and --workers need --input")
-    predictor = SemSegPredictor(cfg, model, tta=args.tta)
+    predictor = SemSegPredictor(cfg, model, tta=tta)
     records = DatasetCatalog.get(args.dataset)
     if args.limit > 0:
         records = records[: args.limit]

@@ -4,6 +4,7 @@ import itertools
 import logging
 import os
 import weakref
+from collections import OrderedDict
 
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase, hooks
@@ -14,6 +15,7 @@ from ..data.augmentation.copy_paste import CopyPasteSampler
 from ..data.augmentation.mapper import MaskFormerSemanticDatasetMapper
 from ..data.catalog.train_records import train_dataset_records
 from ..evaluation import LBSemSegEvaluator
+from ..inference.predictor import PredictorAsModel, SemSegPredictor
 from .amp import MixedPrecisionTrainer, amp_dtype
 from .checkpoint import SafeCheckpointer
 from .ddp import create_ddp_model
@@ -104,6 +106,22 @@ class Trainer(DefaultTrainer):
         # empty = without label file and without non-crowd annotations, in any dataset order
         dataset = train_dataset_records(cfg.DATASETS.TRAIN, cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
         return build_detection_train_loader(cfg, mapper=mapper, dataset=dataset)
+
+    @classmethod
+    def test_with_TTA(cls, cfg, model):
+        """Evaluate every ``DATASETS.TEST`` with this project's calibrated multi-scale + flip
+        (``TEST.AUG.MIN_SIZES``, ``MAX_SIZE``, ``FLIP``; :class:`SemSegPredictor`), the
+        predictions of ``tools/predict.py --tta``. As in the official trainer the result keys
+        get a ``_TTA`` suffix (``sem_seg_TTA``, or ``<dataset>_TTA`` with several test
+        datasets); the evaluator files go to OUTPUT_DIR/inference_TTA/<dataset>."""
+        logging.getLogger(__name__).info("Running inference with test-time augmentation ...")
+        tta_model = PredictorAsModel(SemSegPredictor(cfg, model, tta=True), cfg.INPUT.FORMAT)
+        evaluators = [
+            cls.build_evaluator(cfg, name, os.path.join(cfg.OUTPUT_DIR, "inference_TTA", name))
+            for name in cfg.DATASETS.TEST
+        ]
+        results = cls.test(cfg, tta_model, evaluators)
+        return OrderedDict((f"{key}_TTA", value) for key, value in results.items())
 
     @classmethod
     def build_optimizer(cls, cfg, model):

@@ -17,7 +17,7 @@ from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
 from tqdm import tqdm
 
-__all__ = ["SemSegPredictor", "calibrate", "iterate_images", "predict_records"]
+__all__ = ["PredictorAsModel", "SemSegPredictor", "calibrate", "iterate_images", "predict_records"]
 
 
 def calibrate(scores: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -157,3 +157,30 @@ def predict_records(
         for sink in sinks:
             sink.add(file_names[record["image_id"]], labels, probs)
     return [sink.close() for sink in sinks]
+
+
+class PredictorAsModel(torch.nn.Module):
+    """A :class:`SemSegPredictor` behind the Detectron2 model interface, for
+    ``inference_on_dataset`` and the evaluators: ``[{"file_name", ...}]`` ->
+    ``[{"sem_seg": probabilities [K, H, W]}]``.
+
+    Each image is read again from its ``file_name`` at its original size (the predictor resizes
+    every view itself), exactly as :func:`predict_records` reads it, so a Detectron2 evaluation
+    scores the same predictions as ``tools/predict.py``; the ``"image"`` a test mapper made is
+    not used.
+    """
+
+    def __init__(self, predictor: SemSegPredictor, input_format: str = "RGB"):
+        super().__init__()
+        self.predictor = predictor
+        self.model = predictor.model  # a submodule, so that eval() / train() reach it
+        self.input_format = input_format
+
+    def forward(self, inputs: Sequence[dict]) -> List[dict]:
+        if self.training:
+            raise RuntimeError("PredictorAsModel is for inference only")
+        outputs = []
+        for record in inputs:
+            image = read_image(record["file_name"], format=self.input_format)
+            outputs.append({"sem_seg": self.predictor(image)})
+        return outputs
