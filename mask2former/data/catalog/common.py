@@ -25,6 +25,7 @@ __all__ = [
     "EVALUATOR_TYPE",
     "cached_records",
     "dataset_file_names",
+    "dataset_images_source",
     "default_palette",
     "file_key",
     "records_by_file_name",
@@ -104,6 +105,36 @@ def dataset_file_names(dataset_name):
         record["image_id"]: os.path.relpath(record["file_name"], image_root)
         for record in DatasetCatalog.get(dataset_name)
     }
+
+
+def dataset_images_source(dataset_name):
+    """Where the images of any registered dataset are listed, for writers that follow a COCO
+    json's images (the pseudo-label writer).
+
+    Returns:
+        (json_file, data, uncovered): a dataset with a json (trash, COCO, pseudo-label splits)
+        gives its ``json_file`` and ``data=None``; a label-map dataset gives ``json_file=None``
+        and ``data``, a COCO dict of its images (``file_name`` = :func:`dataset_file_names`
+        key, ``id``, ``height``, ``width``) and of its classes as categories ``0..K-1``.
+        ``uncovered`` is the dataset's metadata choice (``"ignore"`` for label maps: every
+        label value is a class).
+    """
+    meta = MetadataCatalog.get(dataset_name)
+    json_file = meta.get("json_file", None)
+    if json_file is not None:
+        return json_file, None, meta.get("uncovered", "background")
+    names = dataset_file_names(dataset_name)
+    images = [
+        {
+            "id": record["image_id"],
+            "file_name": names[record["image_id"]],
+            "height": record["height"],
+            "width": record["width"],
+        }
+        for record in DatasetCatalog.get(dataset_name)
+    ]
+    categories = [{"id": i, "name": n} for i, n in enumerate(meta.stuff_classes)]
+    return None, {"images": images, "categories": categories}, "ignore"
 
 
 def records_by_file_name(dataset_name):

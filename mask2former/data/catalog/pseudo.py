@@ -88,7 +88,8 @@ def register_pseudo_label_dataset(
         name (str): dataset name, e.g. "trash_test_pseudo".
         json_file (str): the split's ``pseudo.json``.
         image_root (str): folder the images' ``file_name`` are relative to (the source json's).
-        class_names: per label (default: "Background" + the json's category names in id order).
+        class_names: per label (default: the json's category names in id order, after
+            "Background" unless the source's uncovered pixels were ignored).
         class_colors: per label (default: the trash palette for the trash classes, else
             :func:`~mask2former.data.catalog.common.default_palette`).
         ignore_label (int): must equal the ignore label the PNGs were written with.
@@ -109,8 +110,12 @@ def register_pseudo_label_dataset(
             f"Dataset {name!r}: {json_file} was written with ignore label {written_ignore}, the "
             f"configuration ignores {ignore_label}"
         )
+    # what label 0 of the source was (a Background class, or a category like any other)
+    uncovered = data["pseudo_labels"].get("uncovered", "background")
     if class_names is None:
-        class_names = build_category_mapping(data.get("categories", []), json_file).class_names
+        class_names = build_category_mapping(
+            data.get("categories", []), json_file, uncovered=uncovered
+        ).class_names
     class_names = list(class_names)
     if class_colors is None:
         class_colors = (
@@ -130,6 +135,7 @@ def register_pseudo_label_dataset(
         stuff_colors=[tuple(c) for c in class_colors],
         ignore_label=ignore_label,
         has_ground_truth=True,
+        uncovered=uncovered,
     )
     register_dataset(
         name, functools.partial(load_pseudo_label_records, json_file, image_root), metadata
