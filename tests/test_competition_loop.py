@@ -139,8 +139,9 @@ def test_eval_only_with_tta(loop, tmp_path):
     weights = train.artefacts[0]
     command = [a for a in train.command if a != "--resume"]
     command[0] = sys.executable
+    command.insert(2, "--eval-only")  # train_net.py --eval-only --config-file ... KEY VALUE
     out = str(tmp_path / "eval_tta")
-    command += ["--eval-only", "MODEL.WEIGHTS", weights, "OUTPUT_DIR", out]
+    command += ["MODEL.WEIGHTS", weights, "OUTPUT_DIR", out]
     command += ["DATASETS.TEST", "('loop_val',)", "TEST.AUG.ENABLED", "True"]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -134,6 +134,9 @@ class _Loop:
     def images_of(self, split: str) -> str:
         return os.path.join(self.s.data_root, split, "images")
 
+    def num_images(self, split: str) -> int:
+        return len(os.listdir(self.images_of(split)))
+
     def num_classes(self) -> int:
         return len(self.s.class_names)
 
@@ -184,7 +187,8 @@ class _Loop:
                 cmd.append("--no-background")
             else:
                 cmd += ["--background", str(background)]
-            self.add("convert", Step(f"convert_{split}", cmd, [self.json_of(split)], cost=2))
+            cost = 0.3 * self.num_images(split)
+            self.add("convert", Step(f"convert_{split}", cmd, [self.json_of(split)], cost=cost))
 
     def train(self, group, name, config, seed, iters, opts=(), train_sets=("loop_train",)):
         out_dir = self.path("models", name)
@@ -207,7 +211,7 @@ class _Loop:
         # --resume continues an interrupted training from its last checkpoint
         self.add(
             group,
-            Step(f"train_{name}", cmd, [os.path.join(out_dir, "model_final.pth")], cost=iters),
+            Step(f"train_{name}", cmd, [os.path.join(out_dir, "model_final.pth")], cost=30 + iters),
         )
         return out_dir
 
@@ -226,7 +230,8 @@ class _Loop:
         if tta:
             cmd.append("--tta")
         cmd += [*self.dataset_opts(), *self.s.extra_opts]
-        step = self.add(group, Step(f"predict_{name}", cmd, artefacts, outputs, cost=20))
+        cost = 20 + 0.2 * self.num_images("val") * (2 * len(self.s.tta_scales) if tta else 1)
+        step = self.add(group, Step(f"predict_{name}", cmd, artefacts, outputs, cost=cost))
         return step, artefacts[0], dump
 
     def row(self, group, name, score, reference, step_names):
@@ -251,7 +256,8 @@ class _Loop:
             *extra, *self.dataset_opts(),
         ]  # fmt: skip
         score = os.path.join(score_dir, "lb_metrics.json")
-        self.add("ensemble", Step(f"ensemble_{name}", cmd, [score], [score_dir], cost=10))
+        cost = 20 + self.num_images("val") * (0.5 if "--crf" in extra else 0.1)
+        self.add("ensemble", Step(f"ensemble_{name}", cmd, [score], [score_dir], cost=cost))
         self.row("ensemble", name.replace("_", " "), score, reference, [f"ensemble_{name}"])
 
     def build(self):
@@ -283,7 +289,8 @@ class _Loop:
             "--output", pseudo_dir, "--ignore-label", str(s.ignore_label),
             "--threshold", str(s.pseudo_threshold), "--name", "loop_val_pseudo",
         ]  # fmt: skip
-        self.add("pseudo", Step("pseudo_val", cmd, [pseudo_json], [pseudo_dir], cost=5))
+        cost = 20 + 0.2 * self.num_images("val")
+        self.add("pseudo", Step("pseudo_val", cmd, [pseudo_json], [pseudo_dir], cost=cost))
         pseudo_entry = [["loop_val_pseudo", pseudo_json, self.images_of("val")]]
         pseudo_opts = [
             "DATASETS.PSEUDO_LABELS", repr(pseudo_entry),

@@ -28,7 +28,8 @@ class Step:
         artefacts: files that exist only once the step is complete.
         outputs: files / folders the step writes; removed before a rerun so that a half-written
             result of an interrupted run is never mixed with the new one.
-        cost: relative expected duration (e.g. training iterations), for the ETA.
+        cost: expected duration in rough seconds (e.g. 30 + training iterations), for the ETA:
+            the remaining cost is scaled by the measured time per unit of cost so far.
     """
 
     name: str
