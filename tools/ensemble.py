@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from dinat import add_dinat_config
 from mask2former.data import register_coco_semseg, register_datasets_from_cfg
+from mask2former.data.catalog.common import dataset_file_names
 from mask2former.data.coco import coco_image_names
 from mask2former.engine import build_cfg
 from mask2former.inference.ensemble import SoftVotingEnsemble
@@ -53,7 +54,9 @@ def parse_args(argv=None):
         "--json", help="COCO json of the images: submission row order, ground truth of --score"
     )
     src.add_argument(
-        "--dataset", help="a registered COCO dataset instead of --json (see --config-file)"
+        "--dataset",
+        help="a registered dataset (trash, COCO, label-map or pseudo-label) instead of --json "
+        "(see --config-file)",
     )
     p.add_argument("--config-file", default="", help="config whose DATASETS.* register --dataset")
     p.add_argument(
@@ -156,26 +159,23 @@ def crf_params(args):
 
 
 def image_source(args):
-    """(json_file, image_root, dataset name for scoring) from --json / --dataset."""
+    """(image keys in order or None, where they come from, image_root, dataset name for
+    scoring) from --json / --dataset (any dataset kind the config registers)."""
     if args.dataset:
         register_datasets_from_cfg(
             build_cfg(args.config_file, args.opts, (add_semask_config, add_dinat_config))
         )
-        meta = MetadataCatalog.get(args.dataset)
-        if meta.get("json_file") is None:
-            raise SystemExit(
-                f"dataset {args.dataset!r} is not a COCO dataset registered by the config "
-                "(DATASETS.TRASH_ROOT / COCO_SEMSEG): no json_file"
-            )
-        return meta.json_file, args.image_root or meta.image_root, args.dataset
+        image_root = args.image_root or MetadataCatalog.get(args.dataset).image_root
+        names = list(dataset_file_names(args.dataset).values())
+        return names, f"dataset {args.dataset!r}", image_root, args.dataset
     if args.json:
         image_root = args.image_root or os.path.dirname(os.path.abspath(args.json))
         dataset = None
         if args.score:
             dataset = f"ensemble:{os.path.abspath(args.json)}"
             register_coco_semseg(dataset, args.json, image_root)
-        return args.json, image_root, dataset
-    return None, args.image_root, None
+        return list(coco_image_names(args.json).values()), args.json, image_root, dataset
+    return None, None, args.image_root, None
 
 
 def main(argv=None):
@@ -183,10 +183,10 @@ def main(argv=None):
     setup_logger(name="mask2former")
     logger = setup_logger(name="ensemble")
     ensemble = SoftVotingEnsemble(args.dumps, args.weights)
-    json_file, image_root, dataset = image_source(args)
+    names, source, image_root, dataset = image_source(args)
     file_names = ensemble.file_names
-    if json_file:
-        file_names = ensemble.check_file_names(coco_image_names(json_file).values(), json_file)
+    if names is not None:
+        file_names = ensemble.check_file_names(names, source)
     pipeline = EnsemblePipeline(
         ensemble,
         crf_params=crf_params(args),

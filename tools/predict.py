@@ -117,10 +117,6 @@ def main(argv=None):
         raise SystemExit(
             "--limit cannot be combined with --submission (every test image is needed)"
         )
-    if (args.submission or args.probs) and MetadataCatalog.get(args.dataset).get(
-        "json_file"
-    ) is None:
-        raise ValueError(f"dataset {args.dataset!r} has no COCO json (metadata json_file)")
     file_names = dataset_file_names(args.dataset)
     sinks = {}
     if args.submission:

@@ -7,6 +7,11 @@
         --json data/trash/test.json --image-root data/trash --output out/pseudo_test \
         --threshold 0.9 [--class-thresholds 9=0.7 5=0.8] [--min-component 16] [--mode-filter] \
         [--name trash_test_pseudo]
+    python tools/pseudo_label.py --dumps out/probs_a --dataset camvid_val --config-file C \
+        --output out/pseudo_val [KEY VALUE ...]
+
+The images come from ``--json`` + ``--image-root`` or from a registered ``--dataset`` of any kind
+(trash, COCO, label-map, pseudo-label split; registered from ``--config-file`` + overrides).
 
 Several dumps are soft-voted image by image (mask2former.inference.pseudo_label_writer). Writes
 OUT/pseudo.json (the json's images + sem_seg_file_name, polygons of the confident regions),
@@ -18,11 +23,18 @@ import argparse
 import logging
 import os
 
+from detectron2.data import MetadataCatalog
+
+from dinat import add_dinat_config
+from mask2former.data import register_datasets_from_cfg
+from mask2former.data.catalog.common import dataset_images_source
+from mask2former.engine import build_cfg
 from mask2former.inference.pseudo_label_writer import (
     PSEUDO_JSON_NAME,
     format_report,
     pseudo_label_dumps,
 )
+from semask import add_semask_config
 
 
 def parse_class_thresholds(items):
@@ -54,12 +66,10 @@ def parse_args(argv=None):
         help="probability dump folder(s) (tools/predict.py --probs)",
     )
     p.add_argument("--weights", nargs="+", type=float, help="one weight per dump (soft voting)")
-    p.add_argument(
-        "--json", required=True, help="COCO json of the unlabeled images (e.g. test.json)"
-    )
-    p.add_argument(
-        "--image-root", required=True, help="folder the json's file_name are relative to"
-    )
+    p.add_argument("--json", help="COCO json of the unlabeled images (e.g. test.json)")
+    p.add_argument("--image-root", help="folder the json's file_name are relative to")
+    p.add_argument("--dataset", help="a registered dataset instead of --json / --image-root")
+    p.add_argument("--config-file", default="", help="config whose DATASETS.* register --dataset")
     p.add_argument(
         "--output", required=True, help="folder of the pseudo-labeled split (must not exist)"
     )
@@ -84,12 +94,23 @@ def parse_args(argv=None):
     )
     p.add_argument("--ignore-label", type=int, default=255)
     p.add_argument(
-        "--name", help="dataset name in the printed config (default: <json stem>_pseudo)"
+        "--name",
+        help="dataset name in the printed config (default: <json stem or dataset>_pseudo)",
     )
     p.add_argument(
         "--overwrite", action="store_true", help="replace --output once the new split is complete"
     )
+    p.add_argument(
+        "opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ... (with --dataset)"
+    )
     args = p.parse_args(argv)
+    if args.dataset:
+        if args.json or args.image_root:
+            p.error("give --dataset or --json / --image-root, not both")
+    elif not (args.json and args.image_root):
+        p.error("give --json and --image-root, or --dataset")
+    elif args.opts or args.config_file:
+        p.error("--config-file and KEY VALUE overrides are only used with --dataset")
     output = os.path.realpath(args.output)
     for dump in args.dumps:
         if os.path.commonpath([output, os.path.realpath(dump)]) == output:
@@ -97,25 +118,42 @@ def parse_args(argv=None):
     return args
 
 
+def image_source(args):
+    """(source json or name, its COCO dict without a json, image root, uncovered, default
+    split name) from --json / --dataset."""
+    if not args.dataset:
+        stem = os.path.splitext(os.path.basename(args.json))[0]
+        return args.json, None, args.image_root, "background", stem + "_pseudo"
+    cfg = build_cfg(args.config_file, args.opts, (add_semask_config, add_dinat_config))
+    register_datasets_from_cfg(cfg)
+    json_file, data, uncovered = dataset_images_source(args.dataset)
+    image_root = MetadataCatalog.get(args.dataset).image_root
+    source = json_file or f"dataset {args.dataset!r}"
+    return source, data, image_root, uncovered, args.dataset + "_pseudo"
+
+
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO)
+    source, data, image_root, uncovered, default_name = image_source(args)
     report = pseudo_label_dumps(
         args.dumps,
         args.output,
-        args.json,
+        source,
         weights=args.weights,
         threshold=args.threshold,
         class_thresholds=parse_class_thresholds(args.class_thresholds),
         min_component=args.min_component,
         apply_mode_filter=args.mode_filter,
         ignore_label=args.ignore_label,
-        image_root=args.image_root,
+        image_root=image_root,
         overwrite=args.overwrite,
+        source_data=data,
+        uncovered=uncovered,
     )
-    name = args.name or os.path.splitext(os.path.basename(args.json))[0] + "_pseudo"
+    name = args.name or default_name
     json_path = os.path.join(os.path.abspath(args.output), PSEUDO_JSON_NAME)
-    print(format_report(report, name, json_path, os.path.abspath(args.image_root)))
+    print(format_report(report, name, json_path, os.path.abspath(image_root)))
     return report
 
 
