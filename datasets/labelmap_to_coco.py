@@ -1,9 +1,14 @@
 #!/usr/bin/env python
 """Convert label-map PNGs to a COCO polygon json (one annotation per connected component per
-class, holes kept; see mask2former/data/labelmap_to_coco.py).
+class, holes kept; see mask2former/data/offline/convert_labelmaps.py).
 
     python datasets/labelmap_to_coco.py --labels camvid/val/labels --images camvid/val/images \
-        --output camvid_val.json --num-classes 11 --ignore-label 11 --no-background
+        --output camvid_val.json --ignore-label 11 --no-background \
+        --class-names Sky Building Pole Road Pavement Tree SignSymbol Fence Car Pedestrian Bicyclist
+
+The json's info.uncovered records what pixels without a polygon are: "ignore" with
+--no-background (register with DATASETS.COCO_SEMSEG [[name, json, image_root, "ignore"]]; the
+registration defaults to it and refuses "background"), else "background".
 """
 
 import argparse

@@ -27,7 +27,9 @@ from detectron2.data import MetadataCatalog
 
 from dinat import add_dinat_config
 from mask2former.data import register_datasets_from_cfg
+from mask2former.data.catalog.coco import resolve_uncovered
 from mask2former.data.catalog.common import dataset_images_source
+from mask2former.data.coco import read_coco_json
 from mask2former.engine import build_cfg
 from mask2former.inference.pseudo_label_writer import (
     PSEUDO_JSON_NAME,
@@ -123,7 +125,9 @@ def image_source(args):
     split name) from --json / --dataset."""
     if not args.dataset:
         stem = os.path.splitext(os.path.basename(args.json))[0]
-        return args.json, None, args.image_root, "background", stem + "_pseudo"
+        # the json's info.uncovered (label-map converter) says whether label 0 is Background
+        uncovered = resolve_uncovered(None, read_coco_json(args.json), args.json)
+        return args.json, None, args.image_root, uncovered, stem + "_pseudo"
     cfg = build_cfg(args.config_file, args.opts, (add_semask_config, add_dinat_config))
     register_datasets_from_cfg(cfg)
     json_file, data, uncovered = dataset_images_source(args.dataset)
