@@ -12,18 +12,26 @@ The official DiNAT-L classification models (``dinat_large_*``, ImageNet-22k with
 and the ImageNet-1k fine-tunes) have 6/12/24/48 heads, the same as the Mask2Former DiNAT-L config,
 so their ``rpb`` tables ``[heads, 2k-1, 2k-1]`` load as well. They fit when the kernel size
 matches: the ``*_11x11interp`` / ``*_11x11`` checkpoints for ``KERNEL_SIZE 11`` (the project's
-DiNAT-L config), the others for kernel 7. A kernel-7 table in a kernel-11 model does not fit, and
-Detectron2's checkpointer skips it with a shape-mismatch warning.
+DiNAT-L config), the others for kernel 7. A kernel-7 table in a kernel-11 model does not fit
+(Detectron2's checkpointer would skip it with a shape-mismatch warning) unless the conversion is
+given the target ``kernel_size``: the tables are then resized bicubically, the interpolation the
+official ``*_11x11interp`` checkpoint was made with.
 """
 
 import pickle
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from mask2former.utils.io import atomic_write
 
-__all__ = ["convert_dinat_checkpoint", "convert_dinat_state_dict", "load_dinat_state_dict"]
+__all__ = [
+    "convert_dinat_checkpoint",
+    "convert_dinat_state_dict",
+    "interpolate_rpb",
+    "load_dinat_state_dict",
+]
 
 # Parameters every DiNAT/NAT checkpoint has (conv tokenizer, first attention block).
 _REQUIRED_KEYS = ("patch_embed.proj.0.weight", "levels.0.blocks.0.attn.qkv.weight")
@@ -55,8 +63,23 @@ def load_dinat_state_dict(path: str, trusted: bool = False) -> Dict[str, torch.T
     return obj
 
 
-def convert_dinat_state_dict(state: Dict[str, torch.Tensor], source: str = "state dict"):
-    """Official DiNAT state dict -> ``({"backbone.<name>": tensor}, dropped names)``."""
+def interpolate_rpb(rpb: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Resize a relative positional bias ``[heads, 2k-1, 2k-1]`` to ``kernel_size`` (bicubic,
+    ``align_corners=False``: the zero offset in the centre keeps its value)."""
+    if rpb.dim() != 3 or rpb.shape[1] != rpb.shape[2] or rpb.shape[1] % 2 == 0:
+        raise ValueError(f"an rpb table is [heads, 2k-1, 2k-1], got {tuple(rpb.shape)}")
+    side = 2 * kernel_size - 1
+    if rpb.shape[1] == side:
+        return rpb
+    resized = F.interpolate(rpb.float()[None], size=(side, side), mode="bicubic")
+    return resized[0].to(rpb.dtype).contiguous()
+
+
+def convert_dinat_state_dict(
+    state: Dict[str, torch.Tensor], source: str = "state dict", kernel_size: Optional[int] = None
+):
+    """Official DiNAT state dict -> ``({"backbone.<name>": tensor}, dropped names)``; with
+    ``kernel_size``, every ``rpb`` table is resized to it (:func:`interpolate_rpb`)."""
     if any(name.startswith("backbone.") for name in state):
         raise ValueError(
             f"{source}: already a Detectron2 checkpoint (names start with 'backbone.'); "
@@ -72,17 +95,24 @@ def convert_dinat_state_dict(state: Dict[str, torch.Tensor], source: str = "stat
     for name, tensor in state.items():
         if name.startswith(_DROPPED_PREFIXES):
             dropped.append(name)
-        else:
-            converted["backbone." + name] = tensor
+            continue
+        if kernel_size is not None and name.endswith(".attn.rpb"):
+            tensor = interpolate_rpb(tensor, kernel_size)
+        converted["backbone." + name] = tensor
     return converted, dropped
 
 
-def convert_dinat_checkpoint(src: str, dst: str, trusted: bool = False) -> Tuple[int, list]:
-    """Convert the checkpoint file ``src`` and write ``{"model": ...}`` to ``dst`` atomically.
+def convert_dinat_checkpoint(
+    src: str, dst: str, trusted: bool = False, kernel_size: Optional[int] = None
+) -> Tuple[int, list]:
+    """Convert the checkpoint file ``src`` and write ``{"model": ...}`` to ``dst`` atomically
+    (``kernel_size``: see :func:`convert_dinat_state_dict`).
 
     Returns ``(number of converted tensors, dropped names)``.
     """
-    converted, dropped = convert_dinat_state_dict(load_dinat_state_dict(src, trusted), source=src)
+    converted, dropped = convert_dinat_state_dict(
+        load_dinat_state_dict(src, trusted), source=src, kernel_size=kernel_size
+    )
     with atomic_write(dst, "wb") as f:
         torch.save({"model": converted}, f)
     return len(converted), dropped

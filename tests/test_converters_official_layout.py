@@ -14,7 +14,8 @@ from detectron2.checkpoint import DetectionCheckpointer
 from torch import nn
 
 from dinat.backbone import D2DiNAT
-from dinat.convert import convert_dinat_checkpoint
+from dinat.convert import convert_dinat_checkpoint, interpolate_rpb
+from mask2former.cli.convert_dinat import main as convert_dinat_main
 from mask2former.modeling.backbone.swin import D2SwinTransformer
 from mask2former.modeling.backbone.swin_convert import convert_swin_checkpoint
 
@@ -314,3 +315,27 @@ def test_dinat_converter_official_layer_scale_layout(tmp_path):
     assert torch.equal(
         target.backbone.levels[1].blocks[3].gamma2, state["levels.1.blocks.3.gamma2"]
     )
+
+
+def test_dinat_kernel7_checkpoint_resized_to_kernel11(tmp_path):
+    """``--kernel-size 11``: the kernel-7 tables of dinat_large_in22k_224 are resized (bicubic)
+    and the whole backbone loads into the kernel-11 model with nothing skipped."""
+    state = official_dinat_classification(
+        48, DINAT_L["depths"], DINAT_L["num_heads"], 7, DINAT_L["mlp_ratio"], 1000
+    )
+    src, dst = tmp_path / "dinat_large_in22k_224.pth", tmp_path / "d2.pth"
+    torch.save({"model": state}, src)
+    assert convert_dinat_main([str(src), str(dst), "--kernel-size", "11"]) == 0
+    target = _dinat_l(kernel=11)
+    incompatible = target.load_state_dict(torch.load(dst, weights_only=True)["model"], strict=False)
+    assert sorted(incompatible.missing_keys) == OUTPUT_NORMS
+    old = state["levels.2.blocks.5.attn.rpb"]  # [24, 13, 13]
+    new = target.backbone.levels[2].blocks[5].attn.rpb  # [24, 21, 21]
+    assert new.shape == (24, 21, 21)
+    torch.testing.assert_close(new[:, 10, 10], old[:, 6, 6])  # zero offset keeps its bias
+    torch.testing.assert_close(
+        interpolate_rpb(torch.full((2, 13, 13), 0.3), 11), torch.full((2, 21, 21), 0.3)
+    )
+    assert torch.equal(interpolate_rpb(old, 7), old)
+    with pytest.raises(ValueError, match="2k-1"):
+        interpolate_rpb(torch.zeros(2, 12, 12), 7)

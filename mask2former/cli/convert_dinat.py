@@ -18,13 +18,20 @@ def main(argv=None) -> int:
     parser.add_argument("src", help="official DiNAT checkpoint (.pth)")
     parser.add_argument("dst", help="output Detectron2 checkpoint (.pth)")
     parser.add_argument(
+        "--kernel-size",
+        type=int,
+        help="kernel size of the target model: rpb tables of another size are resized (bicubic)",
+    )
+    parser.add_argument(
         "--trusted",
         action="store_true",
         help="allow arbitrary pickled objects in SRC (only for files you trust)",
     )
     args = parser.parse_args(argv)
     try:
-        count, dropped = convert_dinat_checkpoint(args.src, args.dst, trusted=args.trusted)
+        count, dropped = convert_dinat_checkpoint(
+            args.src, args.dst, trusted=args.trusted, kernel_size=args.kernel_size
+        )
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
