@@ -141,3 +141,19 @@ def test_folder_conversion_errors(tmp_path):
             image_dir=str(tmp_path),
         )
     assert not (tmp_path / "out.json").exists()
+
+
+def test_folder_conversion_records_what_uncovered_pixels_are(tmp_path):
+    label = np.zeros((4, 4), dtype=np.uint8)
+    label[:2] = 1
+    label[3, 3] = 2  # the ignore label
+    Image.fromarray(label).save(tmp_path / "a.png")
+    out = tmp_path / "out.json"
+    labelmaps_to_coco(str(tmp_path), str(out), ["x", "y"], ignore_label=2, background=None)
+    coco = json.loads(out.read_text())
+    assert coco["info"]["uncovered"] == "ignore"
+    assert [c["id"] for c in coco["categories"]] == [0, 1]
+    labelmaps_to_coco(str(tmp_path), str(out), ["bg", "y"], ignore_label=2)
+    assert json.loads(out.read_text())["info"]["uncovered"] == "background"
+    with pytest.raises(ValueError, match="ignore label 1 is one of the 2 class values"):
+        labelmaps_to_coco(str(tmp_path), str(out), ["x", "y"], ignore_label=1, background=None)
