@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_train_loader
 
+from mask2former.data.augmentation.copy_paste import generate_bank
 from mask2former.data.augmentation.mapper import MaskFormerSemanticDatasetMapper
 from mask2former.data.catalog import register_trash_dataset
 from mask2former.data.catalog.train_records import train_dataset_records
@@ -116,3 +117,12 @@ def test_read_image_file_names_the_file(tmp_path):
         read_image_file(str(path), "RGB")
     with pytest.raises(FileNotFoundError):
         read_image_file(os.path.join(str(tmp_path), "none.jpg"), "RGB")
+
+
+def test_copy_paste_bank_names_an_unreadable_image(dataset, tmp_path):
+    records = DatasetCatalog.get(f"{PREFIX}_train")
+    bank = tmp_path / "bank"
+    with pytest.raises(UnreadableImageError, match="cannot decode the image") as info:
+        generate_bank(records, str(bank), 6, seed=0)  # every image is drawn as target / source
+    assert info.value.path == dataset
+    assert not [n for n in os.listdir(bank) if not n.startswith(".")]  # no bank version

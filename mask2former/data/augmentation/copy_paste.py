@@ -26,9 +26,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
-from detectron2.data.detection_utils import read_image
 
 from ...utils.io import atomic_directory, atomic_write
+from ..coco.images import read_image_file
 from ..masks.rasterize import polygons_to_label_map, record_to_label_map
 from ..masks.trace import label_map_to_annotations
 
@@ -196,7 +196,7 @@ def generate_bank(
         images, annotations, pasted_per_class = [], [], np.zeros(len(labels), dtype=np.int64)
         for i in range(num_images):
             target = records[int(rng.integers(len(records)))]
-            image = read_image(target["file_name"], format="RGB").copy()
+            image = read_image_file(target["file_name"], format="RGB").copy()
             label_map = record_to_label_map(target, draw_order=draw_order).astype(np.uint8)
             n_objects = int(rng.integers(objects_per_image[0], objects_per_image[1] + 1))
             for _ in range(n_objects):
@@ -205,7 +205,7 @@ def generate_bank(
                     refs = pool.by_label[labels[li]]
                     ref = refs[int(rng.integers(len(refs)))]
                     src = records[ref.record_index]
-                    src_image = read_image(src["file_name"], format="RGB")
+                    src_image = read_image_file(src["file_name"], format="RGB")
                     src_labels = record_to_label_map(src, draw_order=draw_order)
                     patch, mask = _cut_object(
                         src, src["annotations"][ref.annotation_index], src_labels, src_image
