@@ -18,6 +18,7 @@ from mask2former.inference.image_inputs import (
     BatchSemSegPredictor,
     ImageInput,
     collect_image_inputs,
+    predict_image_files,
     predict_image_inputs,
     read_input_image,
 )
@@ -151,8 +152,9 @@ def _tiny_model():
 
 
 def test_batch_of_four_equals_one_at_a_time(tmp_path):
-    """Images of two sizes (and a flip view): batch 4 with two data-loader worker processes gives
-    the probabilities and labels of batch 1 in this process, and of the plain predictor."""
+    """Images of two sizes, two test sizes and flips: batch 4 with two data-loader worker
+    processes gives the probabilities and labels of batch 1 in this process, and of the plain
+    predictor."""
     cfg, model = _tiny_model()
     images = []
     for index, (h, w) in enumerate([(48, 64), (40, 56), (48, 64), (48, 64), (40, 56)]):
@@ -162,14 +164,14 @@ def test_batch_of_four_equals_one_at_a_time(tmp_path):
     results = {}
     for batch_size, workers in ((1, 0), (4, 2)):
         predictor = BatchSemSegPredictor(cfg, model, tta=False, batch_size=batch_size)
-        predictor.flip = True  # two views per image
+        predictor.test_sizes, predictor.flip = (40, 48), True  # 4 views of 2 sizes per image
         recorder = _Recorder()
         (results[batch_size],) = predict_image_inputs(
             predictor, images, [recorder], batch_size=batch_size, workers=workers, progress=False
         )
         assert recorder.closed
     single = SemSegPredictor(cfg, model, tta=False)
-    single.flip = True
+    single.test_sizes, single.flip = (40, 48), True
     one, four = results[1], results[4]
     assert [r[0] for r in one] == [r[0] for r in four] == [i.key for i in images]
     for (_, labels1, probs1), (_, labels4, probs4), image in zip(one, four, images):
@@ -235,3 +237,26 @@ def test_predict_cli_on_a_folder(folder, tmp_path):
     overlays = sorted(p.name for p in (out / "overlays").iterdir())
     assert overlays == ["gray.png", "rgba.png", "rot8.png", "sub_rot6.png"]
     assert Image.open(out / "overlays" / "sub_rot6.png").size[0] == 2 * 32  # image | prediction
+
+
+def test_label_pngs_need_relative_keys(folder, tmp_path):
+    """An image given by an absolute path has no place in the label folder: refused before the
+    model runs (the model here would fail on any call)."""
+    root, _, _ = folder
+    cfg, _ = _tiny_model()
+    with pytest.raises(ValueError, match="not a relative path"):
+        predict_image_files(
+            cfg,
+            _FailingModel(),
+            [str(root / "gray.png")],
+            class_names=[str(i) for i in range(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)],
+            palette=[(i, i, i) for i in range(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)],
+            labels=str(tmp_path / "labels"),
+            progress=False,
+        )
+    assert not (tmp_path / "labels").exists()
+
+
+class _FailingModel(torch.nn.Module):
+    def forward(self, inputs):
+        raise AssertionError("the model must not run")

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from ..postprocess.labels import label_dtype
 from ..utils.visualize import save_panel
 from .predictor import SemSegPredictor, calibrate
-from .sinks import LabelPngSink, ProbDumpSink, SubmissionSink
+from .sinks import LabelPngSink, ProbDumpSink, SubmissionSink, label_png_path
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -314,6 +314,8 @@ def predict_image_files(
     if probs:
         sinks["probs"] = ProbDumpSink(probs, class_names, model_name=model_name)
     if labels:
+        for image in images:  # refuse keys that name no place in the folder before predicting
+            label_png_path(labels, image.key)
         sinks["labels"] = LabelPngSink(labels)
     if overlays:
         sinks["overlays"] = ImageOverlaySink(overlays, images, palette, class_names, num_overlays)
