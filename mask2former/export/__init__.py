@@ -1,0 +1,17 @@
+"""Deployable exports of trained semantic models."""
+
+from .onnx import (
+    EXPORTABLE_IMPLS,
+    ProbabilityModel,
+    compare_onnx,
+    export_config,
+    export_onnx,
+)
+
+__all__ = [
+    "EXPORTABLE_IMPLS",
+    "ProbabilityModel",
+    "compare_onnx",
+    "export_config",
+    "export_onnx",
+]
