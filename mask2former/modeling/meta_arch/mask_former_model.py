@@ -129,6 +129,25 @@ def resized_semantic_inference(
     return scores
 
 
+def pad_images(images: Sequence[torch.Tensor], size_divisibility: int = 0) -> ImageList:
+    """
+    ``ImageList.from_tensors(images, size_divisibility)`` (zero padding at the bottom/right to
+    the largest size, rounded up to a multiple of ``size_divisibility``), with the padded size
+    computed from Python ints: Detectron2 computes it with tensors, which graph exporters
+    (``torch.export``, ONNX) cannot resolve to fixed paddings.
+    """
+    image_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+    height = max(h for h, _ in image_sizes)
+    width = max(w for _, w in image_sizes)
+    if size_divisibility > 1:
+        height = -(-height // size_divisibility) * size_divisibility
+        width = -(-width // size_divisibility) * size_divisibility
+    batch = torch.stack(
+        [F.pad(im, (0, width - w, 0, height - h)) for im, (h, w) in zip(images, image_sizes)]
+    )
+    return ImageList(batch, image_sizes)
+
+
 @META_ARCH_REGISTRY.register()
 class MaskFormer(nn.Module):
     """
@@ -310,7 +329,7 @@ class MaskFormer(nn.Module):
         images = [
             (x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs
         ]
-        return ImageList.from_tensors(images, self.size_divisibility)
+        return pad_images(images, self.size_divisibility)
 
     def prepare_targets(
         self, gt_instances, images: ImageList, sem_segs: Optional[List[torch.Tensor]] = None

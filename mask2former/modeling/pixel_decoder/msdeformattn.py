@@ -104,14 +104,16 @@ class MSDeformAttnTransformerEncoder(nn.Module):
     def forward(
         self,
         src: torch.Tensor,
-        spatial_shapes: torch.Tensor,
+        spatial_shapes: SpatialShapes,
         level_start_index: torch.Tensor,
         valid_ratios: torch.Tensor,
         pos: Optional[torch.Tensor] = None,
         padding_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         # python ints once (a device sync on GPU), not in every layer
-        shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+        if isinstance(spatial_shapes, torch.Tensor):
+            spatial_shapes = spatial_shapes.tolist()
+        shapes = [(int(h), int(w)) for h, w in spatial_shapes]
         reference_points = self.get_reference_points(shapes, valid_ratios, src.device)
         output = src
         for layer in self.layers:
@@ -201,8 +203,9 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
         else:
             valid_ratios = torch.stack([self.get_valid_ratio(m) for m in masks], 1)
             mask_flatten = torch.cat([m.flatten(1) for m in masks], 1)
+        # the shapes as python ints (graph exporters cannot read ints back from a tensor)
         memory = self.encoder(
-            src_flatten, spatial_shapes, level_start_index, valid_ratios, pos_flatten, mask_flatten
+            src_flatten, shapes, level_start_index, valid_ratios, pos_flatten, mask_flatten
         )
         return memory, spatial_shapes, level_start_index
 
@@ -376,12 +379,12 @@ class MSDeformAttnPixelDecoder(nn.Module):
             srcs.append(self.input_proj[idx](x))
             pos.append(self.pe_layer(x, mask))
 
-        y, spatial_shapes, level_start_index = self.transformer(srcs, pos, masks)
+        y = self.transformer(srcs, pos, masks)[0]
         bs = y.shape[0]
-        sizes = spatial_shapes.prod(1).tolist()
+        shapes = [src.shape[-2:] for src in srcs]
         out = [
-            z.transpose(1, 2).reshape(bs, -1, int(h), int(w))
-            for z, (h, w) in zip(y.split(sizes, dim=1), spatial_shapes.tolist())
+            z.transpose(1, 2).reshape(bs, -1, h, w)
+            for z, (h, w) in zip(y.split([h * w for h, w in shapes], dim=1), shapes)
         ]
 
         # FPN for the finer features, top-down
