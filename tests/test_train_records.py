@@ -9,6 +9,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from mask2former.data.catalog import (
     TRASH_CLASSES,
+    register_coco_semseg,
     register_datasets_from_cfg,
     register_trash_dataset,
 )
@@ -16,6 +17,7 @@ from mask2former.data.catalog.pseudo import register_pseudo_label_dataset
 from mask2former.data.catalog.train_records import has_ground_truth, train_dataset_records
 from mask2former.data.offline.synthetic import generate_synthetic_trash
 from mask2former.engine import Trainer, get_project_cfg
+from mask2former.engine.checks import check_num_classes
 from mask2former.inference.pseudo_label_writer import PseudoLabelWriter
 
 PREFIX = "trec"
@@ -104,3 +106,18 @@ def test_corrupt_unused_split_does_not_block_training(tmp_path, trash_names):
     assert len(train_dataset_records(["trash_train"], filter_empty=True)) == 2
     with pytest.raises(ValueError, match=r"test\.json: not valid JSON"):
         DatasetCatalog.get("trash_test")
+
+
+def test_corrupt_coco_json_fails_when_loaded_naming_the_file(tmp_path):
+    bad = tmp_path / "extra.json"
+    bad.write_text('{"images": [], "categories": [{"id": 1}]}')  # a category without a name
+    register_coco_semseg("trec_extra", str(bad), str(tmp_path))
+    try:
+        meta = MetadataCatalog.get("trec_extra")
+        assert meta.get("stuff_classes", None) is None  # not an empty class list
+        check_num_classes(11, ["trec_extra"])  # leaves the error to the loader
+        with pytest.raises(ValueError, match=r"extra\.json: invalid category entry"):
+            DatasetCatalog.get("trec_extra")
+    finally:
+        DatasetCatalog.remove("trec_extra")
+        MetadataCatalog.remove("trec_extra")

@@ -164,6 +164,11 @@ def register_coco_semseg(
         draw_order=draw_order,
         uncovered=uncovered,
     )
+    if not class_names:
+        # an unreadable json with classes of its own: no class list rather than an empty
+        # one, so that start-up checks leave it to the loader's error
+        for key in ("stuff_classes", "stuff_colors", "category_id_to_label"):
+            del metadata[key]
     if has_ground_truth is not None:
         metadata["has_ground_truth"] = has_ground_truth
     register_dataset(name, loader, metadata)
