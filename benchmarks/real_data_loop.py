@@ -5,9 +5,10 @@
         [--budget-iters 1371] [--ablation-iters 400] [--steps convert models ensemble ...]
 
 The data root holds train/ and val/, each with images/ and labels/ (label PNGs of class ids).
-Classes: --class-names (default: the CamVid names when the root is called camvid, else 0..N-1
-with --num-classes). A rerun reuses every complete step; results.md / results.json go to
---output (see mask2former/loop/competition.py for the steps and rows).
+Classes: --class-names, or 0..N-1 with --num-classes (default: the CamVid names when the root is
+called camvid, else numbered up to the largest label value found in the label maps). A rerun
+reuses every complete step; results.md / results.json go to --output (see
+mask2former/loop/competition.py for the steps and rows).
 """
 
 import argparse
@@ -17,7 +18,7 @@ import shlex
 import sys
 
 from mask2former.loop import LoopSettings, run_loop
-from mask2former.loop.competition import STEP_GROUPS
+from mask2former.loop.competition import STEP_GROUPS, numbered_classes
 
 CAMVID_CLASSES = (
     "Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
@@ -59,10 +60,10 @@ def parse_args(argv=None):
         elif os.path.basename(os.path.normpath(args.data)).lower() == "camvid":
             args.class_names = list(CAMVID_CLASSES)
             default_ignore = len(CAMVID_CLASSES)  # CamVid's "Unlabelled" = 11
-        else:
-            p.error("give --class-names or --num-classes")
     if args.ignore_label is None:
         args.ignore_label = default_ignore
+    if args.class_names is None:  # numbered up to the largest label value of the label maps
+        args.class_names = numbered_classes(args.data, args.ignore_label)
     return args
 
 

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mask2former.loop import LoopSettings, build_loop, run_loop
+from mask2former.loop import LoopSettings, Step, StepFailed, StepRunner, build_loop, run_loop
+from mask2former.loop.competition import numbered_classes
 from mask2former.loop.report import read_score
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -151,3 +152,35 @@ def test_eval_only_with_tta(loop, tmp_path):
     # multi-scale + flip changes the predictions: not the single-scale score of the same model
     single = next(r for r in document["rows"] if r["name"] == "A pseudo ignore mask on")
     assert tta["mIoU"] != single["mIoU"]
+
+
+def test_numbered_classes_and_layout_errors(tmp_path):
+    write_split(tmp_path, "train", 2, seed=0)
+    write_split(tmp_path, "val", 1, seed=1)
+    assert numbered_classes(str(tmp_path), 255) == ["0", "1", "2"]
+    assert numbered_classes(str(tmp_path), 2) == ["0", "1"]
+    with pytest.raises(FileNotFoundError, match="needs train/ and val/"):
+        tiny_settings(tmp_path / "missing", tmp_path / "out")
+
+
+def test_step_runner_reruns_only_incomplete_steps_and_names_the_log(tmp_path):
+    done, partial = tmp_path / "done.txt", tmp_path / "partial"
+    write = (
+        "import os, sys; os.makedirs(os.path.dirname(sys.argv[1]), exist_ok=True); "
+        "open(sys.argv[1], 'w').write('x')"
+    )
+    steps = [
+        Step("first", ["python", "-c", write, str(done)], [str(done)]),
+        Step("second", ["python", "-c", write, str(partial / "final")], [str(partial / "final")],
+             outputs=[str(partial)]),
+    ]  # fmt: skip
+    partial.mkdir()
+    (partial / "stale").write_text("left by a killed run")
+    done.write_text("complete")
+    wall = StepRunner(str(tmp_path), cwd=str(tmp_path)).run(steps)
+    assert done.read_text() == "complete"  # reused, not rerun
+    assert sorted(os.listdir(partial)) == ["final"]  # the stale output was removed first
+    assert wall["first"] is None and wall["second"] >= 0
+    failing = Step("failing", ["python", "-c", "raise SystemExit('boom')"], [str(tmp_path / "x")])
+    with pytest.raises(StepFailed, match=r"(?s)failed \(exit 1\).*failing\.log.*boom"):
+        StepRunner(str(tmp_path), cwd=str(tmp_path)).run([failing])

@@ -19,6 +19,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
+from PIL import Image
+
 from ..postprocess.crf import CRF_PRESETS
 from ..utils.io import atomic_write, write_json
 from .report import collect_rows, format_table
@@ -26,7 +29,7 @@ from .steps import Step, StepRunner
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["STEP_GROUPS", "LoopSettings", "build_loop", "run_loop"]
+__all__ = ["STEP_GROUPS", "LoopSettings", "build_loop", "numbered_classes", "run_loop"]
 
 # Step groups, in loop order (``LoopSettings.steps`` selects some).
 STEP_GROUPS = ("convert", "models", "ensemble", "pseudo", "ablations")
@@ -112,6 +115,30 @@ class LoopSettings:
             )
         self.data_root = os.path.abspath(self.data_root)
         self.output = os.path.abspath(self.output)
+
+
+def numbered_classes(data_root: str, ignore_label: int) -> List[str]:
+    """Class names "0".."K" where K is the largest label value (other than ``ignore_label``)
+    in the label PNGs of ``data_root``'s train and val splits."""
+    largest = -1
+    for split in SPLITS:
+        label_dir = os.path.join(data_root, split, "labels")
+        for name in sorted(os.listdir(label_dir)):
+            if not name.lower().endswith(".png"):
+                continue
+            path = os.path.join(label_dir, name)
+            with Image.open(path) as image:
+                if image.mode not in ("L", "P", "I", "I;16"):
+                    raise ValueError(
+                        f"{path}: label maps are single-channel, got mode {image.mode}"
+                    )
+                values = np.unique(np.asarray(image))
+            values = values[values != ignore_label]
+            if values.size:
+                largest = max(largest, int(values.max()))
+    if largest < 0:
+        raise ValueError(f"no labelled pixel in the label maps of {data_root}")
+    return [str(i) for i in range(largest + 1)]
 
 
 class _Loop:
