@@ -167,7 +167,7 @@ def test_swin_train_resume_eval_and_submission(data_root, tmp_path):
     assert sub.read_text().splitlines()[0] == "image_id,PredictionString"
     image_ids, masks = read_submission(str(sub))
     assert list(image_ids) == test_names and masks.shape == (3, 256, 256) and masks.max() <= 10
-    assert len(list((tmp_path / "overlays").glob("*.png"))) == 2
+    assert len(list((tmp_path / "overlays").rglob("*.png"))) == 2  # mirrors the file_names
     assert json.loads((tmp_path / "probs" / "index.json").read_text())["classes"][0] == "Background"
 
 
