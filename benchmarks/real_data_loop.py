@@ -51,6 +51,22 @@ def parse_args(argv=None):
     p.add_argument("--min-size-test", type=int, default=180, help="short side at test time")
     p.add_argument("--crop", type=int, default=160, help="training crop side")
     p.add_argument("--workers", type=int, default=2, help="tools/ensemble.py worker processes")
+    p.add_argument("--no-tta", action="store_true", help="skip the TTA rows (vote plain dumps)")
+    p.add_argument(
+        "--crf-presets", nargs="+", help="CRF presets of the CRF rows (default: every preset)"
+    )
+    p.add_argument(
+        "--final-ensemble-only",
+        action="store_true",
+        help="only the vote + CRF + agreement row (no plain vote, per-preset and mode rows)",
+    )
+    p.add_argument(
+        "--ignore-in-mask-loss",
+        nargs="+",
+        choices=("on", "off"),
+        default=["on", "off"],
+        help="IGNORE_IN_MASK_LOSS of the models retrained on pseudo-labels",
+    )
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides of every model")
     args = p.parse_args(argv)
     default_ignore = 255
@@ -85,6 +101,10 @@ def main(argv=None):
         steps=args.steps,
         extra_opts=args.opts,
         ensemble_workers=args.workers,
+        tta=not args.no_tta,
+        crf_presets=args.crf_presets,
+        all_ensemble_rows=not args.final_ensemble_only,
+        pseudo_ignore_in_mask=[flag == "on" for flag in args.ignore_in_mask_loss],
     )
     command = shlex.join(["python", "benchmarks/real_data_loop.py", *sys.argv[1:]])
     run_loop(settings, command=command)
