@@ -15,13 +15,17 @@ refuses a folder whose ``.npy`` files and index disagree.
 import json
 import os
 import shutil
-import tempfile
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from ..utils.io import atomic_write, format_examples, replace_directory
+from ..utils.io import (
+    atomic_write,
+    format_examples,
+    make_temporary_directory,
+    replace_directory,
+)
 
 __all__ = ["ProbDumpWriter", "ProbDumpReader"]
 
@@ -44,11 +48,8 @@ class ProbDumpWriter:
         self.model_name = model_name
         self._entries: List[dict] = []
         self._seen: set = set()
-        final = os.path.abspath(out_dir)
-        os.makedirs(os.path.dirname(final), exist_ok=True)
-        self._tmp_dir: Optional[str] = tempfile.mkdtemp(
-            prefix=f".tmp_{os.path.basename(final)}_", dir=os.path.dirname(final)
-        )
+        # (the temporaries a killed run left next to out_dir are removed first)
+        self._tmp_dir: Optional[str] = make_temporary_directory(out_dir)
 
     def add(self, file_name: str, probs) -> None:
         if isinstance(probs, torch.Tensor):
