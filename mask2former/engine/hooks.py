@@ -147,9 +147,9 @@ class CopyPasteBankHook(HookBase):
     # -- resume ------------------------------------------------------------------------------
     # A checkpoint holds the hook's state (``state_dict``). Detectron2 writes a checkpoint before
     # the evaluation of the same iteration (and the final one before the final evaluation), so
-    # the hook also keeps, in its bank folder, the state after every evaluation by iteration
-    # (``HISTORY_NAME``); a resumed training takes the latest entry up to the checkpoint's
-    # iteration.
+    # the hook also keeps, in its bank folder, its state after every bank and final evaluation
+    # by iteration (``HISTORY_NAME``); a resumed training takes the entry of the checkpoint's own
+    # iteration when it is newer than the checkpoint's state (an evaluation that followed it).
 
     HISTORY_NAME = "state.json"
 
