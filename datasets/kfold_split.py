@@ -1,33 +1,12 @@
 #!/usr/bin/env python
 """Multi-label stratified k-fold split of a COCO json (labels = classes present per image).
 
-python datasets/kfold_split.py data/trash/train_all.json --output data/trash/folds --folds 5
+Same as ``m2f-kfold`` (``python -m mask2former.cli.kfold_split``); see that module.
 """
 
-import argparse
+import sys
 
-import numpy as np
-
-from mask2former.data.offline.kfold import write_kfold_splits
-
-
-def main():
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("json_file", help="COCO json to split (e.g. train_all.json)")
-    parser.add_argument(
-        "--output", required=True, help="folder for train_fold{k}.json / val_fold{k}.json"
-    )
-    parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    folds = write_kfold_splits(args.json_file, args.output, args.folds, args.seed)
-    print(
-        f"Wrote {args.folds} splits to {args.output}; "
-        f"images per fold: {np.bincount(folds).tolist()}"
-    )
-
+from mask2former.cli.kfold_split import console_main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(console_main())
