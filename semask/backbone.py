@@ -137,7 +137,11 @@ class SemanticAttention(nn.Module):
             seg_map = _linear_in(self.mlp_cls_q, x_wide)
             seg_ft = _linear_in(self.mlp_cls_k, x_wide)
             values = _linear_in(self.mlp_v, x_wide)
-            feats = F.scaled_dot_product_attention(seg_map, seg_ft, values, scale=1.0)
+            # one head as a [G, 1, N, .] batch: the 4-D layout that every backend and exporter
+            # (ONNX) takes; same numbers as the 3-D call
+            feats = F.scaled_dot_product_attention(
+                seg_map[:, None], seg_ft[:, None], values[:, None], scale=1.0
+            )[:, 0]
             feats = self.proj_drop(_linear_in(self.mlp_res, feats))
             return seg_map, x + (self.gamma.to(dtype) * feats).to(x.dtype)
 
