@@ -7,12 +7,11 @@ import os
 
 import numpy as np
 import pytest
-from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_train_loader
+from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from mask2former.data.augmentation.copy_paste import generate_bank
 from mask2former.data.augmentation.mapper import MaskFormerSemanticDatasetMapper
 from mask2former.data.catalog import register_trash_dataset
-from mask2former.data.catalog.train_records import train_dataset_records
 from mask2former.data.coco.images import UnreadableImageError, read_image_file
 from mask2former.data.offline.synthetic import generate_synthetic_trash
 from mask2former.engine import Trainer, get_project_cfg
@@ -76,11 +75,10 @@ def test_skip_policy_warns_once_and_draws_other_images(dataset, tmp_path):
     mapper_logger = logging.getLogger("mask2former.data.augmentation.mapper")
     mapper_logger.addHandler(handler)
     cfg = loader_cfg("skip")
-    # The train loader as the trainer builds it, the training records as the replacements.
-    records = train_dataset_records(cfg.DATASETS.TRAIN, cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
-    mapper = MaskFormerSemanticDatasetMapper(cfg, True, fallback_records=records)
     try:
-        loader = build_detection_train_loader(cfg, mapper=mapper, dataset=records)
+        # The trainer's loader: its mapper draws replacements from a sample of the records, so
+        # even an unreadable first image is replaced.
+        loader = Trainer.build_train_loader(cfg)
         batches = [b for _, b in zip(range(4), loader)]
     finally:
         mapper_logger.removeHandler(handler)

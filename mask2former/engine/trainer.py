@@ -3,6 +3,7 @@
 import itertools
 import logging
 import os
+import random
 import weakref
 from collections import OrderedDict
 
@@ -38,6 +39,10 @@ def build_step_trainer(cfg, model, data_loader, optimizer) -> SimpleTrainer:
             model, data_loader, optimizer, precision=amp_dtype(cfg.SOLVER.AMP.PRECISION)
         )
     return SimpleTrainer(model, data_loader, optimizer)
+
+
+# Training records the train mapper may draw in place of an image that cannot be decoded.
+_FALLBACK_RECORDS = 256
 
 
 class Trainer(DefaultTrainer):
@@ -102,9 +107,15 @@ class Trainer(DefaultTrainer):
         copy_paste = None
         if cfg.INPUT.COPY_PASTE.ENABLED:
             copy_paste = CopyPasteSampler(bank_root_from_cfg(cfg), cfg.INPUT.COPY_PASTE.PROB)
-        mapper = MaskFormerSemanticDatasetMapper(cfg, True, copy_paste=copy_paste)
         # empty = without label file and without non-crowd annotations, in any dataset order
         dataset = train_dataset_records(cfg.DATASETS.TRAIN, cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+        # Replacements of images that fail to decode (DATASETS.VALIDATION.UNREADABLE_IMAGE
+        # "skip"): a fixed sample, so that every worker's mapper does not hold the whole dataset.
+        rng = random.Random(max(cfg.SEED, 0))
+        fallback = rng.sample(dataset, min(len(dataset), _FALLBACK_RECORDS))
+        mapper = MaskFormerSemanticDatasetMapper(
+            cfg, True, copy_paste=copy_paste, fallback_records=fallback
+        )
         return build_detection_train_loader(cfg, mapper=mapper, dataset=dataset)
 
     @classmethod
