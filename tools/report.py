@@ -1,51 +1,12 @@
 #!/usr/bin/env python
 """Write a self-contained HTML report of a dataset and, with --weights, of a model on it.
 
-    python tools/report.py --config-file configs/m2f_dinat_l.yaml --dataset trash_val \
-        --output out/report.html [--weights out/model_final.pth] [--worst 8] [--tta] \
-        [KEY VALUE ...]
-
-The page (one file, images embedded, no scripts) shows the class distribution, objects per
-image and object sizes; with weights also the LB-style per-class IoU, the confusion matrix and
-the worst images by per-image mIoU. Datasets are registered from the config.
+Same as ``m2f-report`` (``python -m mask2former.cli.report``); see that module.
 """
 
-import argparse
-import logging
+import sys
 
-from detectron2.utils.logger import setup_logger
-
-from dinat import add_dinat_config
-from mask2former.engine import build_cfg
-from mask2former.report import build_report
-from semask import add_semask_config
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--config-file", required=True)
-    p.add_argument("--weights", help="model checkpoint (.pth / .pkl); without it, dataset only")
-    p.add_argument("--dataset", required=True, help="registered dataset name, e.g. trash_val")
-    p.add_argument("--output", required=True, help="the HTML file to write")
-    p.add_argument("--worst", type=int, default=8, help="how many worst images to show")
-    p.add_argument(
-        "--tta", action="store_true", help="multi-scale + flip (TEST.AUG.MIN_SIZES / FLIP)"
-    )
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
-    return p.parse_args(argv)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    setup_logger(name="mask2former")
-    cfg = build_cfg(args.config_file, args.opts, (add_semask_config, add_dinat_config))
-    return build_report(
-        cfg, args.dataset, args.output, weights=args.weights, tta=args.tta, worst_k=args.worst
-    )
-
+from mask2former.cli.report import console_main
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
-    main()
+    sys.exit(console_main())
