@@ -138,3 +138,22 @@ def test_copy_paste_bank_keeps_uncovered_pixels_ignored(camvid, tmp_path):
         assert (label == IGNORE).sum() > 0
         assert not (label == UNLABELLED).any()
         assert 0 in {a["category_id"] for a in bank["annotations"] if a["image_id"] == image["id"]}
+
+
+def test_bank_of_an_ignore_dataset_has_no_background_class():
+    from detectron2.data import MetadataCatalog
+
+    from mask2former.engine import get_project_cfg
+    from mask2former.engine.hooks import bank_background_from_cfg
+
+    cfg = get_project_cfg()
+    for name, uncovered, expected in (
+        ("_bank_bg_ignore", "ignore", None),
+        ("_bank_bg_background", "background", 0),
+    ):
+        MetadataCatalog.get(name).set(uncovered=uncovered)
+        cfg.DATASETS.TRAIN = (name,)
+        try:
+            assert bank_background_from_cfg(cfg) == expected
+        finally:
+            MetadataCatalog.remove(name)

@@ -6,6 +6,7 @@ import math
 import os
 from typing import Callable, Dict, List, Optional, Sequence
 
+from detectron2.data import MetadataCatalog
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
@@ -13,6 +14,13 @@ from ..data.augmentation.copy_paste import ObjectPool, generate_bank
 from ..utils.io import write_json
 
 logger = logging.getLogger(__name__)
+
+
+def bank_background_from_cfg(cfg) -> Optional[int]:
+    """The background label of the bank's json (0), or None when the training data has no
+    background class (its uncovered pixels are ignored: every label is an object class)."""
+    meta = MetadataCatalog.get(cfg.DATASETS.TRAIN[0])
+    return None if meta.get("uncovered", "background") == "ignore" else 0
 
 
 def bank_root_from_cfg(cfg) -> str:
@@ -83,6 +91,7 @@ class CopyPasteBankHook(HookBase):
         draw_order: str = "area_desc",
         ignore_label: int = 255,
         iou_prefix: str = "sem_seg/IoU-",
+        background: Optional[int] = 0,
     ):
         if class_weighting not in ("one_minus_iou", "uniform"):
             raise ValueError(
@@ -101,6 +110,7 @@ class CopyPasteBankHook(HookBase):
             blend_sigma=blend_sigma,
             draw_order=draw_order,
             ignore_label=ignore_label,
+            background=background,
         )
         self.class_weighting = class_weighting
         self.iou_prefix = iou_prefix

@@ -21,7 +21,12 @@ from .amp import MixedPrecisionTrainer, amp_dtype
 from .checkpoint import SafeCheckpointer
 from .ddp import create_ddp_model
 from .ema import EMAEvalHook, EMAHook, ModelEMA
-from .hooks import CopyPasteBankHook, bank_root_from_cfg, iou_prefix_from_cfg
+from .hooks import (
+    CopyPasteBankHook,
+    bank_background_from_cfg,
+    bank_root_from_cfg,
+    iou_prefix_from_cfg,
+)
 from .lr_scheduler import ResumableWarmupPolyLR, build_lr_scheduler
 from .optimizer import build_optimizer
 
@@ -161,6 +166,7 @@ class Trainer(DefaultTrainer):
                 draw_order=cfg.DATASETS.POLYGON_DRAW_ORDER,
                 ignore_label=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
                 iou_prefix=iou_prefix_from_cfg(cfg),
+                background=bank_background_from_cfg(cfg),
             )
             # Right after the evaluation, whose per-class IoUs it reads.
             eval_index = max(i for i, h in enumerate(hook_list) if isinstance(h, hooks.EvalHook))
