@@ -1,75 +1,12 @@
 #!/usr/bin/env python
 """Train / evaluate Mask2Former, SeMask and DiNAT models for semantic segmentation.
 
-python train_net.py --config-file configs/m2f_dinat_l.yaml --num-gpus 1 [KEY VALUE ...]
-python train_net.py --config-file ... --eval-only MODEL.WEIGHTS out/model_final.pth
-python train_net.py --config-file ... --resume
+Same as ``m2f-train`` (``python -m mask2former.cli.train``); see that module.
 """
 
-import logging
+import sys
 
-from detectron2.engine import default_argument_parser, default_setup, launch
-from detectron2.evaluation import verify_results
-from detectron2.utils import comm
-from detectron2.utils.logger import setup_logger
-
-from dinat import add_dinat_config
-from mask2former.data import register_datasets_from_cfg
-from mask2former.engine import (
-    SafeCheckpointer,
-    Trainer,
-    build_cfg,
-    check_num_classes,
-    run_training_checks,
-)
-from semask import add_semask_config
-
-
-def setup(args):
-    """Config from the command line (Mask2Former + SeMask + DiNAT keys), registered datasets,
-    logging and output dir."""
-    cfg = build_cfg(args.config_file, args.opts, (add_semask_config, add_dinat_config))
-    default_setup(cfg, args)
-    for name in ("mask2former", "semask", "dinat"):
-        setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name=name)
-    register_datasets_from_cfg(cfg)
-    return cfg
-
-
-def main(args):
-    cfg = setup(args)
-    if args.eval_only:
-        check_num_classes(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, cfg.DATASETS.TEST)
-        model = Trainer.build_model(cfg)
-        # save_to_disk=False: evaluation never writes into (or cleans) a training's folder
-        checkpointer = SafeCheckpointer(
-            model,
-            save_dir=cfg.OUTPUT_DIR,
-            save_to_disk=False,
-            allow_code_execution=cfg.MODEL.WEIGHTS_ALLOW_CODE_EXECUTION,
-        )
-        # refuses weights that leave any model tensor unloaded
-        checkpointer.load_for_inference(cfg.MODEL.WEIGHTS, resume=args.resume)
-        results = Trainer.test(cfg, model)
-        if cfg.TEST.AUG.ENABLED:  # as the official trainer: both scores, TTA keys end in _TTA
-            results.update(Trainer.test_with_TTA(cfg, model))
-        verify_results(cfg, results)
-        return results
-
-    run_training_checks(cfg)
-    trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
-
+from mask2former.cli.train import console_main
 
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
-    logging.getLogger(__name__).info("Command line arguments: %s", args)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    sys.exit(console_main())
