@@ -14,8 +14,10 @@ import numpy as np
 import torch
 from detectron2.config import configurable
 from detectron2.data import transforms as T
-from detectron2.data.detection_utils import read_image
 from tqdm import tqdm
+
+from ..data.coco.images import read_image_file
+from .sinks import Prediction, write_predictions
 
 __all__ = ["PredictorAsModel", "SemSegPredictor", "calibrate", "iterate_images", "predict_records"]
 
@@ -118,9 +120,10 @@ class SemSegPredictor:
 
 def iterate_images(records: Iterable[dict], input_format: str):
     """Yields (record, image array) for dataset records, reading with Detectron2's reader
-    (EXIF orientation applied, converted to ``input_format``)."""
+    (EXIF orientation applied, converted to ``input_format``); an image that cannot be decoded
+    raises an error naming its file."""
     for record in records:
-        yield record, read_image(record["file_name"], format=input_format)
+        yield record, read_image_file(record["file_name"], format=input_format)
 
 
 def predict_records(
@@ -139,7 +142,8 @@ def predict_records(
         file_names: image id -> the key the sinks know the image by
             (:func:`~mask2former.data.catalog.common.dataset_file_names`).
 
-    Sinks are closed only when every image went through (an interrupted run writes no CSV/index).
+    Sinks are closed only when every image went through; a failed or interrupted run aborts them,
+    so their outputs keep their previous content (:func:`~.sinks.write_predictions`).
     """
     iterator = tqdm(
         iterate_images(records, input_format),
@@ -147,16 +151,20 @@ def predict_records(
         desc=description,
         disable=not progress,
     )
-    for record, image in iterator:
-        probs = predictor(image)
-        if probs.shape[1:] != image.shape[:2]:
-            raise RuntimeError(
-                f"{record['file_name']}: prediction {tuple(probs.shape)} for image {image.shape}"
-            )
-        labels = probs.argmax(0).cpu().numpy()
-        for sink in sinks:
-            sink.add(file_names[record["image_id"]], labels, probs)
-    return [sink.close() for sink in sinks]
+
+    def predictions():
+        for record, image in iterator:
+            probs = predictor(image)
+            if probs.shape[1:] != image.shape[:2]:
+                raise RuntimeError(
+                    f"{record['file_name']}: prediction {tuple(probs.shape)} for image "
+                    f"{image.shape}"
+                )
+            labels = probs.argmax(0).cpu().numpy()
+            yield Prediction(file_names[record["image_id"]], labels, probs)
+
+    results = write_predictions(predictions(), dict(enumerate(sinks)))
+    return [results[i] for i in range(len(sinks))]
 
 
 class PredictorAsModel(torch.nn.Module):
@@ -181,6 +189,6 @@ class PredictorAsModel(torch.nn.Module):
             raise RuntimeError("PredictorAsModel is for inference only")
         outputs = []
         for record in inputs:
-            image = read_image(record["file_name"], format=self.input_format)
+            image = read_image_file(record["file_name"], format=self.input_format)
             outputs.append({"sem_seg": self.predictor(image)})
         return outputs

@@ -21,7 +21,7 @@ post-processing) and the pseudo-label writer's label PNGs.
 
 import os
 import shutil
-from typing import Iterable, List, Mapping, Optional, Sequence
+from typing import Iterable, List, Mapping, NamedTuple, Optional, Sequence
 
 import cv2
 import numpy as np
@@ -92,6 +92,14 @@ class _TemporaryFolder:
         if self.tmp_dir is not None:
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
             self.tmp_dir = None
+
+
+class Prediction(NamedTuple):
+    """One image's prediction as the sinks take it."""
+
+    file_name: str
+    labels: np.ndarray
+    probs: Optional[object] = None  # [K, H, W] probabilities (tensor or array), if any
 
 
 def write_predictions(predictions: Iterable, sinks: Mapping[str, object]) -> dict:
