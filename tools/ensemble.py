@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Soft-voting ensemble of probability dumps -> optional DenseCRF -> agreement overwrite ->
+"""Soft-voting ensemble of probability dumps, DenseCRF, agreement overwrite and outputs.
 
 Same as ``m2f-ensemble`` (``python -m mask2former.cli.ensemble``); see that module.
 """
