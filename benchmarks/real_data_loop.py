@@ -67,6 +67,12 @@ def parse_args(argv=None):
         default=["on", "off"],
         help="IGNORE_IN_MASK_LOSS of the models retrained on pseudo-labels",
     )
+    p.add_argument(
+        "--pseudo-threshold",
+        type=float,
+        default=0.9,
+        help="minimum soft-vote probability of a pseudo-labelled pixel",
+    )
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides of every model")
     args = p.parse_args(argv)
     default_ignore = 255
@@ -102,6 +108,7 @@ def main(argv=None):
         extra_opts=args.opts,
         ensemble_workers=args.workers,
         tta=not args.no_tta,
+        pseudo_threshold=args.pseudo_threshold,
         crf_presets=args.crf_presets,
         all_ensemble_rows=not args.final_ensemble_only,
         pseudo_ignore_in_mask=[flag == "on" for flag in args.ignore_in_mask_loss],
