@@ -42,16 +42,19 @@ def test_dependencies_are_ranges_around_the_pins():
     project = _project()
     pins = _pins()
     declared = _requirements(project["dependencies"])
-    runtime_pins = {name: v for name, v in pins.items() if name not in NOT_RUNTIME}
-    assert set(declared) == set(runtime_pins)
+    extras = {k: _requirements(v) for k, v in project["optional-dependencies"].items()}
+    assert set(extras["dev"]) == DEV_TOOLS
     assert "detectron2" not in declared  # not on PyPI: installed before the project
-    for name, requirement in declared.items():
-        assert requirement.specifier.contains(runtime_pins[name]), (name, str(requirement))
-        assert "<" in str(requirement.specifier), f"{name}: no upper bound"
-    dev = _requirements(project["optional-dependencies"]["dev"])
-    assert set(dev) == DEV_TOOLS
-    for name, requirement in dev.items():
-        assert requirement.specifier.contains(pins[name]), (name, str(requirement))
+    # every pin is declared once: a dependency or an optional feature's (or a dev tool)
+    groups = [declared, *extras.values()]
+    names = [name for group in groups for name in group]
+    assert len(names) == len(set(names))
+    runtime_pins = {name for name in pins if name not in NOT_RUNTIME}
+    assert set(names) == runtime_pins | DEV_TOOLS
+    for group in groups:
+        for name, requirement in group.items():
+            assert requirement.specifier.contains(pins[name]), (name, str(requirement))
+            assert "<" in str(requirement.specifier), f"{name}: no upper bound"
 
 
 def _commands():
