@@ -234,9 +234,12 @@ def test_predict_cli_on_a_folder(folder, tmp_path):
     label = np.array(Image.open(label_png_path(str(out / "labels"), "sub/rot6.jpg")))
     assert label.shape == (64, 32) and label.dtype == np.uint8  # displayed size (EXIF applied)
     assert np.array(Image.open(label_png_path(str(out / "labels"), "rgba.png"))).shape == (24, 40)
-    overlays = sorted(p.name for p in (out / "overlays").iterdir())
-    assert overlays == ["gray.png", "rgba.png", "rot8.png", "sub_rot6.png"]
-    assert Image.open(out / "overlays" / "sub_rot6.png").size[0] == 2 * 32  # image | prediction
+    # named as the label PNGs: <key>.png, folders mirrored, extension kept
+    overlays = sorted(
+        str(p.relative_to(out / "overlays")) for p in (out / "overlays").rglob("*.png")
+    )
+    assert overlays == sorted(k + ".png" for k in keys)
+    assert Image.open(out / "overlays" / "sub/rot6.jpg.png").size[0] == 2 * 32  # image | prediction
 
 
 def test_label_pngs_need_relative_keys(folder, tmp_path):

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from ..postprocess.labels import label_dtype
 from ..utils.visualize import save_panel
 from .predictor import SemSegPredictor, calibrate
-from .sinks import LabelPngSink, ProbDumpSink, SubmissionSink, label_png_path
+from .sinks import LabelPngSink, ProbDumpSink, SubmissionSink, label_png_path, output_png_path
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -195,8 +195,9 @@ class ImageOverlaySink:
         if len(self.written) >= self.max_images:
             return
         image = read_input_image(self.paths[file_name], "RGB")
-        name = os.path.splitext(file_name.strip("/"))[0].replace("/", "_") + ".png"
-        path = os.path.join(self.out_dir, name)
+        # out_dir/<key>.png, folders mirrored and the extension kept (no two images clash)
+        path = output_png_path(self.out_dir, file_name.lstrip("/"), "overlay")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         save_panel(path, image, None, np.asarray(labels), self.palette, self.class_names)
         self.written.append(path)
 

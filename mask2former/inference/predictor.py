@@ -17,6 +17,7 @@ from detectron2.data import transforms as T
 from tqdm import tqdm
 
 from ..data.coco.images import read_image_file
+from ..postprocess.labels import label_dtype
 from .sinks import Prediction, write_predictions
 
 __all__ = ["PredictorAsModel", "SemSegPredictor", "calibrate", "iterate_images", "predict_records"]
@@ -160,7 +161,7 @@ def predict_records(
                     f"{record['file_name']}: prediction {tuple(probs.shape)} for image "
                     f"{image.shape}"
                 )
-            labels = probs.argmax(0).cpu().numpy()
+            labels = probs.argmax(0).cpu().numpy().astype(label_dtype(probs.shape[0]))
             yield Prediction(file_names[record["image_id"]], labels, probs)
 
     results = write_predictions(predictions(), dict(enumerate(sinks)))
