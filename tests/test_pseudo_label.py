@@ -5,7 +5,6 @@ import ast
 import hashlib
 import json
 import os
-import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -521,7 +520,8 @@ def test_cli_end_to_end(trash, tmp_path, unregister):
 def test_cli_errors(trash, tmp_path):
     root, probs = trash
     write_dump(tmp_path / "dump", dict(list(probs.items())[:2]))
-    main = runpy.run_path(str(ROOT / "tools" / "pseudo_label.py"))["main"]
+    from mask2former.cli.pseudo_label import main
+
     missing = list(probs)[2]
     with pytest.raises(
         ValueError, match=rf"1 image\(s\) of .*test\.json are not in the dumps.*{missing}"

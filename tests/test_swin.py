@@ -3,7 +3,6 @@ position bias, frozen stages, official parameter names and checkpoint conversion
 
 import math
 import pickle
-import runpy
 from pathlib import Path
 
 import pytest
@@ -407,7 +406,8 @@ def test_converter_rejects_non_swin_files(tmp_path):
 
 
 def test_converter_cli(tmp_path, capsys):
-    main = runpy.run_path(str(ROOT / "tools" / "convert_swin_to_d2.py"))["main"]
+    from mask2former.cli.convert_swin import main
+
     src = tmp_path / "swin.pth"
     torch.save({"model": _fake_official_imagenet_checkpoint(SwinTransformer(**TINY))}, src)
     assert main([str(src), str(tmp_path / "d2.pth"), "--window-size", "5"]) == 0

@@ -6,9 +6,7 @@ Same as ``m2f-pseudo-label`` (``python -m mask2former.cli.pseudo_label``); see t
 
 import sys
 
-from mask2former.cli.pseudo_label import console_main, main
-
-__all__ = ["console_main", "main"]  # main: for callers that load this script by path
+from mask2former.cli.pseudo_label import console_main
 
 if __name__ == "__main__":
     sys.exit(console_main())
