@@ -51,7 +51,7 @@ def add_dinat_config(cfg):
     #   "tiled"     - pure-PyTorch tiled path with bounded memory (fast on CPU, runs anywhere);
     #   "flex"      - torch flex_attention (compiled on CUDA; CPU: forward only, slow);
     #   "natten"    - natten.functional.na2d (requires RPB False; NATTEN's CPU path is very slow);
-    #   "reference" - brute force (tests only; large memory).
+    #   "reference" - brute force (large memory; used by the ONNX export and the tests).
     cfg.MODEL.DINAT.ATTENTION_IMPL = "auto"
     # Feature maps smaller than KERNEL_SIZE x dilation: True = zero-pad the (normed) input at the
     # bottom/right up to that size before the qkv projection and crop the output, as NATTEN 0.14
