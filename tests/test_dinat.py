@@ -2,7 +2,6 @@
 path, determinism and the YAML configs."""
 
 import argparse
-import importlib.util
 import os
 
 import pytest
@@ -220,15 +219,6 @@ def _fake_official_checkpoint(model: DiNAT):
     return state
 
 
-def _load_cli():
-    # Loaded by path: a `tools` package from detectron2's wheel shadows the repository's tools/.
-    path = os.path.join(REPO, "tools", "convert_dinat_to_d2.py")
-    spec = importlib.util.spec_from_file_location("convert_dinat_to_d2", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 class _Wrapper(nn.Module):
     def __init__(self, backbone):
         super().__init__()
@@ -242,7 +232,8 @@ def test_converter_round_trip(tmp_path, wrapper):
     src = tmp_path / "dinat_in1k.pth"
     torch.save(state if wrapper is None else {wrapper: state, "epoch": 300}, src)
 
-    cli_main = _load_cli().main  # the CLI is a thin wrapper over dinat.convert
+    from mask2former.cli.convert_dinat import main as cli_main  # a wrapper over dinat.convert
+
     dst = tmp_path / "out" / "dinat_d2.pth"
     assert cli_main([str(src), str(dst)]) == 0
     assert sorted(os.listdir(dst.parent)) == ["dinat_d2.pth"]  # atomic write left no temp file
