@@ -26,12 +26,12 @@ from unittest import mock
 import pytest
 import torch
 from detectron2.engine import create_ddp_model as detectron2_create_ddp_model
-from detectron2.engine import launch
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
 from detectron2.utils import comm
 
 from mask2former.data.offline.synthetic import generate_synthetic_trash
+from mask2former.engine import launch
 from mask2former.engine.ddp import create_ddp_model
 from mask2former.engine.setup import build_cfg
 

@@ -8,7 +8,7 @@ m2f-train --config-file ... --resume
 import logging
 import sys
 
-from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -20,6 +20,7 @@ from mask2former.engine import (
     Trainer,
     build_cfg,
     check_num_classes,
+    launch,
     run_training_checks,
 )
 from semask import add_semask_config

@@ -9,6 +9,7 @@ from .checkpoint import (
 )
 from .checks import check_num_classes, run_training_checks
 from .ema import EMAEvalHook, EMAHook, ModelEMA, export_ema_weights
+from .launch import launch
 from .optimizer import build_optimizer, get_param_groups
 from .setup import build_cfg, get_project_cfg
 from .trainer import Trainer
@@ -29,5 +30,6 @@ __all__ = [
     "export_ema_weights",
     "get_param_groups",
     "get_project_cfg",
+    "launch",
     "run_training_checks",
 ]
