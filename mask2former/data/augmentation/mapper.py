@@ -10,10 +10,12 @@ and resizes the image and drops the annotations; the evaluator rebuilds the grou
 dataset record with ``record_to_label_map``.
 
 Copy-paste seam: the mapper takes an optional ``copy_paste`` object with one method,
-``maybe_sample(record, rng) -> record``, called on a copy of every record before the image is
-read. It may return the record unchanged or substitute another one (e.g. an image of the
-copy-paste bank with its annotations). ``rng`` is a ``numpy.random.Generator`` private to the
-current process, derived from NumPy's global seed (which Detectron2 seeds per data-loader worker).
+``maybe_sample(record, rng) -> record``, called on every record before the image is read. It
+may return the record unchanged or substitute another one (e.g. an image of the copy-paste bank
+with its annotations); it must not modify either, as the mapper maps a copy of the record
+returned (a sampler may return the same cached bank record many times). ``rng`` is a
+``numpy.random.Generator`` private to the current process, derived from NumPy's global seed
+(which Detectron2 seeds per data-loader worker).
 """
 
 import copy
@@ -211,9 +213,11 @@ class MaskFormerSemanticDatasetMapper:
             decoded and ``unreadable_image`` is "skip").
         """
         record = dataset_dict
-        dataset_dict = copy.deepcopy(dataset_dict)
         if self.copy_paste is not None:
-            dataset_dict = self.copy_paste.maybe_sample(dataset_dict, self._rng())
+            dataset_dict = self.copy_paste.maybe_sample(record, self._rng())
+        # The record mapped is copied, never modified: it belongs to the dataset or to the
+        # copy-paste sampler, which hands out the same bank records again.
+        dataset_dict = copy.deepcopy(dataset_dict)
         try:
             image = read_image_file(dataset_dict["file_name"], format=self.image_format)
         except UnreadableImageError as e:
