@@ -2,11 +2,24 @@
 bias and a block mask for the window; compiled with ``torch.compile`` on CUDA (no backward on
 CPU)."""
 
-from typing import Callable, Dict
+import functools
+from typing import Callable, Dict, Tuple
 
 import torch
 
 from .checks import check_inputs, default_scale
+
+
+@functools.lru_cache(maxsize=64)
+def _geometry_tensors(
+    height: int, width: int, kernel_size: int, dilation: int, device: torch.device
+) -> Tuple[torch.Tensor, ...]:
+    """``(height, width, kernel_size, dilation)`` as 0-dim int64 tensors on ``device``, built once
+    per geometry and device: creating them is a blocking host-to-device copy on CUDA, which every
+    layer call would otherwise pay. Built outside inference mode, so that tensors first made
+    during an inference-mode evaluation can still be used by autograd later."""
+    with torch.inference_mode(False):
+        return tuple(torch.tensor(v, device=device) for v in (height, width, kernel_size, dilation))
 
 
 def _flex_mods(height: int, width: int, kernel_size: int, dilation: int, rpb, device):
@@ -17,7 +30,7 @@ def _flex_mods(height: int, width: int, kernel_size: int, dilation: int, rpb, de
     only use broadcasting tensor ops, so they can also be evaluated on dense index grids.
     """
     geometry = (height, width, kernel_size, dilation)
-    height, width, kernel, dilation = (torch.tensor(v, device=device) for v in geometry)
+    height, width, kernel, dilation = _geometry_tensors(*geometry, torch.device(device))
     half = kernel // 2
 
     def window_start(pos, length):
@@ -47,7 +60,6 @@ def _flex_mods(height: int, width: int, kernel_size: int, dilation: int, rpb, de
     return score_mod, mask_mod
 
 
-_BLOCK_MASKS: Dict[tuple, object] = {}
 _COMPILED: Dict[str, Callable] = {}
 # Configurations the compiled flex attention has been called with (see :func:`flex_variant`).
 _COMPILED_VARIANTS: set = set()
@@ -110,18 +122,20 @@ def _reserve_compilation(variant: tuple) -> None:
         config.accumulated_recompile_limit = needed
 
 
-def _block_mask(height: int, width: int, kernel_size: int, dilation: int, device, compile: bool):
-    """Flex attention block mask of the neighborhoods (cached per geometry and device)."""
+@functools.lru_cache(maxsize=64)
+def _block_mask(
+    height: int, width: int, kernel_size: int, dilation: int, device: torch.device, compile: bool
+):
+    """Flex attention block mask of the neighborhoods (cached per geometry and device; built
+    outside inference mode, as :func:`_geometry_tensors`)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    cache_key = (height, width, kernel_size, dilation, str(device), compile)
-    if cache_key not in _BLOCK_MASKS:
-        _, mask_mod = _flex_mods(height, width, kernel_size, dilation, None, device)
-        tokens = height * width
-        # Compiled mask creation works block by block instead of on the dense tokens x tokens grid.
-        build = _compiled("create_block_mask", create_block_mask) if compile else create_block_mask
-        _BLOCK_MASKS[cache_key] = build(mask_mod, None, None, tokens, tokens, device=device)
-    return _BLOCK_MASKS[cache_key]
+    _, mask_mod = _flex_mods(height, width, kernel_size, dilation, None, device)
+    tokens = height * width
+    # Compiled mask creation works block by block instead of on the dense tokens x tokens grid.
+    build = _compiled("create_block_mask", create_block_mask) if compile else create_block_mask
+    with torch.inference_mode(False):
+        return build(mask_mod, None, None, tokens, tokens, device=device)
 
 
 def _flex_attention_fn(compile: bool):
@@ -145,7 +159,7 @@ def na2d_flex(query, key, value, rpb, kernel_size, dilation=1, scale=None, compi
     if compile:
         _reserve_compilation(flex_variant(query, rpb, kernel_size, dilation))
     score_mod, _ = _flex_mods(height, width, kernel_size, dilation, rpb, query.device)
-    block_mask = _block_mask(height, width, kernel_size, dilation, query.device, compile)
+    block_mask = _block_mask(height, width, kernel_size, dilation, query.device, bool(compile))
 
     def tokens(x):  # [B, H, W, heads, D] -> [B, heads, H*W, D]
         return x.flatten(1, 2).transpose(1, 2)

@@ -1,6 +1,9 @@
 """Brute-force neighborhood attention over explicitly built neighbour indices: the ground truth
 of the tests (memory ``O(H * W * k^2 * head_dim)``)."""
 
+import functools
+from typing import Tuple
+
 import torch
 
 from .checks import check_inputs, default_scale
@@ -23,6 +26,17 @@ def _neighbors_1d(length: int, kernel_size: int, dilation: int):
     return torch.tensor(keys), torch.tensor(bias_index)
 
 
+@functools.lru_cache(maxsize=32)
+def _device_neighbors_1d(
+    length: int, kernel_size: int, dilation: int, device: torch.device
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_neighbors_1d` on ``device``, copied there once per geometry (outside inference
+    mode, so that autograd can use them later)."""
+    with torch.inference_mode(False):
+        keys, bias_index = _neighbors_1d(length, kernel_size, dilation)
+        return keys.to(device), bias_index.to(device)
+
+
 def na2d_reference(query, key, value, rpb, kernel_size: int, dilation: int = 1, scale=None):
     """Brute-force neighborhood attention (the ground truth of the tests).
 
@@ -39,8 +53,8 @@ def na2d_reference(query, key, value, rpb, kernel_size: int, dilation: int = 1, 
     check_inputs(query, key, value, rpb, kernel_size, dilation)
     _, height, width, _, _ = query.shape
     device = query.device
-    keys_h, bias_h = (t.to(device) for t in _neighbors_1d(height, kernel_size, dilation))
-    keys_w, bias_w = (t.to(device) for t in _neighbors_1d(width, kernel_size, dilation))
+    keys_h, bias_h = _device_neighbors_1d(height, kernel_size, dilation, device)
+    keys_w, bias_w = _device_neighbors_1d(width, kernel_size, dilation, device)
     rows = keys_h[:, None, :, None]  # [H, 1, k, 1]
     cols = keys_w[None, :, None, :]  # [1, W, 1, k]
     k_nb = key[:, rows, cols]  # [B, H, W, k, k, heads, D]

@@ -115,7 +115,15 @@ def _grid_tiling(
     height: int, width: int, kernel_size: int, max_tile: int, device: torch.device, dtype
 ) -> _GridTiling:
     """Tiling of an ``H x W`` dense group and its window masks (cached: the blocks of a level
-    share their geometry)."""
+    share their geometry; built outside inference mode, so that masks first made during an
+    inference-mode evaluation can still be saved for backward later)."""
+    with torch.inference_mode(False):
+        return _build_grid_tiling(height, width, kernel_size, max_tile, device, dtype)
+
+
+def _build_grid_tiling(
+    height: int, width: int, kernel_size: int, max_tile: int, device: torch.device, dtype
+) -> _GridTiling:
     rows = _axis_tiling(height, kernel_size, max_tile)
     cols = _axis_tiling(width, kernel_size, max_tile)
     rows_out = rows.patterns[:, None, :, None, :, None] < 0

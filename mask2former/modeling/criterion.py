@@ -1,7 +1,7 @@
 """Set criterion of Mask2Former: Hungarian matching, then classification and point-sampled mask
 losses on the final prediction and (deep supervision) on every auxiliary prediction."""
 
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -52,6 +52,35 @@ def dice_loss(
     numerator = 2 * (probs * targets).sum(-1)
     denominator = probs.sum(-1) + targets.sum(-1)
     return (1 - (numerator + 1) / (denominator + 1)).sum() / num_masks
+
+
+class MatchedIndices(NamedTuple):
+    """One prediction set's matching on the predictions' device: ``batch`` and ``src`` (image and
+    query of every matched prediction) and ``tgt`` (the matched target of each, per image)."""
+
+    batch: torch.Tensor
+    src: torch.Tensor
+    tgt: Tuple[torch.Tensor, ...]
+
+
+def matched_indices(indices, device) -> MatchedIndices:
+    """The matcher's per-image (query indices, target indices) (host tensors) as
+    :class:`MatchedIndices` on ``device``, with one host-to-device copy for all of them. On CUDA
+    the copy is from pinned memory and does not block the host (a plain copy waits for the
+    device, and the losses used one per index tensor and image)."""
+    device = torch.device(device)
+    counts = [len(src) for src, _ in indices]
+    batch = [torch.full((n,), i, dtype=torch.int64) for i, n in enumerate(counts)]
+    srcs = [src.to(device="cpu", dtype=torch.int64) for src, _ in indices]
+    tgts = [tgt.to(device="cpu", dtype=torch.int64) for _, tgt in indices]
+    host = torch.cat(batch + srcs + tgts) if indices else torch.empty(0, dtype=torch.int64)
+    if device.type == "cuda":
+        joined = host.pin_memory().to(device, non_blocking=True)
+    else:
+        joined = host.to(device)
+    total = sum(counts)
+    batch_idx, src_idx, tgt_idx = joined.split([total, total, total])
+    return MatchedIndices(batch_idx, src_idx, tgt_idx.split(counts))
 
 
 class SetCriterion(nn.Module):
@@ -155,10 +184,11 @@ class SetCriterion(nn.Module):
         return self.empty_weight * torch.cat([self.class_weights, self.empty_weight.new_ones(1)])
 
     @staticmethod
-    def _src_index(indices) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(batch index, query index) of every matched prediction."""
-        batch = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
-        return batch, torch.cat([src for src, _ in indices])
+    def _matched(indices, device) -> MatchedIndices:
+        """``indices`` (the matcher's output, or already :class:`MatchedIndices`) on ``device``."""
+        if isinstance(indices, MatchedIndices):
+            return indices
+        return matched_indices(indices, device)
 
     def loss_labels(self, outputs, targets, indices, num_masks) -> Dict[str, torch.Tensor]:
         """Weighted cross-entropy over all queries ("no object" for unmatched ones)."""
@@ -166,27 +196,25 @@ class SetCriterion(nn.Module):
         target_classes = torch.full(
             logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device
         )
-        batch_idx, src_idx = self._src_index(indices)
+        matched = self._matched(indices, logits.device)
         matched_classes = torch.cat(
-            [t["labels"][tgt.to(t["labels"].device)] for t, (_, tgt) in zip(targets, indices)]
+            [t["labels"][tgt.to(t["labels"].device)] for t, tgt in zip(targets, matched.tgt)]
         )
-        target_classes[batch_idx.to(logits.device), src_idx.to(logits.device)] = matched_classes.to(
-            logits.device
-        )
+        target_classes[matched.batch, matched.src] = matched_classes.to(logits.device)
         loss = F.cross_entropy(logits.transpose(1, 2), target_classes, self.ce_class_weights())
         return {"loss_ce": loss}
 
     def loss_masks(self, outputs, targets, indices, num_masks) -> Dict[str, torch.Tensor]:
         """Sigmoid BCE and dice of matched masks on importance-sampled points."""
         pred_masks = outputs["pred_masks"]
-        batch_idx, src_idx = self._src_index(indices)
-        src_masks = pred_masks[batch_idx.to(pred_masks.device), src_idx.to(pred_masks.device)]
+        matched = self._matched(indices, pred_masks.device)
+        src_masks = pred_masks[matched.batch, matched.src]
         if src_masks.shape[0] == 0:
             # no target in the batch: zero losses that keep the graph connected
             zero = pred_masks.sum() * 0.0
             return {"loss_mask": zero, "loss_dice": zero.clone()}
         target_masks = torch.cat(
-            [t["masks"][tgt.to(t["masks"].device)] for t, (_, tgt) in zip(targets, indices)]
+            [t["masks"][tgt.to(t["masks"].device)] for t, tgt in zip(targets, matched.tgt)]
         )
         src_masks = src_masks[:, None]
         target_masks = target_masks[:, None].to(src_masks)
@@ -206,7 +234,7 @@ class SetCriterion(nn.Module):
                 valid = torch.cat(
                     [
                         t["valid"][None].expand(len(tgt), -1, -1)
-                        for t, (_, tgt) in zip(targets, indices)
+                        for t, tgt in zip(targets, matched.tgt)
                     ]
                 )
                 point_weights = point_sample(valid[:, None].to(src_masks), point_coords).squeeze(1)
@@ -221,12 +249,17 @@ class SetCriterion(nn.Module):
         return loss_fns[loss](outputs, targets, indices, num_masks)
 
     def num_masks(self, targets, device) -> float:
-        """Number of target masks per process: averaged over processes, at least 1."""
-        num = torch.as_tensor(
-            [float(sum(len(t["labels"]) for t in targets))], dtype=torch.float32, device=device
-        )
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(num)
+        """Number of target masks per process: averaged over processes, at least 1.
+
+        The local count is a host number. With several processes it is summed by an all-reduce
+        on ``device``, and reading the sum back waits for the device (the one host sync the
+        criterion keeps: the losses are divided by a Python number, as in the official code).
+        """
+        count = float(sum(len(t["labels"]) for t in targets))
+        if not (dist.is_available() and dist.is_initialized()):
+            return max(count, 1.0)
+        num = torch.full((1,), count, dtype=torch.float32, device=device)
+        dist.all_reduce(num)
         return torch.clamp(num / comm.get_world_size(), min=1).item()
 
     def forward(self, outputs, targets: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
@@ -250,7 +283,9 @@ class SetCriterion(nn.Module):
         ]
         losses = {}
         for suffix, predictions in prediction_sets:
-            indices = self.matcher(predictions, targets)
+            indices = matched_indices(
+                self.matcher(predictions, targets), predictions["pred_logits"].device
+            )
             for loss in self.losses:
                 terms = self.get_loss(loss, predictions, targets, indices, num_masks)
                 losses.update({k + suffix: v for k, v in terms.items()})

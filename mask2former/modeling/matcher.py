@@ -156,26 +156,37 @@ class HungarianMatcher(nn.Module):
             B tuples (index_i, index_j) of int64 CPU tensors of length min(Q, T_b): prediction
             index_i[k] is matched to target index_j[k]; index_i is sorted.
         """
-        indices = []
+        # every image's cost matrix first, then one device-to-host copy for all of them (each
+        # copy waits for the device), then the assignments on the host
+        costs = {}
         for b, target in enumerate(targets):
-            labels = target["labels"]
-            if labels.numel() == 0:
-                empty = torch.empty(0, dtype=torch.int64)
-                indices.append((empty, empty.clone()))
+            if target["labels"].numel() == 0:
                 continue
-            cost = self.cost_matrix(
+            costs[b] = self.cost_matrix(
                 outputs["pred_logits"][b],
                 outputs["pred_masks"][b],
-                labels,
+                target["labels"],
                 target["masks"],
                 target.get("valid"),
             )
+        host_costs = {}
+        if costs:
+            # [Q, sum of T_b]: the images' matrices side by side
+            joined = torch.cat(list(costs.values()), dim=1)
             # inf mask logits (fp16 overflow under AMP) give inf / NaN costs, which
             # linear_sum_assignment rejects: such predictions become the worst matches instead
-            cost = torch.nan_to_num(
-                cost, nan=INVALID_COST, posinf=INVALID_COST, neginf=-INVALID_COST
+            joined = torch.nan_to_num(
+                joined, nan=INVALID_COST, posinf=INVALID_COST, neginf=-INVALID_COST
             )
-            rows, cols = linear_sum_assignment(cost.cpu().numpy())
+            widths = [cost.shape[1] for cost in costs.values()]
+            host_costs = dict(zip(costs, joined.cpu().split(widths, dim=1)))
+        indices = []
+        for b in range(len(targets)):
+            if b not in host_costs:
+                empty = torch.empty(0, dtype=torch.int64)
+                indices.append((empty, empty.clone()))
+                continue
+            rows, cols = linear_sum_assignment(host_costs[b].contiguous().numpy())
             indices.append(
                 (torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64))
             )

@@ -8,6 +8,7 @@
   composable (crop, resize twice) into one product.
 """
 
+import functools
 from typing import Callable, Sequence
 
 import torch
@@ -101,7 +102,27 @@ def bilinear_resize_matrix(
     per-axis operation of ``F.interpolate(mode="bilinear")``): row i holds the two weights of
     output i, computed as PyTorch does (source = (i + 0.5) * in / out - 0.5, clamped at 0, in
     float64 for float64 and in float32 for other dtypes).
+
+    The matrix is built once per (sizes, device, dtype) and the same tensor is returned again
+    afterwards (building it on the host and copying it to a GPU is a blocking transfer): callers
+    must not modify it in place.
     """
+    device = torch.device("cpu") if device is None else torch.device(device)
+    return _cached_resize_matrix(int(in_size), int(out_size), device, dtype)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_resize_matrix(
+    in_size: int, out_size: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    # Outside inference mode: a matrix first made during an inference-mode evaluation may later
+    # be saved for backward by a training step.
+    with torch.inference_mode(False):
+        return _build_resize_matrix(in_size, out_size, dtype).to(device=device, dtype=dtype)
+
+
+def _build_resize_matrix(in_size: int, out_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """The matrix of :func:`bilinear_resize_matrix`, on the host, in its compute dtype."""
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     scale = torch.tensor(in_size, dtype=compute) / out_size
     src = ((torch.arange(out_size, dtype=compute) + 0.5) * scale - 0.5).clamp(min=0)
@@ -111,7 +132,7 @@ def bilinear_resize_matrix(
     matrix = torch.zeros(out_size, in_size, dtype=compute)
     matrix.scatter_add_(1, i0[:, None], (1 - lambda1)[:, None])
     matrix.scatter_add_(1, i1[:, None], lambda1[:, None])
-    return matrix.to(device=device, dtype=dtype)
+    return matrix
 
 
 def resize_bilinear(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

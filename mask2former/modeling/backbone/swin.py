@@ -19,6 +19,7 @@ and without gradients the attention runs in ``scaled_dot_product_attention`` wit
 position bias and the shift mask folded into one additive mask.
 """
 
+import functools
 from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
@@ -36,6 +37,7 @@ __all__ = [
     "relative_position_index",
     "shifted_window_attention_mask",
     "WindowLayout",
+    "window_layout",
     "WindowAttention",
     "SwinTransformerBlock",
     "PatchMerging",
@@ -110,6 +112,9 @@ class WindowLayout:
       the source token in ``cat([tokens, zero_row])``, index ``H * W`` for padding;
     * ``reverse_index`` [H * W]: for every token, its window slot;
     * ``attn_mask``: :func:`shifted_window_attention_mask` if ``shift_size > 0``, else None.
+
+    Building a layout launches device work but never waits for it (no host read-back);
+    :func:`window_layout` returns the same layout again for the same map, window and device.
     """
 
     def __init__(self, h: int, w: int, window_size: int, shift_size: int, device: torch.device):
@@ -123,10 +128,11 @@ class WindowLayout:
         if shift_size > 0:
             source = torch.roll(source, shifts=(-shift_size, -shift_size), dims=(0, 1))
         self.partition_index = window_partition(source.view(1, hp, wp, 1), window_size).reshape(-1)
-        valid = self.partition_index < h * w
         slots = torch.arange(self.partition_index.numel(), device=device)
-        self.reverse_index = torch.empty(h * w, dtype=torch.long, device=device)
-        self.reverse_index[self.partition_index[valid]] = slots[valid]
+        # every real token has exactly one slot; the padding slots all write to the extra entry
+        # h * w, which is dropped (a scatter: no boolean indexing, which waits for the device)
+        reverse = torch.empty(h * w + 1, dtype=torch.long, device=device)
+        self.reverse_index = reverse.scatter_(0, self.partition_index, slots)[: h * w]
         self.attn_mask = None
         if shift_size > 0:
             self.attn_mask = shifted_window_attention_mask(hp, wp, window_size, shift_size, device)
@@ -142,6 +148,18 @@ class WindowLayout:
         c = windows.shape[-1]
         num_slots = self.partition_index.numel()
         return windows.reshape(-1, num_slots, c).index_select(1, self.reverse_index)
+
+
+@functools.lru_cache(maxsize=32)
+def window_layout(
+    h: int, w: int, window_size: int, shift_size: int, device: torch.device
+) -> WindowLayout:
+    """The :class:`WindowLayout` of an H x W map, built once per (map size, window, shift,
+    device) and returned again afterwards (its tensors must not be modified). Built outside
+    inference mode: the indices are saved for backward by training steps, which tensors made
+    during an inference-mode evaluation could not be."""
+    with torch.inference_mode(False):
+        return WindowLayout(h, w, window_size, shift_size, device)
 
 
 class WindowAttention(nn.Module):
@@ -425,13 +443,8 @@ class SwinStage(nn.Module):
 
     def forward_blocks(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """Run the blocks on [B, H*W, C] tokens."""
-        layouts = {}
         for blk in self.blocks:
-            if blk.shift_size not in layouts:
-                layouts[blk.shift_size] = WindowLayout(
-                    h, w, self.window_size, blk.shift_size, x.device
-                )
-            layout = layouts[blk.shift_size]
+            layout = window_layout(int(h), int(w), self.window_size, blk.shift_size, x.device)
             if self.use_checkpoint and torch.is_grad_enabled():
                 x = checkpoint.checkpoint(blk, x, layout, use_reentrant=False)
             else:

@@ -43,13 +43,46 @@ def _resize_matrix(in_size: int, steps: Sequence[Tuple[int, int]], device) -> to
     """
     The [n, in_size] matrix of successive 1-D bilinear resizes (align_corners=False), each
     followed by a crop: ``steps`` is a list of (resized size, kept leading entries).
+
+    Built on the host once per (sizes, device) and the same tensor returned afterwards (the copy
+    to a GPU blocks): callers must not modify it in place.
     """
-    matrix = torch.eye(in_size)
-    size = in_size
-    for resized, kept in steps:
-        matrix = (bilinear_resize_matrix(size, resized) @ matrix)[:kept]
-        size = kept
-    return matrix.to(device)
+    steps = tuple((int(resized), int(kept)) for resized, kept in steps)
+    return _device_resize_matrix(int(in_size), steps, torch.device(device))
+
+
+@functools.lru_cache(maxsize=32)
+def _host_resize_matrix(in_size: int, steps: Tuple[Tuple[int, int], ...]) -> torch.Tensor:
+    """:func:`_resize_matrix` on the host (cached; outside inference mode, so that a matrix
+    first made during an inference-mode evaluation stays usable by autograd)."""
+    with torch.inference_mode(False):
+        matrix = torch.eye(in_size)
+        size = in_size
+        for resized, kept in steps:
+            matrix = (bilinear_resize_matrix(size, resized) @ matrix)[:kept]
+            size = kept
+        return matrix
+
+
+@functools.lru_cache(maxsize=32)
+def _device_resize_matrix(
+    in_size: int, steps: Tuple[Tuple[int, int], ...], device: torch.device
+) -> torch.Tensor:
+    with torch.inference_mode(False):
+        return _host_resize_matrix(in_size, steps).to(device)
+
+
+@functools.lru_cache(maxsize=32)
+def _band_sources(
+    in_size: int, steps: Tuple[Tuple[int, int], ...]
+) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """For every output row of :func:`_resize_matrix`, its first and last source row with a
+    non-zero weight, as Python ints read from the host matrix (they depend only on the sizes; no
+    device read-back)."""
+    nonzero = _host_resize_matrix(in_size, steps) != 0
+    first = nonzero.float().argmax(1)
+    last = in_size - 1 - nonzero.flip(1).float().argmax(1)
+    return tuple(first.tolist()), tuple(last.tolist())
 
 
 def resized_semantic_inference(
@@ -93,21 +126,20 @@ def resized_semantic_inference(
     device = mask_pred.device
     num_queries, low_h, low_w = mask_pred.shape
     # per axis: upsample to the padded size, crop to the image, (optionally) resize to the output
-    matrices = []
-    for axis, low in enumerate((low_h, low_w)):
-        steps = [(padded_size[axis], image_size[axis])]
+    all_steps = []
+    for axis in range(2):
+        steps = [(int(padded_size[axis]), int(image_size[axis]))]
         if resize_masks_first and output_size[axis] != image_size[axis]:
-            steps.append((output_size[axis], output_size[axis]))
-        matrices.append(_resize_matrix(low, steps, device))
-    height_matrix, width_matrix = matrices
+            steps.append((int(output_size[axis]), int(output_size[axis])))
+        all_steps.append(tuple(steps))
+    height_matrix = _resize_matrix(low_h, all_steps[0], device)
+    width_matrix = _resize_matrix(low_w, all_steps[1], device)
     out_h, out_w = height_matrix.shape[0], width_matrix.shape[0]
 
     # width first, on the low-resolution rows: [h, Q, W'] (rows outermost: bands are contiguous)
     flat_rows = (mask_pred.transpose(0, 1) @ width_matrix.t()).view(low_h, -1)
     # the output rows of a band only depend on a few consecutive input rows
-    nonzero = height_matrix != 0
-    first_src = nonzero.float().argmax(1).tolist()
-    last_src = (low_h - 1 - nonzero.flip(1).float().argmax(1)).tolist()
+    first_src, last_src = _band_sources(low_h, all_steps[0])
 
     probs_t = F.softmax(mask_cls, dim=-1)[:, :-1].t().contiguous()  # [K, Q]
     scores = mask_pred.new_empty((out_h, probs_t.shape[0], out_w))

@@ -20,9 +20,10 @@ a compiled extension (a third, Triton kernels for GPUs, is in ``deformable_atten
 initialisation.
 """
 
+import functools
 import math
 import warnings
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -43,10 +44,37 @@ SpatialShapes = Union[torch.Tensor, Sequence[Sequence[int]]]
 
 
 def _shape_list(value_spatial_shapes: SpatialShapes) -> List[Tuple[int, int]]:
-    """(H, W) of each level as python ints (a [L, 2] tensor or a list of pairs)."""
+    """(H, W) of each level as python ints, from a sequence of pairs or a [L, 2] tensor (a device
+    tensor is read back to the host, a blocking copy: pass Python pairs to avoid it)."""
     if isinstance(value_spatial_shapes, torch.Tensor):
         value_spatial_shapes = value_spatial_shapes.tolist()
     return [(int(h), int(w)) for h, w in value_spatial_shapes]
+
+
+class _LevelConstants(NamedTuple):
+    """Small per-level tensors of a set of level shapes on one device, in one dtype."""
+
+    sizes: torch.Tensor  # [L, 2] (W, H) of each level
+    minus_half: torch.Tensor  # 0-dim -0.5 (pixel centres: location * size - 0.5)
+    minus_one: torch.Tensor  # 0-dim -1.0 (lower clamp of the sampling pixels)
+
+
+@functools.lru_cache(maxsize=64)
+def _level_constants(
+    shapes: Tuple[Tuple[int, int], ...], device: torch.device, dtype: torch.dtype
+) -> _LevelConstants:
+    """The :class:`_LevelConstants` of ``shapes``, built once per (shapes, device, dtype) and
+    returned as the same tensors afterwards (each is a blocking host-to-device copy on a GPU).
+    Built outside inference mode: autograd may save them for backward in a later training step.
+    """
+    with torch.inference_mode(False):
+        sizes = torch.tensor([[w, h] for h, w in shapes], dtype=dtype, device=device)
+        return _LevelConstants(sizes, sizes.new_tensor(-0.5), sizes.new_tensor(-1.0))
+
+
+def _constants(shapes: Sequence[Tuple[int, int]], like: torch.Tensor) -> _LevelConstants:
+    """:func:`_level_constants` on the device and in the dtype of ``like``."""
+    return _level_constants(tuple(shapes), like.device, like.dtype)
 
 
 def ms_deform_attn_pytorch(
@@ -59,7 +87,8 @@ def ms_deform_attn_pytorch(
 
     Args:
         value: [N, S, M, D], the flattened maps of all levels (S = sum of H_l * W_l), M heads.
-        value_spatial_shapes: [L, 2] (H_l, W_l) per level, as a tensor or a list of pairs.
+        value_spatial_shapes: (H_l, W_l) per level, as Python pairs or a [L, 2] tensor (a device
+            tensor is read back to the host: pass pairs to avoid that blocking copy).
         sampling_locations: [N, Lq, M, L, P, 2] normalised (x, y) in [0, 1]; (0, 0) is the
             top-left corner of the top-left pixel (``align_corners=False``); points outside
             sample zeros.
@@ -142,13 +171,7 @@ class _PaddedLevels:
         n_levels, n_points, _, bags = corner0.shape
         m, device = num_heads, corner0.device
         corner0 = corner0.to(dtype)
-        row_len = torch.tensor(self.row_lengths, dtype=dtype, device=device).view(n_levels, 1, 1)
-        # first row of each level, shifted by the padding before (x0 = y0 = 0 is padded (1, 1))
-        level_base = [
-            (start + _PAD_BEFORE * (row + 1)) * m
-            for start, row in zip(self.starts, self.row_lengths)
-        ]
-        level_base = torch.tensor(level_base, dtype=dtype, device=device).view(n_levels, 1, 1)
+        row_len, level_base = _corner_constants(tuple(self.shapes), m, device, dtype)
         images = torch.arange(num_images, dtype=dtype, device=device).view(-1, 1, 1)
         heads = torch.arange(m, dtype=dtype, device=device).view(1, 1, m)
         image_head = images * (self.positions * m) + heads
@@ -160,10 +183,28 @@ class _PaddedLevels:
         return (row0.unsqueeze(0) + offsets * m).view(4, n_levels * n_points, bags)
 
 
+@functools.lru_cache(maxsize=64)
+def _corner_constants(
+    shapes: Tuple[Tuple[int, int], ...], num_heads: int, device: torch.device, dtype: torch.dtype
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(row_len, level_base)`` [L, 1, 1] of :meth:`_PaddedLevels.corner_rows`: the padded row
+    length of each level and the table row of its first (unpadded) pixel for head 0 of image 0;
+    built once per (shapes, heads, device, dtype), outside inference mode."""
+    levels = _PaddedLevels(list(shapes))
+    # first row of each level, shifted by the padding before (x0 = y0 = 0 is padded (1, 1))
+    level_base = [
+        (start + _PAD_BEFORE * (row + 1)) * num_heads
+        for start, row in zip(levels.starts, levels.row_lengths)
+    ]
+    with torch.inference_mode(False):
+        row_len = torch.tensor(levels.row_lengths, dtype=dtype, device=device)
+        level_base = torch.tensor(level_base, dtype=dtype, device=device)
+        return row_len.view(len(shapes), 1, 1), level_base.view(len(shapes), 1, 1)
+
+
 def _level_sizes(shapes: List[Tuple[int, int]], like: torch.Tensor) -> torch.Tensor:
     """(W, H) of each level as a [L, 1, 2, 1] tensor (broadcasts over planar [L, P, 2, B])."""
-    sizes = torch.tensor([[w, h] for h, w in shapes], dtype=like.dtype, device=like.device)
-    return sizes.view(len(shapes), 1, 2, 1)
+    return _constants(shapes, like).sizes.view(len(shapes), 1, 2, 1)
 
 
 def _bag_major(planar: torch.Tensor) -> torch.Tensor:
@@ -200,7 +241,9 @@ class _MSDeformAttnFastFunction(torch.autograd.Function):
 
         # Clamp to [-1, size]: beyond that both corners read zeros anyway, and the clamp keeps
         # every corner inside the padded map (zero gradient there, as grid_sample has).
-        clamped = torch.clamp(pixel, min=pixel.new_tensor(-1.0), max=_level_sizes(shapes, pixel))
+        clamped = torch.clamp(
+            pixel, min=_constants(shapes, pixel).minus_one, max=_level_sizes(shapes, pixel)
+        )
         corner0 = clamped.floor()
         frac = (clamped - corner0).view(n_levels * n_points, 2, bags)
         index = levels.corner_rows(corner0, n, m, index_dtype)  # [4, K, B]
@@ -299,7 +342,8 @@ def ms_deform_attn_fast(
     # [N, Lq, M, L, P, 2] -> planar [L, P, 2, B] (a 2-D transpose), then to pixels
     locations = sampling_locations.reshape(bags, -1).t().contiguous()
     locations = locations.view(n_levels, n_points, 2, bags)
-    pixel = torch.addcmul(locations.new_tensor(-0.5), locations, _level_sizes(shapes, locations))
+    minus_half = _constants(shapes, locations).minus_half
+    pixel = torch.addcmul(minus_half, locations, _level_sizes(shapes, locations))
     weights = attention_weights.reshape(bags, -1).t().contiguous()
     weights = weights.view(n_levels, n_points, bags)
     return _ms_deform_attn_fast_planar(value, shapes, pixel, weights)
@@ -404,7 +448,8 @@ class MSDeformAttn(nn.Module):
             reference_points: [N, Lq, L, 2] normalised (x, y) in [0, 1] (of the padded maps), or
                 [N, Lq, L, 4] boxes (cx, cy, w, h).
             input_flatten: [N, S, C], all levels flattened and concatenated.
-            input_spatial_shapes: [L, 2] (H, W) per level.
+            input_spatial_shapes: (H, W) per level, as Python pairs (e.g. a tuple of tuples) or
+                a [L, 2] tensor (a device tensor is read back to the host on every call).
             input_level_start_index: [L] start of each level in ``input_flatten``; implied by the
                 shapes, accepted for the official signature.
             input_padding_mask: optional bool [N, S], True on padded positions (their values are
@@ -449,8 +494,7 @@ class MSDeformAttn(nn.Module):
                 weights = weights.view(n, len_q, m, n_levels, n_points)
                 ref = reference_points[:, :, None, :, None, :]
                 if reference_points.shape[-1] == 2:
-                    normalizer = torch.tensor([[w, h] for h, w in shapes], dtype=dtype)
-                    normalizer = normalizer.to(query.device)[None, None, None, :, None, :]
+                    normalizer = _constants(shapes, value).sizes[None, None, None, :, None, :]
                     locations = ref + offsets / normalizer
                 else:
                     locations = ref[..., :2] + offsets / n_points * ref[..., 2:] * 0.5
@@ -464,9 +508,9 @@ class MSDeformAttn(nn.Module):
         planar logits (a softmax over 12 contiguous values per row is several times slower)."""
         n, len_q, n_levels, _ = reference_points.shape
         bags = n * len_q * self.n_heads
-        sizes = torch.tensor([[w, h] for h, w in shapes], dtype=value.dtype, device=value.device)
+        constants = _constants(shapes, value)
         # reference pixel per level, repeated over heads: [L, 1, 2, B]
-        ref_pixel = torch.addcmul(sizes.new_tensor(-0.5), reference_points, sizes)
+        ref_pixel = torch.addcmul(constants.minus_half, reference_points, constants.sizes)
         ref_pixel = ref_pixel[:, :, None].expand(n, len_q, self.n_heads, n_levels, 2)
         ref_pixel = ref_pixel.reshape(bags, n_levels * 2).t().contiguous()
         ref_pixel = ref_pixel.view(n_levels, 1, 2, bags)

@@ -257,12 +257,14 @@ def _shape_list(value_spatial_shapes: SpatialShapes) -> List[Tuple[int, int]]:
 @functools.lru_cache(maxsize=64)
 def _level_table(shapes: Tuple[Tuple[int, int], ...], device: torch.device) -> torch.Tensor:
     """int32 [L, 3] (H, W, first position) of each level on ``device``, built once per set of
-    shapes (no host-to-device copy per call)."""
+    shapes (no host-to-device copy per call). Built outside inference mode: the table is saved
+    for backward, which a table first made during an inference-mode evaluation could not be."""
     rows, start = [], 0
     for h, w in shapes:
         rows.append((h, w, start))
         start += h * w
-    return torch.tensor(rows, dtype=torch.int32).to(device)
+    with torch.inference_mode(False):
+        return torch.tensor(rows, dtype=torch.int32).to(device)
 
 
 def _launch_config(num_images: int, num_heads: int, num_queries: int, head_dim: int):

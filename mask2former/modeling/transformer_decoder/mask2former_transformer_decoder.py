@@ -177,8 +177,9 @@ def masked_attention_mask(mask_logits: torch.Tensor) -> torch.Tensor:
         bool tensor [B, Q, h * w], True where attention is blocked (the same for all heads).
     """
     blocked = mask_logits.detach().flatten(2).sigmoid() < 0.5
-    blocked[blocked.all(dim=-1)] = False
-    return blocked
+    # (the official boolean-index assignment of the fully blocked rows needs their indices on the
+    # host, a device sync; the broadcast "and" does not)
+    return blocked & ~blocked.all(dim=-1, keepdim=True)
 
 
 @TRANSFORMER_DECODER_REGISTRY.register()
@@ -212,6 +213,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         mask_dim: int,
         enforce_input_project: bool,
         dropout: float = 0.0,
+        deep_supervision: bool = True,
     ):
         """
         Args:
@@ -227,6 +229,9 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             mask_dim: channels of the mask features.
             enforce_input_project: add the 1x1 input projections even if in_channels == hidden_dim.
             dropout: dropout inside the attention and FFN blocks (official code: 0).
+            deep_supervision: return the intermediate predictions ("aux_outputs") in training
+                by default (see ``forward``'s ``return_aux``). False: the loss has no auxiliary
+                terms, so they are neither computed at full resolution nor matched.
         """
         super().__init__()
         if not mask_classification:
@@ -236,6 +241,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         self.num_layers = dec_layers
         self.num_queries = num_queries
         self.num_feature_levels = 3
+        self.deep_supervision = deep_supervision
 
         self.pe_layer = PositionEmbeddingSine(hidden_dim // 2, normalize=True)
 
@@ -284,6 +290,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             "enforce_input_project": cfg.MODEL.MASK_FORMER.ENFORCE_INPUT_PROJ,
             "mask_dim": cfg.MODEL.SEM_SEG_HEAD.MASK_DIM,
             "dropout": cfg.MODEL.MASK_FORMER.DROPOUT,
+            "deep_supervision": cfg.MODEL.MASK_FORMER.DEEP_SUPERVISION,
         }
 
     def forward(
@@ -299,7 +306,8 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             mask_features: [B, mask_dim, H, W] per-pixel embeddings (1/4 scale).
             mask: unused (padding is not masked, as in the official code).
             return_aux: return the predictions of the learnable queries and of every block but
-                the last as "aux_outputs" (deep supervision). Default: ``self.training``.
+                the last as "aux_outputs" (deep supervision). Default: in training when built
+                with ``deep_supervision``.
 
         Returns:
             dict with "pred_logits" [B, Q, num_classes + 1], "pred_masks" [B, Q, H, W] and
@@ -309,7 +317,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         if len(x) != self.num_feature_levels:
             raise ValueError(f"expected {self.num_feature_levels} feature maps, got {len(x)}")
         if return_aux is None:
-            return_aux = self.training
+            return_aux = self.training and self.deep_supervision
 
         # per level: values (projected features + level embedding), keys (values + position
         # embedding), and the mask features resized to the level for the attention masks
