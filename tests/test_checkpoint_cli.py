@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_runs import run_opts, train_opts
 
 from mask2former.data.offline.synthetic import generate_synthetic_trash
 from mask2former.engine.checkpoint import read_checkpoint
@@ -24,32 +25,8 @@ CONFIG = ROOT / "configs" / "tiny" / "m2f_swin_tiny_cpu.yaml"
 SIZE = 64
 MAX_ITER = 4
 
-COMMON = [
-    "MODEL.DEVICE",
-    "cpu",
-    "DATALOADER.NUM_WORKERS",
-    "0",
-    "INPUT.MIN_SIZE_TEST",
-    str(SIZE),
-    "INPUT.SIZE_DIVISIBILITY",
-    str(SIZE),
-]
-TRAIN = [
-    "SOLVER.IMS_PER_BATCH",
-    "2",
-    "SOLVER.WARMUP_ITERS",
-    "1",
-    "INPUT.MIN_SIZE_TRAIN",
-    f"({SIZE},)",
-    "INPUT.CROP.SIZE",
-    f"({SIZE}, {SIZE})",
-    "MODEL.MASK_FORMER.TRAIN_NUM_POINTS",
-    "256",
-    "TEST.EVAL_PERIOD",
-    "0",
-    "SOLVER.MAX_ITER",
-    str(MAX_ITER),
-]
+COMMON = run_opts(SIZE)
+TRAIN = [*train_opts(SIZE), "TEST.EVAL_PERIOD", "0", "SOLVER.MAX_ITER", str(MAX_ITER)]
 
 
 class RunsCode:

@@ -29,6 +29,7 @@ from detectron2.engine import create_ddp_model as detectron2_create_ddp_model
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
 from detectron2.utils import comm
+from tiny_runs import run_opts, train_opts
 
 from mask2former.data.offline.synthetic import generate_synthetic_trash
 from mask2former.engine import launch
@@ -40,41 +41,18 @@ CONFIG = ROOT / "configs" / "tiny" / "m2f_swin_tiny_cpu.yaml"
 SIZE = 64
 
 COMMON = [
-    "MODEL.DEVICE",
-    "cpu",
-    "DATALOADER.NUM_WORKERS",
-    "2",
-    "TEST.CONFUSION_MATRIX_PLOT",
-    "False",
-    "INPUT.MIN_SIZE_TEST",
-    str(SIZE),
-    "INPUT.SIZE_DIVISIBILITY",
-    str(SIZE),
+    *run_opts(SIZE, workers=2),
     # The bank checks need per-class IoUs that differ after 1-2 iterations; with this seed the
     # truncated-normal Swin init gives them (the official init predicts background only).
-    "MODEL.SWIN.INIT",
-    "trunc_normal",
-]
+    "MODEL.SWIN.INIT", "trunc_normal",
+]  # fmt: skip
 TRAIN = [
-    "SOLVER.IMS_PER_BATCH",
-    "4",
-    "SOLVER.WARMUP_ITERS",
-    "1",
-    "INPUT.MIN_SIZE_TRAIN",
-    f"({SIZE},)",
-    "INPUT.CROP.SIZE",
-    f"({SIZE}, {SIZE})",
-    "MODEL.MASK_FORMER.TRAIN_NUM_POINTS",
-    "256",
-    "INPUT.COPY_PASTE.ENABLED",
-    "True",
-    "INPUT.COPY_PASTE.BANK_SIZE",
-    "3",
-    "INPUT.COPY_PASTE.PROB",
-    "0.5",
-    "SEED",
-    "3",
-]
+    *train_opts(SIZE, batch=4),
+    "INPUT.COPY_PASTE.ENABLED", "True",
+    "INPUT.COPY_PASTE.BANK_SIZE", "3",
+    "INPUT.COPY_PASTE.PROB", "0.5",
+    "SEED", "3",
+]  # fmt: skip
 TIMEOUT = 600
 
 

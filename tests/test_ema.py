@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from tiny_runs import run_opts, train_opts
 from torch import nn
 
 from mask2former.data.offline.synthetic import generate_synthetic_trash
@@ -314,36 +315,13 @@ def test_two_processes_keep_identical_emas(tmp_path):
 # ------------------------------------------------------------------ train_net.py
 
 SIZE = 64
-COMMON = [
-    "MODEL.DEVICE",
-    "cpu",
-    "DATALOADER.NUM_WORKERS",
-    "0",
-    "TEST.CONFUSION_MATRIX_PLOT",
-    "False",
-    "INPUT.MIN_SIZE_TEST",
-    str(SIZE),
-    "INPUT.SIZE_DIVISIBILITY",
-    str(SIZE),
-]
+COMMON = run_opts(SIZE)
 TRAIN = [
-    "SOLVER.IMS_PER_BATCH",
-    "2",
-    "SOLVER.WARMUP_ITERS",
-    "1",
-    "INPUT.MIN_SIZE_TRAIN",
-    f"({SIZE},)",
-    "INPUT.CROP.SIZE",
-    f"({SIZE}, {SIZE})",
-    "MODEL.MASK_FORMER.TRAIN_NUM_POINTS",
-    "256",
-    "SOLVER.EMA.ENABLED",
-    "True",
-    "SOLVER.EMA.DECAY",
-    "0.9",
-    "SOLVER.EMA.WARMUP_ITERS",
-    "2",
-]
+    *train_opts(SIZE),
+    "SOLVER.EMA.ENABLED", "True",
+    "SOLVER.EMA.DECAY", "0.9",
+    "SOLVER.EMA.WARMUP_ITERS", "2",
+]  # fmt: skip
 
 
 def run(*args, cwd):

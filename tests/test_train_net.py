@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_runs import run_opts, train_opts
 
 from mask2former.data.offline.synthetic import generate_synthetic_trash
 from mask2former.inference.submission import read_submission
@@ -18,30 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny"
 SIZE = 64
 
-COMMON = [
-    "MODEL.DEVICE",
-    "cpu",
-    "DATALOADER.NUM_WORKERS",
-    "0",
-    "TEST.CONFUSION_MATRIX_PLOT",
-    "True",
-    "INPUT.MIN_SIZE_TEST",
-    str(SIZE),
-    "INPUT.SIZE_DIVISIBILITY",
-    str(SIZE),
-]
-TRAIN = [
-    "SOLVER.IMS_PER_BATCH",
-    "2",
-    "SOLVER.WARMUP_ITERS",
-    "1",
-    "INPUT.MIN_SIZE_TRAIN",
-    f"({SIZE},)",
-    "INPUT.CROP.SIZE",
-    f"({SIZE}, {SIZE})",
-    "MODEL.MASK_FORMER.TRAIN_NUM_POINTS",
-    "256",
-]
+COMMON = run_opts(SIZE, confusion_matrix_plot=True)
+TRAIN = train_opts(SIZE)
 
 
 @pytest.fixture(scope="module")
