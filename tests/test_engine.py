@@ -87,6 +87,48 @@ def test_full_model_gradient_clipping_clips_the_global_norm():
     assert torch.allclose(step.double(), 1e-4 * clipped.double(), rtol=0.2, atol=1e-9)
 
 
+def _adamw_reference(params, grads_per_step, groups, betas=(0.9, 0.999), eps=1e-8):
+    """AdamW written out in float64: decoupled decay, bias-corrected moments."""
+    values = [p.detach().double().clone() for p in params]
+    m = [torch.zeros_like(v) for v in values]
+    v2 = [torch.zeros_like(v) for v in values]
+    for t, grads in enumerate(grads_per_step, start=1):
+        for i, g in enumerate(grads):
+            lr, wd = groups[i]
+            g = g.double()
+            values[i] *= 1 - lr * wd
+            m[i] = betas[0] * m[i] + (1 - betas[0]) * g
+            v2[i] = betas[1] * v2[i] + (1 - betas[1]) * g * g
+            m_hat, v_hat = m[i] / (1 - betas[0] ** t), v2[i] / (1 - betas[1] ** t)
+            values[i] -= lr * m_hat / (v_hat.sqrt() + eps)
+    return values
+
+
+def test_adamw_is_fused_on_cpu_and_matches_the_written_out_update():
+    torch.manual_seed(0)
+    model = Toy()
+    opt = build_optimizer(_cfg(), model)
+    assert all(g["fused"] for g in opt.param_groups)
+    params = [g["params"][0] for g in opt.param_groups]
+    hyper = [(g["lr"], g["weight_decay"]) for g in opt.param_groups]
+    steps = [[torch.randn_like(p) for p in params] for _ in range(3)]
+    expected = _adamw_reference(params, steps, hyper)
+    for grads in steps:
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.detach().double(), e, rtol=1e-6, atol=1e-7)
+
+
+def test_adamw_falls_back_with_a_warning_off_the_fused_kernels_devices(caplog):
+    meta = Toy().to("meta")
+    with caplog.at_level("WARNING", logger="mask2former.engine.optimizer"):
+        opt = build_optimizer(_cfg(), meta)
+    assert not any(g["fused"] for g in opt.param_groups)
+    assert "per-parameter implementation" in caplog.text and "meta" in caplog.text
+
+
 def test_unknown_optimizer_is_rejected():
     with pytest.raises(ValueError, match="SOLVER.OPTIMIZER"):
         build_optimizer(_cfg(OPTIMIZER="LAMB"), Toy())

@@ -62,6 +62,36 @@ def test_mixed_precision_trainer_autocasts_and_scales_only_float16(precision, sc
     trainer.load_state_dict(state)
 
 
+def test_float16_loop_clips_unscaled_gradients_with_the_fused_adamw():
+    """Full-model clipping must see the true gradients: with the fused AdamW, GradScaler.step
+    leaves the unscaling to the kernel, after the clipping (here at norm 1e3, far above the true
+    gradient norm and far below the scaled one) would have cut the scaled gradients."""
+    from mask2former.engine import build_optimizer, get_project_cfg
+
+    torch.manual_seed(0)
+    model = RecordingModel()
+    cfg = get_project_cfg()
+    cfg.SOLVER.CLIP_GRADIENTS.ENABLED = True
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "full_model"
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 1e3
+    optimizer = build_optimizer(cfg, model)
+    assert optimizer.param_groups[0]["fused"]
+    batch = next(_loader())
+    reference = copy.deepcopy(model)
+    reference(batch)["loss"].backward()
+    true_norm = torch.cat([p.grad.flatten() for p in reference.parameters()]).norm()
+    assert 0.01 < true_norm < 10
+
+    trainer = MixedPrecisionTrainer(model, _loader(), optimizer, precision=torch.float16)
+    # a scale that keeps float16 gradients finite and puts the scaled norm above the clip value
+    trainer.grad_scaler = torch.amp.GradScaler("cpu", init_scale=4096.0)
+    assert true_norm * 4096.0 > 4 * 1e3
+    with EventStorage(0):
+        trainer.run_step()
+    seen = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
+    torch.testing.assert_close(seen, true_norm, rtol=2e-2, atol=0.0)
+
+
 def test_amp_precision_key_selects_the_loop():
     assert amp_dtype("bfloat16") is torch.bfloat16 and amp_dtype("bf16") is torch.bfloat16
     assert amp_dtype("float16") is torch.float16 and amp_dtype("fp16") is torch.float16

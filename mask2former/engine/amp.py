@@ -60,6 +60,10 @@ class MixedPrecisionTrainer(SimpleTrainer):
         self.optimizer.zero_grad()
         self.grad_scaler.scale(losses).backward()
         self._write_metrics(loss_dict, data_time)
+        # Unscale before the step, so that gradient clipping (full-model or per-parameter) sees
+        # the true gradients with every optimizer: GradScaler.step leaves the unscaling of the
+        # fused AdamW to its kernel, after the clipping would have run on scaled gradients.
+        self.grad_scaler.unscale_(self.optimizer)
         self.grad_scaler.step(self.optimizer)
         self.grad_scaler.update()
 

@@ -2,9 +2,15 @@
 (backbone LR multiplier, no weight decay on norms / ``nn.Embedding`` modules / Swin position tables;
 plain parameters such as the pixel decoder's ``level_embed`` keep ``SOLVER.WEIGHT_DECAY``) and
 optional gradient clipping over the full model (``SOLVER.CLIP_GRADIENTS.CLIP_TYPE "full_model"``).
+
+AdamW runs PyTorch's fused implementation (one kernel per parameter on CPU and CUDA) where every
+parameter allows it: the same update within float rounding as the default one, whose half-dozen
+element-wise passes per parameter cost about as much as a third of a CPU training step of
+Swin-T Mask2Former.
 """
 
 import itertools
+import logging
 from typing import Any, Dict, List, Set
 
 import torch
@@ -66,6 +72,22 @@ def add_full_model_gradient_clipping(optim_cls, clip_norm: float):
     return FullModelGradientClippingOptimizer
 
 
+# Devices with a fused AdamW kernel in PyTorch.
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
+
+def fused_adamw_supported(groups: List[Dict[str, Any]]) -> bool:
+    """Whether PyTorch's fused AdamW takes every parameter of ``groups``: floating point, all on
+    one device type that has the kernel."""
+    params = [p for g in groups for p in g["params"]]
+    device_types = {p.device.type for p in params}
+    return (
+        len(device_types) == 1
+        and device_types <= set(FUSED_ADAMW_DEVICES)
+        and all(p.is_floating_point() for p in params)
+    )
+
+
 def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     """The optimizer of ``cfg.SOLVER`` for ``model``."""
     groups = get_param_groups(cfg, model)
@@ -73,7 +95,15 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     if name == "SGD":
         optim_cls, kwargs = torch.optim.SGD, {"momentum": cfg.SOLVER.MOMENTUM}
     elif name == "ADAMW":
-        optim_cls, kwargs = torch.optim.AdamW, {}
+        fused = fused_adamw_supported(groups)
+        if not fused:
+            devices = sorted({str(p.device) for g in groups for p in g["params"]})
+            logging.getLogger(__name__).warning(
+                "AdamW: PyTorch's fused kernel does not take these parameters (devices %s); "
+                "using its per-parameter implementation, which is slower",
+                devices,
+            )
+        optim_cls, kwargs = torch.optim.AdamW, {"fused": fused}
     else:
         raise ValueError(f"SOLVER.OPTIMIZER must be ADAMW or SGD, got {cfg.SOLVER.OPTIMIZER!r}")
     clip = cfg.SOLVER.CLIP_GRADIENTS
