@@ -2,7 +2,7 @@
 """GPU self-check: the GPU code paths of the three models, in under 5 minutes on one GPU.
 
     python benchmarks/gpu_check.py [--output output/gpu_check.json] [--steps 3]
-        [--skip train,parity,attention,deformable,inference]
+        [--skip train,syncs,parity,attention,deformable,inference]
 
 Without CUDA it prints why it is skipped and exits 0. Checks (random weights and synthetic
 data; nothing is downloaded):
@@ -12,6 +12,11 @@ data; nothing is downloaded):
                optimizer and gradient clipping) in fp32 and with AMP in float16 and bfloat16; the
                losses and gradients must be finite (float16 steps that the loss scaler skips are
                counted); images/s and peak GPU memory;
+* syncs      - blocking host-device synchronisations in one fp32 training step (after a warm-up
+               step) of each of the three large models, counted with
+               ``torch.cuda.set_sync_debug_mode("warn")``; the five places that sync most. The
+               step includes Detectron2's per-loss metric read-back (one sync per loss term).
+               Fails at 250 or more (what reading the code found before the device caches);
 * parity     - the tiny CPU configs (configs/tiny/*) with the same weights on CPU and on the GPU
                (TF32 off): largest difference of the per-class scores of one 128x128 image;
 * attention  - DiNAT's neighborhood attention: compiled flex attention (with rpb) and NATTEN's
@@ -28,12 +33,14 @@ when a check fails.
 """
 
 import argparse
+import collections
 import contextlib
 import json
 import math
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -60,11 +67,13 @@ INFERENCE_MODELS = {
     "Swin-T 512x512": ("m2f_swin_t.yaml", 512, 23.8),
     "Swin-L 640x640": ("m2f_swin_l.yaml", 640, 8.8),
 }
-CHECKS = ("train", "parity", "attention", "deformable", "inference")
+CHECKS = ("train", "syncs", "parity", "attention", "deformable", "inference")
 # Largest differences accepted (fp32 on both sides; different kernels and summation orders).
 PARITY_TOL = 1e-3
 ATTENTION_TOL = 1e-4
 DEFORMABLE_TOL = 1e-4
+# A training step with this many blocking host-device synchronisations or more fails "syncs".
+MAX_SYNCS_PER_STEP = 250
 
 
 def cuda_skip_reason():
@@ -188,6 +197,43 @@ def train_steps(config, precision, device, steps=3, batch_size=2, size=512, opts
         "losses": losses,
         "steps_skipped_by_loss_scaler": skipped,
         "non_finite_gradient_steps": bad_grads,
+    }
+
+
+def sync_count(config, device, batch_size=2, size=512):
+    """Blocking host-device synchronisations of one fp32 training step of ``config`` (after a
+    warm-up step); a result row. Only CUDA reports them: on other devices the count is 0."""
+    cfg = model_cfg(config, device, ["SOLVER.AMP.ENABLED", "False"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    optimizer = build_optimizer(cfg, model)
+    batch = synthetic_batch(batch_size, size, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)
+    loop = build_step_trainer(cfg, model, _repeat(batch), optimizer)
+    cuda = torch.device(device).type == "cuda"
+    with EventStorage(0) as storage:
+        loop.storage = storage
+        loop.iter = 0
+        loop.run_step()
+        storage.step()
+        _sync(device)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if cuda:
+                torch.cuda.set_sync_debug_mode("warn")
+            try:
+                loop.iter = 1
+                loop.run_step()
+            finally:
+                if cuda:
+                    torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    places = collections.Counter(f"{Path(w.filename).name}:{w.lineno}" for w in syncs)
+    return {
+        "check": "syncs",
+        "case": config,
+        "ok": len(syncs) < MAX_SYNCS_PER_STEP,
+        "syncs_per_step": len(syncs),
+        "top_places": "; ".join(f"{k} x{n}" for k, n in places.most_common(5)),
     }
 
 
@@ -401,6 +447,9 @@ def run_checks(device, checks=CHECKS, steps=3):
                     device,
                     steps=steps,
                 )
+    if "syncs" in checks:
+        for config in TRAIN_MODELS.values():
+            guarded("syncs", config, sync_count, config, device)
     if "parity" in checks:
         for config in TINY_MODELS:
             guarded("parity", config, parity, "tiny/" + config, device)

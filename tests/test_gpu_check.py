@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,30 @@ def test_training_steps_on_cpu(config):
     assert len(row["losses"]) == 2 and all(math.isfinite(v) and v > 0 for v in row["losses"])
     assert row["steps_skipped_by_loss_scaler"] == 0 and row["non_finite_gradient_steps"] == 0
     assert row["images_per_s"] > 0 and row["peak_memory_gib"] is None
+
+
+def test_sync_check_runs_a_training_step_on_cpu_and_counts_sync_warnings(monkeypatch):
+    row = gpu_check.sync_count("tiny/m2f_swin_tiny_cpu.yaml", "cpu", size=64)
+    assert row == {
+        "check": "syncs",
+        "case": "tiny/m2f_swin_tiny_cpu.yaml",
+        "ok": True,
+        "syncs_per_step": 0,  # only CUDA reports synchronisations
+        "top_places": "",
+    }
+
+    class SyncingLoop:
+        """Warns as CUDA's sync debug mode does, twice in the timed step only."""
+
+        def run_step(self):
+            for _ in range(2 if self.iter == 1 else 5):
+                warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)
+
+    monkeypatch.setattr(gpu_check, "build_step_trainer", lambda *args: SyncingLoop())
+    row = gpu_check.sync_count("tiny/m2f_swin_tiny_cpu.yaml", "cpu", size=64)
+    assert row["syncs_per_step"] == 2 and row["top_places"].endswith("x2")
+    monkeypatch.setattr(gpu_check, "MAX_SYNCS_PER_STEP", 2)
+    assert gpu_check.sync_count("tiny/m2f_swin_tiny_cpu.yaml", "cpu", size=64)["ok"] is False
 
 
 def test_synthetic_batch_masks_match_the_label_map():
