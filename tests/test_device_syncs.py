@@ -236,6 +236,18 @@ def test_semantic_inference_resize_matrix_cached_and_band_sources_on_host():
     assert list(last_src) == [max(j for j, v in enumerate(r) if v != 0) for r in rows]
 
 
+def test_semantic_inference_resize_matrix_made_under_autocast_is_float32():
+    mask_former_model._host_resize_matrix.cache_clear()
+    mask_former_model._device_resize_matrix.cache_clear()
+    steps = ((32, 30), (20, 20))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mask_former_model._resize_matrix(8, steps, CPU)
+    matrix = mask_former_model._resize_matrix(8, steps, CPU)
+    assert matrix.dtype == torch.float32
+    expected = _interpolate_matrix(30, 20) @ _interpolate_matrix(8, 32)[:30]
+    torch.testing.assert_close(matrix.double(), expected, rtol=0, atol=1e-6)
+
+
 def test_semantic_inference_reads_nothing_back_from_the_device():
     """On the meta device (no data) every read-back raises: the band bounds come from the host.
     On CPU the result is the definition's."""

@@ -53,9 +53,10 @@ def _resize_matrix(in_size: int, steps: Sequence[Tuple[int, int]], device) -> to
 
 @functools.lru_cache(maxsize=32)
 def _host_resize_matrix(in_size: int, steps: Tuple[Tuple[int, int], ...]) -> torch.Tensor:
-    """:func:`_resize_matrix` on the host (cached; outside inference mode, so that a matrix
-    first made during an inference-mode evaluation stays usable by autograd)."""
-    with torch.inference_mode(False):
+    """:func:`_resize_matrix` on the host, float32 (cached: built outside inference mode, so
+    that a matrix first made during an inference-mode evaluation stays usable by autograd, and
+    outside autocast, so that one first made under autocast is not half precision)."""
+    with torch.inference_mode(False), torch.autocast("cpu", enabled=False):
         matrix = torch.eye(in_size)
         size = in_size
         for resized, kept in steps:
