@@ -70,6 +70,19 @@ def add_maskformer2_config(cfg):
     # checkpoints do) and .pth files only tensors and plain data; anything else is refused.
     cfg.MODEL.WEIGHTS_ALLOW_CODE_EXECUTION = False
 
+    # ------------------------------------------------------------------ inference precision
+    # Precision of the eval-mode forward (every inference path: evaluation, prediction, TTA,
+    # probability dumps); training keeps SOLVER.AMP.*. "fp32"; "bf16": backbone, pixel decoder
+    # layers and transformer decoder under bfloat16 autocast, the deformable-attention sampling
+    # and the semantic inference (class softmax x mask sigmoid, resize) in float32, float32
+    # outputs (fast on CPUs with AMX / AVX512-BF16, several times slower on CPUs without them);
+    # "fp16": the same in float16, CUDA only (refused on CPU).
+    cfg.MODEL.PRECISION = "fp32"
+    # torch.compile (inductor) the backbone + segmentation head for the eval-mode forward; the
+    # first forward of each input size compiles (minutes for large models). Training is eager.
+    # Inductor on CPU needs a C++ compiler; a failed compilation is an error naming its cause.
+    cfg.MODEL.COMPILE = False
+
     # ------------------------------------------------------------------ Mask2Former model
     cfg.MODEL.MASK_FORMER = CN()
     # Loss on the predictions of every decoder layer (auxiliary losses).

@@ -1,6 +1,8 @@
 """The MaskFormer / Mask2Former meta-architecture (semantic segmentation)."""
 
+import contextlib
 import functools
+import logging
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -16,6 +18,8 @@ from mask2former.data.class_frequency import CLASS_WEIGHT_MODES, dataset_class_w
 from ..criterion import SetCriterion
 from ..matcher import HungarianMatcher
 from ..point_sampling import bilinear_resize_matrix
+
+logger = logging.getLogger(__name__)
 
 # Semantic inference resizes, squashes and combines the Q mask logits a band of output rows at a
 # time; a band holds about this many values (CPU: stays in cache; GPU: few kernel launches).
@@ -181,6 +185,31 @@ def pad_images(images: Sequence[torch.Tensor], size_divisibility: int = 0) -> Im
     return ImageList(batch, image_sizes)
 
 
+# MODEL.PRECISION values: the autocast dtype of the eval-mode forward (None: float32, no autocast).
+INFERENCE_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# MODEL.COMPILE: Dynamo's recompile limit is kept this far above the number of input sizes a
+# model has compiled (past the limit Dynamo would run the network eagerly, with a warning only).
+_RECOMPILE_HEADROOM = 8
+
+
+def inference_autocast_dtype(precision: str, device_type: str) -> Optional[torch.dtype]:
+    """
+    The autocast dtype of the ``MODEL.PRECISION`` value ``precision`` for a model on
+    ``device_type`` ("cpu", "cuda", ...): None for "fp32". Raises ValueError for an unknown value
+    and for "fp16" off CUDA.
+    """
+    if precision not in INFERENCE_PRECISIONS:
+        raise ValueError(
+            f"MODEL.PRECISION must be one of {sorted(INFERENCE_PRECISIONS)}, got {precision!r}"
+        )
+    if precision == "fp16" and device_type != "cuda":
+        raise ValueError(
+            f"MODEL.PRECISION 'fp16' is CUDA only, but the model is on {device_type!r}: use "
+            "'bf16' (fast on CPUs with AMX / AVX512-BF16) or 'fp32' there"
+        )
+    return INFERENCE_PRECISIONS[precision]
+
+
 @META_ARCH_REGISTRY.register()
 class MaskFormer(nn.Module):
     """
@@ -207,6 +236,8 @@ class MaskFormer(nn.Module):
         pixel_std: Sequence[float],
         semantic_on: bool = True,
         mask_loss_ignore_value: Optional[int] = None,
+        inference_precision: str = "fp32",
+        compile_inference: bool = False,
     ):
         """
         Args:
@@ -224,6 +255,14 @@ class MaskFormer(nn.Module):
             mask_loss_ignore_value: if set, pixels of the inputs' "sem_seg" with this value (and
                 the batch padding) are left out of the mask losses and matching costs; None is
                 the official behaviour (they are negatives of every mask).
+            inference_precision: "fp32", "bf16" or "fp16" (CUDA only; see
+                ``INFERENCE_PRECISIONS``): the eval-mode backbone and head run under autocast to
+                that dtype (the pixel decoder lets it reach its layers only when built with
+                ``inference_autocast``); the semantic inference and the outputs are float32.
+                Training is not affected (SOLVER.AMP.* sets its precision).
+            compile_inference: run the eval-mode backbone + head through ``torch.compile``
+                (inductor; one compilation per input size, on its first forward). Training
+                stays eager.
         """
         super().__init__()
         if not semantic_on:
@@ -240,6 +279,17 @@ class MaskFormer(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         self.semantic_on = semantic_on
         self.mask_loss_ignore_value = mask_loss_ignore_value
+        if inference_precision not in INFERENCE_PRECISIONS:
+            raise ValueError(
+                f"inference_precision (MODEL.PRECISION) must be one of "
+                f"{sorted(INFERENCE_PRECISIONS)}, got {inference_precision!r}"
+            )
+        self.inference_precision = inference_precision
+        self.compile_inference = compile_inference
+        # torch.compile of ``network_outputs``, made on the first eval forward that needs it,
+        # and the input (shape, dtype) it has been called with
+        self._compiled_network_outputs = None
+        self._compiled_inputs = set()
 
     @staticmethod
     def class_weight_args(cfg, num_classes: int) -> Dict:
@@ -318,6 +368,21 @@ class MaskFormer(nn.Module):
         mf = cfg.MODEL.MASK_FORMER
         if mf.TEST.PANOPTIC_ON or mf.TEST.INSTANCE_ON:
             raise ValueError("MODEL.MASK_FORMER.TEST.PANOPTIC_ON / INSTANCE_ON are not implemented")
+        device_type = torch.device(cfg.MODEL.DEVICE).type
+        precision = cfg.MODEL.PRECISION
+        inference_autocast_dtype(precision, device_type)  # refuse bad values before building
+        if precision == "bf16" and device_type == "cpu":
+            if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+                logger.warning(
+                    "MODEL.PRECISION bf16 on a CPU without bfloat16 matrix instructions "
+                    "(AVX512 / AVX512-BF16 / AMX): its bfloat16 convolutions and matrix products "
+                    "are much slower than float32 here; use fp32 on this machine"
+                )
+        if cfg.MODEL.COMPILE:
+            logger.info(
+                "MODEL.COMPILE: the eval-mode backbone + sem_seg_head run through torch.compile "
+                "(inductor); the first forward of each input size compiles. Training is eager."
+            )
         backbone = build_backbone(cfg)
         sem_seg_head = build_sem_seg_head(cfg, backbone.output_shape())
         return {
@@ -333,6 +398,8 @@ class MaskFormer(nn.Module):
             "mask_loss_ignore_value": (
                 cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE if mf.IGNORE_IN_MASK_LOSS else None
             ),
+            "inference_precision": precision,
+            "compile_inference": cfg.MODEL.COMPILE,
         }
 
     @property
@@ -348,14 +415,74 @@ class MaskFormer(nn.Module):
 
         Returns:
             training: dict of weighted losses. Inference: one dict per image with "sem_seg",
-            [K, height, width] per-class scores.
+            [K, height, width] float32 per-class scores.
         """
         images = self.preprocess_image(batched_inputs)
-        features = self.backbone(images.tensor)
-        outputs = self.sem_seg_head(features)
         if self.training:
+            features = self.backbone(images.tensor)
+            outputs = self.sem_seg_head(features)
             return self.losses(outputs, features, batched_inputs, images)
+        outputs = self.inference_outputs(images.tensor)
         return self.inference(outputs, batched_inputs, images)
+
+    def network_outputs(self, images: torch.Tensor) -> Dict:
+        """The head's outputs for a batch of normalised, padded images [N, 3, H, W] (eager)."""
+        return self.sem_seg_head(self.backbone(images))
+
+    def inference_outputs(self, images: torch.Tensor) -> Dict:
+        """
+        ``network_outputs`` at the inference precision (autocast to ``inference_precision``'s
+        dtype), through ``torch.compile`` if ``compile_inference``; "pred_logits" and
+        "pred_masks" are returned as float32, so the semantic inference runs in float32.
+        """
+        dtype = inference_autocast_dtype(self.inference_precision, images.device.type)
+        precision = contextlib.nullcontext()
+        if dtype is not None:
+            precision = torch.autocast(device_type=images.device.type, dtype=dtype)
+        with precision:
+            if self.compile_inference:
+                outputs = self._run_compiled(images)
+            else:
+                outputs = self.network_outputs(images)
+        return dict(
+            outputs,
+            pred_logits=outputs["pred_logits"].float(),
+            pred_masks=outputs["pred_masks"].float(),
+        )
+
+    def _run_compiled(self, images: torch.Tensor) -> Dict:
+        """``network_outputs`` through ``torch.compile`` with static shapes: each new input
+        size compiles (logged), and Dynamo's recompile limit is raised to stay above the number
+        of sizes. A compilation failure is raised as a RuntimeError naming its cause (no eager
+        fallback)."""
+        if self._compiled_network_outputs is None:
+            self._compiled_network_outputs = torch.compile(self.network_outputs, dynamic=False)
+        signature = (tuple(images.shape), images.dtype)
+        if signature not in self._compiled_inputs:
+            self._compiled_inputs.add(signature)
+            logger.info(
+                "MODEL.COMPILE: compiling the %s inference network for input %s (%s); input "
+                "sizes compiled so far: %d",
+                self.inference_precision,
+                "x".join(map(str, signature[0])),
+                images.device.type,
+                len(self._compiled_inputs),
+            )
+            config = torch._dynamo.config
+            needed = len(self._compiled_inputs) + _RECOMPILE_HEADROOM
+            config.recompile_limit = max(config.recompile_limit, needed)
+            config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, needed)
+        try:
+            return self._compiled_network_outputs(images)
+        except (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.CppCompileError) as e:
+            cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            compiler = torch._inductor.config.cpp.cxx[1]
+            raise RuntimeError(
+                f"MODEL.COMPILE: torch.compile failed on the {images.device.type} model "
+                f"({type(e).__name__}: {cause}). On CPU, inductor builds C++ kernels with "
+                f"{compiler!r} (torch._inductor.config.cpp.cxx, $CXX): check that this compiler "
+                "is installed and works, or set MODEL.COMPILE False to run eagerly."
+            ) from e
 
     def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
         """Normalise the images and pad them into one batch (size divisibility)."""

@@ -212,7 +212,14 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
 
 @SEM_SEG_HEADS_REGISTRY.register()
 class MSDeformAttnPixelDecoder(nn.Module):
-    """Pixel decoder of Mask2Former: deformable transformer encoder + FPN + mask features."""
+    """Pixel decoder of Mask2Former: deformable transformer encoder + FPN + mask features.
+
+    Precision: by default the whole decoder runs in float32 even under an enclosing autocast
+    (the official behaviour, kept for SOLVER.AMP training). With ``inference_autocast`` (set
+    from MODEL.PRECISION bf16 / fp16), in eval mode an enclosing autocast reaches its
+    projections, FFNs and convolutions; the deformable-attention sampling still runs in float32
+    (``MSDeformAttn`` disables autocast around it).
+    """
 
     @configurable
     def __init__(
@@ -230,6 +237,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         common_stride: int,
         transformer_n_points: int = 4,
         attention_impl: str = "auto",
+        inference_autocast: bool = False,
     ):
         """
         Args:
@@ -245,6 +253,9 @@ class MSDeformAttnPixelDecoder(nn.Module):
             common_stride: stride of the mask features (the FPN goes down to it).
             transformer_n_points: sampling points per head and level.
             attention_impl: "fast", "pytorch" or "auto" deformable attention (see MSDeformAttn).
+            inference_autocast: in eval mode, let an enclosing autocast reach the layers (only
+                the deformable sampling stays float32); False, and always in training: the whole
+                decoder runs in float32.
         """
         super().__init__()
         transformer_input_shape = sorted(
@@ -256,6 +267,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.feature_strides = [v.stride for _, v in input_shape]
         self.feature_channels = [v.channels for _, v in input_shape]
 
+        self.inference_autocast = inference_autocast
         self.transformer_in_features = [k for k, _ in transformer_input_shape]  # fine to coarse
         transformer_in_channels = [v.channels for _, v in transformer_input_shape]
         self.transformer_feature_strides = [v.stride for _, v in transformer_input_shape]
@@ -346,6 +358,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
             "transformer_n_points": head.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS,
             "common_stride": head.COMMON_STRIDE,
             "attention_impl": head.DEFORMABLE_ATTENTION_IMPL,
+            # low-precision inference reaches the decoder's layers (MaskFormer sets the autocast)
+            "inference_autocast": cfg.MODEL.PRECISION != "fp32",
         }
 
     def forward_features(
@@ -364,6 +378,9 @@ class MSDeformAttnPixelDecoder(nn.Module):
             [N, conv_dim, H/32, W/32]; multi-scale features, 3 maps of conv_dim channels from
             the lowest resolution (1/32, 1/16, 1/8).
         """
+        if self.inference_autocast and not self.training:
+            # the enclosing autocast (if any) reaches the layers; the sampling op runs in fp32
+            return self._forward_features(features, padding_mask)
         # Deformable attention needs fp32 sampling locations: run everything in fp32 (official).
         with torch.autocast(device_type=next(iter(features.values())).device.type, enabled=False):
             return self._forward_features(features, padding_mask)
