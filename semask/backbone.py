@@ -34,7 +34,7 @@ from mask2former.modeling.backbone.swin import (
     D2SwinTransformer,
     StageOutput,
     SwinStage,
-    WindowLayout,
+    window_layout,
 )
 
 __all__ = [
@@ -200,7 +200,7 @@ class SemanticLayer(nn.Module):
         if x.shape[1] != h * w:
             raise ValueError(f"input has {x.shape[1]} tokens, expected {h} x {w}")
         x = self.norm1(x)
-        layout = WindowLayout(h, w, self.window_size, 0, x.device) if self.windowed else None
+        layout = window_layout(h, w, self.window_size, 0, x.device) if self.windowed else None
         if layout is not None:
             x = layout.partition(x)
         for block in self.class_injection:
