@@ -178,7 +178,7 @@ class MaskFormerSemanticDatasetMapper:
         """One binary mask per class present (ignore label excluded)."""
         instances = Instances(tuple(sem_seg.shape))
         # The labels present, ascending: counted when they are those of a uint8 / uint16 label
-        # map (20x faster than torch.unique, which sorts), else (int32 PNGs) torch.unique.
+        # map (20x faster than torch.unique, which sorts), else (32-bit TIFFs) torch.unique.
         low, high = torch.aminmax(sem_seg) if sem_seg.numel() else (0, 0)
         if 0 <= low and high < _MAX_COUNTED_LABEL:
             classes = torch.bincount(sem_seg.flatten()).nonzero().flatten()
