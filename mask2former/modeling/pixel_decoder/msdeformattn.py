@@ -7,7 +7,7 @@ that its checkpoints load unchanged.
 """
 
 import copy
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import fvcore.nn.weight_init as weight_init
 import numpy as np
@@ -84,7 +84,7 @@ class MSDeformAttnTransformerEncoder(nn.Module):
 
     @staticmethod
     def get_reference_points(
-        spatial_shapes: List[Tuple[int, int]], valid_ratios: torch.Tensor, device: torch.device
+        spatial_shapes: Sequence[Tuple[int, int]], valid_ratios: torch.Tensor, device: torch.device
     ) -> torch.Tensor:
         """Pixel centres of every level, normalised by the valid (non-padded) size of their own
         level and re-scaled to each level's valid size: [N, S, L, 2] (x, y)."""
@@ -110,10 +110,11 @@ class MSDeformAttnTransformerEncoder(nn.Module):
         pos: Optional[torch.Tensor] = None,
         padding_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        # python ints once (a device sync on GPU), not in every layer
+        # a tuple of Python (H, W) pairs, read once (a device sync on GPU for a tensor) and
+        # passed as such to every layer's deformable attention (no read-back there)
         if isinstance(spatial_shapes, torch.Tensor):
             spatial_shapes = spatial_shapes.tolist()
-        shapes = [(int(h), int(w)) for h, w in spatial_shapes]
+        shapes = tuple((int(h), int(w)) for h, w in spatial_shapes)
         reference_points = self.get_reference_points(shapes, valid_ratios, src.device)
         output = src
         for layer in self.layers:
