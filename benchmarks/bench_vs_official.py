@@ -66,7 +66,7 @@ def _build_project(official: str, opts):
 
 
 def _training_batch(torch, size=256, batch=2, masks=3):
-    from detectron2.structures import BitMasks, Instances
+    from detectron2.structures import Instances
 
     generator = torch.Generator().manual_seed(1)
     inputs = []
@@ -76,7 +76,8 @@ def _training_batch(torch, size=256, batch=2, masks=3):
         labels = labels.repeat_interleave(32, 0).repeat_interleave(32, 1)
         instances = Instances((size, size))
         instances.gt_classes = torch.arange(masks, dtype=torch.int64)
-        instances.gt_masks = BitMasks(torch.stack([labels == c for c in range(masks)]))
+        # a tensor, as the official semantic mapper stores it
+        instances.gt_masks = torch.stack([labels == c for c in range(masks)])
         inputs.append({"image": image, "instances": instances, "sem_seg": labels})
     return inputs
 
