@@ -20,7 +20,10 @@ ratio official / project.
 - inference: one 512x512 image, ``model.eval()``, ``torch.no_grad()``; the project also under
   ``MODEL.PRECISION bf16`` when ``--precision`` lists it (the official code has no such option:
   its figure is fp32).
-- training step: batch 2 of 256x256 with 3 random masks each, forward + backward + AdamW step.
+- training step: batch 2 of 256x256 with 3 random masks each, forward + backward + optimizer
+  step, each with its own optimizer recipe from the YAML (AdamW, per-parameter groups,
+  full-model gradient clipping 0.01): the official trainer's ``build_optimizer`` and this
+  project's.
 """
 
 import argparse
@@ -53,16 +56,20 @@ def _build_official(official: str, opts):
     add_maskformer2_config(cfg)
     cfg.merge_from_file(os.path.join(official, YAML))
     cfg.merge_from_list(COMMON_OPTS + list(opts))
-    return build_model(cfg)
+    from train_net import Trainer  # the official checkout's trainer (its optimizer recipe)
+
+    model = build_model(cfg)
+    return model, lambda: Trainer.build_optimizer(cfg, model)
 
 
 def _build_project(official: str, opts):
     from detectron2.modeling import build_model
 
-    from mask2former.engine import build_cfg
+    from mask2former.engine import build_cfg, build_optimizer
 
     cfg = build_cfg(os.path.join(official, YAML), COMMON_OPTS + list(opts))
-    return build_model(cfg)
+    model = build_model(cfg)
+    return model, lambda: build_optimizer(cfg, model)
 
 
 def _training_batch(torch, size=256, batch=2, masks=3):
@@ -90,7 +97,7 @@ def worker(args) -> None:
     torch.manual_seed(0)
     opts = [] if args.task != "infer_bf16" else ["MODEL.PRECISION", "bf16"]
     build = _build_official if args.worker == "official" else _build_project
-    model = build(args.official, opts)
+    model, make_optimizer = build(args.official, opts)
     times = []
     if args.task.startswith("infer"):
         model.eval()
@@ -105,7 +112,7 @@ def worker(args) -> None:
                     times.append(time.perf_counter() - start)
     else:
         model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+        optimizer = make_optimizer()
         batch = _training_batch(torch)
         for i in range(args.repeats + 1):
             start = time.perf_counter()
