@@ -54,8 +54,8 @@ def test_bank_record_drawn_again_maps_the_same(train_records, tmp_path):
         classes = sorted(int(v) for v in np.unique(label_png) if v != 255)
         assert out["instances"].gt_classes.tolist() == classes
     assert outputs[0] is not outputs[1]
-    # the sampler's cached bank record is as read from the bank json
-    assert sorted(sampler._records[0]) == [
+    # the bank record the sampler hands out (its cached one) is as read from the bank json
+    assert sorted(sampler.maybe_sample(record, np.random.default_rng(0))) == [
         "file_name", "height", "image_id", "sem_seg_file_name", "width",
     ]  # fmt: skip
     assert record == record_before
