@@ -85,6 +85,11 @@ def export_onnx(
     wrapper = ProbabilityModel(model, height, width).eval()
     example = (torch.zeros(1, 3, height, width),)
     with torch.no_grad():
+        # One eager forward at the export size first: the constants the model caches per size
+        # and device (resize matrices and their row bands, window layouts, level tables) are
+        # then real tensors and Python ints, which the traced graph embeds; built first while
+        # tracing, they would be placeholders (and the row bands data-dependent sizes).
+        wrapper(*example)
         program = torch.onnx.export(
             wrapper,
             example,
