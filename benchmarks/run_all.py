@@ -20,6 +20,8 @@ BENCHMARKS = [
     ("bench_neighborhood_attention.py", []),
     ("bench_semask.py", []),
     ("bench_crf.py", []),
+    ("bench_data_loader.py", []),
+    ("bench_precision.py", []),
 ]
 
 
