@@ -38,7 +38,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog
 
 from dinat import add_dinat_config
 from mask2former.data import register_coco_semseg, register_trash_dataset
@@ -47,11 +47,7 @@ from mask2former.data.augmentation.copy_paste import CopyPasteSampler
 from mask2former.data.offline.convert_labelmaps import labelmaps_to_coco
 from mask2former.data.offline.synthetic import generate_synthetic_trash
 from mask2former.engine import build_cfg
-from mask2former.engine.hooks import (
-    CopyPasteBankHook,
-    bank_background_from_cfg,
-    bank_root_from_cfg,
-)
+from mask2former.engine.hooks import bank_hook_from_cfg
 from semask import add_semask_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,22 +104,7 @@ def prepare_synthetic(folder, num_images, ignore_label, cfg):
 def build_bank(cfg, records):
     """The bank the trainer writes before training (its hook, built with the trainer's
     arguments); returns the bank folder."""
-    cp = cfg.INPUT.COPY_PASTE
-    hook = CopyPasteBankHook(
-        lambda: records,
-        bank_root_from_cfg(cfg),
-        MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).stuff_classes,
-        eval_period=cfg.TEST.EVAL_PERIOD,
-        num_images=cp.BANK_SIZE,
-        seed=max(cfg.SEED, 0),
-        objects_per_image=cp.OBJECTS_PER_IMAGE,
-        scale_range=cp.SCALE_RANGE,
-        blend_sigma=cp.BLEND_SIGMA,
-        class_weighting=cp.CLASS_WEIGHTING,
-        draw_order=cfg.DATASETS.POLYGON_DRAW_ORDER,
-        ignore_label=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
-        background=bank_background_from_cfg(cfg),
-    )
+    hook = bank_hook_from_cfg(cfg, lambda: records)
     hook.before_train()
     return hook.bank_root
 

@@ -264,3 +264,25 @@ class CopyPasteBankHook(HookBase):
         ):
             return
         self._regenerate(self._read_iou(), self.trainer.iter)
+
+
+def bank_hook_from_cfg(cfg, records: Callable[[], List[dict]]) -> "CopyPasteBankHook":
+    """The copy-paste bank hook of ``cfg.INPUT.COPY_PASTE`` over the training records that
+    ``records()`` returns (what the trainer registers; benchmarks build the same one)."""
+    cp = cfg.INPUT.COPY_PASTE
+    return CopyPasteBankHook(
+        records,
+        bank_root_from_cfg(cfg),
+        MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).stuff_classes,
+        eval_period=cfg.TEST.EVAL_PERIOD,
+        num_images=cp.BANK_SIZE,
+        seed=max(cfg.SEED, 0),
+        objects_per_image=cp.OBJECTS_PER_IMAGE,
+        scale_range=cp.SCALE_RANGE,
+        blend_sigma=cp.BLEND_SIGMA,
+        class_weighting=cp.CLASS_WEIGHTING,
+        draw_order=cfg.DATASETS.POLYGON_DRAW_ORDER,
+        ignore_label=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
+        iou_prefix=iou_prefix_from_cfg(cfg),
+        background=bank_background_from_cfg(cfg),
+    )

@@ -7,7 +7,7 @@ import random
 import weakref
 from collections import OrderedDict
 
-from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_train_loader
+from detectron2.data import DatasetCatalog, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase, hooks
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -23,9 +23,8 @@ from .ddp import create_ddp_model
 from .ema import EMAEvalHook, EMAHook, ModelEMA
 from .hooks import (
     CopyPasteBankHook,
-    bank_background_from_cfg,
+    bank_hook_from_cfg,
     bank_root_from_cfg,
-    iou_prefix_from_cfg,
 )
 from .lr_scheduler import ResumableWarmupPolyLR, build_lr_scheduler
 from .optimizer import build_optimizer
@@ -151,23 +150,7 @@ class Trainer(DefaultTrainer):
         hook_list = super().build_hooks()
         cfg = self.cfg
         if cfg.INPUT.COPY_PASTE.ENABLED:
-            cp = cfg.INPUT.COPY_PASTE
-            bank_hook = CopyPasteBankHook(
-                lambda: train_records(cfg),
-                bank_root_from_cfg(cfg),
-                MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).stuff_classes,
-                eval_period=cfg.TEST.EVAL_PERIOD,
-                num_images=cp.BANK_SIZE,
-                seed=max(cfg.SEED, 0),
-                objects_per_image=cp.OBJECTS_PER_IMAGE,
-                scale_range=cp.SCALE_RANGE,
-                blend_sigma=cp.BLEND_SIGMA,
-                class_weighting=cp.CLASS_WEIGHTING,
-                draw_order=cfg.DATASETS.POLYGON_DRAW_ORDER,
-                ignore_label=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
-                iou_prefix=iou_prefix_from_cfg(cfg),
-                background=bank_background_from_cfg(cfg),
-            )
+            bank_hook = bank_hook_from_cfg(cfg, lambda: train_records(cfg))
             # Right after the evaluation, whose per-class IoUs it reads.
             eval_index = max(i for i, h in enumerate(hook_list) if isinstance(h, hooks.EvalHook))
             hook_list.insert(eval_index + 1, bank_hook)
