@@ -44,6 +44,12 @@ def test_export_config_selects_exportable_impls():
     assert cfg.MODEL.DINAT.ATTENTION_IMPL == "reference"
 
 
+def test_export_config_records_the_fp32_eager_forward():
+    cfg = _tiny_cfg("m2f_swin_tiny", ["MODEL.PRECISION", "bf16", "MODEL.COMPILE", "True"])
+    assert cfg.MODEL.PRECISION == "fp32"
+    assert cfg.MODEL.COMPILE is False
+
+
 @pytest.mark.parametrize("sizes", [[(64, 96)], [(50, 70), (64, 33)], [(31, 97)]])
 @pytest.mark.parametrize("divisibility", [0, 32])
 def test_pad_images_equals_detectron2(sizes, divisibility):

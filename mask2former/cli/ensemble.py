@@ -13,9 +13,7 @@ DenseCRF) are read from ``--image-root`` (default: the json's folder, or the dat
 root). Config overrides ``KEY VALUE`` (with ``--dataset``) go last.
 """
 
-import argparse
 import json
-import logging
 import os
 import sys
 
@@ -23,11 +21,16 @@ from detectron2.data import MetadataCatalog
 from detectron2.utils.logger import setup_logger
 from tqdm import tqdm
 
-from dinat import add_dinat_config
+from mask2former.cli.command import (
+    add_config_file_argument,
+    add_overrides_argument,
+    console_entry,
+    project_cfg,
+    tool_parser,
+)
 from mask2former.data import register_coco_semseg, register_datasets_from_cfg
 from mask2former.data.catalog.common import dataset_file_names
 from mask2former.data.coco import coco_image_names
-from mask2former.engine import build_cfg
 from mask2former.inference.ensemble import SoftVotingEnsemble
 from mask2former.inference.pipeline import EnsemblePipeline
 from mask2former.inference.sinks import (
@@ -38,13 +41,10 @@ from mask2former.inference.sinks import (
     write_predictions,
 )
 from mask2former.postprocess.crf import CRF_PRESETS, DEFAULT_ITERATIONS
-from semask import add_semask_config
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = tool_parser(__doc__)
     p.add_argument("--dumps", nargs="+", required=True, help="probability dump folders")
     p.add_argument(
         "--weights", nargs="+", type=float, help="one weight per dump (normalised; default equal)"
@@ -58,7 +58,7 @@ def parse_args(argv=None):
         help="a registered dataset (trash, COCO, label-map or pseudo-label) instead of --json "
         "(see --config-file)",
     )
-    p.add_argument("--config-file", default="", help="config whose DATASETS.* register --dataset")
+    add_config_file_argument(p, required=False, help="config whose DATASETS.* register --dataset")
     p.add_argument(
         "--image-root", help="images folder (default: the json's folder / the dataset's root)"
     )
@@ -108,9 +108,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--workers", type=int, default=1, help="worker processes (one image per process)"
     )
-    p.add_argument(
-        "opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ... (with --dataset)"
-    )
+    add_overrides_argument(p, "config overrides KEY VALUE ... (with --dataset)")
     args = p.parse_args(argv)
 
     if (args.crf_gaussian or args.crf_bilateral) and not args.crf:
@@ -162,9 +160,7 @@ def image_source(args):
     """(image keys in order or None, where they come from, image_root, dataset name for
     scoring) from --json / --dataset (any dataset kind the config registers)."""
     if args.dataset:
-        register_datasets_from_cfg(
-            build_cfg(args.config_file, args.opts, (add_semask_config, add_dinat_config))
-        )
+        register_datasets_from_cfg(project_cfg(args))
         image_root = args.image_root or MetadataCatalog.get(args.dataset).image_root
         names = list(dataset_file_names(args.dataset).values())
         return names, f"dataset {args.dataset!r}", image_root, args.dataset
@@ -230,12 +226,7 @@ def main(argv=None):
     return score
 
 
-def console_main(argv=None) -> int:
-    """The ``m2f-ensemble`` command: :func:`main` on the command line (errors raise), exit
-    status 0."""
-    logging.basicConfig(level=logging.INFO)
-    main(argv)
-    return 0
+console_main = console_entry(main, log_info=True)
 
 
 if __name__ == "__main__":

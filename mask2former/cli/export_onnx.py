@@ -8,30 +8,32 @@ inside the graph). Output ``probs``: float32 [1, K, H, W] calibrated per-pixel p
 The written file is checked and compared with PyTorch on a random image.
 """
 
-import argparse
 import json
 import sys
 
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
-from dinat import add_dinat_config
-from mask2former.engine import SafeCheckpointer, build_cfg
+from mask2former.cli.command import (
+    add_config_file_argument,
+    add_overrides_argument,
+    console_entry,
+    project_cfg,
+    tool_parser,
+)
+from mask2former.engine import SafeCheckpointer
 from mask2former.export import compare_onnx, export_config, export_onnx
-from semask import add_semask_config
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--config-file", required=True)
+    p = tool_parser(__doc__)
+    add_config_file_argument(p)
     p.add_argument("--weights", required=True, help="model checkpoint (.pth / .pkl)")
     p.add_argument("--output", required=True, help="the .onnx file to write")
     p.add_argument("--height", type=int, required=True, help="fixed input height (pixels)")
     p.add_argument("--width", type=int, required=True, help="fixed input width (pixels)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset version")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
+    add_overrides_argument(p)
     return p.parse_args(argv)
 
 
@@ -39,7 +41,7 @@ def main(argv=None):
     args = parse_args(argv)
     setup_logger(name="mask2former")
     logger = setup_logger(name="export_onnx")
-    cfg = build_cfg(args.config_file, args.opts, (add_semask_config, add_dinat_config))
+    cfg = project_cfg(args)
     cfg = export_config(cfg)
     model = build_model(cfg).cpu()
     SafeCheckpointer(
@@ -51,11 +53,7 @@ def main(argv=None):
     return report
 
 
-def console_main(argv=None) -> int:
-    """The ``m2f-export-onnx`` command: :func:`main` on the command line (errors raise), exit
-    status 0."""
-    main(argv)
-    return 0
+console_main = console_entry(main)
 
 
 if __name__ == "__main__":

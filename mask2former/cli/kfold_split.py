@@ -3,18 +3,16 @@
 m2f-kfold data/trash/train_all.json --output data/trash/folds --folds 5
 """
 
-import argparse
 import sys
 
 import numpy as np
 
+from mask2former.cli.command import console_entry, tool_parser
 from mask2former.data.offline.kfold import write_kfold_splits
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = tool_parser(__doc__)
     parser.add_argument("json_file", help="COCO json to split (e.g. train_all.json)")
     parser.add_argument(
         "--output", required=True, help="folder for train_fold{k}.json / val_fold{k}.json"
@@ -29,11 +27,7 @@ def main(argv=None):
     )
 
 
-def console_main(argv=None) -> int:
-    """The ``m2f-kfold`` command: :func:`main` on the command line (errors raise), exit
-    status 0."""
-    main(argv)
-    return 0
+console_main = console_entry(main)
 
 
 if __name__ == "__main__":

@@ -10,16 +10,14 @@ The json's info.uncovered records what pixels without a polygon are: "ignore" wi
 registration defaults to it and refuses "background"), else "background".
 """
 
-import argparse
 import sys
 
+from mask2former.cli.command import console_entry, tool_parser
 from mask2former.data.offline.convert_labelmaps import labelmaps_to_coco
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = tool_parser(__doc__)
     parser.add_argument("--labels", required=True, help="folder of label PNGs")
     parser.add_argument("--output", required=True, help="COCO json to write")
     parser.add_argument(
@@ -53,11 +51,7 @@ def main(argv=None):
     print(f"Wrote {args.output}: {stats}")
 
 
-def console_main(argv=None) -> int:
-    """The ``m2f-labelmap-to-coco`` command: :func:`main` on the command line (errors raise), exit
-    status 0."""
-    main(argv)
-    return 0
+console_main = console_entry(main)
 
 
 if __name__ == "__main__":

@@ -11,30 +11,31 @@
 Datasets are registered from the config (DATASETS.TRASH_ROOT, COCO_SEMSEG, LABELMAP_SEMSEG).
 """
 
-import argparse
 import json
-import logging
 import sys
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
-from dinat import add_dinat_config
+from mask2former.cli.command import (
+    add_config_file_argument,
+    add_overrides_argument,
+    console_entry,
+    project_cfg,
+    tool_parser,
+)
 from mask2former.data import register_datasets_from_cfg
 from mask2former.data.catalog.common import dataset_file_names
-from mask2former.engine import SafeCheckpointer, build_cfg
+from mask2former.engine import SafeCheckpointer
 from mask2former.inference.image_inputs import predict_image_files
 from mask2former.inference.predictor import SemSegPredictor, predict_records
 from mask2former.inference.sinks import OverlaySink, ProbDumpSink, ScoreSink, SubmissionSink
-from semask import add_semask_config
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--config-file", required=True)
+    p = tool_parser(__doc__)
+    add_config_file_argument(p)
     p.add_argument("--weights", required=True, help="model checkpoint (.pth / .pkl)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--dataset", help="registered dataset name, e.g. trash_test")
@@ -67,7 +68,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--workers", type=int, default=0, help="with --input: image-decoding worker processes"
     )
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
+    add_overrides_argument(p)
     args = p.parse_args(argv)
     if args.opts[:1] == ["--"]:  # the separator after --input's paths
         args.opts = args.opts[1:]
@@ -78,7 +79,7 @@ def main(argv=None):
     args = parse_args(argv)
     setup_logger(name="mask2former")
     logger = setup_logger(name="predict")
-    cfg = build_cfg(args.config_file, args.opts, (add_semask_config, add_dinat_config))
+    cfg = project_cfg(args)
     register_datasets_from_cfg(cfg)
     tta = args.tta or cfg.TEST.AUG.ENABLED  # the official meaning of TEST.AUG.ENABLED
     model = build_model(cfg)
@@ -151,12 +152,7 @@ def main(argv=None):
     return results
 
 
-def console_main(argv=None) -> int:
-    """The ``m2f-predict`` command: :func:`main` on the command line (errors raise), exit
-    status 0."""
-    logging.basicConfig(level=logging.INFO)
-    main(argv)
-    return 0
+console_main = console_entry(main, log_info=True)
 
 
 if __name__ == "__main__":

@@ -3,16 +3,14 @@
 m2f-synthetic --output data/trash --image-size 128
 """
 
-import argparse
 import sys
 
+from mask2former.cli.command import console_entry, tool_parser
 from mask2former.data.offline.synthetic import generate_synthetic_trash
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = tool_parser(__doc__)
     parser.add_argument("--output", default="data/trash", help="dataset root to create")
     parser.add_argument("--num-train", type=int, default=80)
     parser.add_argument("--num-val", type=int, default=20)
@@ -44,11 +42,7 @@ def main(argv=None):
     print(f"Wrote {args.output}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
 
-def console_main(argv=None) -> int:
-    """The ``m2f-synthetic`` command: :func:`main` on the command line (errors raise), exit
-    status 0."""
-    main(argv)
-    return 0
+console_main = console_entry(main)
 
 
 if __name__ == "__main__":

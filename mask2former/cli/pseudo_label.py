@@ -18,25 +18,28 @@ OUT/labels/<file_name>.png (ignore 255) and OUT/report.json, then prints the sta
 config overrides that train on train + pseudo-labels.
 """
 
-import argparse
 import logging
 import os
 import sys
 
 from detectron2.data import MetadataCatalog
 
-from dinat import add_dinat_config
+from mask2former.cli.command import (
+    add_config_file_argument,
+    add_overrides_argument,
+    console_entry,
+    project_cfg,
+    tool_parser,
+)
 from mask2former.data import register_datasets_from_cfg
 from mask2former.data.catalog.coco import resolve_uncovered
 from mask2former.data.catalog.common import dataset_images_source
 from mask2former.data.coco import read_coco_json
-from mask2former.engine import build_cfg
 from mask2former.inference.pseudo_label_writer import (
     PSEUDO_JSON_NAME,
     format_report,
     pseudo_label_dumps,
 )
-from semask import add_semask_config
 
 
 def parse_class_thresholds(items):
@@ -58,9 +61,7 @@ def parse_class_thresholds(items):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = tool_parser(__doc__)
     p.add_argument(
         "--dumps",
         nargs="+",
@@ -71,7 +72,7 @@ def parse_args(argv=None):
     p.add_argument("--json", help="COCO json of the unlabeled images (e.g. test.json)")
     p.add_argument("--image-root", help="folder the json's file_name are relative to")
     p.add_argument("--dataset", help="a registered dataset instead of --json / --image-root")
-    p.add_argument("--config-file", default="", help="config whose DATASETS.* register --dataset")
+    add_config_file_argument(p, required=False, help="config whose DATASETS.* register --dataset")
     p.add_argument(
         "--output", required=True, help="folder of the pseudo-labeled split (must not exist)"
     )
@@ -102,9 +103,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--overwrite", action="store_true", help="replace --output once the new split is complete"
     )
-    p.add_argument(
-        "opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ... (with --dataset)"
-    )
+    add_overrides_argument(p, "config overrides KEY VALUE ... (with --dataset)")
     args = p.parse_args(argv)
     if args.dataset:
         if args.json or args.image_root:
@@ -128,7 +127,7 @@ def image_source(args):
         # the json's info.uncovered (label-map converter) says whether label 0 is Background
         uncovered = resolve_uncovered(None, read_coco_json(args.json), args.json)
         return args.json, None, args.image_root, uncovered, stem + "_pseudo"
-    cfg = build_cfg(args.config_file, args.opts, (add_semask_config, add_dinat_config))
+    cfg = project_cfg(args)
     register_datasets_from_cfg(cfg)
     json_file, data, uncovered = dataset_images_source(args.dataset)
     image_root = MetadataCatalog.get(args.dataset).image_root
@@ -161,11 +160,7 @@ def main(argv=None):
     return report
 
 
-def console_main(argv=None) -> int:
-    """The ``m2f-pseudo-label`` command: :func:`main` on the command line (errors raise), exit
-    status 0."""
-    main(argv)
-    return 0
+console_main = console_entry(main)
 
 
 if __name__ == "__main__":

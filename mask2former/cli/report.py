@@ -9,23 +9,23 @@ image and object sizes; with weights also the LB-style per-class IoU, the confus
 the worst images by per-image mIoU. Datasets are registered from the config.
 """
 
-import argparse
-import logging
 import sys
 
 from detectron2.utils.logger import setup_logger
 
-from dinat import add_dinat_config
-from mask2former.engine import build_cfg
+from mask2former.cli.command import (
+    add_config_file_argument,
+    add_overrides_argument,
+    console_entry,
+    project_cfg,
+    tool_parser,
+)
 from mask2former.report import build_report
-from semask import add_semask_config
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--config-file", required=True)
+    p = tool_parser(__doc__)
+    add_config_file_argument(p)
     p.add_argument("--weights", help="model checkpoint (.pth / .pkl); without it, dataset only")
     p.add_argument("--dataset", required=True, help="registered dataset name, e.g. trash_val")
     p.add_argument("--output", required=True, help="the HTML file to write")
@@ -33,25 +33,20 @@ def parse_args(argv=None):
     p.add_argument(
         "--tta", action="store_true", help="multi-scale + flip (TEST.AUG.MIN_SIZES / FLIP)"
     )
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
+    add_overrides_argument(p)
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     setup_logger(name="mask2former")
-    cfg = build_cfg(args.config_file, args.opts, (add_semask_config, add_dinat_config))
+    cfg = project_cfg(args)
     return build_report(
         cfg, args.dataset, args.output, weights=args.weights, tta=args.tta, worst_k=args.worst
     )
 
 
-def console_main(argv=None) -> int:
-    """The ``m2f-report`` command: :func:`main` on the command line (errors raise), exit
-    status 0."""
-    logging.basicConfig(level=logging.INFO)
-    main(argv)
-    return 0
+console_main = console_entry(main, log_info=True)
 
 
 if __name__ == "__main__":

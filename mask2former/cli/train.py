@@ -13,23 +13,21 @@ from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from dinat import add_dinat_config
+from mask2former.cli.command import project_cfg
 from mask2former.data import register_datasets_from_cfg
 from mask2former.engine import (
     SafeCheckpointer,
     Trainer,
-    build_cfg,
     check_num_classes,
     launch,
     run_training_checks,
 )
-from semask import add_semask_config
 
 
 def setup(args):
     """Config from the command line (Mask2Former + SeMask + DiNAT keys), registered datasets,
     logging and output dir."""
-    cfg = build_cfg(args.config_file, args.opts, (add_semask_config, add_dinat_config))
+    cfg = project_cfg(args)
     default_setup(cfg, args)
     for name in ("mask2former", "semask", "dinat"):
         setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name=name)

@@ -1,6 +1,7 @@
 """Deployable exports of trained semantic models."""
 
 from .onnx import (
+    EXPORT_FORWARD,
     EXPORTABLE_IMPLS,
     ProbabilityModel,
     compare_onnx,
@@ -10,6 +11,7 @@ from .onnx import (
 
 __all__ = [
     "EXPORTABLE_IMPLS",
+    "EXPORT_FORWARD",
     "ProbabilityModel",
     "compare_onnx",
     "export_config",

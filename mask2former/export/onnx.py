@@ -23,7 +23,14 @@ from torch import nn
 from mask2former.inference.predictor import calibrate
 from mask2former.utils.io import atomic_write
 
-__all__ = ["EXPORTABLE_IMPLS", "ProbabilityModel", "compare_onnx", "export_config", "export_onnx"]
+__all__ = [
+    "EXPORTABLE_IMPLS",
+    "EXPORT_FORWARD",
+    "ProbabilityModel",
+    "compare_onnx",
+    "export_config",
+    "export_onnx",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -37,13 +44,22 @@ EXPORTABLE_IMPLS: Tuple[Tuple[str, str], ...] = (
     ("MODEL.DINAT.ATTENTION_IMPL", "reference"),
 )
 
+# The forward the graph records: fp32 and eager. A reduced ``MODEL.PRECISION`` would bake
+# autocast casts into the graph (ONNX Runtime chooses its own precision), and ``MODEL.COMPILE``
+# wraps modules that ``torch.export`` must trace itself.
+EXPORT_FORWARD: Tuple[Tuple[str, object], ...] = (
+    ("MODEL.PRECISION", "fp32"),
+    ("MODEL.COMPILE", False),
+)
+
 
 def export_config(cfg):
     """A copy of ``cfg`` with the implementations of :data:`EXPORTABLE_IMPLS` (each gives the
-    same numbers as the others; see their config comments)."""
+    same numbers as the others; see their config comments) and the fp32 eager forward of
+    :data:`EXPORT_FORWARD`; each change is logged."""
     cfg = cfg.clone()
     cfg.defrost()
-    for key, value in EXPORTABLE_IMPLS:
+    for key, value in EXPORTABLE_IMPLS + EXPORT_FORWARD:
         node, *path, leaf = key.split(".")
         parent = cfg
         for name in [node, *path]:
