@@ -90,3 +90,19 @@ def test_console_commands_run_from_outside_the_checkout(tmp_path):
         out, err = process.communicate()
         assert process.returncode == 0, f"{name} --help failed:\n{err[-2000:]}"
         assert out.startswith("usage:"), (name, out[:200])
+
+
+def test_importing_the_model_packages_loads_no_toolkit_module():
+    """Registration is the only side effect of ``import mask2former`` (and of the extensions):
+    no dataset, inference or post-processing module is loaded."""
+    code = (
+        "import sys, mask2former, semask, dinat\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith('mask2former.'))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert "mask2former.modeling.meta_arch.mask_former_model" in out  # registered
+    toolkit = ("data", "inference", "postprocess", "engine", "evaluation", "report", "loop")
+    loaded = [m for m in out if m.split(".")[1] in toolkit]
+    assert not loaded, loaded

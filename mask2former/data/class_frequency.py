@@ -20,7 +20,6 @@ from tabulate import tabulate
 from .masks.rasterize import record_to_label_map
 
 __all__ = [
-    "CLASS_WEIGHT_MODES",
     "dataset_class_weights",
     "inverse_sqrt_frequency_weights",
     "pixel_class_counts",
@@ -28,10 +27,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+
 # Values of MODEL.MASK_FORMER.CLASS_WEIGHTS_MODE.
-CLASS_WEIGHT_MODES = ("none", "list", "inverse_sqrt_frequency")
-
-
 def _record_name(record: dict) -> str:
     return str(record.get("sem_seg_file_name", record.get("file_name", record.get("image_id"))))
 

@@ -13,8 +13,6 @@ from detectron2.structures import ImageList
 from torch import nn
 from torch.nn import functional as F
 
-from mask2former.data.class_frequency import CLASS_WEIGHT_MODES, dataset_class_weights
-
 from ..criterion import SetCriterion
 from ..matcher import HungarianMatcher
 from ..point_sampling import bilinear_resize_matrix
@@ -210,6 +208,10 @@ def inference_autocast_dtype(precision: str, device_type: str) -> Optional[torch
     return INFERENCE_PRECISIONS[precision]
 
 
+# MODEL.MASK_FORMER.CLASS_WEIGHTS_MODE values (see MaskFormer.class_weight_args).
+CLASS_WEIGHT_MODES = ("none", "list", "inverse_sqrt_frequency")
+
+
 @META_ARCH_REGISTRY.register()
 class MaskFormer(nn.Module):
     """
@@ -319,6 +321,10 @@ class MaskFormer(nn.Module):
                 )
             return {"class_weights": [float(w) for w in weights]}
         if mode == "inverse_sqrt_frequency":
+            # imported here: the model package does not load the data package unless a training
+            # criterion needs the dataset's class frequencies
+            from mask2former.data.class_frequency import dataset_class_weights
+
             provider = functools.partial(
                 dataset_class_weights,
                 tuple(cfg.DATASETS.TRAIN),
