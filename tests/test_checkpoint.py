@@ -13,6 +13,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from processes import dead_pid
 from torch import nn
 
 from mask2former.engine.checkpoint import (
@@ -20,9 +21,9 @@ from mask2former.engine.checkpoint import (
     IncompleteCheckpointError,
     SafeCheckpointer,
     UnsafeCheckpointError,
-    atomic_write,
     read_checkpoint,
 )
+from mask2former.utils.io import atomic_write
 
 TORCH_ADVICE = "weights_only=False will likely succeed"
 
@@ -235,23 +236,27 @@ def test_atomic_write_failure_keeps_previous_file(tmp_path):
     target = tmp_path / "model_final.pth"
     target.write_bytes(b"previous")
 
-    def fails(f):
+    with pytest.raises(KeyboardInterrupt), atomic_write(str(target)) as f:
         f.write(b"half a checkpoint")
         raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        atomic_write(str(target), fails)
     assert target.read_bytes() == b"previous"
     assert sorted(os.listdir(tmp_path)) == ["model_final.pth"]
 
 
-def test_save_writes_loadable_files_and_removes_stale_partials(tmp_path):
-    stale = tmp_path / ".model_0000001.pth.0badf00d.partial"
+def test_save_writes_loadable_files_and_removes_stale_temporaries(tmp_path):
+    stale = tmp_path / f".model_0000001.pth.{dead_pid()}.0badf00d.tmp"
     stale.write_bytes(b"left by a killed run")
+    # a save in progress in a live process (here: this one) is left alone
+    in_progress = tmp_path / f".model_0000002.pth.{os.getpid()}.0badf00d.tmp"
+    in_progress.write_bytes(b"being written")
     checkpointer = SafeCheckpointer(TinyNet(), str(tmp_path), trainer=Counter(1))
     checkpointer.save("model_0000001")
     assert not stale.exists()
-    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000001.pth"]
+    assert sorted(os.listdir(tmp_path)) == [
+        in_progress.name,
+        "last_checkpoint",
+        "model_0000001.pth",
+    ]
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
     assert read_checkpoint(str(tmp_path / "model_0000001.pth"))["trainer"] == {"iteration": 1}
 
@@ -282,13 +287,13 @@ def test_resume_skips_a_truncated_final_checkpoint(tmp_path):
     # a newer-looking partial file must never be used
     torch.save(
         {"model": TinyNet().state_dict(), "trainer": {"iteration": 99}},
-        tmp_path / ".model_0000099.pth.12345678.partial",
+        tmp_path / f".model_0000099.pth.{dead_pid()}.12345678.tmp",
     )
     iteration, has_checkpoint, warnings = _resume(tmp_path)
     assert (iteration, has_checkpoint) == (2, True)
     assert len(warnings) == 1
     assert str(tmp_path / "model_0000002.pth") in warnings[0] and str(final) in warnings[0]
-    assert not list(tmp_path.glob(".*.partial"))
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
 def test_resume_rewrites_the_final_checkpoint_of_a_finished_run(tmp_path):

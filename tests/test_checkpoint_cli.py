@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from processes import dead_pid
 from tiny_runs import run_opts, train_opts
 
 from mask2former.data.offline.synthetic import generate_synthetic_trash
@@ -226,7 +227,7 @@ def test_kill_while_writing_a_checkpoint_then_resume(data_root, clean_run, tmp_p
             while proc.poll() is None:
                 names = os.listdir(out) if out.is_dir() else []
                 # a temporary file being written, or a checkpoint file still growing in place
-                writing = any(n.endswith(".partial") for n in names) or any(
+                writing = any(n.endswith(".tmp") for n in names) or any(
                     n.endswith(".pth") and os.path.getsize(out / n) < full_size for n in names
                 )
                 if writing:
@@ -243,7 +244,7 @@ def test_kill_while_writing_a_checkpoint_then_resume(data_root, clean_run, tmp_p
     output = run(
         train_cmd(data_root, out, "SOLVER.CHECKPOINT_PERIOD", 1, resume=True), cwd=tmp_path
     )
-    assert not list(out.glob(".*.partial"))
+    assert not list(out.glob(".*.tmp"))
     assert_all_checkpoints_load(out)
     clean = checkpoint_keys(clean_run / "model_final.pth")
     assert checkpoint_keys(out / "model_final.pth") == clean
@@ -257,11 +258,11 @@ def test_resume_repairs_a_truncated_final_checkpoint(data_root, clean_run, tmp_p
     final.write_bytes(final.read_bytes()[: final.stat().st_size * 15 // 84])  # 1.5 of 8.4 MB
     assert (out / "last_checkpoint").read_text().strip() == "model_final.pth"
     # a partial file from a killed save is never used
-    shutil.copy(out / "model_0000001.pth", out / ".model_0000003.pth.0badf00d.partial")
+    shutil.copy(out / "model_0000001.pth", out / f".model_0000003.pth.{dead_pid()}.0badf00d.tmp")
     output = run(
         train_cmd(data_root, out, "SOLVER.CHECKPOINT_PERIOD", 2, resume=True), cwd=tmp_path
     )
     assert f"Resuming from {out / 'model_0000003.pth'}" in output and str(final) in output
     assert "Starting training from iteration 4" in output  # iteration 3 was the last one
-    assert not list(out.glob(".*.partial"))
+    assert not list(out.glob(".*.tmp"))
     assert checkpoint_keys(final) == checkpoint_keys(clean_run / "model_final.pth")

@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from processes import dead_pid
 
 from mask2former.data.catalog import register_coco_semseg
 from mask2former.inference.prob_dump import ProbDumpWriter
@@ -214,12 +215,6 @@ def test_pseudo_label_killed_leaves_nothing_and_the_next_run_cleans_up(split, tm
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(os.listdir(tmp_path)) == ["data", "dump_a", "dump_b", "pseudo"]
     assert (out / "labels/img/a.png.png").is_file()
-
-
-def dead_pid():
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
 
 
 def test_only_stale_temporaries_of_the_same_output_are_removed(tmp_path):

@@ -7,10 +7,13 @@ else is refused with an error naming it and saying how to convert it; a truncate
 garbage file gets an error naming it too. ``allow_code_execution=True`` (config key
 ``MODEL.WEIGHTS_ALLOW_CODE_EXECUTION``) reads trusted legacy files with plain pickle.
 
-Saving writes every checkpoint and ``last_checkpoint`` to a temporary file in the same folder,
-fsyncs it and renames it over the target, so that a killed run leaves the previous complete file
-(or none), never a partial one. Resuming checks that the checkpoint named by ``last_checkpoint``
-loads and otherwise falls back to the newest checkpoint of the folder that does.
+Saving writes every checkpoint and ``last_checkpoint`` through
+:func:`mask2former.utils.io.atomic_write` (a hidden temporary file in the same folder, fsynced and
+renamed over the target), so that a killed run leaves the previous complete file (or none), never
+a partial one; the temporaries of killed runs are removed before the next save or resume. Their
+names are hidden and do not end in ".pth", so nothing that lists checkpoints ever sees them.
+Resuming checks that the checkpoint named by ``last_checkpoint`` loads and otherwise falls back to
+the newest checkpoint of the folder that does.
 """
 
 import collections
@@ -18,12 +21,13 @@ import logging
 import os
 import pickle
 import re
-import secrets
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+
+from ..utils.io import atomic_write, remove_stale_temporary_files
 
 __all__ = [
     "CheckpointFileError",
@@ -32,16 +36,11 @@ __all__ = [
     "LoadReport",
     "SafeCheckpointer",
     "UnsafeCheckpointError",
-    "atomic_write",
     "read_checkpoint",
-    "remove_stale_temporaries",
 ]
 
 logger = logging.getLogger(__name__)
 
-# Temporary files of atomic_write: ".<target name>.<random hex>.partial" in the target's folder.
-# They are hidden and do not end in ".pth", so nothing that lists checkpoints ever sees them.
-PARTIAL_SUFFIX = ".partial"
 LAST_CHECKPOINT = "last_checkpoint"
 # Checkpoints written by the trainer's periodic checkpointer (the only ones resuming falls back to).
 _TRAINER_CHECKPOINT = re.compile(r"model_(\d+|final)\.pth")
@@ -273,57 +272,6 @@ def read_checkpoint(path, *, allow_code_execution=False):
     return data
 
 
-# ---------------------------------------------------------------------------------------- writing
-def _fsync_folder(folder):
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path, write, mode="wb"):
-    """Write ``path`` through ``write(file)`` atomically: a temporary file in the same folder is
-    written, flushed, fsynced and renamed over ``path`` (then the folder is fsynced). A failure or
-    a kill at any moment leaves the previous ``path`` (or none) and at most a hidden
-    ``*.partial`` file, which :func:`remove_stale_temporaries` deletes."""
-    folder, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    _fsync_folder(folder)
-
-
-def remove_stale_temporaries(folder):
-    """Delete the ``*.partial`` files :func:`atomic_write` leaves in ``folder`` when killed.
-
-    Returns:
-        list[str]: the names removed.
-    """
-    names = sorted(
-        n for n in os.listdir(folder) if n.startswith(".") and n.endswith(PARTIAL_SUFFIX)
-    )
-    for n in names:
-        os.remove(os.path.join(folder, n))
-    if names:
-        logger.info(
-            "Removed %d partial file(s) left in %s by an interrupted save: %s",
-            len(names),
-            folder,
-            ", ".join(names),
-        )
-    return names
-
-
 # ---------------------------------------------------------------------------------------- reports
 @dataclass
 class LoadReport:
@@ -506,7 +454,7 @@ class SafeCheckpointer(DetectionCheckpointer):
         self._nothing_to_resume = False
         if resume and self.has_checkpoint():
             if self.save_to_disk:
-                remove_stale_temporaries(self.save_dir)
+                self._remove_stale_temporaries()
                 self._temporaries_checked = True
             found = self._newest_loadable()
             if found is not None:
@@ -537,7 +485,7 @@ class SafeCheckpointer(DetectionCheckpointer):
         if not self.save_dir or not self.save_to_disk:
             return
         if not self._temporaries_checked:
-            remove_stale_temporaries(self.save_dir)
+            self._remove_stale_temporaries()
             self._temporaries_checked = True
         data = {"model": self.model.state_dict()}
         for key, obj in self.checkpointables.items():
@@ -546,12 +494,21 @@ class SafeCheckpointer(DetectionCheckpointer):
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
         self.logger.info("Saving checkpoint to %s", save_file)
-        atomic_write(save_file, lambda f: torch.save(data, f))
+        with atomic_write(save_file) as f:
+            torch.save(data, f)
         self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename):
-        atomic_write(
-            os.path.join(self.save_dir, LAST_CHECKPOINT),
-            lambda f: f.write(last_filename_basename),
-            mode="w",
-        )
+        with atomic_write(os.path.join(self.save_dir, LAST_CHECKPOINT), "w") as f:
+            f.write(last_filename_basename)
+
+    def _remove_stale_temporaries(self):
+        """Delete the temporary files that saves killed mid-write left in ``save_dir``."""
+        names = remove_stale_temporary_files(self.save_dir)
+        if names:
+            self.logger.info(
+                "Removed %d partial file(s) left in %s by an interrupted save: %s",
+                len(names),
+                self.save_dir,
+                ", ".join(names),
+            )

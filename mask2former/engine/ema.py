@@ -33,7 +33,8 @@ from detectron2.utils import comm
 from torch import nn
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-from .checkpoint import atomic_write, read_checkpoint
+from ..utils.io import atomic_write
+from .checkpoint import read_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -220,7 +221,8 @@ class ModelEMA:
 
 def _save_model_checkpoint(weights: Dict[str, torch.Tensor], iteration, path: str) -> None:
     data = {"model": weights, "iteration": iteration}
-    atomic_write(path, lambda f: torch.save(data, f))
+    with atomic_write(path) as f:
+        torch.save(data, f)
 
 
 def save_ema_weights(ema: ModelEMA, path: str, iteration: Optional[int] = None) -> None:

@@ -19,6 +19,7 @@ __all__ = [
     "format_examples",
     "make_temporary_directory",
     "remove_stale_temporaries",
+    "remove_stale_temporary_files",
     "replace_directory",
     "write_json",
 ]
@@ -70,6 +71,39 @@ def remove_stale_temporaries(final_path):
     return removed
 
 
+# Temporary files of atomic_write: ".<target name>.<pid>.<8 hex>.tmp" in the target's folder.
+_TEMPORARY_FILE = re.compile(r"\..+\.(\d+)\.[0-9a-f]{8}\.tmp")
+
+
+def remove_stale_temporary_files(folder):
+    """Remove the temporary files that :func:`atomic_write` calls of processes no longer alive
+    left in ``folder`` (for any target there); returns their names, sorted. Folders and other
+    files are left alone."""
+    if not os.path.isdir(folder):
+        return []
+    removed = []
+    for entry in sorted(os.listdir(folder)):
+        match = _TEMPORARY_FILE.fullmatch(entry)
+        path = os.path.join(folder, entry)
+        if match is None or _pid_alive(int(match.group(1))) or not os.path.isfile(path):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+        removed.append(entry)
+    return removed
+
+
+def _fsync_directory(directory):
+    """Make a rename inside ``directory`` durable (POSIX; elsewhere a rename is all there is)."""
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def make_temporary_directory(final_dir):
     """A new empty folder ``.tmp_<name>.<pid>.<8 hex>`` next to ``final_dir`` (parent created),
     with normal permissions (umask), after removing the stale temporaries of ``final_dir``
@@ -90,9 +124,11 @@ def atomic_write(path, mode="wb"):
     """Open a temporary file next to ``path``; move it onto ``path`` when the block succeeds.
 
     The temporary file lives in the same folder (so ``os.replace`` is an atomic rename), is
-    flushed to disk before the rename, and is removed if the block raises: readers see either
-    the previous file or the complete new one, never a partial file. The parent folder is
-    created if needed.
+    flushed to disk before the rename (the folder after it), and is removed if the block raises:
+    readers see either the previous file or the complete new one, never a partial file. A kill
+    leaves at most the hidden temporary, which :func:`remove_stale_temporaries` (of ``path``) and
+    :func:`remove_stale_temporary_files` (of its folder) delete. The parent folder is created if
+    needed.
 
     Args:
         path (str): final local path.
@@ -116,6 +152,7 @@ def atomic_write(path, mode="wb"):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
+        _fsync_directory(directory)
     finally:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
