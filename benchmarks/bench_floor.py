@@ -1,0 +1,144 @@
+#!/usr/bin/env python
+"""How far CPU inference is from its arithmetic floor: per component of Mask2Former Swin-T at
+512x512, the matrix-product FLOPs, the measured time and the time those FLOPs take at the
+machine's measured matrix-product rate.
+
+    python benchmarks/bench_floor.py [--repeats 5] [--threads N] [--size 512] [--bf16]
+
+FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` (matrix products, convolutions
+and attention; elementwise work and the deformable-attention gather are not counted, so the floor
+is a lower bound). The rate is the median GFLOP/s of square fp32 matrix products of the model's
+size range on the same threads, measured in the same run. Each step of the eval-mode forward (the
+calls ``MaskFormer.forward`` makes: pre-processing, backbone, pixel decoder, transformer decoder,
+semantic inference with resizing) is counted and timed on its own; "all" is the whole
+``model(inputs)``. Medians of ``--repeats`` runs after one warm-up.
+"""
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from detectron2.modeling import build_model
+from torch.utils.flop_counter import FlopCounterMode
+
+from dinat import add_dinat_config
+from mask2former.engine import build_cfg
+from semask import add_semask_config
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "m2f_swin_t.yaml"
+
+
+def matmul_rate(dtype, sizes=(512, 1024, 2048), repeats=5):
+    """GFLOP/s of ``n x n @ n x n`` products: the best over ``sizes`` of the median run."""
+    best = 0.0
+    for n in sizes:
+        a = torch.randn(n, n).to(dtype)
+        b = torch.randn(n, n).to(dtype)
+        a @ b  # warm-up
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - start)
+        best = max(best, 2 * n**3 / statistics.median(times) / 1e9)
+    return best
+
+
+def pieces(model, inputs):
+    """The eval-mode forward as named steps, each a function of the previous step's result
+    (the same calls as ``MaskFormer.forward`` makes)."""
+    head = model.sem_seg_head
+    state = {}
+
+    def preprocess():
+        state["images"] = model.preprocess_image(inputs)
+
+    def backbone():
+        state["features"] = model.backbone(state["images"].tensor)
+
+    def pixel_decoder():
+        state["mask_features"], _, state["multi_scale"] = head.pixel_decoder.forward_features(
+            state["features"]
+        )
+
+    def transformer_decoder():
+        state["outputs"] = head.predictor(state["multi_scale"], state["mask_features"])
+
+    def semantic_inference():
+        model.inference(state["outputs"], inputs, state["images"])
+
+    return {
+        "preprocess": preprocess,
+        "backbone": backbone,
+        "pixel decoder": pixel_decoder,
+        "transformer decoder": transformer_decoder,
+        "semantic inference": semantic_inference,
+    }
+
+
+def measure(model, inputs, repeats):
+    """GFLOPs and median seconds of each step, and of the whole ``model(inputs)``."""
+    steps = pieces(model, inputs)
+    flops, times = {}, {name: [] for name in [*steps, "all"]}
+    with torch.no_grad():
+        model(inputs)  # warm-up (fills the geometry caches)
+        for name, step in steps.items():
+            counter = FlopCounterMode(display=False)
+            with counter:
+                step()
+            flops[name] = counter.get_total_flops() / 1e9
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(inputs)
+            times["all"].append(time.perf_counter() - start)
+            for name, step in steps.items():
+                start = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - start)
+    flops["all"] = sum(flops.values())
+    return flops, {name: statistics.median(values) for name, values in times.items()}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: as set)")
+    p.add_argument("--size", type=int, default=512, help="image side")
+    p.add_argument("--bf16", action="store_true", help="also measure the bf16 matmul rate")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    cfg = build_cfg(
+        str(CONFIG),
+        ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "INPUT.MIN_SIZE_TEST", str(args.size)],
+        (add_semask_config, add_dinat_config),
+    )
+    torch.manual_seed(0)
+    # no parameter needs a gradient here (FlopCounterMode's module tracker would hook them)
+    model = build_model(cfg).eval().requires_grad_(False)
+    image = torch.randint(0, 256, (3, args.size, args.size), dtype=torch.uint8)
+    inputs = [{"image": image, "height": args.size, "width": args.size}]
+
+    rate = matmul_rate(torch.float32)
+    flops, times = measure(model, inputs, args.repeats)
+    rate = max(rate, matmul_rate(torch.float32))  # the rate drifts while the machine is shared
+
+    print(
+        f"Mask2Former Swin-T, {args.size}x{args.size}, fp32, {torch.get_num_threads()} threads; "
+        f"matrix-product rate {rate:.1f} GFLOP/s"
+    )
+    if args.bf16:
+        bf16 = matmul_rate(torch.bfloat16, sizes=(512, 1024))
+        print(f"bf16 matrix-product rate {bf16:.1f} GFLOP/s")
+    print(f"{'step':<22}{'GFLOP':>8}{'measured s':>12}{'floor s':>10}{'of floor':>10}")
+    for name in flops:
+        floor = flops[name] / rate
+        ratio = f"{times[name] / floor:>9.2f}x" if floor > 0 else f"{'-':>10}"
+        print(f"{name:<22}{flops[name]:>8.1f}{times[name]:>12.3f}{floor:>10.3f}{ratio}")
+
+
+if __name__ == "__main__":
+    main()
