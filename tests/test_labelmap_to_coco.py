@@ -6,6 +6,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from camvid import CAMVID_CLASSES
 from PIL import Image
 from pycocotools import mask as mask_util
 
@@ -99,19 +100,7 @@ def test_camvid_labels_round_trip(tmp_path):
     labels.mkdir()
     for name in names:
         (labels / name).write_bytes((label_dir / name).read_bytes())
-    classes = [
-        "Sky",
-        "Building",
-        "Pole",
-        "Road",
-        "Pavement",
-        "Tree",
-        "SignSymbol",
-        "Fence",
-        "Car",
-        "Pedestrian",
-        "Bicyclist",
-    ]
+    classes = CAMVID_CLASSES
     images = SHARED_DATA / "camvid" / "val" / "images"
     out = tmp_path / "camvid.json"
     stats = labelmaps_to_coco(

@@ -15,27 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from camvid import CAMVID_CLASSES, CAMVID_ROOT, CAMVID_UNLABELLED
 from PIL import Image
 
 from mask2former.loop import LoopSettings, run_loop
 from mask2former.loop.report import read_score
 
 REPO = Path(__file__).resolve().parents[1]
-CAMVID = REPO.parent / "shared" / "data" / "camvid"
-CLASSES = [
-    "Sky",
-    "Building",
-    "Pole",
-    "Road",
-    "Pavement",
-    "Tree",
-    "SignSymbol",
-    "Fence",
-    "Car",
-    "Pedestrian",
-    "Bicyclist",
-]
-IGNORE = 11  # CamVid's "Unlabelled"
+CAMVID = CAMVID_ROOT
+CLASSES = CAMVID_CLASSES
+IGNORE = CAMVID_UNLABELLED
 BUDGET = 250  # iterations per model
 
 pytestmark = pytest.mark.skipif(

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from camvid import CAMVID_CLASSES, CAMVID_ROOT, CAMVID_UNLABELLED
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
@@ -18,21 +19,9 @@ from mask2former.data.offline.convert_labelmaps import labelmaps_to_coco
 from mask2former.engine import get_project_cfg
 from mask2former.evaluation import LBSemSegEvaluator
 
-CAMVID = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "camvid" / "val"
-CLASSES = [
-    "Sky",
-    "Building",
-    "Pole",
-    "Road",
-    "Pavement",
-    "Tree",
-    "SignSymbol",
-    "Fence",
-    "Car",
-    "Pedestrian",
-    "Bicyclist",
-]
-UNLABELLED, IGNORE = 11, 255
+CAMVID = CAMVID_ROOT / "val"
+CLASSES = CAMVID_CLASSES
+UNLABELLED, IGNORE = CAMVID_UNLABELLED, 255
 
 pytestmark = pytest.mark.skipif(not CAMVID.is_dir(), reason="needs ../shared/data/camvid")
 
