@@ -22,6 +22,7 @@ BENCHMARKS = [
     ("bench_crf.py", []),
     ("bench_data_loader.py", []),
     ("bench_precision.py", []),
+    ("bench_floor.py", []),
 ]
 
 
