@@ -40,6 +40,32 @@ def _pid_alive(pid):
     return True
 
 
+# Temporary files of atomic_write: ".<target name>.<pid>.<8 hex>.tmp" in the target's folder.
+_TEMPORARY_FILE = r"(\d+)\.[0-9a-f]{8}\.tmp"
+
+
+def _remove_dead_temporaries(folder, patterns, files_only=False):
+    """Remove the entries of ``folder`` that fully match one of ``patterns`` (group 1: the pid
+    of the process that made them) and whose process is no longer alive; returns their paths."""
+    if not os.path.isdir(folder):
+        return []
+    removed = []
+    for entry in sorted(os.listdir(folder)):
+        match = next((m for m in (p.fullmatch(entry) for p in patterns) if m), None)
+        if match is None or _pid_alive(int(match.group(1))):
+            continue
+        path = os.path.join(folder, entry)
+        if os.path.isdir(path) and not os.path.islink(path):
+            if files_only:
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        removed.append(path)
+    return removed
+
+
 def remove_stale_temporaries(final_path):
     """Remove the temporaries of ``final_path`` left by killed processes; returns their paths.
 
@@ -50,47 +76,20 @@ def remove_stale_temporaries(final_path):
     """
     final_path = os.path.abspath(final_path)
     parent, name = os.path.split(final_path)
-    if not os.path.isdir(parent):
-        return []
     patterns = (
         re.compile(re.escape(_temporary_prefix(final_path)) + r"(\d+)\.[0-9a-f]{8}"),
-        re.compile(re.escape(f".{name}.") + r"(\d+)\.[0-9a-f]{8}\.tmp"),
+        re.compile(re.escape(f".{name}.") + _TEMPORARY_FILE),
     )
-    removed = []
-    for entry in os.listdir(parent):
-        match = next((m for m in (p.fullmatch(entry) for p in patterns) if m), None)
-        if match is None or _pid_alive(int(match.group(1))):
-            continue
-        path = os.path.join(parent, entry)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
-        removed.append(path)
-    return removed
-
-
-# Temporary files of atomic_write: ".<target name>.<pid>.<8 hex>.tmp" in the target's folder.
-_TEMPORARY_FILE = re.compile(r"\..+\.(\d+)\.[0-9a-f]{8}\.tmp")
+    return _remove_dead_temporaries(parent, patterns)
 
 
 def remove_stale_temporary_files(folder):
     """Remove the temporary files that :func:`atomic_write` calls of processes no longer alive
     left in ``folder`` (for any target there); returns their names, sorted. Folders and other
     files are left alone."""
-    if not os.path.isdir(folder):
-        return []
-    removed = []
-    for entry in sorted(os.listdir(folder)):
-        match = _TEMPORARY_FILE.fullmatch(entry)
-        path = os.path.join(folder, entry)
-        if match is None or _pid_alive(int(match.group(1))) or not os.path.isfile(path):
-            continue
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
-        removed.append(entry)
-    return removed
+    pattern = re.compile(r"\..+\." + _TEMPORARY_FILE)
+    removed = _remove_dead_temporaries(folder, (pattern,), files_only=True)
+    return [os.path.basename(path) for path in removed]
 
 
 def _fsync_directory(directory):
