@@ -2,12 +2,13 @@
 """The whole competition loop on a label-map data root, one command (each tool a subprocess):
 
     python benchmarks/real_data_loop.py --data ../shared/data/camvid --output output/camvid_loop \
-        [--budget-iters 1371] [--ablation-iters 400] [--steps convert models ensemble ...]
+        [--budget-iters 1371] [--ablation-iters 400] [--steps convert models ...] [--jobs 2]
 
 The data root holds train/ and val/, each with images/ and labels/ (label PNGs of class ids).
 Classes: --class-names, or 0..N-1 with --num-classes (default: the CamVid names when the root is
 called camvid, else numbered up to the largest label value found in the label maps). A rerun
-reuses every complete step; results.md / results.json go to --output (see
+reuses every complete step; --jobs N runs up to N independent steps side by side (each with
+CPU cores // N threads); results.md / results.json go to --output (see
 mask2former/loop/competition.py for the steps and rows).
 """
 
@@ -51,6 +52,13 @@ def parse_args(argv=None):
     p.add_argument("--min-size-test", type=int, default=180, help="short side at test time")
     p.add_argument("--crop", type=int, default=160, help="training crop side")
     p.add_argument("--workers", type=int, default=2, help="tools/ensemble.py worker processes")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="steps run side by side (independent ones, e.g. the trainings of A and B), each "
+        "with CPU cores // jobs threads",
+    )
     p.add_argument("--no-tta", action="store_true", help="skip the TTA rows (vote plain dumps)")
     p.add_argument(
         "--crf-presets", nargs="+", help="CRF presets of the CRF rows (default: every preset)"
@@ -112,6 +120,7 @@ def main(argv=None):
         crf_presets=args.crf_presets,
         all_ensemble_rows=not args.final_ensemble_only,
         pseudo_ignore_in_mask=[flag == "on" for flag in args.ignore_in_mask_loss],
+        jobs=args.jobs,
     )
     command = shlex.join(["python", "benchmarks/real_data_loop.py", *sys.argv[1:]])
     run_loop(settings, command=command)

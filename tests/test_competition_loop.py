@@ -16,6 +16,7 @@ from PIL import Image
 from mask2former.loop import LoopSettings, Step, StepFailed, StepRunner, build_loop, run_loop
 from mask2former.loop.competition import numbered_classes
 from mask2former.loop.report import read_score
+from mask2former.loop.steps import step_dependencies
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ["background", "square", "disc"]
@@ -84,7 +85,7 @@ def loop(tmp_path_factory):
     write_split(data, "val", 6, seed=1)
     output = tmp_path_factory.mktemp("loop")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    settings = tiny_settings(data, output)
+    settings = tiny_settings(data, output, jobs=2)  # independent steps side by side
     document = run_loop(settings, command="test")
     return settings, document
 
@@ -184,3 +185,74 @@ def test_step_runner_reruns_only_incomplete_steps_and_names_the_log(tmp_path):
     failing = Step("failing", ["python", "-c", "raise SystemExit('boom')"], [str(tmp_path / "x")])
     with pytest.raises(StepFailed, match=r"(?s)failed \(exit 1\).*failing\.log.*boom"):
         StepRunner(str(tmp_path), cwd=str(tmp_path)).run([failing])
+
+
+def test_loop_steps_wait_only_for_what_they_read(loop):
+    settings, _ = loop
+    steps, _ = build_loop(settings)
+    needs = step_dependencies(steps)
+    assert needs["convert_train"] == [] and needs["convert_val"] == []
+    # both trainings read both converted splits (the registered datasets), not each other
+    assert set(needs["train_A"]) == set(needs["train_B"]) == {"convert_train", "convert_val"}
+    assert "train_A" in needs["predict_A"] and "train_B" not in needs["predict_A"]
+    ensemble = next(name for name in needs if name.startswith("ensemble_"))
+    assert {"predict_A", "predict_B"} <= set(needs[ensemble])
+    assert {"predict_A", "predict_B"} <= set(needs["pseudo_val"])
+    assert "pseudo_val" in needs["train_A_pseudo_ignore_mask_on"]
+    assert "train_A" not in needs["train_A_pseudo_ignore_mask_on"]
+
+
+def _step(path, signal=None, wait_for=None, sleep=0.0, fail=False):
+    """A step command: write ``signal`` (if given), wait (up to 60 s) until ``wait_for``
+    exists, sleep ``sleep`` s, then write ``path`` (or fail)."""
+    code = (
+        "import os, sys, time\n"
+        "path, signal, wait_for, sleep = sys.argv[1:5]\n"
+        "if signal: open(signal, 'w').write('x')\n"
+        "deadline = time.monotonic() + 60\n"
+        "while wait_for and not os.path.exists(wait_for):\n"
+        "    assert time.monotonic() < deadline, 'the other step never started'\n"
+        "    time.sleep(0.05)\n"
+        "time.sleep(float(sleep))\n"
+        + ("raise SystemExit('boom')\n" if fail else "open(path, 'w').write('x')\n")
+    )
+    return ["python", "-c", code, str(path), str(signal or ""), str(wait_for or ""), str(sleep)]
+
+
+def test_independent_steps_run_side_by_side(tmp_path):
+    """Each of two independent steps signals that it runs, then waits for the other's signal:
+    both complete only when they run at once. A third step reads both results: it starts
+    after them."""
+    a_runs, b_runs = tmp_path / "a_runs", tmp_path / "b_runs"
+    a, b, both = tmp_path / "a", tmp_path / "b", tmp_path / "both"
+    steps = [
+        Step("a", _step(a, signal=a_runs, wait_for=b_runs), [str(a)]),
+        Step("b", _step(b, signal=b_runs, wait_for=a_runs), [str(b)]),
+        Step("both", _step(both) + [str(a), str(b)], [str(both)]),
+    ]
+    needs = step_dependencies(steps)
+    assert needs == {"a": [], "b": [], "both": ["a", "b"]}
+    wall = StepRunner(str(tmp_path), cwd=str(tmp_path), jobs=2).run(steps)
+    assert all(path.exists() for path in (a, b, both))
+    assert set(wall) == {"a", "b", "both"} and all(t >= 0 for t in wall.values())
+    with pytest.raises(ValueError, match="jobs must be at least 1"):
+        StepRunner(str(tmp_path), cwd=str(tmp_path), jobs=0)
+
+
+def test_failed_step_stops_new_steps_and_waits_for_running_ones(tmp_path, caplog):
+    """A failure is logged at once; the step running beside it is waited for and its result
+    kept; a step that reads the failed step's result never starts."""
+    slow_runs, slow, never, x = (tmp_path / n for n in ("slow_runs", "slow", "never", "x"))
+    steps = [
+        Step("slow", _step(slow, signal=slow_runs, sleep=1.0), [str(slow)]),
+        Step("failing", _step(x, wait_for=slow_runs, fail=True), [str(x)]),
+        Step("after", _step(never) + [str(x)], [str(never)]),
+    ]
+    caplog.set_level("INFO", logger="mask2former.loop.steps")
+    runner = StepRunner(str(tmp_path), cwd=str(tmp_path), jobs=2)
+    with pytest.raises(StepFailed, match=r"(?s)'failing' failed \(exit 1\).*boom"):
+        runner.run(steps)
+    assert slow.exists() and not never.exists()
+    assert "slow" in runner.wall_times and "failing" not in runner.wall_times
+    assert "waiting for the running steps" in caplog.text
+    assert "after: running" not in caplog.text

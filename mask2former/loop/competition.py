@@ -66,6 +66,8 @@ class LoopSettings:
         all_ensemble_rows: plain soft vote, one row per CRF preset, and the mode filter row;
             False: only the vote + CRF + agreement overwrite row.
         pseudo_ignore_in_mask: the ``IGNORE_IN_MASK_LOSS`` values of the retrained models.
+        jobs: steps run side by side at most (those that do not depend on each other, e.g.
+            the trainings of A and B); each gets CPU cores // jobs threads.
         repo_root: working directory of the tools (the repository root).
     """
 
@@ -92,6 +94,7 @@ class LoopSettings:
     crf_presets: Optional[Sequence[str]] = None
     all_ensemble_rows: bool = True
     pseudo_ignore_in_mask: Sequence[bool] = (True, False)
+    jobs: int = 1
     repo_root: str = "."
 
     def __post_init__(self):
@@ -375,7 +378,9 @@ def run_loop(settings: LoopSettings, command: str = "") -> Dict:
     ``settings.output`` and returns the JSON document."""
     steps, rows = build_loop(settings)
     os.makedirs(settings.output, exist_ok=True)
-    runner = StepRunner(settings.output, cwd=os.path.abspath(settings.repo_root))
+    runner = StepRunner(
+        settings.output, cwd=os.path.abspath(settings.repo_root), jobs=settings.jobs
+    )
     runner.run(steps)
     rare = [c for c in RARE_CLASSES if c in settings.class_names]
     document = {
@@ -385,6 +390,7 @@ def run_loop(settings: LoopSettings, command: str = "") -> Dict:
             "main_iters": settings.budget_iters,
             "ablation_iters": settings.ablation_iters,
         },
+        "jobs": settings.jobs,
         "rows": collect_rows(rows, runner.wall_times, rare),
         "wall_s": dict(runner.wall_times),
     }

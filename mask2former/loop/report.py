@@ -78,7 +78,8 @@ def format_table(document: Dict, rare_classes: Sequence[str]) -> str:
         f"Command: `{document.get('command', '')}`",
         "",
         f"Budget: {budget['main_iters']} iterations per main model, "
-        f"{budget['ablation_iters']} per ablation model.",
+        f"{budget['ablation_iters']} per ablation model; up to {document.get('jobs', 1)} "
+        "steps side by side (wall s: each step's own time).",
         "",
         "| group | row | mIoU | " + " | ".join(rare_classes) + " | delta | wall s |",
         "|---" * (5 + len(rare_classes)) + "|",
