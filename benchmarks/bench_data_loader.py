@@ -48,16 +48,12 @@ from mask2former.data.offline.convert_labelmaps import labelmaps_to_coco
 from mask2former.data.offline.synthetic import generate_synthetic_trash
 from mask2former.engine import build_cfg
 from mask2former.engine.hooks import bank_hook_from_cfg
+from mask2former.loop.competition import CAMVID_CLASSES, CAMVID_UNLABELLED
 from semask import add_semask_config
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "m2f_dinat_l.yaml"
 CAMVID = REPO.parent / "shared" / "data" / "camvid" / "train"
-CAMVID_CLASSES = [
-    "Sky", "Building", "Pole", "Road", "Pavement", "Tree",
-    "SignSymbol", "Fence", "Car", "Pedestrian", "Bicyclist",
-]  # fmt: skip
-CAMVID_UNLABELLED = 11
 SIZE = 512
 DATASET = "bench_data_loader_train"
 

@@ -19,12 +19,12 @@ import shlex
 import sys
 
 from mask2former.loop import LoopSettings, run_loop
-from mask2former.loop.competition import STEP_GROUPS, numbered_classes
-
-CAMVID_CLASSES = (
-    "Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
-    "Pedestrian", "Bicyclist",
-)  # fmt: skip
+from mask2former.loop.competition import (
+    CAMVID_CLASSES,
+    CAMVID_UNLABELLED,
+    STEP_GROUPS,
+    numbered_classes,
+)
 
 
 def parse_args(argv=None):
@@ -89,7 +89,7 @@ def parse_args(argv=None):
             args.class_names = [str(i) for i in range(args.num_classes)]
         elif os.path.basename(os.path.normpath(args.data)).lower() == "camvid":
             args.class_names = list(CAMVID_CLASSES)
-            default_ignore = len(CAMVID_CLASSES)  # CamVid's "Unlabelled" = 11
+            default_ignore = CAMVID_UNLABELLED
     if args.ignore_label is None:
         args.ignore_label = default_ignore
     if args.class_names is None:  # numbered up to the largest label value of the label maps

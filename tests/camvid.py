@@ -2,19 +2,10 @@
 
 from pathlib import Path
 
+from mask2former.loop import competition
+
+CAMVID_CLASSES = list(competition.CAMVID_CLASSES)  # label values 0..10
+CAMVID_UNLABELLED = competition.CAMVID_UNLABELLED  # ignored
 CAMVID_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "camvid"
-# Label values 0..10; 11 is "Unlabelled" (ignored).
-CAMVID_CLASSES = [
-    "Sky",
-    "Building",
-    "Pole",
-    "Road",
-    "Pavement",
-    "Tree",
-    "SignSymbol",
-    "Fence",
-    "Car",
-    "Pedestrian",
-    "Bicyclist",
-]
-CAMVID_UNLABELLED = 11
+
+__all__ = ["CAMVID_CLASSES", "CAMVID_ROOT", "CAMVID_UNLABELLED"]

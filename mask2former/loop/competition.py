@@ -29,11 +29,25 @@ from .steps import Step, StepRunner
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["STEP_GROUPS", "LoopSettings", "build_loop", "numbered_classes", "run_loop"]
+__all__ = [
+    "CAMVID_CLASSES",
+    "CAMVID_UNLABELLED",
+    "STEP_GROUPS",
+    "LoopSettings",
+    "build_loop",
+    "numbered_classes",
+    "run_loop",
+]
 
 # Step groups, in loop order (``LoopSettings.steps`` selects some).
 STEP_GROUPS = ("convert", "models", "ensemble", "pseudo", "ablations")
 RARE_CLASSES = ("Pole", "SignSymbol", "Pedestrian", "Bicyclist")
+# CamVid's classes by label value (0..10) and its "Unlabelled" value (ignored, not a class).
+CAMVID_CLASSES = (
+    "Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
+    "Pedestrian", "Bicyclist",
+)  # fmt: skip
+CAMVID_UNLABELLED = 11
 SPLITS = ("train", "val")
 
 
