@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from PIL import Image
 from mask2former.loop import LoopSettings, Step, StepFailed, StepRunner, build_loop, run_loop
 from mask2former.loop.competition import numbered_classes
 from mask2former.loop.report import read_score
-from mask2former.loop.steps import step_dependencies
+from mask2former.loop.steps import _Running, step_dependencies
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ["background", "square", "disc"]
@@ -256,3 +257,13 @@ def test_failed_step_stops_new_steps_and_waits_for_running_ones(tmp_path, caplog
     assert "slow" in runner.wall_times and "failing" not in runner.wall_times
     assert "waiting for the running steps" in caplog.text
     assert "after: running" not in caplog.text
+
+
+def test_eta_counts_pending_and_unfinished_running_steps(tmp_path):
+    """At 2 s per unit of cost: pending steps of cost 10 + 20 take 60 s; a running step of cost
+    10 started 5 s ago has 15 s left; with 2 jobs that is (60 + 15) / 2 s."""
+    pending = [Step("p1", ["x"], [], cost=10), Step("p2", ["x"], [], cost=20)]
+    running = [_Running(Step("r", ["x"], [], cost=10), None, None, "", time.monotonic() - 5)]
+    eta = StepRunner(str(tmp_path), cwd=str(tmp_path), jobs=2)._eta(2.0, pending, running)
+    assert eta == pytest.approx(37.5, abs=0.5)
+    assert StepRunner(str(tmp_path), cwd=str(tmp_path))._eta(2.0, pending, []) == 60.0

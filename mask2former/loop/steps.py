@@ -160,6 +160,14 @@ class StepRunner:
             )
         return wall
 
+    def _eta(self, seconds_per_cost: float, pending, running) -> float:
+        """Seconds left: the cost of the pending steps and the unfinished part of the running
+        ones, at the time per unit of cost of the steps finished so far, over ``jobs``."""
+        now = time.monotonic()
+        left = sum(s.cost for s in pending) * seconds_per_cost
+        left += sum(max(0.0, r.step.cost * seconds_per_cost - (now - r.start)) for r in running)
+        return left / self.jobs
+
     def run(self, steps: Sequence[Step]) -> Dict[str, float]:
         """Run ``steps`` (in order, or side by side up to ``jobs`` where they do not depend on
         each other); returns the wall time of each (reused steps: as recorded). A failed step
@@ -179,8 +187,7 @@ class StepRunner:
             else:
                 pending.append(step)
         done = {s.name for s in steps} - {s.name for s in pending}
-        todo_cost = sum(s.cost for s in pending)
-        done_cost = 0.0
+        done_cost = done_wall = 0.0
         running: List[_Running] = []
         failure = None
         while pending or running:
@@ -215,8 +222,9 @@ class StepRunner:
                 self._save()
                 done.add(name)
                 done_cost += item.step.cost
+                done_wall += wall
                 elapsed = time.monotonic() - start
-                eta = elapsed / done_cost * (todo_cost - done_cost) if done_cost else 0.0
+                eta = self._eta(done_wall / done_cost, pending, running)
                 logger.info(
                     "%s: done in %s; elapsed %s, ETA %s",
                     prefix[name],
