@@ -1,9 +1,9 @@
 #!/usr/bin/env python
-"""How far CPU inference is from its arithmetic floor: per component of Mask2Former Swin-T at
-512x512, the matrix-product FLOPs, the measured time and the time those FLOPs take at the
-machine's measured matrix-product rate.
+"""How far CPU inference (and, with ``--train``, a training step) is from its arithmetic floor:
+per component of Mask2Former Swin-T, the matrix-product FLOPs, the measured time and the time
+those FLOPs take at the machine's measured matrix-product rate.
 
-    python benchmarks/bench_floor.py [--repeats 5] [--threads N] [--size 512] [--bf16]
+    python benchmarks/bench_floor.py [--repeats 5] [--threads N] [--size 512] [--bf16] [--train]
 
 FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` (matrix products, convolutions
 and attention; elementwise work and the deformable-attention gather are not counted, so the floor
@@ -12,6 +12,13 @@ size range on the same threads, measured in the same run. Each step of the eval-
 calls ``MaskFormer.forward`` makes: pre-processing, backbone, pixel decoder, transformer decoder,
 semantic inference with resizing) is counted and timed on its own; "all" is the whole
 ``model(inputs)``. Medians of ``--repeats`` runs after one warm-up.
+
+``--train``: the training step of ``bench_vs_official.py`` (batch 2 of 256x256, 3 masks each,
+the project's optimizer recipe). Each component runs forward and backward on its own, from the
+previous component's outputs detached into leaves (backward of the sum of its outputs: the same
+products as with the real upstream gradients); "losses" is the matcher, the criterion and their
+backward, "optimizer" the clipped AdamW step. "all" is the whole step (``model(batch)``, backward
+of the summed losses, optimizer step).
 """
 
 import argparse
@@ -20,11 +27,12 @@ import time
 from pathlib import Path
 
 import torch
+from bench_vs_official import training_batch
 from detectron2.modeling import build_model
 from torch.utils.flop_counter import FlopCounterMode
 
 from dinat import add_dinat_config
-from mask2former.engine import build_cfg
+from mask2former.engine import build_cfg, build_optimizer
 from semask import add_semask_config
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "m2f_swin_t.yaml"
@@ -101,12 +109,105 @@ def measure(model, inputs, repeats):
     return flops, {name: statistics.median(values) for name, values in times.items()}
 
 
+def _leaves(outputs):
+    """``outputs`` (tensors in dicts, lists, tuples) with every float tensor detached into a
+    leaf that requires a gradient."""
+    if isinstance(outputs, torch.Tensor):
+        leaf = outputs.detach()
+        return leaf.requires_grad_() if leaf.is_floating_point() else leaf
+    if isinstance(outputs, dict):
+        return {k: _leaves(v) for k, v in outputs.items()}
+    if isinstance(outputs, (list, tuple)):
+        return type(outputs)(_leaves(v) for v in outputs)
+    return outputs
+
+
+def _sum(outputs) -> torch.Tensor:
+    """Sum of every float tensor in ``outputs`` that requires a gradient."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs.sum() if outputs.requires_grad else outputs.new_zeros(())
+    values = outputs.values() if isinstance(outputs, dict) else outputs
+    parts = [_sum(v) for v in values if isinstance(v, (torch.Tensor, dict, list, tuple))]
+    return sum(parts, torch.zeros(()))
+
+
+def training_pieces(model, batch, optimizer):
+    """The training step as named steps, each forward + backward of one component from the
+    previous step's detached outputs (see the module docstring)."""
+    head = model.sem_seg_head
+    state = {}
+
+    def backbone():
+        state["images"] = model.preprocess_image(batch)
+        features = model.backbone(state["images"].tensor)
+        _sum(features).backward()
+        state["features"] = _leaves(features)
+
+    def pixel_decoder():
+        outputs = head.pixel_decoder.forward_features(state["features"])
+        _sum(outputs).backward()
+        state["mask_features"], _, state["multi_scale"] = _leaves(outputs)
+
+    def transformer_decoder():
+        outputs = head.predictor(state["multi_scale"], state["mask_features"])
+        _sum(outputs).backward()
+        state["outputs"] = _leaves(outputs)
+
+    def losses():
+        terms = model.losses(state["outputs"], state["features"], batch, state["images"])
+        sum(terms.values()).backward()
+
+    def optimizer_step():
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return {
+        "backbone": backbone,
+        "pixel decoder": pixel_decoder,
+        "transformer decoder": transformer_decoder,
+        "losses": losses,
+        "optimizer": optimizer_step,
+    }
+
+
+def measure_training(model, batch, optimizer, repeats):
+    """GFLOPs (forward + backward) and median seconds of each training step component, and of
+    the whole step."""
+    steps = training_pieces(model, batch, optimizer)
+
+    def whole_step():
+        sum(model(batch).values()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    flops, times = {}, {name: [] for name in [*steps, "all"]}
+    whole_step()  # warm-up (fills the geometry caches, creates the optimizer state)
+    for name, step in steps.items():
+        counter = FlopCounterMode(display=False)
+        with counter:
+            step()
+        flops[name] = counter.get_total_flops() / 1e9
+    for _ in range(repeats):
+        start = time.perf_counter()
+        whole_step()
+        times["all"].append(time.perf_counter() - start)
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    flops["all"] = sum(flops.values())
+    return flops, {name: statistics.median(values) for name, values in times.items()}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: as set)")
     p.add_argument("--size", type=int, default=512, help="image side")
     p.add_argument("--bf16", action="store_true", help="also measure the bf16 matmul rate")
+    p.add_argument(
+        "--train", action="store_true", help="a training step (batch 2 of 256x256) instead"
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -117,17 +218,23 @@ def main():
         (add_semask_config, add_dinat_config),
     )
     torch.manual_seed(0)
-    # no parameter needs a gradient here (FlopCounterMode's module tracker would hook them)
-    model = build_model(cfg).eval().requires_grad_(False)
-    image = torch.randint(0, 256, (3, args.size, args.size), dtype=torch.uint8)
-    inputs = [{"image": image, "height": args.size, "width": args.size}]
-
     rate = matmul_rate(torch.float32)
-    flops, times = measure(model, inputs, args.repeats)
+    if args.train:
+        model = build_model(cfg).train()
+        optimizer = build_optimizer(cfg, model)
+        flops, times = measure_training(model, training_batch(torch), optimizer, args.repeats)
+        what = "training step, batch 2 of 256x256, forward + backward"
+    else:
+        # no parameter needs a gradient here (FlopCounterMode's module tracker would hook them)
+        model = build_model(cfg).eval().requires_grad_(False)
+        image = torch.randint(0, 256, (3, args.size, args.size), dtype=torch.uint8)
+        inputs = [{"image": image, "height": args.size, "width": args.size}]
+        flops, times = measure(model, inputs, args.repeats)
+        what = f"{args.size}x{args.size}"
     rate = max(rate, matmul_rate(torch.float32))  # the rate drifts while the machine is shared
 
     print(
-        f"Mask2Former Swin-T, {args.size}x{args.size}, fp32, {torch.get_num_threads()} threads; "
+        f"Mask2Former Swin-T, {what}, fp32, {torch.get_num_threads()} threads; "
         f"matrix-product rate {rate:.1f} GFLOP/s"
     )
     if args.bf16:

@@ -72,7 +72,9 @@ def _build_project(official: str, opts):
     return model, lambda: build_optimizer(cfg, model)
 
 
-def _training_batch(torch, size=256, batch=2, masks=3):
+def training_batch(torch, size=256, batch=2, masks=3):
+    """``batch`` random images of ``size`` x ``size`` with ``masks`` blocky masks each (the
+    training input of both implementations; also used by ``bench_floor.py --train``)."""
     from detectron2.structures import Instances
 
     generator = torch.Generator().manual_seed(1)
@@ -113,7 +115,7 @@ def worker(args) -> None:
     else:
         model.train()
         optimizer = make_optimizer()
-        batch = _training_batch(torch)
+        batch = training_batch(torch)
         for i in range(args.repeats + 1):
             start = time.perf_counter()
             losses = model(batch)
