@@ -86,27 +86,33 @@ def pieces(model, inputs):
     }
 
 
-def measure(model, inputs, repeats):
-    """GFLOPs and median seconds of each step, and of the whole ``model(inputs)``."""
-    steps = pieces(model, inputs)
+def count_and_time(steps, whole, repeats):
+    """GFLOPs of each of ``steps`` (name -> function) and median seconds of each and of
+    ``whole`` (the same work in one call, "all") over ``repeats`` runs, after one warm-up run of
+    ``whole`` (which fills the geometry caches and, in training, the optimizer state)."""
     flops, times = {}, {name: [] for name in [*steps, "all"]}
-    with torch.no_grad():
-        model(inputs)  # warm-up (fills the geometry caches)
+    whole()
+    for name, step in steps.items():
+        counter = FlopCounterMode(display=False)
+        with counter:
+            step()
+        flops[name] = counter.get_total_flops() / 1e9
+    for _ in range(repeats):
+        start = time.perf_counter()
+        whole()
+        times["all"].append(time.perf_counter() - start)
         for name, step in steps.items():
-            counter = FlopCounterMode(display=False)
-            with counter:
-                step()
-            flops[name] = counter.get_total_flops() / 1e9
-        for _ in range(repeats):
             start = time.perf_counter()
-            model(inputs)
-            times["all"].append(time.perf_counter() - start)
-            for name, step in steps.items():
-                start = time.perf_counter()
-                step()
-                times[name].append(time.perf_counter() - start)
+            step()
+            times[name].append(time.perf_counter() - start)
     flops["all"] = sum(flops.values())
     return flops, {name: statistics.median(values) for name, values in times.items()}
+
+
+def measure(model, inputs, repeats):
+    """GFLOPs and median seconds of each step, and of the whole ``model(inputs)``."""
+    with torch.no_grad():
+        return count_and_time(pieces(model, inputs), lambda: model(inputs), repeats)
 
 
 def _leaves(outputs):
@@ -173,30 +179,13 @@ def training_pieces(model, batch, optimizer):
 def measure_training(model, batch, optimizer, repeats):
     """GFLOPs (forward + backward) and median seconds of each training step component, and of
     the whole step."""
-    steps = training_pieces(model, batch, optimizer)
 
     def whole_step():
         sum(model(batch).values()).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    flops, times = {}, {name: [] for name in [*steps, "all"]}
-    whole_step()  # warm-up (fills the geometry caches, creates the optimizer state)
-    for name, step in steps.items():
-        counter = FlopCounterMode(display=False)
-        with counter:
-            step()
-        flops[name] = counter.get_total_flops() / 1e9
-    for _ in range(repeats):
-        start = time.perf_counter()
-        whole_step()
-        times["all"].append(time.perf_counter() - start)
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    flops["all"] = sum(flops.values())
-    return flops, {name: statistics.median(values) for name, values in times.items()}
+    return count_and_time(training_pieces(model, batch, optimizer), whole_step, repeats)
 
 
 def main():
