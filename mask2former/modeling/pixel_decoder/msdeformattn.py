@@ -48,7 +48,6 @@ class MSDeformAttnTransformerEncoderLayer(nn.Module):
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, d_ffn)
-        self.activation = nn.ReLU()
         self.dropout2 = nn.Dropout(dropout)
         self.linear2 = nn.Linear(d_ffn, d_model)
         self.dropout3 = nn.Dropout(dropout)
@@ -73,7 +72,7 @@ class MSDeformAttnTransformerEncoderLayer(nn.Module):
         hidden = self.linear1(src)
         # In place without autograd only: the linear's output is a view (of the 2-D product),
         # and an in-place ReLU on a view makes backward clone and copy the whole activation.
-        hidden = F.relu_(hidden) if not hidden.requires_grad else self.activation(hidden)
+        hidden = F.relu(hidden, inplace=not hidden.requires_grad)
         ffn = self.linear2(self.dropout2(hidden))
         return self.norm2(src + self.dropout3(ffn))
 
