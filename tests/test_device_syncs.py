@@ -281,7 +281,7 @@ def test_deformable_level_constants_cached_per_shapes_device_dtype():
     assert_not_inference(list(made) + list(made_corners))
 
 
-@pytest.mark.parametrize("impl", ["pytorch", "fast"])
+@pytest.mark.parametrize("impl", ["pytorch", "fast", "cpu"])
 def test_msdeformattn_takes_python_shapes_and_a_tensor_alike(impl):
     torch.manual_seed(3)
     attn = deform.MSDeformAttn(d_model=16, n_levels=2, n_heads=2, n_points=2, impl=impl)

@@ -21,6 +21,7 @@ from mask2former.engine import setup as engine_setup
 from mask2former.inference.predictor import calibrate
 from mask2former.modeling.meta_arch import MaskFormer
 from mask2former.modeling.meta_arch.mask_former_model import inference_autocast_dtype
+from mask2former.modeling.pixel_decoder import deformable_attention as deform
 from semask import add_semask_config
 
 build_cfg = functools.partial(
@@ -84,7 +85,8 @@ def test_bf16_inference_agrees_with_fp32(config):
 
 class _EmbeddingBagDtypes(TorchFunctionMode):
     """Records the dtypes of the table and per-sample weights of every ``F.embedding_bag`` call
-    (the deformable-attention sampling of the "fast" implementation)."""
+    (the deformable-attention sampling of the "fast" implementation; the test adds the calls of
+    the "cpu" kernels)."""
 
     def __init__(self):
         super().__init__()
@@ -120,17 +122,31 @@ def _pixel_decoder_layers(model):
     }
 
 
-def test_bf16_reaches_pixel_decoder_layers_but_not_the_sampling():
-    model = build(TINY_M2F, "MODEL.PRECISION", "bf16")
+@pytest.mark.parametrize("impl", ["fast", "cpu"])
+def test_bf16_reaches_pixel_decoder_layers_but_not_the_sampling(impl, monkeypatch):
+    model = build(
+        TINY_M2F,
+        "MODEL.PRECISION",
+        "bf16",
+        "MODEL.SEM_SEG_HEAD.DEFORMABLE_ATTENTION_IMPL",
+        impl,
+    )
     assert model.sem_seg_head.pixel_decoder.inference_autocast
     dtypes, handles = _output_dtypes(_pixel_decoder_layers(model))
     sampling = _EmbeddingBagDtypes()
+    real = deform.ms_deform_attn_cpu_logits
+
+    def record_kernel_dtypes(value, shapes, ref_pixel, offsets, logits):
+        sampling.dtypes.append((value.dtype, logits.dtype))
+        return real(value, shapes, ref_pixel, offsets, logits)
+
+    monkeypatch.setattr(deform, "ms_deform_attn_cpu_logits", record_kernel_dtypes)
     with sampling:
         predict(model, random_inputs(64))
     for handle in handles:
         handle.remove()
     assert dtypes == dict.fromkeys(_pixel_decoder_layers(model), torch.bfloat16)
-    # one sampling call per encoder layer, on float32 values and weights
+    # one sampling call per encoder layer, on float32 values and weights (or logits)
     assert sampling.dtypes == [(torch.float32, torch.float32)] * 2
 
 

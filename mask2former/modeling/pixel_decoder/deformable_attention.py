@@ -1,7 +1,8 @@
 """Multi-scale deformable attention (Deformable DETR), pure PyTorch.
 
 Two implementations of the same operator are provided here, both running on CPU and GPU without
-a compiled extension (a third, Triton kernels for GPUs, is in ``deformable_attention_triton``):
+a compiled extension (a third, Triton kernels for GPUs, is in ``deformable_attention_triton``, and
+a fourth, C++ kernels for CPU tensors compiled on first use, in ``deformable_attention_cpu``):
 
 * :func:`ms_deform_attn_pytorch`: the reference. One ``grid_sample`` per level, then a weighted
   sum over levels and points (the official PyTorch path of Deformable DETR / Mask2Former).
@@ -21,6 +22,7 @@ initialisation.
 """
 
 import functools
+import logging
 import math
 import warnings
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -30,12 +32,18 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .deformable_attention_cpu import (
+    cpu_kernel_status,
+    ms_deform_attn_cpu_logits,
+    ms_deform_attn_cpu_pixels,
+)
 from .deformable_attention_triton import ms_deform_attn_triton, triton_available
 
 __all__ = [
     "MSDeformAttn",
     "ms_deform_attn_pytorch",
     "ms_deform_attn_fast",
+    "ms_deform_attn_cpu",
     "MS_DEFORM_ATTN_IMPLS",
     "resolve_impl",
 ]
@@ -349,20 +357,58 @@ def ms_deform_attn_fast(
     return _ms_deform_attn_fast_planar(value, shapes, pixel, weights)
 
 
+def ms_deform_attn_cpu(
+    value: torch.Tensor,
+    value_spatial_shapes: SpatialShapes,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Multi-scale deformable attention on the compiled CPU kernels (float32 or float64 CPU
+    tensors); same arguments, result and gradients as :func:`ms_deform_attn_pytorch` (up to
+    rounding)."""
+    shapes = _shape_list(value_spatial_shapes)
+    n_levels = sampling_locations.shape[3]
+    if len(shapes) != n_levels:
+        raise ValueError(f"{len(shapes)} level shapes for {n_levels} levels of sampling locations")
+    constants = _constants(shapes, sampling_locations)
+    pixel = torch.addcmul(
+        constants.minus_half, sampling_locations, constants.sizes.view(n_levels, 1, 2)
+    )
+    return ms_deform_attn_cpu_pixels(value, shapes, pixel, attention_weights)
+
+
 MS_DEFORM_ATTN_IMPLS = {
     "pytorch": ms_deform_attn_pytorch,
     "fast": ms_deform_attn_fast,
+    "cpu": ms_deform_attn_cpu,
     "triton": ms_deform_attn_triton,
 }
 
+logger = logging.getLogger(__name__)
+
+
+@functools.cache
+def _cpu_default() -> str:
+    """ "cpu" when the CPU kernels build and load here, else "fast", saying why once."""
+    reason = cpu_kernel_status()
+    if reason is None:
+        return "cpu"
+    logger.warning(
+        'Deformable attention on CPU uses the slower PyTorch path ("fast"): the compiled CPU '
+        "kernels are not available: %s",
+        reason,
+    )
+    return "fast"
+
 
 def resolve_impl(impl: str, device: torch.device) -> str:
-    """The implementation ``impl`` stands for on ``device``: "auto" is "fast" on CPU, "triton" on
-    CUDA when Triton can run there, else "pytorch"; any other name is returned as it is."""
+    """The implementation ``impl`` stands for on ``device``: "auto" is "cpu" (the compiled
+    kernels) on CPU, or "fast" where they cannot be built (with a warning saying why), "triton"
+    on CUDA when Triton can run there, else "pytorch"; any other name is returned as it is."""
     if impl != "auto":
         return impl
     if device.type == "cpu":
-        return "fast"
+        return _cpu_default()
     if device.type == "cuda" and triton_available(device):
         return "triton"
     return "pytorch"
@@ -391,9 +437,10 @@ class MSDeformAttn(nn.Module):
             n_levels: number of feature levels.
             n_heads: number of attention heads.
             n_points: sampling points per head per level.
-            impl: "fast", "pytorch" or "triton" (see :data:`MS_DEFORM_ATTN_IMPLS`; same
-                numbers), or "auto" (:func:`resolve_impl`): "fast" for CPU tensors, "triton" on
-                CUDA when Triton is importable, else "pytorch" (``grid_sample``).
+            impl: "cpu", "fast", "pytorch" or "triton" (see :data:`MS_DEFORM_ATTN_IMPLS`; same
+                numbers), or "auto" (:func:`resolve_impl`): "cpu" (compiled kernels) for CPU
+                tensors, "triton" on CUDA when Triton is importable, else "pytorch"
+                (``grid_sample``).
         """
         super().__init__()
         if d_model % n_heads != 0:
@@ -483,7 +530,9 @@ class MSDeformAttn(nn.Module):
                     f"Last dim of reference_points must be 2 or 4, got {reference_points.shape[-1]}"
                 )
             impl = resolve_impl(self.impl, value.device)
-            if impl == "fast" and reference_points.shape[-1] == 2:
+            if impl == "cpu" and reference_points.shape[-1] == 2:
+                output = self._cpu_point_attention(value, shapes, reference_points, offsets, logits)
+            elif impl == "fast" and reference_points.shape[-1] == 2:
                 output = self._fast_point_attention(
                     value, shapes, reference_points, offsets, logits
                 )
@@ -500,6 +549,17 @@ class MSDeformAttn(nn.Module):
                     locations = ref[..., :2] + offsets / n_points * ref[..., 2:] * 0.5
                 output = MS_DEFORM_ATTN_IMPLS[impl](value, shapes, locations, weights)
         return self.output_proj(output.to(query.dtype))
+
+    def _cpu_point_attention(self, value, shapes, reference_points, offsets, logits):
+        """The "cpu" kernels fed with the reference pixels, the offsets (in pixels) and the
+        logits as the linear layers give them: the kernels add the offsets to the reference and
+        take the softmax."""
+        n, len_q, n_levels, _ = reference_points.shape
+        constants = _constants(shapes, value)
+        ref_pixel = torch.addcmul(constants.minus_half, reference_points, constants.sizes)
+        offsets = offsets.view(n, len_q, self.n_heads, n_levels, self.n_points, 2)
+        logits = logits.view(n, len_q, self.n_heads, n_levels * self.n_points)
+        return ms_deform_attn_cpu_logits(value, shapes, ref_pixel, offsets, logits)
 
     def _fast_point_attention(self, value, shapes, reference_points, offsets, logits):
         """The "fast" implementation fed directly in its planar layout: sampling pixels are

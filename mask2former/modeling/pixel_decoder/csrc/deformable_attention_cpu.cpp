@@ -1,0 +1,292 @@
+// Multi-scale deformable attention on the CPU: forward and backward kernels.
+//
+// Plain C++17 with no PyTorch headers, so that it compiles in about a second; it is built on
+// first use and called through ctypes by deformable_attention_cpu.py, which also checks every
+// shape, dtype and layout before a call. All arrays are contiguous, row-major:
+//
+//   value   [N, S, M, D]        the flattened maps of all levels, M heads of D channels
+//   shapes  [L, 2] int64        (H, W) of each level
+//   starts  [L] int64           first position of each level in S
+//   ref     [N, Lq, L, 2]       reference pixel (x, y) of each query on each level, or null (0)
+//   offset  [N, Lq, M, L, P, 2] sampling pixel (x, y) relative to ref; pixel centres are at
+//                               integers, so (x, y) = (0, 0) is the centre of the top-left pixel
+//   logits  [N, Lq, M, L * P]   forward: attention logits (softmax over the L * P points of a
+//                               query and head) or, with softmax = 0, the attention weights;
+//                               backward: the attention weights (the forward's `weights`)
+//   out     [N, Lq, M, D]
+//   weights [N, Lq, M, L * P]   the forward's softmax of the logits, for the backward (optional)
+//
+// Sampling is bilinear with zeros outside the map (grid_sample's padding_mode "zeros" with
+// align_corners false, on pixel coordinates). Accumulation is in the input type (float or double).
+// The backward gives the gradients of value, offset (= of the sampling pixel) and logits (through
+// the softmax when softmax = 1, else of the weights).
+//
+// Threads: the forward splits the (image, query) rows, the backward the (image, head) pairs; in
+// the backward each pair owns its slice of the value gradient, so no two threads write the same
+// element. Threads are started per call (a call takes milliseconds).
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// One copy of each kernel per instruction-set level, chosen when the library is loaded.
+#define MSDA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define MSDA_CLONES
+#endif
+
+namespace {
+
+// Largest L * P the kernels accept (the caller checks it).
+constexpr int64_t kMaxPoints = 1024;
+
+template <typename T>
+struct Problem {
+  const T* value;
+  const int64_t* shapes;
+  const int64_t* starts;
+  const T* ref;
+  const T* offset;
+  const T* logits;
+  int64_t N, S, M, D, Lq, L, P;
+  bool softmax;
+};
+
+// Runs fn(begin, end) over [0, n) split into one contiguous range per thread.
+template <typename F>
+void parallel_for(int64_t n, int threads, const F& fn) {
+  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, n)));
+  if (threads == 1) {
+    fn(int64_t{0}, n);
+    return;
+  }
+  const int64_t chunk = (n + threads - 1) / threads;
+  std::vector<std::thread> pool;
+  for (int t = 1; t < threads; ++t) {
+    const int64_t begin = t * chunk, end = std::min(n, begin + chunk);
+    if (begin < end) pool.emplace_back([&fn, begin, end] { fn(begin, end); });
+  }
+  fn(int64_t{0}, std::min(n, chunk));
+  for (auto& thread : pool) thread.join();
+}
+
+// Attention weights of one (query, head): a softmax of its K logits, or the logits themselves.
+template <typename T>
+void attention_weights(const T* logits, int64_t K, bool softmax, T* weights) {
+  if (!softmax) {
+    std::copy(logits, logits + K, weights);
+    return;
+  }
+  T top = logits[0];
+  for (int64_t k = 1; k < K; ++k) top = std::max(top, logits[k]);
+  T total = 0;
+  for (int64_t k = 0; k < K; ++k) total += weights[k] = std::exp(logits[k] - top);
+  for (int64_t k = 0; k < K; ++k) weights[k] /= total;
+}
+
+// sum of a[d] * b[d], in 32-byte vectors (GCC/Clang vector extension: one AVX register, or two
+// SSE registers, per step); a plain running sum would be added one element at a time, in order
+template <typename T, int DC>
+inline T dot(const T* __restrict a, const T* __restrict b, int64_t D) {
+  typedef T Vec __attribute__((vector_size(32)));
+  constexpr int kLanes = 32 / sizeof(T);
+  const int64_t n = DC > 0 ? DC : D, full = n / kLanes * kLanes;
+  Vec part = {};
+  for (int64_t d = 0; d < full; d += kLanes) {
+    Vec x, y;
+    std::memcpy(&x, a + d, sizeof(Vec));
+    std::memcpy(&y, b + d, sizeof(Vec));
+    part += x * y;
+  }
+  T total = 0;
+  for (int j = 0; j < kLanes; ++j) total += part[j];
+  for (int64_t d = full; d < n; ++d) total += a[d] * b[d];
+  return total;
+}
+
+// The four bilinear corners of a sampling pixel: which of them lie inside the H x W map, their
+// positions (y * W + x) and their bilinear weights, in the order (x0, y0), (x0 + 1, y0),
+// (x0, y0 + 1), (x0 + 1, y0 + 1). Returns false when no corner can lie inside (then nothing is
+// sampled and nothing gets a gradient; NaN pixels land here too).
+template <typename T>
+struct Corners {
+  T fx, fy;
+  bool inside[4];
+  int64_t position[4];
+  T bilinear[4];
+
+  bool set(T x, T y, int64_t H, int64_t W) {
+    if (!(x >= T(-1) && x <= T(W) && y >= T(-1) && y <= T(H))) return false;
+    const T xf = std::floor(x), yf = std::floor(y);
+    const int64_t x0 = static_cast<int64_t>(xf), y0 = static_cast<int64_t>(yf);
+    fx = x - xf;
+    fy = y - yf;
+    bilinear[0] = (1 - fx) * (1 - fy);
+    bilinear[1] = fx * (1 - fy);
+    bilinear[2] = (1 - fx) * fy;
+    bilinear[3] = fx * fy;
+    // 0 <= i < size as one unsigned comparison
+    const bool x0_in = static_cast<uint64_t>(x0) < static_cast<uint64_t>(W);
+    const bool x1_in = static_cast<uint64_t>(x0 + 1) < static_cast<uint64_t>(W);
+    const bool y0_in = static_cast<uint64_t>(y0) < static_cast<uint64_t>(H);
+    const bool y1_in = static_cast<uint64_t>(y0 + 1) < static_cast<uint64_t>(H);
+    inside[0] = x0_in && y0_in;
+    inside[1] = x1_in && y0_in;
+    inside[2] = x0_in && y1_in;
+    inside[3] = x1_in && y1_in;
+    position[0] = y0 * W + x0;
+    position[1] = position[0] + 1;
+    position[2] = position[0] + W;
+    position[3] = position[2] + 1;
+    return true;
+  }
+};
+
+// out[row, m] for the rows [begin, end) of N * Lq; DC is D when known at compile time, else 0.
+template <typename T, int DC>
+MSDA_CLONES void forward_rows(const Problem<T>& p, T* out, T* weights_out, int64_t begin,
+                              int64_t end) {
+  const int64_t D = DC > 0 ? DC : p.D, K = p.L * p.P;
+  T weights[kMaxPoints];
+  T local[DC > 0 ? DC : 1];  // with D known, the accumulator lives in registers
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t n = row / p.Lq;
+    for (int64_t m = 0; m < p.M; ++m) {
+      const int64_t bag = row * p.M + m;
+      attention_weights(p.logits + bag * K, K, p.softmax, weights);
+      if (weights_out) std::copy(weights, weights + K, weights_out + bag * K);
+      const T* offset = p.offset + bag * K * 2;
+      T* __restrict acc = DC > 0 ? local : out + bag * D;
+      std::fill(acc, acc + D, T(0));
+      for (int64_t l = 0; l < p.L; ++l) {
+        const int64_t H = p.shapes[2 * l], W = p.shapes[2 * l + 1];
+        const T* level = p.value + ((n * p.S + p.starts[l]) * p.M + m) * D;
+        const T ref_x = p.ref ? p.ref[(row * p.L + l) * 2] : T(0);
+        const T ref_y = p.ref ? p.ref[(row * p.L + l) * 2 + 1] : T(0);
+        for (int64_t k = l * p.P; k < (l + 1) * p.P; ++k) {
+          Corners<T> corners;
+          if (!corners.set(ref_x + offset[2 * k], ref_y + offset[2 * k + 1], H, W)) continue;
+          for (int c = 0; c < 4; ++c) {
+            if (!corners.inside[c]) continue;
+            const T* __restrict v = level + corners.position[c] * p.M * D;
+            const T w = weights[k] * corners.bilinear[c];
+            for (int64_t d = 0; d < D; ++d) acc[d] += w * v[d];
+          }
+        }
+      }
+      if (DC > 0) std::copy(acc, acc + D, out + bag * D);
+    }
+  }
+}
+
+// Gradients for the (image, head) pairs [begin, end) of N * M. grad_value must be zeroed.
+template <typename T, int DC>
+MSDA_CLONES void backward_pairs(const Problem<T>& p, const T* grad_out, T* grad_value,
+                                T* grad_offset, T* grad_logits, int64_t begin, int64_t end) {
+  const int64_t D = DC > 0 ? DC : p.D, K = p.L * p.P;
+  T grad_weights[kMaxPoints];
+  for (int64_t pair = begin; pair < end; ++pair) {
+    const int64_t n = pair / p.M, m = pair % p.M;
+    for (int64_t q = 0; q < p.Lq; ++q) {
+      const int64_t row = n * p.Lq + q, bag = row * p.M + m;
+      const T* weights = p.logits + bag * K;
+      const T* offset = p.offset + bag * K * 2;
+      T* g_offset = grad_offset + bag * K * 2;
+      const T* __restrict g_out = grad_out + bag * D;
+      for (int64_t l = 0; l < p.L; ++l) {
+        const int64_t H = p.shapes[2 * l], W = p.shapes[2 * l + 1];
+        const int64_t level = ((n * p.S + p.starts[l]) * p.M + m) * D;
+        const T ref_x = p.ref ? p.ref[(row * p.L + l) * 2] : T(0);
+        const T ref_y = p.ref ? p.ref[(row * p.L + l) * 2 + 1] : T(0);
+        for (int64_t k = l * p.P; k < (l + 1) * p.P; ++k) {
+          Corners<T> corners;
+          grad_weights[k] = 0;
+          g_offset[2 * k] = g_offset[2 * k + 1] = 0;
+          if (!corners.set(ref_x + offset[2 * k], ref_y + offset[2 * k + 1], H, W)) continue;
+          // g[c]: grad_out . value at corner c (0 outside the map)
+          T g[4] = {0, 0, 0, 0};
+          for (int c = 0; c < 4; ++c) {
+            if (!corners.inside[c]) continue;
+            const int64_t at = level + corners.position[c] * p.M * D;
+            const T* __restrict v = p.value + at;
+            T* __restrict gv = grad_value + at;
+            const T w = weights[k] * corners.bilinear[c];
+            g[c] = dot<T, DC>(g_out, v, D);
+            for (int64_t d = 0; d < D; ++d) gv[d] += w * g_out[d];
+          }
+          const T fx = corners.fx, fy = corners.fy;
+          grad_weights[k] = (g[0] * (1 - fx) + g[1] * fx) * (1 - fy) + (g[2] * (1 - fx) + g[3] * fx) * fy;
+          g_offset[2 * k] = ((g[1] - g[0]) * (1 - fy) + (g[3] - g[2]) * fy) * weights[k];
+          g_offset[2 * k + 1] = ((g[2] - g[0]) * (1 - fx) + (g[3] - g[1]) * fx) * weights[k];
+        }
+      }
+      T* g_logits = grad_logits + bag * K;
+      if (p.softmax) {
+        T inner = 0;
+        for (int64_t k = 0; k < K; ++k) inner += weights[k] * grad_weights[k];
+        for (int64_t k = 0; k < K; ++k) g_logits[k] = weights[k] * (grad_weights[k] - inner);
+      } else {
+        std::copy(grad_weights, grad_weights + K, g_logits);
+      }
+    }
+  }
+}
+
+template <typename T>
+Problem<T> problem(const T* value, const int64_t* shapes, const int64_t* starts, const T* ref,
+                   const T* offset, const T* logits, int64_t N, int64_t S, int64_t M, int64_t D,
+                   int64_t Lq, int64_t L, int64_t P, int softmax) {
+  return Problem<T>{value, shapes, starts, ref, offset, logits, N, S, M, D, Lq, L, P, softmax != 0};
+}
+
+template <typename T>
+void forward(const Problem<T>& p, T* out, T* weights, int threads) {
+  parallel_for(p.N * p.Lq, threads, [&](int64_t begin, int64_t end) {
+    if (p.D == 32) {
+      forward_rows<T, 32>(p, out, weights, begin, end);
+    } else {
+      forward_rows<T, 0>(p, out, weights, begin, end);
+    }
+  });
+}
+
+template <typename T>
+void backward(const Problem<T>& p, const T* grad_out, T* grad_value, T* grad_offset,
+              T* grad_logits, int threads) {
+  parallel_for(p.N * p.M, threads, [&](int64_t begin, int64_t end) {
+    if (p.D == 32) {
+      backward_pairs<T, 32>(p, grad_out, grad_value, grad_offset, grad_logits, begin, end);
+    } else {
+      backward_pairs<T, 0>(p, grad_out, grad_value, grad_offset, grad_logits, begin, end);
+    }
+  });
+}
+
+}  // namespace
+
+#define MSDA_DEFINE(SUFFIX, T)                                                                   \
+  extern "C" void msda_forward_##SUFFIX(const T* value, const int64_t* shapes,                  \
+                                        const int64_t* starts, const T* ref, const T* offset,     \
+                                        const T* logits, T* out, T* weights, int64_t N,           \
+                                        int64_t S, int64_t M, int64_t D, int64_t Lq, int64_t L,   \
+                                        int64_t P, int softmax, int threads) {                    \
+    forward(problem(value, shapes, starts, ref, offset, logits, N, S, M, D, Lq, L, P, softmax),  \
+            out, weights, threads);                                                               \
+  }                                                                                               \
+  extern "C" void msda_backward_##SUFFIX(                                                        \
+      const T* value, const int64_t* shapes, const int64_t* starts, const T* ref,                \
+      const T* offset, const T* weights, const T* grad_out, T* grad_value, T* grad_offset,        \
+      T* grad_logits, int64_t N, int64_t S, int64_t M, int64_t D, int64_t Lq, int64_t L,         \
+      int64_t P, int softmax, int threads) {                                                     \
+    backward(problem(value, shapes, starts, ref, offset, weights, N, S, M, D, Lq, L, P, softmax), \
+             grad_out, grad_value, grad_offset, grad_logits, threads);                           \
+  }
+
+MSDA_DEFINE(f32, float)
+MSDA_DEFINE(f64, double)
+
+extern "C" int64_t msda_max_points() { return kMaxPoints; }

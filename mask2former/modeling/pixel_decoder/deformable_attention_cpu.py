@@ -1,0 +1,342 @@
+"""Multi-scale deformable attention for CPU tensors: C++ kernels compiled on first use.
+
+``csrc/deformable_attention_cpu.cpp`` holds the forward and backward kernels (plain C++17, no
+PyTorch headers). :func:`load_library` compiles it once per source, compiler and flags into a
+shared library in the kernel cache (``$MASK2FORMER_KERNEL_CACHE``, else
+``$XDG_CACHE_HOME/trash-mask2former/kernels``, else ``~/.cache/trash-mask2former/kernels``;
+about 4 s with g++) and loads it with ctypes. The library is written under a temporary name and
+renamed into place, so processes starting together (a multi-GPU launch) never load a partial
+file. The compiler is ``$CXX`` or the first of ``c++``, ``g++``, ``clang++`` on the path.
+
+The kernels are wrapped as the operators ``mask2former::ms_deform_attn_cpu`` and its backward
+(``torch.library`` custom operators, so ``torch.compile`` keeps them as single calls), with
+autograd. Two entry points:
+
+* :func:`ms_deform_attn_cpu_pixels`: sampling pixels and attention weights (what
+  :func:`~.deformable_attention.ms_deform_attn_cpu` computes from the normalised locations);
+* :func:`ms_deform_attn_cpu_logits`: what :class:`MSDeformAttn` computes from, reference pixels,
+  offsets in pixels and attention logits; the kernels add the offsets to the reference and take
+  the softmax themselves, so neither the locations nor the weights are materialised.
+
+Both accept float32 and float64 (accumulation in that type) and give the results and gradients
+of :func:`~.deformable_attention.ms_deform_attn_pytorch` up to rounding.
+"""
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+__all__ = [
+    "CPUKernelUnavailable",
+    "cpu_kernel_status",
+    "kernel_cache_dir",
+    "load_library",
+    "ms_deform_attn_cpu_logits",
+    "ms_deform_attn_cpu_pixels",
+]
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "deformable_attention_cpu.cpp"
+# -O3 vectorises the channel loops; the kernels carry their own per-ISA clones (x86-64).
+FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread")
+_DTYPES = {torch.float32: "f32", torch.float64: "f64"}
+_LOCK = threading.Lock()
+
+
+class CPUKernelUnavailable(RuntimeError):
+    """The CPU kernels cannot be built or loaded here (the message says why)."""
+
+
+def kernel_cache_dir() -> Path:
+    """Where compiled kernels are kept (see the module docstring)."""
+    if os.environ.get("MASK2FORMER_KERNEL_CACHE"):
+        return Path(os.environ["MASK2FORMER_KERNEL_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "trash-mask2former" / "kernels"
+
+
+def _compiler() -> str:
+    for name in [os.environ.get("CXX"), "c++", "g++", "clang++"]:
+        path = name and shutil.which(name)
+        if path:
+            return path
+    raise CPUKernelUnavailable(
+        "no C++ compiler found ($CXX, c++, g++ or clang++) to build the CPU deformable-attention "
+        "kernels"
+    )
+
+
+def _library_path(compiler: str) -> Path:
+    """Cache path keyed by the source, the compiler's version and the flags."""
+    try:
+        version = subprocess.run(
+            [compiler, "--version"], capture_output=True, text=True, timeout=60, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise CPUKernelUnavailable(f"{compiler} --version failed: {e}") from e
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), version.encode(), " ".join(FLAGS).encode()):
+        key.update(part)
+        key.update(b"\0")
+    return kernel_cache_dir() / f"deformable_attention_cpu-{key.hexdigest()[:16]}.so"
+
+
+def _build(compiler: str, target: Path) -> None:
+    """Compile :data:`SOURCE` into ``target`` through a temporary file in its directory."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp.so", dir=target.parent)
+    except OSError as e:
+        raise CPUKernelUnavailable(f"cannot write to the kernel cache {target.parent}: {e}") from e
+    os.close(fd)
+    try:
+        try:
+            result = subprocess.run(
+                [compiler, *FLAGS, str(SOURCE), "-o", tmp],
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+        except (OSError, subprocess.SubprocessError) as e:
+            raise CPUKernelUnavailable(f"{compiler} could not compile {SOURCE}: {e}") from e
+        if result.returncode != 0:
+            raise CPUKernelUnavailable(
+                f"{compiler} failed to compile {SOURCE} (exit {result.returncode}):\n"
+                f"{result.stderr[-2000:]}"
+            )
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    for suffix in _DTYPES.values():
+        # attribute access caches the function object, so the declarations stick
+        forward, backward = (getattr(lib, f"msda_{op}_{suffix}") for op in ("forward", "backward"))
+        forward.argtypes = [ptr] * 8 + [i64] * 7 + [i32, i32]
+        backward.argtypes = [ptr] * 10 + [i64] * 7 + [i32, i32]
+        forward.restype = backward.restype = None
+    lib.msda_max_points.restype = i64
+
+
+@functools.cache
+def _load() -> ctypes.CDLL:
+    compiler = _compiler()
+    path = _library_path(compiler)
+    if not path.exists():
+        _build(compiler, path)
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        raise CPUKernelUnavailable(f"cannot load {path}: {e}") from e
+    _declare(lib)
+    return lib
+
+
+def load_library() -> ctypes.CDLL:
+    """The kernel library, compiled into the cache on the first call of any process that does
+    not find it there; raises :class:`CPUKernelUnavailable` with the reason when that fails."""
+    with _LOCK:
+        return _load()
+
+
+@functools.cache
+def cpu_kernel_status() -> Optional[str]:
+    """None when the kernels load, else the reason they do not (tried once per process)."""
+    try:
+        load_library()
+    except CPUKernelUnavailable as e:
+        return str(e)
+    return None
+
+
+# ------------------------------------------------------------------------------------ operators
+def _geometry(shapes: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """[L, 2] int64 (H, W) and [L] int64 level starts from the flat (H0, W0, H1, W1, ...)."""
+    hw = torch.tensor(shapes, dtype=torch.int64).view(-1, 2)
+    sizes = hw[:, 0] * hw[:, 1]
+    return hw, torch.cumsum(sizes, 0) - sizes
+
+
+def _check(value, ref, offset, logits, shapes: Sequence[int]) -> Tuple[int, ...]:
+    """(N, S, M, D, Lq, L, P) after checking devices, dtypes and shapes."""
+    if value.dtype not in _DTYPES:
+        raise TypeError(f"the CPU kernels take float32 or float64 tensors, got {value.dtype}")
+    tensors = {"value": value, "offset": offset, "logits": logits}
+    if ref is not None:
+        tensors["ref"] = ref
+    for name, t in tensors.items():
+        if t.device.type != "cpu":
+            raise ValueError(f"the CPU kernels take CPU tensors, {name} is on {t.device}")
+        if t.dtype != value.dtype:
+            raise TypeError(f"{name} is {t.dtype}, value is {value.dtype}")
+    n, s, m, d = value.shape
+    _, lq, _, n_levels, n_points, _ = offset.shape
+    if len(shapes) != 2 * n_levels:
+        raise ValueError(f"{len(shapes) // 2} level shapes for {n_levels} levels")
+    if s != sum(shapes[0::2][i] * shapes[1::2][i] for i in range(n_levels)):
+        raise ValueError(f"value has {s} positions, the level shapes {shapes} another number")
+    if offset.shape != (n, lq, m, n_levels, n_points, 2):
+        raise ValueError(f"offset {tuple(offset.shape)} does not match value {tuple(value.shape)}")
+    if logits.shape != (n, lq, m, n_levels * n_points):
+        expected = (n, lq, m, n_levels * n_points)
+        raise ValueError(f"logits {tuple(logits.shape)}, expected {expected}")
+    if ref is not None and ref.shape != (n, lq, n_levels, 2):
+        raise ValueError(f"ref {tuple(ref.shape)}, expected {(n, lq, n_levels, 2)}")
+    if n_levels * n_points > load_library().msda_max_points():
+        raise ValueError(f"{n_levels * n_points} points per query and head: too many")
+    return n, s, m, d, lq, n_levels, n_points
+
+
+def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+@torch.library.custom_op("mask2former::ms_deform_attn_cpu", mutates_args=())
+def _forward_op(
+    value: torch.Tensor,
+    ref: Optional[torch.Tensor],
+    offset: torch.Tensor,
+    logits: torch.Tensor,
+    shapes: List[int],
+    softmax: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out [N, Lq, M, D], the softmax of the logits, or an empty tensor without ``softmax``)."""
+    value, offset, logits = value.contiguous(), offset.contiguous(), logits.contiguous()
+    ref = None if ref is None else ref.contiguous()
+    dims = _check(value, ref, offset, logits, shapes)
+    n, _, m, d, lq, _, _ = dims
+    hw, starts = _geometry(shapes)
+    out = value.new_empty(n, lq, m, d)
+    weights = torch.empty_like(logits) if softmax else logits.new_empty(0)
+    getattr(load_library(), f"msda_forward_{_DTYPES[value.dtype]}")(
+        value.data_ptr(), hw.data_ptr(), starts.data_ptr(), _ptr(ref), offset.data_ptr(),
+        logits.data_ptr(), out.data_ptr(), weights.data_ptr() if softmax else None, *dims,
+        int(softmax), torch.get_num_threads(),
+    )  # fmt: skip
+    return out, weights
+
+
+@_forward_op.register_fake
+def _(value, ref, offset, logits, shapes, softmax):
+    n, _, m, d = value.shape
+    weights = torch.empty_like(logits) if softmax else logits.new_empty(0)
+    return value.new_empty(n, offset.shape[1], m, d), weights
+
+
+@torch.library.custom_op("mask2former::ms_deform_attn_cpu_backward", mutates_args=())
+def _backward_op(
+    grad_out: torch.Tensor,
+    value: torch.Tensor,
+    ref: Optional[torch.Tensor],
+    offset: torch.Tensor,
+    weights: torch.Tensor,
+    shapes: List[int],
+    softmax: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of value, offset and the logits (of the weights without ``softmax``), from the
+    attention weights."""
+    value, offset, weights = value.contiguous(), offset.contiguous(), weights.contiguous()
+    ref = None if ref is None else ref.contiguous()
+    grad_out = grad_out.to(value.dtype).contiguous()
+    dims = _check(value, ref, offset, weights, shapes)
+    hw, starts = _geometry(shapes)
+    grad_value = torch.zeros_like(value)
+    grad_offset, grad_logits = torch.empty_like(offset), torch.empty_like(weights)
+    getattr(load_library(), f"msda_backward_{_DTYPES[value.dtype]}")(
+        value.data_ptr(), hw.data_ptr(), starts.data_ptr(), _ptr(ref), offset.data_ptr(),
+        weights.data_ptr(), grad_out.data_ptr(), grad_value.data_ptr(), grad_offset.data_ptr(),
+        grad_logits.data_ptr(), *dims, int(softmax), torch.get_num_threads(),
+    )  # fmt: skip
+    return grad_value, grad_offset, grad_logits
+
+
+@_backward_op.register_fake
+def _(grad_out, value, ref, offset, weights, shapes, softmax):
+    return torch.empty_like(value), torch.empty_like(offset), torch.empty_like(weights)
+
+
+def _setup_context(ctx, inputs, output):
+    value, ref, offset, logits, shapes, softmax = inputs
+    # the backward needs the attention weights: the forward's softmax, or the given weights
+    ctx.save_for_backward(value, ref, offset, output[1] if softmax else logits)
+    ctx.shapes, ctx.softmax = shapes, softmax
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_out, _grad_weights):
+    value, ref, offset, weights = ctx.saved_tensors
+    grad_value, grad_offset, grad_logits = _backward_op(
+        grad_out, value, ref, offset, weights, ctx.shapes, ctx.softmax
+    )
+    grad_ref = None
+    if ref is not None and ctx.needs_input_grad[1]:
+        # the sampling pixel is ref + offset: every head and point of a level moves with ref
+        grad_ref = grad_offset.sum(dim=(2, 4))
+    return grad_value, grad_ref, grad_offset, grad_logits, None, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _flat_shapes(shapes: Sequence[Tuple[int, int]]) -> List[int]:
+    return [int(x) for hw in shapes for x in hw]
+
+
+def ms_deform_attn_cpu_logits(
+    value: torch.Tensor,
+    shapes: Sequence[Tuple[int, int]],
+    ref_pixel: torch.Tensor,
+    offsets: torch.Tensor,
+    logits: torch.Tensor,
+) -> torch.Tensor:
+    """Deformable attention from pixel geometry and logits.
+
+    Args:
+        value: [N, S, M, D] float32 or float64 CPU tensor.
+        shapes: (H, W) per level, Python ints.
+        ref_pixel: [N, Lq, L, 2] reference (x, y) per level in pixels of that level (pixel
+            centres at integers: ``reference * size - 0.5`` for a normalised reference).
+        offsets: [N, Lq, M, L, P, 2] sampling offsets in pixels, added to the reference.
+        logits: [N, Lq, M, L * P] attention logits (softmax over the L * P points).
+
+    Returns:
+        [N, Lq, M * D].
+    """
+    n, _, m, d = value.shape
+    out, _ = _forward_op(value, ref_pixel, offsets, logits, _flat_shapes(shapes), True)
+    return out.view(n, -1, m * d)
+
+
+def ms_deform_attn_cpu_pixels(
+    value: torch.Tensor,
+    shapes: Sequence[Tuple[int, int]],
+    pixel: torch.Tensor,
+    weights: torch.Tensor,
+) -> torch.Tensor:
+    """Deformable attention from sampling pixels and attention weights.
+
+    Args:
+        value: [N, S, M, D] float32 or float64 CPU tensor.
+        shapes: (H, W) per level, Python ints.
+        pixel: [N, Lq, M, L, P, 2] sampling (x, y) in pixels of their level (pixel centres at
+            integers).
+        weights: [N, Lq, M, L, P] attention weights.
+
+    Returns:
+        [N, Lq, M * D].
+    """
+    n, lq, m, n_levels, n_points, _ = pixel.shape
+    weights = weights.reshape(n, lq, m, n_levels * n_points)
+    out, _ = _forward_op(value, None, pixel, weights, _flat_shapes(shapes), False)
+    return out.view(n, lq, -1)
