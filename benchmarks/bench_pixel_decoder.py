@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Multi-scale deformable attention, the MSDeformAttn pixel decoder and the Swin-T backbone on
-CPU (fp32): the reference formulations against this project's fast paths.
+CPU (fp32): the reference formulations against this project's fast paths and compiled kernels.
 
     python benchmarks/bench_pixel_decoder.py [--repeats 3] [--threads N] [--only op,decoder,swin]
                                              [--profile]
@@ -11,11 +11,13 @@ torch.no_grad() for one image, training = forward + backward for a batch of 2 im
 256x256. Reference of the official code on this machine: pixel decoder 1.41 s and Swin-T
 backbone 0.57 s of a 2.4 s inference.
 
-* op: ``ms_deform_attn_pytorch`` (the official grid_sample path) vs ``ms_deform_attn_fast``, at
-  the encoder's shapes (every pixel of the three levels is a query).
+* op: ``ms_deform_attn_pytorch`` (the official grid_sample path) vs ``ms_deform_attn_fast`` and
+  ``ms_deform_attn_cpu`` (the C++ kernels), at the encoder's shapes (every pixel of the three
+  levels is a query).
 * module: ``MSDeformAttn(impl="pytorch")`` vs ``impl="fast"`` (the fast module also computes
-  sampling pixels and the softmax in its planar layout).
-* decoder: ``MSDeformAttnPixelDecoder`` with either implementation.
+  sampling pixels and the softmax in its planar layout) and ``impl="cpu"`` (the kernels add the
+  offsets and take the softmax themselves).
+* decoder: ``MSDeformAttnPixelDecoder`` with each implementation.
 * swin: ``D2SwinTransformer`` (fused scaled_dot_product_attention with bias + shift mask, one
   gather each way for pad / roll / window partition) vs the same weights run with the official
   formulation (explicit q k^T + bias + mask, softmax, @ v; pad, roll, partition and their
@@ -41,12 +43,15 @@ from mask2former.modeling.backbone.swin import (
 )
 from mask2former.modeling.pixel_decoder.deformable_attention import (
     MSDeformAttn,
+    ms_deform_attn_cpu,
     ms_deform_attn_fast,
     ms_deform_attn_pytorch,
 )
 from mask2former.modeling.pixel_decoder.msdeformattn import MSDeformAttnPixelDecoder
 
 SWIN_T_CHANNELS = {"res2": 96, "res3": 192, "res4": 384, "res5": 768}
+OPS = {"pytorch": ms_deform_attn_pytorch, "fast": ms_deform_attn_fast, "cpu": ms_deform_attn_cpu}
+IMPLS = tuple(OPS)
 ENCODER_IN = ["res3", "res4", "res5"]
 
 
@@ -113,19 +118,20 @@ def bench_op(repeats):
     print("deformable attention op (encoder shapes, 8 heads x 32 dims, 3 levels x 4 points)")
     shapes, (value, loc, weights) = op_inputs(512, 1, requires_grad=False)
     base = None
-    for name, fn in (("pytorch", ms_deform_attn_pytorch), ("fast", ms_deform_attn_fast)):
+    for name, fn in OPS.items():
         with torch.no_grad():
             t = measure(lambda: fn(value, shapes, loc, weights), repeats)
         report(f"inference 512x512, {name}", t, base)
         base = base or t
     with torch.no_grad():
-        fast = ms_deform_attn_fast(value, shapes, loc, weights)
-        diff = (fast - ms_deform_attn_pytorch(value, shapes, loc, weights)).abs().max().item()
-    print(f"  max |fast - pytorch| = {diff:.2e}")
+        reference = ms_deform_attn_pytorch(value, shapes, loc, weights)
+        for name in ("fast", "cpu"):
+            diff = (OPS[name](value, shapes, loc, weights) - reference).abs().max().item()
+            print(f"  max |{name} - pytorch| = {diff:.2e}")
     shapes, inputs = op_inputs(256, 2, requires_grad=True)
     grad = torch.randn(2, inputs[1].shape[1], 256)
     base = None
-    for name, fn in (("pytorch", ms_deform_attn_pytorch), ("fast", ms_deform_attn_fast)):
+    for name, fn in OPS.items():
 
         def step():
             for t in inputs:
@@ -146,7 +152,7 @@ def bench_module(repeats):
         x = torch.randn(batch, s, 256, generator=g, requires_grad=train)
         refs = torch.rand(batch, s, len(shapes), 2, generator=g)
         base = None
-        for impl in ("pytorch", "fast"):
+        for impl in IMPLS:
             torch.manual_seed(0)
             attn = MSDeformAttn(256, len(shapes), 8, 4, impl=impl)
 
@@ -189,18 +195,19 @@ def bench_decoder(repeats, profile):
     print("MSDeformAttnPixelDecoder (Swin-T features, 6 layers, 256 dims, 8 heads, 4 points)")
     feats = swin_t_features(512, 1)
     base, outputs = None, {}
-    for impl in ("pytorch", "fast"):
+    for impl in IMPLS:
         decoder = make_decoder(impl).eval()
         with torch.no_grad():
             outputs[impl] = decoder.forward_features(feats)[0]
             t = measure(lambda: decoder.forward_features(feats), repeats)
         report(f"inference 512x512, {impl}", t, base)
         base = base or t
-    diff = (outputs["fast"] - outputs["pytorch"]).abs().max().item()
-    print(f"  max |fast - pytorch| mask features = {diff:.2e}")
+    for impl in ("fast", "cpu"):
+        diff = (outputs[impl] - outputs["pytorch"]).abs().max().item()
+        print(f"  max |{impl} - pytorch| mask features = {diff:.2e}")
     feats = {k: v.requires_grad_() for k, v in swin_t_features(256, 2).items()}
     base = None
-    for impl in ("pytorch", "fast"):
+    for impl in IMPLS:
         decoder = make_decoder(impl).train()
 
         def step():
@@ -211,7 +218,7 @@ def bench_decoder(repeats, profile):
         report(f"training 2x256x256 fwd+bwd, {impl}", t, base)
         base = base or t
     if profile:
-        decoder = make_decoder("fast").eval()
+        decoder = make_decoder("cpu").eval()
         feats = swin_t_features(512, 1)
         with torch.no_grad(), torch.profiler.profile() as prof:
             decoder.forward_features(feats)

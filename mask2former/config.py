@@ -162,10 +162,13 @@ def add_maskformer2_config(cfg):
     # Heads of the deformable attention. As in the official code the encoder really uses
     # MODEL.MASK_FORMER.NHEADS; this key must equal it (checked when the model is built).
     cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS = 8
-    # Implementation of multi-scale deformable attention: "pytorch" (the official grid_sample
-    # path), "fast" (this project's gather path: same numbers, several times faster on CPU),
-    # "triton" (Triton kernels for CUDA, fp32 accumulation), or "auto" ("fast" on CPU, "triton" on
-    # CUDA when Triton is importable, else "pytorch"). None needs a compiled extension.
+    # Implementation of multi-scale deformable attention, all with the same numbers: "pytorch"
+    # (the official grid_sample path), "fast" (this project's PyTorch gather path, several times
+    # faster on CPU), "cpu" (C++ kernels for CPU tensors, compiled on first use with the system's
+    # C++ compiler into $MASK2FORMER_KERNEL_CACHE or ~/.cache/trash-mask2former/kernels), "triton"
+    # (Triton kernels for CUDA, fp32 accumulation), or "auto" ("cpu" on CPU, or "fast" with a
+    # warning where no compiler can build the kernels; "triton" on CUDA when Triton is
+    # importable, else "pytorch").
     cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_ATTENTION_IMPL = "auto"
 
     # ------------------------------------------------------------------ Swin backbone

@@ -45,8 +45,9 @@ __all__ = [
 ]
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "deformable_attention_cpu.cpp"
-# -O3 vectorises the channel loops; the kernels carry their own per-ISA clones (x86-64).
-FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread")
+# -O3 vectorises the channel loops; the kernels carry their own per-ISA clones (x86-64);
+# -fopenmp: the threads are OpenMP's (PyTorch's own pool, see the source).
+FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp")
 _DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 _LOCK = threading.Lock()
 

@@ -21,16 +21,14 @@
 // The backward gives the gradients of value, offset (= of the sampling pixel) and logits (through
 // the softmax when softmax = 1, else of the weights).
 //
-// Threads: the forward splits the (image, query) rows, the backward the (image, head) pairs; in
-// the backward each pair owns its slice of the value gradient, so no two threads write the same
-// element. Threads are started per call (a call takes milliseconds).
+// Threads (OpenMP): the forward splits the (image, query) rows, the backward the (image, head)
+// pairs; in the backward each pair owns its slice of the value gradient, so no two threads write
+// the same element, and the results do not depend on the number of threads.
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <thread>
-#include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 // One copy of each kernel per instruction-set level, chosen when the library is loaded.
@@ -56,7 +54,11 @@ struct Problem {
   bool softmax;
 };
 
-// Runs fn(begin, end) over [0, n) split into one contiguous range per thread.
+// Runs fn(begin, end) over [0, n) split into one contiguous range per thread, on OpenMP's
+// thread pool. Built with -fopenmp, the library links libgomp.so.1; in a process where PyTorch
+// has loaded its own libgomp.so.1 the loader resolves to that one, so these are PyTorch's own
+// worker threads (threads of a second pool would compete with PyTorch's, which keep spinning
+// for a while after each of its parallel regions).
 template <typename F>
 void parallel_for(int64_t n, int threads, const F& fn) {
   threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, n)));
@@ -65,13 +67,11 @@ void parallel_for(int64_t n, int threads, const F& fn) {
     return;
   }
   const int64_t chunk = (n + threads - 1) / threads;
-  std::vector<std::thread> pool;
-  for (int t = 1; t < threads; ++t) {
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+  for (int t = 0; t < threads; ++t) {
     const int64_t begin = t * chunk, end = std::min(n, begin + chunk);
-    if (begin < end) pool.emplace_back([&fn, begin, end] { fn(begin, end); });
+    if (begin < end) fn(begin, end);
   }
-  fn(int64_t{0}, std::min(n, chunk));
-  for (auto& thread : pool) thread.join();
 }
 
 // Attention weights of one (query, head): a softmax of its K logits, or the logits themselves.
