@@ -113,6 +113,7 @@ def _build(compiler: str, target: Path) -> None:
                 f"{compiler} failed to compile {SOURCE} (exit {result.returncode}):\n"
                 f"{result.stderr[-2000:]}"
             )
+        os.chmod(tmp, 0o755)  # mkstemp's 0600 would hide a shared cache's library from others
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
