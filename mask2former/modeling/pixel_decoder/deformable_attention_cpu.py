@@ -25,6 +25,7 @@ of :func:`~.deformable_attention.ms_deform_attn_pytorch` up to rounding.
 import ctypes
 import functools
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -50,6 +51,7 @@ SOURCE = Path(__file__).resolve().parent / "csrc" / "deformable_attention_cpu.cp
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp")
 _DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 _LOCK = threading.Lock()
+logger = logging.getLogger(__name__)
 
 
 class CPUKernelUnavailable(RuntimeError):
@@ -98,6 +100,7 @@ def _build(compiler: str, target: Path) -> None:
     except OSError as e:
         raise CPUKernelUnavailable(f"cannot write to the kernel cache {target.parent}: {e}") from e
     os.close(fd)
+    logger.info("Compiling the CPU deformable-attention kernels into %s (once)", target)
     try:
         try:
             result = subprocess.run(
