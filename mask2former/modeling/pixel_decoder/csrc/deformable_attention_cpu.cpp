@@ -29,6 +29,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 // One copy of each kernel per instruction-set level, chosen when the library is loaded.
@@ -88,26 +89,6 @@ void attention_weights(const T* logits, int64_t K, bool softmax, T* weights) {
   for (int64_t k = 0; k < K; ++k) weights[k] /= total;
 }
 
-// sum of a[d] * b[d], in 32-byte vectors (GCC/Clang vector extension: one AVX register, or two
-// SSE registers, per step); a plain running sum would be added one element at a time, in order
-template <typename T, int DC>
-inline T dot(const T* __restrict a, const T* __restrict b, int64_t D) {
-  typedef T Vec __attribute__((vector_size(32)));
-  constexpr int kLanes = 32 / sizeof(T);
-  const int64_t n = DC > 0 ? DC : D, full = n / kLanes * kLanes;
-  Vec part = {};
-  for (int64_t d = 0; d < full; d += kLanes) {
-    Vec x, y;
-    std::memcpy(&x, a + d, sizeof(Vec));
-    std::memcpy(&y, b + d, sizeof(Vec));
-    part += x * y;
-  }
-  T total = 0;
-  for (int j = 0; j < kLanes; ++j) total += part[j];
-  for (int64_t d = full; d < n; ++d) total += a[d] * b[d];
-  return total;
-}
-
 // The four bilinear corners of a sampling pixel: which of them lie inside the H x W map, their
 // positions (y * W + x) and their bilinear weights, in the order (x0, y0), (x0 + 1, y0),
 // (x0, y0 + 1), (x0 + 1, y0 + 1). Returns false when no corner can lie inside (then nothing is
@@ -146,13 +127,109 @@ struct Corners {
   }
 };
 
+// A row of DC values (DC known at compile time and a multiple of the vector width) in 32-byte
+// vectors that stay in registers (one AVX register or two SSE registers each). An array indexed
+// in a loop is kept in memory instead: summing into one, every product waits for the previous
+// store.
+template <typename T, int DC>
+struct RegisterRow {
+  typedef T Vec __attribute__((vector_size(32)));
+  static constexpr int kLanes = 32 / sizeof(T), kVecs = DC / kLanes;
+  static_assert(kVecs * kLanes == DC, "DC must fill whole vectors");
+  Vec part[kVecs];
+
+  // vector i of v (through memcpy: v need not be aligned)
+  static void get(const T* v, int i, Vec& x) { std::memcpy(&x, v + i * kLanes, sizeof(Vec)); }
+  void clear() {
+    for (int i = 0; i < kVecs; ++i) part[i] = Vec{};
+  }
+  void load(const T* v) { std::memcpy(part, v, sizeof(part)); }
+  void store(T* out) const { std::memcpy(out, part, sizeof(part)); }
+  // this += w * v
+  void add(T w, const T* __restrict v) {
+    for (int i = 0; i < kVecs; ++i) {
+      Vec x;
+      get(v, i, x);
+      part[i] += w * x;
+    }
+  }
+  // dst += w * this
+  void add_to(T w, T* __restrict dst) const {
+    for (int i = 0; i < kVecs; ++i) {
+      Vec x;
+      get(dst, i, x);
+      x += w * part[i];
+      std::memcpy(dst + i * kLanes, &x, sizeof(Vec));
+    }
+  }
+  // this . v: the vectors' products summed into one vector, then its lanes in order
+  T dot(const T* __restrict v) const {
+    Vec total = {};
+    for (int i = 0; i < kVecs; ++i) {
+      Vec x;
+      get(v, i, x);
+      total += part[i] * x;
+    }
+    T sum = 0;
+    for (int j = 0; j < kLanes; ++j) sum += total[j];
+    return sum;
+  }
+};
+
+// The forward's sum for any D, kept in the output row.
+template <typename T>
+struct OutputRowSum {
+  T* __restrict row;
+  int64_t D;
+
+  void clear() { std::fill(row, row + D, T(0)); }
+  void add(T w, const T* __restrict v) {
+    for (int64_t d = 0; d < D; ++d) row[d] += w * v[d];
+  }
+  void store(T*) const {}
+};
+
+// The backward's gradient row for any D, read where it is.
+template <typename T>
+struct GradientRow {
+  const T* __restrict row;
+  int64_t D;
+
+  void add_to(T w, T* __restrict dst) const {
+    for (int64_t d = 0; d < D; ++d) dst[d] += w * row[d];
+  }
+  // this . v in 32-byte vectors (a plain running sum would add one element at a time), then
+  // the lanes in order, then the last D % lanes values
+  T dot(const T* __restrict v) const {
+    typedef T Vec __attribute__((vector_size(32)));
+    constexpr int kLanes = 32 / sizeof(T);
+    const int64_t full = D / kLanes * kLanes;
+    Vec part = {};
+    for (int64_t d = 0; d < full; d += kLanes) {
+      Vec x, y;
+      std::memcpy(&x, row + d, sizeof(Vec));
+      std::memcpy(&y, v + d, sizeof(Vec));
+      part += x * y;
+    }
+    T total = 0;
+    for (int j = 0; j < kLanes; ++j) total += part[j];
+    for (int64_t d = full; d < D; ++d) total += row[d] * v[d];
+    return total;
+  }
+};
+
+// The kernels' row of D values: RegisterRow when D is known at compile time (DC > 0), else
+// MemoryRow (OutputRowSum or GradientRow).
+template <typename T, int DC, typename MemoryRow>
+using RowFor =
+    typename std::conditional<(DC > 0), RegisterRow<T, (DC > 0 ? DC : 32)>, MemoryRow>::type;
+
 // out[row, m] for the rows [begin, end) of N * Lq; DC is D when known at compile time, else 0.
 template <typename T, int DC>
 MSDA_CLONES void forward_rows(const Problem<T>& p, T* out, T* weights_out, int64_t begin,
                               int64_t end) {
-  const int64_t D = DC > 0 ? DC : p.D, K = p.L * p.P;
+  const int64_t D = DC > 0 ? DC : p.D, K = p.L * p.P, stride = p.M * D;  // stride: one pixel
   T weights[kMaxPoints];
-  T local[DC > 0 ? DC : 1];  // with D known, the accumulator lives in registers
   for (int64_t row = begin; row < end; ++row) {
     const int64_t n = row / p.Lq;
     for (int64_t m = 0; m < p.M; ++m) {
@@ -160,8 +237,9 @@ MSDA_CLONES void forward_rows(const Problem<T>& p, T* out, T* weights_out, int64
       attention_weights(p.logits + bag * K, K, p.softmax, weights);
       if (weights_out) std::copy(weights, weights + K, weights_out + bag * K);
       const T* offset = p.offset + bag * K * 2;
-      T* __restrict acc = DC > 0 ? local : out + bag * D;
-      std::fill(acc, acc + D, T(0));
+      RowFor<T, DC, OutputRowSum<T>> acc;
+      if constexpr (DC == 0) acc = {out + bag * D, D};
+      acc.clear();
       for (int64_t l = 0; l < p.L; ++l) {
         const int64_t H = p.shapes[2 * l], W = p.shapes[2 * l + 1];
         const T* level = p.value + ((n * p.S + p.starts[l]) * p.M + m) * D;
@@ -172,13 +250,11 @@ MSDA_CLONES void forward_rows(const Problem<T>& p, T* out, T* weights_out, int64
           if (!corners.set(ref_x + offset[2 * k], ref_y + offset[2 * k + 1], H, W)) continue;
           for (int c = 0; c < 4; ++c) {
             if (!corners.inside[c]) continue;
-            const T* __restrict v = level + corners.position[c] * p.M * D;
-            const T w = weights[k] * corners.bilinear[c];
-            for (int64_t d = 0; d < D; ++d) acc[d] += w * v[d];
+            acc.add(weights[k] * corners.bilinear[c], level + corners.position[c] * stride);
           }
         }
       }
-      if (DC > 0) std::copy(acc, acc + D, out + bag * D);
+      acc.store(out + bag * D);
     }
   }
 }
@@ -187,7 +263,7 @@ MSDA_CLONES void forward_rows(const Problem<T>& p, T* out, T* weights_out, int64
 template <typename T, int DC>
 MSDA_CLONES void backward_pairs(const Problem<T>& p, const T* grad_out, T* grad_value,
                                 T* grad_offset, T* grad_logits, int64_t begin, int64_t end) {
-  const int64_t D = DC > 0 ? DC : p.D, K = p.L * p.P;
+  const int64_t D = DC > 0 ? DC : p.D, K = p.L * p.P, stride = p.M * D;  // stride: one pixel
   T grad_weights[kMaxPoints];
   for (int64_t pair = begin; pair < end; ++pair) {
     const int64_t n = pair / p.M, m = pair % p.M;
@@ -196,7 +272,12 @@ MSDA_CLONES void backward_pairs(const Problem<T>& p, const T* grad_out, T* grad_
       const T* weights = p.logits + bag * K;
       const T* offset = p.offset + bag * K * 2;
       T* g_offset = grad_offset + bag * K * 2;
-      const T* __restrict g_out = grad_out + bag * D;
+      RowFor<T, DC, GradientRow<T>> g_out;
+      if constexpr (DC > 0) {
+        g_out.load(grad_out + bag * D);
+      } else {
+        g_out = {grad_out + bag * D, D};
+      }
       for (int64_t l = 0; l < p.L; ++l) {
         const int64_t H = p.shapes[2 * l], W = p.shapes[2 * l + 1];
         const int64_t level = ((n * p.S + p.starts[l]) * p.M + m) * D;
@@ -211,12 +292,9 @@ MSDA_CLONES void backward_pairs(const Problem<T>& p, const T* grad_out, T* grad_
           T g[4] = {0, 0, 0, 0};
           for (int c = 0; c < 4; ++c) {
             if (!corners.inside[c]) continue;
-            const int64_t at = level + corners.position[c] * p.M * D;
-            const T* __restrict v = p.value + at;
-            T* __restrict gv = grad_value + at;
-            const T w = weights[k] * corners.bilinear[c];
-            g[c] = dot<T, DC>(g_out, v, D);
-            for (int64_t d = 0; d < D; ++d) gv[d] += w * g_out[d];
+            const int64_t at = level + corners.position[c] * stride;
+            g[c] = g_out.dot(p.value + at);
+            g_out.add_to(weights[k] * corners.bilinear[c], grad_value + at);
           }
           const T fx = corners.fx, fy = corners.fy;
           grad_weights[k] = (g[0] * (1 - fx) + g[1] * fx) * (1 - fy) + (g[2] * (1 - fx) + g[3] * fx) * fy;
