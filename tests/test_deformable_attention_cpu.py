@@ -1,8 +1,9 @@
-"""The compiled CPU deformable-attention kernels: building into the kernel cache (atomic, shared
-by processes starting together), the fallback when no compiler is there, thread-count
-independence, the generic channel path, input checks, the custom operators' registration and
-torch.compile. Values and gradients against the brute-force reference are in
-test_ms_deform_attn.py (the "cpu" implementation)."""
+"""The compiled CPU kernels: building into the kernel cache (atomic, shared by processes starting
+together) and the fallback when no compiler is there (deformable attention and matcher); for the
+deformable-attention kernels, thread-count independence, the generic channel path, input checks,
+the custom operators' registration and torch.compile. Values and gradients against the
+brute-force reference are in test_ms_deform_attn.py (the "cpu" implementation); the matcher's
+kernel is tested in test_matcher.py."""
 
 import json
 import os
@@ -13,6 +14,7 @@ import textwrap
 import pytest
 import torch
 
+from mask2former.modeling import cpu_kernels
 from mask2former.modeling.pixel_decoder import deformable_attention as op
 from mask2former.modeling.pixel_decoder import deformable_attention_cpu as cpu_op
 from mask2former.modeling.pixel_decoder.deformable_attention import MSDeformAttn
@@ -21,13 +23,14 @@ from mask2former.modeling.pixel_decoder.deformable_attention import MSDeformAttn
 _BUILD = textwrap.dedent(
     """
     import json, sys
+    from mask2former.modeling import cpu_kernels, matcher
     from mask2former.modeling.pixel_decoder import deformable_attention as op
-    from mask2former.modeling.pixel_decoder import deformable_attention_cpu as cpu_op
-    status = cpu_op.cpu_kernel_status()
-    cache = cpu_op.kernel_cache_dir()
+    status = cpu_kernels.cpu_kernel_status()
+    cache = cpu_kernels.kernel_cache_dir()
     files = sorted(p.name for p in cache.iterdir()) if cache.exists() else []
     impl = op.resolve_impl("auto", __import__("torch").device("cpu"))
-    print(json.dumps({"status": status, "files": files, "impl": impl}))
+    matcher_impl = matcher._cpu_default()
+    print(json.dumps({"status": status, "files": files, "impl": impl, "matcher": matcher_impl}))
     """
 )
 
@@ -45,7 +48,7 @@ def _run(env_update, *, background=False):
 def test_builds_once_into_the_cache_and_reuses_it(tmp_path):
     cache = tmp_path / "kernels"
     first, _ = _run({"MASK2FORMER_KERNEL_CACHE": str(cache)})
-    assert first["status"] is None and first["impl"] == "cpu"
+    assert first["status"] is None and first["impl"] == "cpu" and first["matcher"] == "cpu"
     # one library, no temporary file left behind
     assert len(first["files"]) == 1 and first["files"][0].endswith(".so")
     assert ".tmp" not in first["files"][0]
@@ -81,8 +84,9 @@ def test_without_a_compiler_auto_falls_back_and_says_why(tmp_path):
         }
     )
     assert "no C++ compiler found" in report["status"]
-    assert report["impl"] == "fast"
-    assert "compiled CPU kernels are not available" in stderr
+    assert report["impl"] == "fast" and report["matcher"] == "pytorch"
+    assert "Deformable attention on CPU uses the slower PyTorch path" in stderr
+    assert "mask costs on CPU use the slower PyTorch path" in stderr
     assert report["files"] == []
 
 
@@ -95,8 +99,8 @@ def test_a_failing_compiler_is_reported_with_its_output(tmp_path, monkeypatch):
     broken.chmod(0o755)
     monkeypatch.setenv("CXX", str(broken))
     monkeypatch.setenv("MASK2FORMER_KERNEL_CACHE", str(tmp_path / "kernels"))
-    with pytest.raises(cpu_op.CPUKernelUnavailable, match="cannot compile today"):
-        cpu_op._load.__wrapped__()
+    with pytest.raises(cpu_kernels.CPUKernelUnavailable, match="cannot compile today"):
+        cpu_kernels._load.__wrapped__()
     assert not any((tmp_path / "kernels").iterdir())  # no partial library
 
 

@@ -1,5 +1,6 @@
 """Tests of the Hungarian matcher: cost terms by explicit float64 loops, assignment against
-brute force over all assignments."""
+brute force over all assignments, and the compiled CPU kernel of the mask costs (the default on
+CPU) against a float64 reference and the PyTorch path."""
 
 import itertools
 import math
@@ -7,7 +8,8 @@ import math
 import pytest
 import torch
 
-from mask2former.modeling.matcher import HungarianMatcher
+from mask2former.modeling import matcher as matcher_module
+from mask2former.modeling.matcher import HungarianMatcher, mask_costs
 from mask2former.modeling.point_sampling import point_sample
 
 NUM_POINTS = 50
@@ -160,3 +162,90 @@ def test_invalid_arguments():
         HungarianMatcher(0, 0, 0)
     with pytest.raises(ValueError):
         HungarianMatcher(num_points=0)
+    with pytest.raises(ValueError, match="unknown mask cost impl"):
+        HungarianMatcher(impl="cuda")
+    with pytest.raises(ValueError, match="unknown mask cost impl"):
+        mask_costs(torch.zeros(1, 2, 2), torch.zeros(3, 2), torch.zeros(1, 3), impl="fast")
+
+
+def reference_mask_costs(pred_masks, coords, tgt_points, weights):
+    """[Q, T] BCE and dice costs in float64 from the definitions: the BCE averaged over the points
+    (weighted mean with weights), the dice of s = sigmoid(x) with both sides weighted."""
+    x = point_sample(pred_masks[None].double(), coords[None].double())[0]  # [Q, P]
+    t = tgt_points.double()
+    w = torch.ones(x.shape[1], dtype=torch.float64) if weights is None else weights.double()
+    softplus = x.clamp_min(0) + torch.log1p(torch.exp(-x.abs()))  # log(1 + e^x), overflow-free
+    bce = (softplus[:, None, :] - x[:, None, :] * t[None]) * w  # [Q, T, P]
+    cost_mask = bce.sum(-1) / w.sum()
+    s = torch.sigmoid(x)
+    inter = ((s * w)[:, None, :] * (t * w)[None]).sum(-1)
+    total = (s * w).sum(-1)[:, None] + (t * w).sum(-1)[None, :]
+    return cost_mask, 1 - (2 * inter + 1) / (total + 1)
+
+
+def _mask_cost_inputs(seed, queries, targets, points, scale, weighted, size=(9, 7)):
+    g = torch.Generator().manual_seed(seed)
+    pred_masks = torch.randn(queries, *size, generator=g) * scale
+    pred_masks[0, :2] = 120.0  # logits far beyond softplus' and sigmoid's float32 range
+    pred_masks[-1, -2:] = -120.0
+    coords = torch.rand(points, 2, generator=g) * 1.3 - 0.15  # some points outside the map
+    tgt_points = torch.rand(targets, points, generator=g)
+    tgt_points[0] = tgt_points[0] > 0.5
+    weights = torch.rand(points, generator=g) if weighted else None
+    return pred_masks, coords, tgt_points, weights
+
+
+@pytest.mark.parametrize(
+    "queries, targets, points, scale, weighted",
+    [
+        (13, 1, 50, 3.0, False),
+        (13, 4, 700, 3.0, True),
+        (8, 3, 1100, 30.0, False),
+        (1, 2, 9, 1.0, True),
+    ],
+)
+def test_cpu_mask_costs_match_the_float64_reference(queries, targets, points, scale, weighted):
+    """Channel counts that do not fill whole vectors, one and several blocks of points, points
+    outside the map, extreme logits, point weights."""
+    inputs = _mask_cost_inputs(0, queries, targets, points, scale, weighted)
+    cost_mask, cost_dice = mask_costs(*inputs, impl="cpu")
+    expected_mask, expected_dice = reference_mask_costs(*inputs)
+    assert cost_mask.dtype == cost_dice.dtype == torch.float32
+    assert cost_mask.shape == cost_dice.shape == (queries, targets)
+    torch.testing.assert_close(cost_mask.double(), expected_mask, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cost_dice.double(), expected_dice, rtol=1e-5, atol=1e-6)
+    pytorch_mask, pytorch_dice = mask_costs(*inputs, impl="pytorch")  # the same numbers
+    torch.testing.assert_close(cost_mask, pytorch_mask, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cost_dice, pytorch_dice, rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_mask_costs_do_not_depend_on_the_thread_count():
+    inputs = _mask_cost_inputs(1, 21, 3, 2600, 4.0, True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = mask_costs(*inputs, impl="cpu")
+        torch.set_num_threads(3)
+        three = mask_costs(*inputs, impl="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, three):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_matcher_on_cpu_uses_the_kernel_and_matches_like_the_pytorch_path():
+    assert matcher_module._cpu_default() == "cpu"  # a C++ compiler is part of the set-up
+    g = torch.Generator().manual_seed(4)
+    images = [random_image(g, 20, t, pred_hw=(16, 12), tgt_hw=(64, 48)) for t in (4, 2)]
+    outputs = {
+        "pred_logits": torch.stack([im[0] for im in images]),
+        "pred_masks": torch.stack([im[1] for im in images]),
+    }
+    targets = [{"labels": im[2], "masks": im[3]} for im in images]
+    indices = {}
+    for impl in ("auto", "cpu", "pytorch"):
+        torch.manual_seed(3)
+        indices[impl] = HungarianMatcher(2.0, 5.0, 5.0, num_points=500, impl=impl)(outputs, targets)
+    for impl in ("auto", "cpu"):
+        for (rows, cols), (rows_ref, cols_ref) in zip(indices[impl], indices["pytorch"]):
+            assert torch.equal(rows, rows_ref) and torch.equal(cols, cols_ref)

@@ -106,3 +106,22 @@ def test_importing_the_model_packages_loads_no_toolkit_module():
     toolkit = ("data", "inference", "postprocess", "engine", "evaluation", "report", "loop")
     loaded = [m for m in out if m.split(".")[1] in toolkit]
     assert not loaded, loaded
+
+
+def test_the_cpu_kernel_sources_are_package_data():
+    """The C++ sources and headers the kernel library is built from ship with the package."""
+    from fnmatch import fnmatch
+
+    from mask2former.modeling import cpu_kernels
+
+    with open(REPO / "pyproject.toml", "rb") as f:
+        package_data = tomllib.load(f)["tool"]["setuptools"]["package-data"]
+    package_dir = REPO / "mask2former" / "modeling"
+    globs = package_data["mask2former.modeling"]
+    files = cpu_kernels.SOURCES + cpu_kernels.HEADERS
+    assert files and all(path.is_file() for path in files)
+    for path in files:
+        relative = path.relative_to(package_dir).as_posix()
+        assert any(fnmatch(relative, pattern) for pattern in globs), relative
+    # and every file in the kernel folder is one the library is built from
+    assert sorted(p.name for p in (package_dir / "csrc").iterdir()) == sorted(p.name for p in files)

@@ -1,12 +1,18 @@
 """Hungarian matching between predicted and ground-truth masks (Mask2Former)."""
 
+import ctypes
+import functools
+import logging
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
+from .cpu_kernels import cpu_kernel_status, load_library
 from .point_sampling import point_sample
+
+logger = logging.getLogger(__name__)
 
 # Matching cost given to NaN / inf entries (finite costs are within a few tens).
 INVALID_COST = 1e6
@@ -59,6 +65,106 @@ def batch_dice_cost(
     return 1 - (numerator + 1) / (denominator + 1)
 
 
+def _mask_costs_pytorch(pred_masks, coords, tgt_points, weights):
+    # all Q masks are channels of one map; channels-last sampling is ~2x faster on CPU
+    pred = pred_masks[None].contiguous(memory_format=torch.channels_last)
+    out_points = point_sample(pred, coords[None])[0]
+    return (
+        batch_sigmoid_ce_cost(out_points, tgt_points, weights),
+        batch_dice_cost(out_points, tgt_points, weights),
+    )
+
+
+@functools.cache
+def _point_sums_kernel():
+    """The CPU kernel of the matcher's point sums, with its argument types."""
+    function = load_library().matcher_point_sums_f32
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    function.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, i64, ptr, ptr, i64] + [ptr] * 4
+    function.argtypes += [ctypes.c_int]
+    function.restype = None
+    return function
+
+
+def _mask_costs_cpu(pred_masks, coords, tgt_points, weights):
+    """The costs of :func:`mask_costs` from the sums of the compiled CPU kernel
+    (``csrc/matcher_cpu.cpp``): the points are sampled and the sums taken in one pass, without
+    the [Q, P] point values."""
+    num_queries, height, width = pred_masks.shape
+    num_targets, num_points = tgt_points.shape
+    # [h, w, C], channels last, C = Q rounded up to whole 8-lane vectors (zero padding)
+    channels = -(-num_queries // 8) * 8
+    pred = pred_masks.new_zeros(height, width, channels)
+    pred[..., :num_queries] = pred_masks.permute(1, 2, 0)
+    # grid_sample's pixel (align_corners=False): coordinate * size - 0.5
+    pixels = (coords * coords.new_tensor([width, height]) - 0.5).contiguous()
+    if weights is None:
+        tw = tww = tgt_points.contiguous()
+        total_weight = float(num_points)
+        target_sum = tgt_points.sum(-1)
+    else:
+        weights = weights.contiguous()
+        tw = (tgt_points * weights).contiguous()
+        tww = (tw * weights).contiguous()
+        total_weight = weights.sum().clamp_min(1e-6)
+        target_sum = tw.sum(-1)
+    softplus_sum, sigmoid_sum = pred.new_empty(num_queries), pred.new_empty(num_queries)
+    x_t, s_t = (pred.new_empty(num_queries, num_targets) for _ in range(2))
+    _point_sums_kernel()(
+        pred.data_ptr(), height, width, channels, num_queries, pixels.data_ptr(),
+        None if weights is None else weights.data_ptr(), num_points, tw.data_ptr(),
+        tww.data_ptr(), num_targets, softplus_sum.data_ptr(), sigmoid_sum.data_ptr(),
+        x_t.data_ptr(), s_t.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    cost_mask = (softplus_sum[:, None] - x_t) / total_weight
+    cost_dice = 1 - (2 * s_t + 1) / (sigmoid_sum[:, None] + target_sum[None, :] + 1)
+    return cost_mask, cost_dice
+
+
+MASK_COST_IMPLS = {"pytorch": _mask_costs_pytorch, "cpu": _mask_costs_cpu}
+
+
+def mask_costs(
+    pred_masks: torch.Tensor,
+    coords: torch.Tensor,
+    tgt_points: torch.Tensor,
+    weights: Optional[torch.Tensor] = None,
+    impl: str = "pytorch",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """
+    The matcher's mask costs of one image: :func:`batch_sigmoid_ce_cost` and
+    :func:`batch_dice_cost` of the predicted masks sampled at ``coords``.
+
+    Args:
+        pred_masks: [Q, h, w] float32 mask logits.
+        coords: [P, 2] (x, y) point coordinates in [0, 1] (see :func:`point_sample`).
+        tgt_points: [T, P] target values at the points.
+        weights: optional [P] point weights.
+        impl: "pytorch" (``grid_sample`` and matrix products, any device) or "cpu" (the
+            compiled kernel, float32 CPU tensors; same values up to float32 rounding).
+
+    Returns:
+        ([Q, T] sigmoid cross-entropy cost, [Q, T] dice cost).
+    """
+    if impl not in MASK_COST_IMPLS:
+        raise ValueError(f"unknown mask cost impl {impl!r}; one of {sorted(MASK_COST_IMPLS)}")
+    return MASK_COST_IMPLS[impl](pred_masks, coords, tgt_points, weights)
+
+
+@functools.cache
+def _cpu_default() -> str:
+    """ "cpu" when the compiled CPU kernels load here, else "pytorch", saying why once."""
+    reason = cpu_kernel_status()
+    if reason is None:
+        return "cpu"
+    logger.warning(
+        "The matcher's mask costs on CPU use the slower PyTorch path: the compiled CPU kernels "
+        "are not available: %s",
+        reason,
+    )
+    return "pytorch"
+
+
 class HungarianMatcher(nn.Module):
     """
     One-to-one assignment of predictions (queries) to targets minimising
@@ -78,6 +184,7 @@ class HungarianMatcher(nn.Module):
         cost_dice: float = 1,
         num_points: int = 12544,
         class_weights: Optional[Sequence[float]] = None,
+        impl: str = "auto",
     ):
         """
         Args:
@@ -86,6 +193,9 @@ class HungarianMatcher(nn.Module):
             class_weights: optional K per-class weights ``w`` (those of the classification
                 loss): the class cost of target t becomes ``-w[c_t] * p[c_t]``, so the matcher
                 prefers the queries that the class-weighted loss rewards. None: official cost.
+            impl: how the mask costs are computed (:func:`mask_costs`): "pytorch", "cpu", or
+                "auto": "cpu" (the compiled kernel) for CPU predictions where it can be built,
+                else "pytorch".
         """
         super().__init__()
         if cost_class == 0 and cost_mask == 0 and cost_dice == 0:
@@ -95,7 +205,12 @@ class HungarianMatcher(nn.Module):
         self.cost_class = cost_class
         self.cost_mask = cost_mask
         self.cost_dice = cost_dice
+        if impl not in MASK_COST_IMPLS and impl != "auto":
+            raise ValueError(
+                f"unknown mask cost impl {impl!r}; one of {sorted(MASK_COST_IMPLS) + ['auto']}"
+            )
         self.num_points = num_points
+        self.impl = impl
         self.register_buffer("class_weights", None, persistent=False)
         if class_weights is not None:
             self.set_class_weights(class_weights)
@@ -128,16 +243,17 @@ class HungarianMatcher(nn.Module):
             if self.class_weights is not None:
                 cost_class = cost_class * self.class_weights.to(device)[labels.to(device)]
             coords = torch.rand(1, self.num_points, 2, device=device)
-            # all Q masks are channels of one map; channels-last sampling is ~2x faster on CPU
-            pred = pred_masks[None].float().contiguous(memory_format=torch.channels_last)
-            out_points = point_sample(pred, coords)[0]
             tgt_points = point_sample(masks[None].to(device=device, dtype=torch.float32), coords)[0]
             weights = None
             if valid is not None:
                 valid = valid[None, None].to(device=device, dtype=torch.float32)
                 weights = point_sample(valid, coords)[0, 0]
-            cost_mask = batch_sigmoid_ce_cost(out_points, tgt_points, weights)
-            cost_dice = batch_dice_cost(out_points, tgt_points, weights)
+            impl = self.impl
+            if impl == "auto":
+                impl = _cpu_default() if device.type == "cpu" else "pytorch"
+            cost_mask, cost_dice = mask_costs(
+                pred_masks.float(), coords[0], tgt_points, weights, impl
+            )
         return (
             self.cost_class * cost_class + self.cost_mask * cost_mask + self.cost_dice * cost_dice
         )
@@ -195,5 +311,5 @@ class HungarianMatcher(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"cost_class={self.cost_class}, cost_mask={self.cost_mask}, "
-            f"cost_dice={self.cost_dice}, num_points={self.num_points}"
+            f"cost_dice={self.cost_dice}, num_points={self.num_points}, impl={self.impl}"
         )

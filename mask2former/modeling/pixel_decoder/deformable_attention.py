@@ -32,11 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .deformable_attention_cpu import (
-    cpu_kernel_status,
-    ms_deform_attn_cpu_logits,
-    ms_deform_attn_cpu_pixels,
-)
+from ..cpu_kernels import cpu_kernel_status
+from .deformable_attention_cpu import ms_deform_attn_cpu_logits, ms_deform_attn_cpu_pixels
 from .deformable_attention_triton import ms_deform_attn_triton, triton_available
 
 __all__ = [

@@ -1,12 +1,8 @@
 """Multi-scale deformable attention for CPU tensors: C++ kernels compiled on first use.
 
-``csrc/deformable_attention_cpu.cpp`` holds the forward and backward kernels (plain C++17, no
-PyTorch headers). :func:`load_library` compiles it once per source, compiler and flags into a
-shared library in the kernel cache (``$MASK2FORMER_KERNEL_CACHE``, else
-``$XDG_CACHE_HOME/trash-mask2former/kernels``, else ``~/.cache/trash-mask2former/kernels``;
-about 4 s with g++) and loads it with ctypes. The library is written under a temporary name and
-renamed into place, so processes starting together (a multi-GPU launch) never load a partial
-file. The compiler is ``$CXX`` or the first of ``c++``, ``g++``, ``clang++`` on the path.
+``../csrc/deformable_attention_cpu.cpp`` holds the forward and backward kernels, built with the
+project's other CPU kernels into one library by :mod:`mask2former.modeling.cpu_kernels` (on the
+first call in a process that does not find it in the kernel cache).
 
 The kernels are wrapped as the operators ``mask2former::ms_deform_attn_cpu`` and its backward
 (``torch.library`` custom operators, so ``torch.compile`` keeps them as single calls), with
@@ -24,103 +20,15 @@ of :func:`~.deformable_attention.ms_deform_attn_pytorch` up to rounding.
 
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import shutil
-import subprocess
-import tempfile
-import threading
-from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = [
-    "CPUKernelUnavailable",
-    "cpu_kernel_status",
-    "kernel_cache_dir",
-    "load_library",
-    "ms_deform_attn_cpu_logits",
-    "ms_deform_attn_cpu_pixels",
-]
+from ..cpu_kernels import load_library
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "deformable_attention_cpu.cpp"
-# -O3 vectorises the channel loops; the kernels carry their own per-ISA clones (x86-64);
-# -fopenmp: the threads are OpenMP's (PyTorch's own pool, see the source).
-FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp")
+__all__ = ["ms_deform_attn_cpu_logits", "ms_deform_attn_cpu_pixels"]
+
 _DTYPES = {torch.float32: "f32", torch.float64: "f64"}
-_LOCK = threading.Lock()
-logger = logging.getLogger(__name__)
-
-
-class CPUKernelUnavailable(RuntimeError):
-    """The CPU kernels cannot be built or loaded here (the message says why)."""
-
-
-def kernel_cache_dir() -> Path:
-    """Where compiled kernels are kept (see the module docstring)."""
-    if os.environ.get("MASK2FORMER_KERNEL_CACHE"):
-        return Path(os.environ["MASK2FORMER_KERNEL_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "trash-mask2former" / "kernels"
-
-
-def _compiler() -> str:
-    for name in [os.environ.get("CXX"), "c++", "g++", "clang++"]:
-        path = name and shutil.which(name)
-        if path:
-            return path
-    raise CPUKernelUnavailable(
-        "no C++ compiler found ($CXX, c++, g++ or clang++) to build the CPU deformable-attention "
-        "kernels"
-    )
-
-
-def _library_path(compiler: str) -> Path:
-    """Cache path keyed by the source, the compiler's version and the flags."""
-    try:
-        version = subprocess.run(
-            [compiler, "--version"], capture_output=True, text=True, timeout=60, check=True
-        ).stdout
-    except (OSError, subprocess.SubprocessError) as e:
-        raise CPUKernelUnavailable(f"{compiler} --version failed: {e}") from e
-    key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), version.encode(), " ".join(FLAGS).encode()):
-        key.update(part)
-        key.update(b"\0")
-    return kernel_cache_dir() / f"deformable_attention_cpu-{key.hexdigest()[:16]}.so"
-
-
-def _build(compiler: str, target: Path) -> None:
-    """Compile :data:`SOURCE` into ``target`` through a temporary file in its directory."""
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp.so", dir=target.parent)
-    except OSError as e:
-        raise CPUKernelUnavailable(f"cannot write to the kernel cache {target.parent}: {e}") from e
-    os.close(fd)
-    logger.info("Compiling the CPU deformable-attention kernels into %s (once)", target)
-    try:
-        try:
-            result = subprocess.run(
-                [compiler, *FLAGS, str(SOURCE), "-o", tmp],
-                capture_output=True,
-                text=True,
-                timeout=600,
-            )
-        except (OSError, subprocess.SubprocessError) as e:
-            raise CPUKernelUnavailable(f"{compiler} could not compile {SOURCE}: {e}") from e
-        if result.returncode != 0:
-            raise CPUKernelUnavailable(
-                f"{compiler} failed to compile {SOURCE} (exit {result.returncode}):\n"
-                f"{result.stderr[-2000:]}"
-            )
-        os.chmod(tmp, 0o755)  # mkstemp's 0600 would hide a shared cache's library from others
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -135,34 +43,11 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 
 @functools.cache
-def _load() -> ctypes.CDLL:
-    compiler = _compiler()
-    path = _library_path(compiler)
-    if not path.exists():
-        _build(compiler, path)
-    try:
-        lib = ctypes.CDLL(str(path))
-    except OSError as e:
-        raise CPUKernelUnavailable(f"cannot load {path}: {e}") from e
+def _library() -> ctypes.CDLL:
+    """The kernel library with the argument types of the deformable-attention functions."""
+    lib = load_library()
     _declare(lib)
     return lib
-
-
-def load_library() -> ctypes.CDLL:
-    """The kernel library, compiled into the cache on the first call of any process that does
-    not find it there; raises :class:`CPUKernelUnavailable` with the reason when that fails."""
-    with _LOCK:
-        return _load()
-
-
-@functools.cache
-def cpu_kernel_status() -> Optional[str]:
-    """None when the kernels load, else the reason they do not (tried once per process)."""
-    try:
-        load_library()
-    except CPUKernelUnavailable as e:
-        return str(e)
-    return None
 
 
 # ------------------------------------------------------------------------------------ operators
@@ -198,7 +83,7 @@ def _check(value, ref, offset, logits, shapes: Sequence[int]) -> Tuple[int, ...]
         raise ValueError(f"logits {tuple(logits.shape)}, expected {expected}")
     if ref is not None and ref.shape != (n, lq, n_levels, 2):
         raise ValueError(f"ref {tuple(ref.shape)}, expected {(n, lq, n_levels, 2)}")
-    if n_levels * n_points > load_library().msda_max_points():
+    if n_levels * n_points > _library().msda_max_points():
         raise ValueError(f"{n_levels * n_points} points per query and head: too many")
     return n, s, m, d, lq, n_levels, n_points
 
@@ -224,7 +109,7 @@ def _forward_op(
     hw, starts = _geometry(shapes)
     out = value.new_empty(n, lq, m, d)
     weights = torch.empty_like(logits) if softmax else logits.new_empty(0)
-    getattr(load_library(), f"msda_forward_{_DTYPES[value.dtype]}")(
+    getattr(_library(), f"msda_forward_{_DTYPES[value.dtype]}")(
         value.data_ptr(), hw.data_ptr(), starts.data_ptr(), _ptr(ref), offset.data_ptr(),
         logits.data_ptr(), out.data_ptr(), weights.data_ptr() if softmax else None, *dims,
         int(softmax), torch.get_num_threads(),
@@ -258,7 +143,7 @@ def _backward_op(
     hw, starts = _geometry(shapes)
     grad_value = torch.zeros_like(value)
     grad_offset, grad_logits = torch.empty_like(offset), torch.empty_like(weights)
-    getattr(load_library(), f"msda_backward_{_DTYPES[value.dtype]}")(
+    getattr(_library(), f"msda_backward_{_DTYPES[value.dtype]}")(
         value.data_ptr(), hw.data_ptr(), starts.data_ptr(), _ptr(ref), offset.data_ptr(),
         weights.data_ptr(), grad_out.data_ptr(), grad_value.data_ptr(), grad_offset.data_ptr(),
         grad_logits.data_ptr(), *dims, int(softmax), torch.get_num_threads(),
