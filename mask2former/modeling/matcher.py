@@ -80,7 +80,7 @@ def _point_sums_kernel():
     """The CPU kernel of the matcher's point sums, with its argument types."""
     function = load_library().matcher_point_sums_f32
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    function.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, i64, ptr, ptr, i64] + [ptr] * 4
+    function.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, ptr, ptr, i64] + [ptr] * 4
     function.argtypes += [ctypes.c_int]
     function.restype = None
     return function
@@ -92,10 +92,7 @@ def _mask_costs_cpu(pred_masks, coords, tgt_points, weights):
     the [Q, P] point values."""
     num_queries, height, width = pred_masks.shape
     num_targets, num_points = tgt_points.shape
-    # [h, w, C], channels last, C = Q rounded up to whole 8-lane vectors (zero padding)
-    channels = -(-num_queries // 8) * 8
-    pred = pred_masks.new_zeros(height, width, channels)
-    pred[..., :num_queries] = pred_masks.permute(1, 2, 0)
+    pred = pred_masks.contiguous()
     # grid_sample's pixel (align_corners=False): coordinate * size - 0.5
     pixels = (coords * coords.new_tensor([width, height]) - 0.5).contiguous()
     if weights is None:
@@ -111,7 +108,7 @@ def _mask_costs_cpu(pred_masks, coords, tgt_points, weights):
     softplus_sum, sigmoid_sum = pred.new_empty(num_queries), pred.new_empty(num_queries)
     x_t, s_t = (pred.new_empty(num_queries, num_targets) for _ in range(2))
     _point_sums_kernel()(
-        pred.data_ptr(), height, width, channels, num_queries, pixels.data_ptr(),
+        pred.data_ptr(), height, width, num_queries, pixels.data_ptr(),
         None if weights is None else weights.data_ptr(), num_points, tw.data_ptr(),
         tww.data_ptr(), num_targets, softplus_sum.data_ptr(), sigmoid_sum.data_ptr(),
         x_t.data_ptr(), s_t.data_ptr(), torch.get_num_threads(),

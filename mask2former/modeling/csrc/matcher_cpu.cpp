@@ -5,8 +5,8 @@
 // (mask2former/modeling/cpu_kernels.py) and called through ctypes by matcher.py, which checks
 // every shape, dtype and layout before a call. All arrays are float32, contiguous, row-major:
 //
-//   pred    [H, W, C]  mask logits of the Q predictions, channels last, C >= Q a multiple of 8
-//                      (channels past Q are padding: zeros)
+//   pred    [Q, H, W]  mask logits of the Q predictions (the kernel works on a channels-last
+//                      copy, [H, W, C] with C = Q rounded up to whole 8-lane vectors)
 //   pixels  [P, 2]     sampling pixel (x, y) of each point; pixel centres are at integers
 //   weights [P]        point weights w, or null (all 1)
 //   tw      [T, P]     target values at the points times w
@@ -168,6 +168,21 @@ KERNEL_CLONES void block_sums(const Problem& p, int64_t begin, int64_t end, floa
   }
 }
 
+// pred [Q, H * W] -> [H * W, C], channels last with zeros past Q, in tiles of 16 pixels
+void to_channels_last(const float* pred, int64_t HW, int64_t Q, int64_t C, float* out,
+                      int threads) {
+  constexpr int64_t kTile = 16;
+  parallel_for((HW + kTile - 1) / kTile, threads, [&](int64_t first, int64_t last) {
+    for (int64_t tile = first; tile < last; ++tile) {
+      const int64_t begin = tile * kTile, end = std::min(HW, begin + kTile);
+      for (int64_t q = 0; q < Q; ++q) {
+        for (int64_t i = begin; i < end; ++i) out[i * C + q] = pred[q * HW + i];
+      }
+      for (int64_t i = begin; i < end; ++i) std::fill(out + i * C + Q, out + (i + 1) * C, 0.0f);
+    }
+  });
+}
+
 void point_sums(const Problem& p, float* softplus_sum, float* sigmoid_sum, float* x_t, float* s_t,
                 int threads) {
   const int64_t size = (2 + 2 * p.T) * p.C, blocks = (p.P + kBlock - 1) / kBlock;
@@ -193,11 +208,14 @@ void point_sums(const Problem& p, float* softplus_sum, float* sigmoid_sum, float
 
 }  // namespace
 
-extern "C" void matcher_point_sums_f32(const float* pred, int64_t H, int64_t W, int64_t C,
-                                       int64_t Q, const float* pixels, const float* weights, int64_t P,
+extern "C" void matcher_point_sums_f32(const float* pred, int64_t H, int64_t W, int64_t Q,
+                                       const float* pixels, const float* weights, int64_t P,
                                        const float* tw, const float* tww, int64_t T,
                                        float* softplus_sum, float* sigmoid_sum, float* x_t,
                                        float* s_t, int threads) {
-  point_sums(Problem{pred, H, W, C, Q, pixels, weights, P, tw, tww, T}, softplus_sum, sigmoid_sum,
-             x_t, s_t, threads);
+  const int64_t C = (Q + kLanes - 1) / kLanes * kLanes;
+  std::vector<float> channels_last(H * W * C);
+  to_channels_last(pred, H * W, Q, C, channels_last.data(), threads);
+  point_sums(Problem{channels_last.data(), H, W, C, Q, pixels, weights, P, tw, tww, T},
+             softplus_sum, sigmoid_sum, x_t, s_t, threads);
 }
