@@ -16,6 +16,7 @@ BENCHMARKS = [
     ("bench_rasterize.py", []),
     ("bench_submission.py", []),
     ("bench_pixel_decoder.py", []),
+    ("bench_matcher.py", []),
     ("bench_mask2former.py", []),
     ("bench_neighborhood_attention.py", []),
     ("bench_semask.py", []),

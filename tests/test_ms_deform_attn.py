@@ -291,10 +291,11 @@ def test_auto_impl_uses_the_compiled_kernels_on_cpu(monkeypatch):
 
 
 def test_resolve_impl_per_device():
+    from mask2former.modeling.cpu_kernels import cpu_kernel_status
     from mask2former.modeling.pixel_decoder import deformable_attention as op
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    assert op.cpu_kernel_status() is None  # a C++ compiler is part of the supported set-up
+    assert cpu_kernel_status() is None  # a C++ compiler is part of the supported set-up
     assert op.resolve_impl("auto", cpu) == "cpu"
     assert op.resolve_impl("pytorch", cpu) == "pytorch"
     assert op.resolve_impl("triton", cpu) == "triton"  # explicit names are kept (and may raise)

@@ -24,7 +24,13 @@ import threading
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["CPUKernelUnavailable", "cpu_kernel_status", "kernel_cache_dir", "load_library"]
+__all__ = [
+    "CPUKernelUnavailable",
+    "cpu_kernel_status",
+    "cpu_or_fallback",
+    "kernel_cache_dir",
+    "load_library",
+]
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = (_CSRC / "deformable_attention_cpu.cpp", _CSRC / "matcher_cpu.cpp")
@@ -135,3 +141,19 @@ def cpu_kernel_status() -> Optional[str]:
     except CPUKernelUnavailable as e:
         return str(e)
     return None
+
+
+@functools.cache
+def cpu_or_fallback(what: str, fallback: str) -> str:
+    """ "cpu" when the kernels load here, else ``fallback``, the slower PyTorch path of ``what``
+    (e.g. "Deformable attention on CPU"), with a warning that says why (once per ``what``)."""
+    reason = cpu_kernel_status()
+    if reason is None:
+        return "cpu"
+    logger.warning(
+        "%s: the compiled CPU kernels are not available (%s); using the slower PyTorch path %r",
+        what,
+        reason,
+        fallback,
+    )
+    return fallback

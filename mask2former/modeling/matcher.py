@@ -2,17 +2,14 @@
 
 import ctypes
 import functools
-import logging
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from .cpu_kernels import cpu_kernel_status, load_library
+from .cpu_kernels import cpu_or_fallback, load_library
 from .point_sampling import point_sample
-
-logger = logging.getLogger(__name__)
 
 # Matching cost given to NaN / inf entries (finite costs are within a few tens).
 INVALID_COST = 1e6
@@ -148,18 +145,9 @@ def mask_costs(
     return MASK_COST_IMPLS[impl](pred_masks, coords, tgt_points, weights)
 
 
-@functools.cache
 def _cpu_default() -> str:
-    """ "cpu" when the compiled CPU kernels load here, else "pytorch", saying why once."""
-    reason = cpu_kernel_status()
-    if reason is None:
-        return "cpu"
-    logger.warning(
-        "The matcher's mask costs on CPU use the slower PyTorch path: the compiled CPU kernels "
-        "are not available: %s",
-        reason,
-    )
-    return "pytorch"
+    """ "cpu" when the compiled CPU kernels load here, else "pytorch" (saying why, once)."""
+    return cpu_or_fallback("The matcher's mask costs on CPU", "pytorch")
 
 
 class HungarianMatcher(nn.Module):

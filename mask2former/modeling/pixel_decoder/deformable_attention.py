@@ -22,7 +22,6 @@ initialisation.
 """
 
 import functools
-import logging
 import math
 import warnings
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ..cpu_kernels import cpu_kernel_status
+from ..cpu_kernels import cpu_or_fallback
 from .deformable_attention_cpu import ms_deform_attn_cpu_logits, ms_deform_attn_cpu_pixels
 from .deformable_attention_triton import ms_deform_attn_triton, triton_available
 
@@ -381,21 +380,10 @@ MS_DEFORM_ATTN_IMPLS = {
     "triton": ms_deform_attn_triton,
 }
 
-logger = logging.getLogger(__name__)
 
-
-@functools.cache
 def _cpu_default() -> str:
-    """ "cpu" when the CPU kernels build and load here, else "fast", saying why once."""
-    reason = cpu_kernel_status()
-    if reason is None:
-        return "cpu"
-    logger.warning(
-        'Deformable attention on CPU uses the slower PyTorch path ("fast"): the compiled CPU '
-        "kernels are not available: %s",
-        reason,
-    )
-    return "fast"
+    """ "cpu" when the CPU kernels build and load here, else "fast" (saying why, once)."""
+    return cpu_or_fallback("Deformable attention on CPU", "fast")
 
 
 def resolve_impl(impl: str, device: torch.device) -> str:
