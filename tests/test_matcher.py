@@ -166,6 +166,13 @@ def test_invalid_arguments():
         HungarianMatcher(impl="cuda")
     with pytest.raises(ValueError, match="unknown mask cost impl"):
         mask_costs(torch.zeros(1, 2, 2), torch.zeros(3, 2), torch.zeros(1, 3), impl="fast")
+    with pytest.raises(TypeError, match="coords is torch.float64"):
+        mask_costs(torch.zeros(1, 2, 2), torch.zeros(3, 2).double(), torch.zeros(1, 3), impl="cpu")
+    with pytest.raises(ValueError, match="point counts differ"):
+        mask_costs(torch.zeros(1, 2, 2), torch.zeros(4, 2), torch.zeros(1, 3), impl="cpu")
+    with pytest.raises(ValueError, match="point counts differ"):
+        weights = torch.ones(2)
+        mask_costs(torch.zeros(1, 2, 2), torch.zeros(3, 2), torch.zeros(1, 3), weights, impl="cpu")
 
 
 def reference_mask_costs(pred_masks, coords, tgt_points, weights):

@@ -85,10 +85,21 @@ def _point_sums_kernel():
 
 def _mask_costs_cpu(pred_masks, coords, tgt_points, weights):
     """The costs of :func:`mask_costs` from the sums of the compiled CPU kernel
-    (``csrc/matcher_cpu.cpp``): the points are sampled and the sums taken in one pass, without
-    the [Q, P] point values."""
+    (``csrc/matcher_cpu.cpp``): the points are sampled and the sums taken without forming the
+    [Q, P] point values."""
+    tensors = {"pred_masks": pred_masks, "coords": coords, "tgt_points": tgt_points}
+    if weights is not None:
+        tensors["weights"] = weights
+    for name, t in tensors.items():
+        if t.device.type != "cpu" or t.dtype != torch.float32:
+            raise TypeError(
+                f"the CPU kernel takes float32 CPU tensors, {name} is {t.dtype} on {t.device}"
+            )
     num_queries, height, width = pred_masks.shape
     num_targets, num_points = tgt_points.shape
+    if coords.shape != (num_points, 2) or (weights is not None and weights.shape != (num_points,)):
+        shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+        raise ValueError(f"point counts differ: {shapes}")
     pred = pred_masks.contiguous()
     # grid_sample's pixel (align_corners=False): coordinate * size - 0.5
     pixels = (coords * coords.new_tensor([width, height]) - 0.5).contiguous()

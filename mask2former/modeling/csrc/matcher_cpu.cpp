@@ -1,5 +1,5 @@
 // The Hungarian matcher's mask costs on the CPU: the sums over the sampled points of one image,
-// for Q predicted masks against T target masks, in one pass over the points.
+// for Q predicted masks against T target masks, without forming the [Q, P] point values.
 //
 // Plain C++17 with no PyTorch headers, built with the other kernels of this folder
 // (mask2former/modeling/cpu_kernels.py) and called through ctypes by matcher.py, which checks
