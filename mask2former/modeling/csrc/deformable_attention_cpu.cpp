@@ -165,7 +165,7 @@ using RowFor =
 // out[row, m] for the rows [begin, end) of N * Lq; DC is D when known at compile time, else 0.
 template <typename T, int DC>
 KERNEL_CLONES void forward_rows(const Problem<T>& p, T* out, T* weights_out, int64_t begin,
-                              int64_t end) {
+                                int64_t end) {
   const int64_t D = DC > 0 ? DC : p.D, K = p.L * p.P, stride = p.M * D;  // stride: one pixel
   T weights[kMaxPoints];
   for (int64_t row = begin; row < end; ++row) {
@@ -200,7 +200,7 @@ KERNEL_CLONES void forward_rows(const Problem<T>& p, T* out, T* weights_out, int
 // Gradients for the (image, head) pairs [begin, end) of N * M. grad_value must be zeroed.
 template <typename T, int DC>
 KERNEL_CLONES void backward_pairs(const Problem<T>& p, const T* grad_out, T* grad_value,
-                                T* grad_offset, T* grad_logits, int64_t begin, int64_t end) {
+                                  T* grad_offset, T* grad_logits, int64_t begin, int64_t end) {
   const int64_t D = DC > 0 ? DC : p.D, K = p.L * p.P, stride = p.M * D;  // stride: one pixel
   T grad_weights[kMaxPoints];
   for (int64_t pair = begin; pair < end; ++pair) {
@@ -235,7 +235,8 @@ KERNEL_CLONES void backward_pairs(const Problem<T>& p, const T* grad_out, T* gra
             g_out.add_to(weights[k] * corners.bilinear[c], grad_value + at);
           }
           const T fx = corners.fx, fy = corners.fy;
-          grad_weights[k] = (g[0] * (1 - fx) + g[1] * fx) * (1 - fy) + (g[2] * (1 - fx) + g[3] * fx) * fy;
+          grad_weights[k] =
+              (g[0] * (1 - fx) + g[1] * fx) * (1 - fy) + (g[2] * (1 - fx) + g[3] * fx) * fy;
           g_offset[2 * k] = ((g[1] - g[0]) * (1 - fy) + (g[3] - g[2]) * fy) * weights[k];
           g_offset[2 * k + 1] = ((g[2] - g[0]) * (1 - fx) + (g[3] - g[1]) * fx) * weights[k];
         }
