@@ -185,8 +185,13 @@ def test_two_processes_train_kill_resume_and_eval(data_root, tmp_path):
     bank_dir = out / "copy_paste_bank" / "machine0"
     current = bank_dir / "CURRENT"
     try:
+        # (the hook logs the bank's IoUs after making it current: wait for the line too)
         wait_for(
-            lambda: current.is_file() and current.read_text() == "v0001\n",
+            lambda: (
+                current.is_file()
+                and current.read_text() == "v0001\n"
+                and "copy-paste bank 1 written to " in log.read_text()
+            ),
             proc,
             log,
             "the bank regenerated after the evaluation",
