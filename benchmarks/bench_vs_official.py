@@ -2,7 +2,7 @@
 """This project against the official Mask2Former code on CPU, measured side by side in one run.
 
     python benchmarks/bench_vs_official.py --official PATH [--extra-path DIR] [--rounds 4]
-        [--repeats 3] [--threads 2] [--precision fp32 bf16] [--skip-train]
+        [--repeats 3] [--threads 2] [--precision fp32 bf16 bf16+compile] [--skip-train]
 
 PATH is a checkout of the official Mask2Former repository (github facebookresearch/Mask2Former);
 it is read, never modified. Its Swin backbone imports ``timm``: give a folder holding timm with
@@ -18,8 +18,9 @@ times ``--repeats`` runs after one warm-up, and the table gives medians over all
 ratio official / project.
 
 - inference: one 512x512 image, ``model.eval()``, ``torch.no_grad()``; the project also under
-  ``MODEL.PRECISION bf16`` when ``--precision`` lists it (the official code has no such option:
-  its figure is fp32).
+  ``MODEL.PRECISION bf16`` and under ``MODEL.PRECISION bf16`` + ``MODEL.COMPILE True`` when
+  ``--precision`` lists "bf16" / "bf16+compile" (the official code has no such options: its
+  figure is fp32; the compiled worker compiles in its warm-up run, which is not timed).
 - training step: batch 2 of 256x256 with 3 random masks each, forward + backward + optimizer
   step, each with its own optimizer recipe from the YAML (AdamW, per-parameter groups,
   full-model gradient clipping 0.01): the official trainer's ``build_optimizer`` and this
@@ -42,6 +43,12 @@ COMMON_OPTS = [
     "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "11",
     "MODEL.SWIN.DROP_PATH_RATE", "0.0",
 ]  # fmt: skip
+# --precision values other than fp32 -> (project inference task, its config overrides)
+PROJECT_INFERENCE = {
+    "bf16": ("infer_bf16", ["MODEL.PRECISION", "bf16"]),
+    "bf16+compile": ("infer_bf16_compile", ["MODEL.PRECISION", "bf16", "MODEL.COMPILE", "True"]),
+}
+TASK_OPTS = dict(PROJECT_INFERENCE.values())
 
 
 def _build_official(official: str, opts):
@@ -97,7 +104,7 @@ def worker(args) -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    opts = [] if args.task != "infer_bf16" else ["MODEL.PRECISION", "bf16"]
+    opts = TASK_OPTS.get(args.task, [])
     build = _build_official if args.worker == "official" else _build_project
     model, make_optimizer = build(args.official, opts)
     times = []
@@ -155,10 +162,12 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=4, help="official / project alternations")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per worker")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    p.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16"))
+    p.add_argument(
+        "--precision", nargs="+", default=["fp32", "bf16"], choices=("fp32", *PROJECT_INFERENCE)
+    )
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--worker", choices=("official", "project"), help=argparse.SUPPRESS)
-    p.add_argument("--task", choices=("infer", "infer_bf16", "train"), help=argparse.SUPPRESS)
+    p.add_argument("--task", choices=("infer", *TASK_OPTS, "train"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if not os.path.isfile(os.path.join(args.official, YAML)):
         p.error(f"--official {args.official}: no {YAML} in it (not a Mask2Former checkout?)")
@@ -167,8 +176,9 @@ def main(argv=None) -> None:
         return
 
     rows = [("inference 512x512, fp32", "infer", "infer")]
-    if "bf16" in args.precision:
-        rows.append(("inference 512x512, project bf16 vs official fp32", "infer", "infer_bf16"))
+    for precision, (task, _) in PROJECT_INFERENCE.items():
+        if precision in args.precision:
+            rows.append((f"inference 512x512, project {precision} vs official fp32", "infer", task))
     if not args.skip_train:
         rows.append(("training step, batch 2 of 256x256", "train", "train"))
     with tempfile.TemporaryDirectory() as stub_dir:
@@ -185,15 +195,15 @@ def main(argv=None) -> None:
                 times = _run_worker(args, which, task, stub_dir)
                 results.setdefault((which, task), []).extend(times)
                 print(
-                    f"round {r + 1}/{args.rounds} {which:8s} {task:10s} "
+                    f"round {r + 1}/{args.rounds} {which:8s} {task:18s} "
                     f"median {statistics.median(times):.3f} s",
                     flush=True,
                 )
-    print(f"\n{'':52s} {'official s':>10s} {'project s':>10s} {'ratio':>7s}")
+    print(f"\n{'':58s} {'official s':>10s} {'project s':>10s} {'ratio':>7s}")
     for label, official_task, project_task in rows:
         official = statistics.median(results[("official", official_task)])
         project = statistics.median(results[("project", project_task)])
-        print(f"{label:52s} {official:10.3f} {project:10.3f} {official / project:6.2f}x")
+        print(f"{label:58s} {official:10.3f} {project:10.3f} {official / project:6.2f}x")
     print(
         f"(medians of {args.rounds} rounds x {args.repeats} runs, {args.threads} threads, "
         "official / project alternating)"
