@@ -36,7 +36,12 @@ _LEVEL_NAMES = ("res2", "res3", "res4", "res5")
 
 
 class ConvTokenizer(nn.Module):
-    """Image ``[B, 3, H, W]`` -> tokens ``[B, H/4, W/4, C]`` by two stride-2 3x3 convolutions."""
+    """Image ``[B, 3, H, W]`` -> tokens ``[B, H/4, W/4, C]`` by two stride-2 3x3 convolutions.
+
+    The first convolution, on the image, runs in the weights' dtype even under autocast: in
+    bfloat16 (8 significant bits) the normalised image itself would lose up to about one
+    intensity level; that convolution is a negligible share of the arithmetic.
+    """
 
     def __init__(self, in_chans: int = 3, embed_dim: int = 96):
         super().__init__()
@@ -47,7 +52,9 @@ class ConvTokenizer(nn.Module):
         self.norm = nn.LayerNorm(embed_dim)
 
     def forward(self, x):
-        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = self.proj[0](x.to(self.proj[0].weight.dtype))
+        return self.norm(self.proj[1](x).permute(0, 2, 3, 1))
 
 
 class ConvDownsampler(nn.Module):

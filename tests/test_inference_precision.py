@@ -191,6 +191,44 @@ def test_bf16_reaches_pixel_decoder_layers_but_not_the_sampling(impl, monkeypatc
     assert sampling.dtypes == [(torch.float32, torch.float32)] * 2
 
 
+# per backbone config: the convolution that reads the image (kept in float32 under bf16) and a
+# later layer that does run in bf16
+_STEMS = {
+    "swin": (TINY_M2F, "patch_embed.proj", "layers.0.blocks.0.attn.qkv"),
+    "dinat": (TINY_CONFIGS[2], "patch_embed.proj.0", "patch_embed.proj.1"),
+}
+
+
+@pytest.mark.parametrize("backbone", sorted(_STEMS))
+def test_bf16_reads_the_image_in_float32(backbone):
+    """bfloat16 would round the normalised image itself (8 significant bits): the first
+    convolution takes float32 input and weights and matches the fp32 model's to fp32 rounding."""
+    config, stem_name, later_name = _STEMS[backbone]
+    fp32 = build(config).eval()
+    bf16 = build(config, "MODEL.PRECISION", "bf16", weights_from=fp32).eval()
+    seen = {}
+
+    def record(tag, module, inputs, output):
+        seen[tag] = (inputs[0].dtype, output.dtype, output.detach().clone())
+
+    modules = dict(bf16.backbone.named_modules())
+    handles = [
+        modules[stem_name].register_forward_hook(functools.partial(record, "stem")),
+        modules[later_name].register_forward_hook(functools.partial(record, "later")),
+        dict(fp32.backbone.named_modules())[stem_name].register_forward_hook(
+            functools.partial(record, "fp32 stem")
+        ),
+    ]
+    inputs = random_inputs(64)
+    predict(bf16, inputs)
+    predict(fp32, inputs)
+    for handle in handles:
+        handle.remove()
+    assert seen["stem"][:2] == (torch.float32, torch.float32)
+    assert seen["later"][1] == torch.bfloat16
+    torch.testing.assert_close(seen["stem"][2], seen["fp32 stem"][2], rtol=1e-5, atol=1e-5)
+
+
 def test_fp32_pixel_decoder_ignores_an_enclosing_autocast():
     """Without MODEL.PRECISION the decoder keeps the official all-fp32 policy."""
     model = build(TINY_M2F).eval()
