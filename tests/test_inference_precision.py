@@ -290,6 +290,22 @@ def test_training_is_unaffected_by_precision_and_compile():
     assert dtypes == dict.fromkeys(_pixel_decoder_layers(model), torch.float32)
 
 
+@pytest.mark.parametrize("config", TINY_CONFIGS, ids=["m2f", "semask", "dinat"])
+def test_compiled_network_is_one_graph(config):
+    """MODEL.COMPILE's network traces into one graph: no graph break (each one runs eagerly
+    between two compiled pieces, and a break inside a repeated block makes every block's resumed
+    frame a recompilation, past Dynamo's limit). Kernel-choice lookups with side effects (the CPU
+    library load, logging a choice) are constants of the graph."""
+    model = build(config).eval()
+    images = model.preprocess_image(random_inputs(64)).tensor
+    torch._dynamo.reset()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        explanation = torch._dynamo.explain(model.network_outputs)(images)
+    reasons = [reason.reason.splitlines()[0] for reason in explanation.break_reasons]
+    assert explanation.graph_break_count == 0, reasons
+    assert explanation.graph_count == 1
+
+
 def test_compiled_inference_equals_eager():
     eager = build(TINY_M2F)
     compiled = build(TINY_M2F, "MODEL.COMPILE", "True", weights_from=eager)

@@ -33,6 +33,9 @@ def check_impl_name(impl: str) -> None:
         )
 
 
+# (torch.compile takes the answer as a constant of the graph: tracing the logging of a new
+# choice would split the graph at every call)
+@torch.compiler.assume_constant_result
 def resolve_attention_impl(impl: str, device, has_rpb: bool) -> str:
     """Concrete implementation for ``impl`` on ``device``; logs each new choice once.
 

@@ -111,6 +111,7 @@ class _GridTiling(NamedTuple):
 
 
 @functools.lru_cache(maxsize=64)
+@torch.compiler.assume_constant_result
 def _grid_tiling(
     height: int, width: int, kernel_size: int, max_tile: int, device: torch.device, dtype
 ) -> _GridTiling:

@@ -24,6 +24,8 @@ import threading
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 __all__ = [
     "CPUKernelUnavailable",
     "cpu_kernel_status",
@@ -143,7 +145,10 @@ def cpu_kernel_status() -> Optional[str]:
     return None
 
 
+# (torch.compile takes the answer as a constant of the graph instead of tracing the library
+# load and its lock, which would split the graph at every call)
 @functools.cache
+@torch.compiler.assume_constant_result
 def cpu_or_fallback(what: str, fallback: str) -> str:
     """ "cpu" when the kernels load here, else ``fallback``, the slower PyTorch path of ``what``
     (e.g. "Deformable attention on CPU"), with a warning that says why (once per ``what``)."""
