@@ -26,7 +26,7 @@ from detectron2.config import configurable
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone, ShapeSpec
 from torch import nn
 
-from mask2former.modeling.layers import DropPath, Mlp
+from mask2former.modeling.layers import DropPath, Mlp, in_weight_dtype
 
 from .neighborhood_attention import NeighborhoodAttention2D
 
@@ -52,8 +52,7 @@ class ConvTokenizer(nn.Module):
         self.norm = nn.LayerNorm(embed_dim)
 
     def forward(self, x):
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            x = self.proj[0](x.to(self.proj[0].weight.dtype))
+        x = in_weight_dtype(self.proj[0], x)
         return self.norm(self.proj[1](x).permute(0, 2, 3, 1))
 
 

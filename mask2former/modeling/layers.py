@@ -37,3 +37,12 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+def in_weight_dtype(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` in the dtype of ``module``'s weights, outside any enclosing autocast (for a
+    backbone's convolution on the image: in bfloat16, whose 8 significant bits round the
+    normalised image by up to about one intensity level)."""
+    weight = next(module.parameters())
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return module(x.to(weight.dtype))

@@ -29,7 +29,7 @@ from detectron2.config import configurable
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone, ShapeSpec
 from torch import nn
 
-from ..layers import DropPath, Mlp
+from ..layers import DropPath, Mlp, in_weight_dtype
 
 __all__ = [
     "window_partition",
@@ -496,8 +496,7 @@ class PatchEmbed(nn.Module):
         ph, pw = self.patch_size
         if h % ph or w % pw:
             x = F.pad(x, (0, (pw - w % pw) % pw, 0, (ph - h % ph) % ph))
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            x = self.proj(x.to(self.proj.weight.dtype))
+        x = in_weight_dtype(self.proj, x)
         if self.norm is not None:
             wh, ww = x.shape[2:]
             x = self.norm(x.flatten(2).transpose(1, 2))
