@@ -1,9 +1,13 @@
-"""Small layers shared by the transformer backbones (Swin, SeMask, DiNAT)."""
+"""Small layers shared by the transformer backbones (Swin, SeMask, DiNAT) and the heads."""
+
+from typing import Optional
 
 import torch
+from detectron2.layers import Conv2d
 from torch import nn
+from torch.nn import functional as F
 
-__all__ = ["DropPath", "Mlp"]
+__all__ = ["DropPath", "Mlp", "PointwiseConv2d", "in_weight_dtype", "pointwise_conv2d"]
 
 
 class DropPath(nn.Module):
@@ -46,3 +50,43 @@ def in_weight_dtype(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     weight = next(module.parameters())
     with torch.autocast(device_type=x.device.type, enabled=False):
         return module(x.to(weight.dtype))
+
+
+def pointwise_conv2d(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """The 1x1 convolution (stride 1, no padding, one group) of ``x`` [N, C, H, W] with
+    ``weight`` [C_out, C, 1, 1] and ``bias`` [C_out], as one matrix product over the channels in
+    ``x``'s own layout: an NCHW input gives an NCHW result, a channels-last one a channels-last
+    result. The same sums as ``F.conv2d``; on CPU the convolution library takes an NCHW input
+    with such an ambiguous-layout kernel as channels-last and converts the map there and back
+    (bfloat16: about 4x the product's time)."""
+    n, c, h, w = x.shape
+    matrix = weight.view(weight.shape[0], c)
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return F.linear(x.permute(0, 2, 3, 1), matrix, bias).permute(0, 3, 1, 2)
+    x = x.contiguous().view(n, c, h * w)
+    if bias is None:
+        out = torch.matmul(matrix, x)
+    elif n == 1:
+        out = torch.addmm(bias[:, None], matrix, x[0])
+    else:
+        out = torch.baddbmm(bias[None, :, None], matrix.expand(n, -1, -1), x)
+    return out.view(n, -1, h, w)
+
+
+class PointwiseConv2d(Conv2d):
+    """Detectron2's ``Conv2d`` (optional ``norm`` then ``activation``) with a 1x1 kernel,
+    computed by :func:`pointwise_conv2d`; the parameters (``weight`` [C_out, C_in, 1, 1],
+    ``bias``, ``norm.*``) are those of the convolution it replaces."""
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True, **kwargs):
+        super().__init__(in_channels, out_channels, kernel_size=1, bias=bias, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = pointwise_conv2d(x, self.weight, self.bias)
+        if self.norm is not None:
+            x = self.norm(x)
+        if self.activation is not None:
+            x = self.activation(x)
+        return x

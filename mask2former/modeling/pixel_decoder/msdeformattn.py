@@ -18,6 +18,7 @@ from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from torch import nn
 
+from ..layers import PointwiseConv2d
 from ..position_encoding import PositionEmbeddingSine
 from .deformable_attention import MSDeformAttn, SpatialShapes
 
@@ -280,9 +281,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         # 1x1 conv + GroupNorm per encoder level, ordered from the lowest resolution
         self.input_proj = nn.ModuleList(
             [
-                nn.Sequential(
-                    nn.Conv2d(in_channels, conv_dim, kernel_size=1), nn.GroupNorm(32, conv_dim)
-                )
+                nn.Sequential(PointwiseConv2d(in_channels, conv_dim), nn.GroupNorm(32, conv_dim))
                 for in_channels in transformer_in_channels[::-1]
             ]
         )
@@ -303,7 +302,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.pe_layer = PositionEmbeddingSine(conv_dim // 2, normalize=True)
 
         self.mask_dim = mask_dim
-        self.mask_features = Conv2d(conv_dim, mask_dim, kernel_size=1, stride=1, padding=0)
+        self.mask_features = PointwiseConv2d(conv_dim, mask_dim)
         weight_init.c2_xavier_fill(self.mask_features)
 
         self.maskformer_num_feature_levels = 3  # always use 3 scales
@@ -315,8 +314,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
         use_bias = norm == ""
         lateral_convs, output_convs = [], []
         for idx, in_channels in enumerate(self.feature_channels[: self.num_fpn_levels]):
-            lateral_conv = Conv2d(
-                in_channels, conv_dim, kernel_size=1, bias=use_bias, norm=get_norm(norm, conv_dim)
+            lateral_conv = PointwiseConv2d(
+                in_channels, conv_dim, bias=use_bias, norm=get_norm(norm, conv_dim)
             )
             output_conv = Conv2d(
                 conv_dim,

@@ -12,10 +12,10 @@ from typing import Callable, Dict, List, Optional, Sequence
 import fvcore.nn.weight_init as weight_init
 import torch
 from detectron2.config import configurable
-from detectron2.layers import Conv2d
 from torch import nn
 from torch.nn import functional as F
 
+from ..layers import PointwiseConv2d
 from ..point_sampling import resize_bilinear
 from ..position_encoding import PositionEmbeddingSine
 from .registry import TRANSFORMER_DECODER_REGISTRY
@@ -263,7 +263,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         self.input_proj = nn.ModuleList()
         for _ in range(self.num_feature_levels):
             if in_channels != hidden_dim or enforce_input_project:
-                proj = Conv2d(in_channels, hidden_dim, kernel_size=1)
+                proj = PointwiseConv2d(in_channels, hidden_dim)
                 weight_init.c2_xavier_fill(proj)
             else:
                 proj = nn.Sequential()
