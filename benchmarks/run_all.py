@@ -23,6 +23,7 @@ BENCHMARKS = [
     ("bench_crf.py", []),
     ("bench_data_loader.py", []),
     ("bench_precision.py", []),
+    ("bench_pointwise_conv.py", []),
     ("bench_floor.py", []),
 ]
 

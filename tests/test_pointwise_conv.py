@@ -23,23 +23,27 @@ def _layout(base, layout):
     return x.contiguous()
 
 
-def _inputs(n, layout, seed=0):
+def _tensors(n, seed):
+    """A [n, 5, 7, 18] float64 base map (see ``_layout``), a 5 -> 6 weight and its bias."""
     g = torch.Generator().manual_seed(seed)
-    x = _layout(torch.randn(n, 5, 7, 18, generator=g, dtype=torch.float64), layout)
+    base = torch.randn(n, 5, 7, 18, generator=g, dtype=torch.float64)
     weight = torch.randn(6, 5, 1, 1, generator=g, dtype=torch.float64)
     bias = torch.randn(6, generator=g, dtype=torch.float64)
-    return x, weight, bias
+    return base, weight, bias
+
+
+def _inputs(n, layout, seed=0):
+    base, weight, bias = _tensors(n, seed)
+    return _layout(base, layout), weight, bias
 
 
 @pytest.mark.parametrize("n", [1, 3])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_equals_conv2d_values_and_gradients(n, layout, with_bias):
-    g = torch.Generator().manual_seed(1)
-    base = torch.randn(n, 5, 7, 18, generator=g, dtype=torch.float64)
-    weight = torch.randn(6, 5, 1, 1, generator=g, dtype=torch.float64)
-    bias = torch.randn(6, generator=g, dtype=torch.float64) if with_bias else None
-    grad = torch.randn(n, 6, 7, 9, generator=g, dtype=torch.float64)
+    base, weight, bias = _tensors(n, seed=1)
+    bias = bias if with_bias else None
+    grad = torch.randn(n, 6, 7, 9, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     leaves = [t.clone().requires_grad_() for t in (base, weight, bias) if t is not None]
     ref_leaves = [t.clone().requires_grad_() for t in (base, weight, bias) if t is not None]
 
