@@ -4,6 +4,7 @@ per component of Mask2Former Swin-T, the matrix-product FLOPs, the measured time
 those FLOPs take at the machine's measured matrix-product rate.
 
     python benchmarks/bench_floor.py [--repeats 5] [--threads N] [--size 512] [--bf16] [--train]
+        [--profile]
 
 FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` (matrix products, convolutions
 and attention; elementwise work and the deformable-attention gather are not counted, so the floor
@@ -19,6 +20,11 @@ previous component's outputs detached into leaves (backward of the sum of its ou
 products as with the real upstream gradients); "losses" is the matcher, the criterion and their
 backward, "optimizer" the clipped AdamW step. "all" is the whole step (``model(batch)``, backward
 of the summed losses, optimizer step).
+
+``--profile``: afterwards, one more whole run under ``torch.profiler``: the matrix products' time
+and GFLOP/s per operator, the product shapes that lose the most time against the measured rate,
+and the operators with the most self time. The profiler inflates memory-bound operators on this
+kind of machine, so its figures say where to look, the timed components what things cost.
 """
 
 import argparse
@@ -176,16 +182,59 @@ def training_pieces(model, batch, optimizer):
     }
 
 
-def measure_training(model, batch, optimizer, repeats):
-    """GFLOPs (forward + backward) and median seconds of each training step component, and of
-    the whole step."""
+def training_step(model, batch, optimizer):
+    """The whole training step as a function: ``model(batch)``, backward of the summed
+    losses, optimizer step."""
 
-    def whole_step():
+    def step():
         sum(model(batch).values()).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return count_and_time(training_pieces(model, batch, optimizer), whole_step, repeats)
+    return step
+
+
+def measure_training(model, batch, optimizer, repeats):
+    """GFLOPs (forward + backward) and median seconds of each training step component, and of
+    the whole step."""
+    whole = training_step(model, batch, optimizer)
+    return count_and_time(training_pieces(model, batch, optimizer), whole, repeats)
+
+
+MATRIX_PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def profile_run(run, rate, top=12):
+    """Print where one call of ``run`` spends its time, by ``torch.profiler`` (see the module
+    docstring): matrix products per operator and per shape, then operators by self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True, with_flops=True) as prof:
+        run()
+    by_op, by_shape = {}, {}
+    for event in prof.events():
+        if event.name not in MATRIX_PRODUCTS:
+            continue
+        seconds, gflop = event.self_cpu_time_total / 1e6, (event.flops or 0) / 1e9
+        for table, key in ((by_op, event.name), (by_shape, (event.name, str(event.input_shapes)))):
+            entry = table.setdefault(key, [0, 0.0, 0.0])
+            entry[0] += 1
+            entry[1] += seconds
+            entry[2] += gflop
+    print(f"\nmatrix products under torch.profiler (rate {rate:.1f} GFLOP/s):")
+    print(f"{'operator':<16}{'calls':>7}{'s':>9}{'GFLOP':>9}{'GFLOP/s':>9}")
+    for name, (calls, seconds, gflop) in sorted(by_op.items(), key=lambda kv: -kv[1][1]):
+        print(f"{name:<16}{calls:>7}{seconds:>9.3f}{gflop:>9.1f}{gflop / seconds:>9.1f}")
+    print(f"\nshapes losing the most time against {rate:.1f} GFLOP/s:")
+    lost = {key: seconds - gflop / rate for key, (_, seconds, gflop) in by_shape.items()}
+    for key in sorted(lost, key=lost.get, reverse=True)[:top]:
+        calls, seconds, gflop = by_shape[key]
+        print(
+            f"  {lost[key]:7.3f} s lost  {calls:4d} x {key[0]} {key[1]}: {seconds:.3f} s, "
+            f"{gflop / seconds:.1f} GFLOP/s"
+        )
+    print("\noperators by self time:")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
 
 
 def main():
@@ -197,6 +246,7 @@ def main():
     p.add_argument(
         "--train", action="store_true", help="a training step (batch 2 of 256x256) instead"
     )
+    p.add_argument("--profile", action="store_true", help="then one run under torch.profiler")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -211,7 +261,9 @@ def main():
     if args.train:
         model = build_model(cfg).train()
         optimizer = build_optimizer(cfg, model)
-        flops, times = measure_training(model, training_batch(torch), optimizer, args.repeats)
+        batch = training_batch(torch)
+        flops, times = measure_training(model, batch, optimizer, args.repeats)
+        whole = training_step(model, batch, optimizer)
         what = "training step, batch 2 of 256x256, forward + backward"
     else:
         # no parameter needs a gradient here (FlopCounterMode's module tracker would hook them)
@@ -219,6 +271,11 @@ def main():
         image = torch.randint(0, 256, (3, args.size, args.size), dtype=torch.uint8)
         inputs = [{"image": image, "height": args.size, "width": args.size}]
         flops, times = measure(model, inputs, args.repeats)
+
+        def whole():
+            with torch.no_grad():
+                model(inputs)
+
         what = f"{args.size}x{args.size}"
     rate = max(rate, matmul_rate(torch.float32))  # the rate drifts while the machine is shared
 
@@ -234,6 +291,8 @@ def main():
         floor = flops[name] / rate
         ratio = f"{times[name] / floor:>9.2f}x" if floor > 0 else f"{'-':>10}"
         print(f"{name:<22}{flops[name]:>8.1f}{times[name]:>12.3f}{floor:>10.3f}{ratio}")
+    if args.profile:
+        profile_run(whole, rate)
 
 
 if __name__ == "__main__":
