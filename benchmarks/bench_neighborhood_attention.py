@@ -2,7 +2,7 @@
 """Neighborhood attention on CPU: one DiNAT layer's attention, and DiNAT-L Mask2Former inference.
 
     python benchmarks/bench_neighborhood_attention.py [--repeats 3] [--threads N]
-        [--natten] [--skip-reference] [--skip-model] [--train]
+        [--natten] [--skip-reference] [--skip-model] [--train] [--compile] [--bf16]
 
 Layer: 128x128 tokens, 6 heads, head dim 32, kernel 11 (DiNAT-L level 0 at 512 px), dilation 1
 and 4, fp32, forward only (``--train`` adds forward + backward of the tiled path):
@@ -10,7 +10,14 @@ and 4, fp32, forward only (``--train`` adds forward + backward of the tiled path
 * tiled      - ``na2d_tiled`` (this project's CPU path), with and without the rpb;
 * reference  - ``na2d_reference``, the naive gather-all-neighbours path (about 3 GB of memory);
 * NATTEN     - ``natten.functional.na2d`` 0.21.7 (no rpb; on CPU it runs through uncompiled flex
-               attention, ~50 s per call here), once, only with ``--natten``.
+               attention, ~50 s per call here), once, only with ``--natten``;
+* compiled   - with ``--compile``, ``na2d_tiled`` with rpb through ``torch.compile`` (what
+               ``MODEL.COMPILE`` does to it), compiled in its untimed warm-up (seconds printed),
+               with its largest difference to the eager result.
+
+``--bf16``: the layer under ``torch.autocast("cpu", torch.bfloat16)`` with bfloat16 queries, keys
+and values (as ``MODEL.PRECISION bf16``'s projections make them; the rpb stays float32);
+meaningful only on CPUs with AVX512-BF16 / AMX.
 
 Model (``--skip-model`` to leave out): Mask2Former with DiNAT-L (configs/m2f_dinat_l.yaml), random
 init, one 512x512 image, 11 classes, fp32, split into backbone and the rest.
@@ -18,6 +25,7 @@ Figures are medians over ``--repeats`` runs after one warm-up run (NATTEN: a sin
 """
 
 import argparse
+import contextlib
 import statistics
 import time
 from functools import partial
@@ -55,13 +63,27 @@ def layer_inputs(seed=0, requires_grad=False):
 def bench_layer(args):
     rows = []
     q, k, v, rpb = layer_inputs()
+    precision = contextlib.nullcontext()
+    if args.bf16:
+        q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
+        precision = torch.autocast("cpu", dtype=torch.bfloat16)
 
     def run(name, fn, has_rpb, dilation, repeats=args.repeats, warmup=True):
         rows.append((name, dilation, has_rpb, *timed(fn, repeats, warmup)))
 
     for d in (1, 4):
-        with torch.no_grad():
+        with torch.no_grad(), precision:
             run("tiled", partial(na2d_tiled, q, k, v, rpb, KERNEL, d), "yes", d)
+            if args.compile:
+                compiled = torch.compile(partial(na2d_tiled, kernel_size=KERNEL, dilation=d))
+                start = time.perf_counter()
+                out = compiled(q, k, v, rpb)
+                seconds = time.perf_counter() - start
+                diff = (out.float() - na2d_tiled(q, k, v, rpb, KERNEL, d).float()).abs().max()
+                print(
+                    f"dilation {d}: compiled in {seconds:.1f} s, max |compiled - eager| {diff:.2e}"
+                )
+                run("tiled, compiled", partial(compiled, q, k, v, rpb), "yes", d)
             run("tiled", partial(na2d_tiled, q, k, v, None, KERNEL, d), "no", d)
             if not args.skip_reference:
                 naive = partial(na2d_reference, q, k, v, rpb, KERNEL, d)
@@ -79,7 +101,7 @@ def bench_layer(args):
             run("tiled fwd+bwd", step, "yes", d)
     print(
         f"\nNeighborhood attention, {SIZE}x{SIZE} tokens, {HEADS} heads, head dim {HEAD_DIM}, "
-        f"kernel {KERNEL}, fp32"
+        f"kernel {KERNEL}, {'bf16 autocast' if args.bf16 else 'fp32'}"
     )
     print(f"  {'implementation':<22} {'dilation':>8} {'rpb':>4} {'median s':>9} {'cpu s':>7}")
     for name, dilation, has_rpb, wall, cpu in rows:
@@ -130,6 +152,8 @@ def main():
     parser.add_argument("--skip-reference", action="store_true", help="leave out the naive path")
     parser.add_argument("--skip-model", action="store_true", help="leave out DiNAT-L Mask2Former")
     parser.add_argument("--train", action="store_true", help="also time tiled forward + backward")
+    parser.add_argument("--compile", action="store_true", help="also time the compiled tiled path")
+    parser.add_argument("--bf16", action="store_true", help="the layer under bf16 autocast")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
