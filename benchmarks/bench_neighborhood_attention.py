@@ -17,7 +17,7 @@ and 4, fp32, forward only (``--train`` adds forward + backward of the tiled path
 
 ``--bf16``: the layer under ``torch.autocast("cpu", torch.bfloat16)`` with bfloat16 queries, keys
 and values (as ``MODEL.PRECISION bf16``'s projections make them; the rpb stays float32);
-meaningful only on CPUs with AVX512-BF16 / AMX.
+meaningful only on CPUs with AVX512-BF16 / AMX. ``--train``'s rows stay float32.
 
 Model (``--skip-model`` to leave out): Mask2Former with DiNAT-L (configs/m2f_dinat_l.yaml), random
 init, one 512x512 image, 11 classes, fp32, split into backbone and the rest.
