@@ -2,8 +2,9 @@
 
 ``csrc/`` holds the kernels (plain C++17, no PyTorch headers): the deformable attention's
 forward and backward (``deformable_attention_cpu.cpp``, wrapped by
-``pixel_decoder/deformable_attention_cpu.py``) and the Hungarian matcher's point sums
-(``matcher_cpu.cpp``, used by ``matcher.py``). :func:`load_library` compiles them once per
+``pixel_decoder/deformable_attention_cpu.py``), the Hungarian matcher's point sums
+(``matcher_cpu.cpp``, used by ``matcher.py``) and Swin's window attention, forward and backward
+(``window_attention_cpu.cpp``, wrapped by ``backbone/window_attention_cpu.py``). :func:`load_library` compiles them once per
 sources, compiler and flags into one shared library in the kernel cache
 (``$MASK2FORMER_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/trash-mask2former/kernels``, else
 ``~/.cache/trash-mask2former/kernels``; about 6 s with g++) and loads it with ctypes. The
@@ -35,7 +36,11 @@ __all__ = [
 ]
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = (_CSRC / "deformable_attention_cpu.cpp", _CSRC / "matcher_cpu.cpp")
+SOURCES = (
+    _CSRC / "deformable_attention_cpu.cpp",
+    _CSRC / "matcher_cpu.cpp",
+    _CSRC / "window_attention_cpu.cpp",
+)
 HEADERS = (_CSRC / "kernel_common.h",)
 # -O3 vectorises the channel loops; the kernels carry their own per-ISA clones (x86-64);
 # -fopenmp: the threads are OpenMP's (PyTorch's own pool, see kernel_common.h).

@@ -13,10 +13,14 @@ class logits) appear in the backbone output next to the stage's features; a stag
 :meth:`SwinStage.forward_blocks` and :meth:`SwinStage.forward_downsample`. Layers with their own
 official initialisation opt out of the Swin one (:func:`init_swin_weights`).
 
-Same numbers as the official code, computed with fewer copies: padding, cyclic shift and window
-partition (and their inverses) are one gather each (:class:`WindowLayout`, built once per stage),
-and without gradients the attention runs in ``scaled_dot_product_attention`` with the relative
-position bias and the shift mask folded into one additive mask.
+Same numbers as the official code, computed with fewer copies. On CPU in float32 / float64 the
+window attention runs in compiled kernels (:mod:`.window_attention_cpu`) that read the q, k, v of
+the tokens in map order through the window layout's index: padding, cyclic shift and window
+partition are never materialised, and the qkv and output projections skip the padding tokens
+(whose q, k, v are the qkv bias). Elsewhere (GPU, autocast, no C++ compiler) padding, cyclic shift
+and window partition (and their inverses) are one gather each (:class:`WindowLayout`, built once
+per stage), and without gradients the attention runs in ``scaled_dot_product_attention`` with the
+relative position bias and the shift mask folded into one additive mask.
 """
 
 import functools
@@ -29,7 +33,9 @@ from detectron2.config import configurable
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone, ShapeSpec
 from torch import nn
 
+from ..cpu_kernels import cpu_or_fallback
 from ..layers import DropPath, Mlp, in_weight_dtype
+from .window_attention_cpu import window_attention_cpu
 
 __all__ = [
     "window_partition",
@@ -267,6 +273,48 @@ class WindowAttention(nn.Module):
         x = x.reshape(b_, n, c)  # from [B*nW, N, nH, hd]
         return self.proj_drop(self.proj(x))
 
+    def uses_cpu_kernel(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`forward_map` runs the compiled CPU kernels for ``x``: a float32 /
+        float64 CPU tensor outside autocast, no attention dropout in training, and the kernels
+        built here (else a warning, once, says why not)."""
+        return (
+            x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.float64)
+            and not torch.is_autocast_enabled("cpu")
+            and not (self.training and self.attn_drop.p > 0)
+            and cpu_or_fallback("Swin window attention on CPU", "window partition") == "cpu"
+        )
+
+    def forward_map(self, x: torch.Tensor, layout: WindowLayout) -> torch.Tensor:
+        """
+        The attention of every token of a map within its (shifted) window:
+        ``layout.reverse(self(layout.partition(x), layout.attn_mask))``.
+
+        Args:
+            x: [B, H*W, C] tokens in map order (the normalised map).
+            layout: the map's :class:`WindowLayout` for this attention's window and shift.
+
+        Returns:
+            [B, H*W, C].
+        """
+        if not self.uses_cpu_kernel(x):
+            return layout.reverse(self(layout.partition(x), mask=layout.attn_mask))
+        b, length, c = x.shape
+        head_dim = c // self.num_heads
+        # the projections of the real tokens only: a padding token (zeros) projects to the bias
+        qkv = self.qkv(x).view(b, length, 3, self.num_heads, head_dim)
+        pad = self.qkv.bias if self.qkv.bias is not None else x.new_zeros(3 * c)
+        mask = None if layout.attn_mask is None else layout.attn_mask.to(x.dtype)
+        out = window_attention_cpu(
+            qkv,
+            pad.view(3, self.num_heads, head_dim),
+            layout.partition_index,
+            self.relative_position_bias(),
+            mask,
+            self.scale,
+        )
+        return self.proj_drop(self.proj(out))
+
 
 class SwinTransformerBlock(nn.Module):
     """Swin block: (shifted) window attention + MLP, pre-norm residuals.
@@ -327,8 +375,7 @@ class SwinTransformerBlock(nn.Module):
             raise ValueError(f"input has {length} tokens, expected {layout.h} x {layout.w}")
         if (layout.window_size, layout.shift_size) != (self.window_size, self.shift_size):
             raise ValueError("window layout does not match the block's window / shift size")
-        windows = self.attn(layout.partition(self.norm1(x)), mask=layout.attn_mask)
-        x = x + self.drop_path(layout.reverse(windows))
+        x = x + self.drop_path(self.attn.forward_map(self.norm1(x), layout))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 

@@ -36,40 +36,13 @@
 namespace {
 
 typedef float V8 __attribute__((vector_size(32)));
-typedef int32_t I8 __attribute__((vector_size(32)));
 constexpr int kLanes = 8;
 constexpr int64_t kBlock = 512;  // points per block of sums
 constexpr int kStep = 4;         // points in flight at a time
 
-// The vector helpers are compiled into each per-ISA clone of their caller. They work on K
-// vectors at a time, step by step, so that K independent chains are in flight.
-#define ALWAYS_INLINE __attribute__((always_inline)) inline
-
-// e^x for x <= 0. Below -87 it returns e^-87 (about 1.6e-38, nothing next to the 1 it is added
-// to). With a = max(x, -87): a = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts, so that n ln2
-// is exact), then a degree-6 polynomial of e^r, times 2^n built in the exponent bits.
-template <int K>
-ALWAYS_INLINE void exp_nonpositive(const V8 (&x)[K], V8 (&out)[K]) {
-  const V8 shifter = V8{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  V8 n[K], r[K], p[K];
-  for (int k = 0; k < K; ++k) {
-    const V8 a = x[k] < -87.0f ? V8{} - 87.0f : x[k];
-    n[k] = (a * 1.44269504088896341f + shifter) - shifter;
-    r[k] = (a - n[k] * 0.693359375f) + n[k] * 2.12194440e-4f;
-    p[k] = 1.9875691500e-4f * r[k] + 1.3981999507e-3f;
-  }
-  for (int k = 0; k < K; ++k) p[k] = p[k] * r[k] + 8.3334519073e-3f;
-  for (int k = 0; k < K; ++k) p[k] = p[k] * r[k] + 4.1665795894e-2f;
-  for (int k = 0; k < K; ++k) p[k] = p[k] * r[k] + 1.6666665459e-1f;
-  for (int k = 0; k < K; ++k) p[k] = p[k] * r[k] + 5.0000001201e-1f;
-  for (int k = 0; k < K; ++k) {
-    p[k] = p[k] * r[k] * r[k] + r[k] + 1.0f;
-    const I8 bits = (__builtin_convertvector(n[k], I8) + 127) << 23;
-    V8 scale;
-    std::memcpy(&scale, &bits, sizeof(scale));
-    out[k] = p[k] * scale;
-  }
-}
+// The vector helpers (ALWAYS_INLINE, kernel_common.h) are compiled into each per-ISA clone of
+// their caller. They work on K vectors at a time, step by step, so that K independent chains are
+// in flight.
 
 // log(1 + e) for 0 <= e <= 1, as 2 atanh(u) with u = e / (2 + e) <= 1/3 (no rounding of 1 + e,
 // so small e keep their relative precision): the odd series up to u^15 (error below 2e-9).
