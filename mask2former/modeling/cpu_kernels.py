@@ -4,8 +4,9 @@
 forward and backward (``deformable_attention_cpu.cpp``, wrapped by
 ``pixel_decoder/deformable_attention_cpu.py``), the Hungarian matcher's point sums
 (``matcher_cpu.cpp``, used by ``matcher.py``) and Swin's window attention, forward and backward
-(``window_attention_cpu.cpp``, wrapped by ``backbone/window_attention_cpu.py``). :func:`load_library` compiles them once per
-sources, compiler and flags into one shared library in the kernel cache
+(``window_attention_cpu.cpp``, wrapped by ``backbone/window_attention_cpu.py``).
+:func:`load_library` compiles them once per sources, compiler and flags into one shared library
+in the kernel cache
 (``$MASK2FORMER_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/trash-mask2former/kernels``, else
 ``~/.cache/trash-mask2former/kernels``; about 6 s with g++) and loads it with ctypes. The
 library is written under a temporary name and renamed into place, so processes starting

@@ -83,7 +83,7 @@ def _forward_op(
     keep_probs: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(out [B, L, H, D], the softmax [B, nW, H, N, N] if ``keep_probs`` else an empty tensor)."""
-    qkv, pad, index, bias = qkv.contiguous(), pad.contiguous(), index.contiguous(), bias.contiguous()
+    qkv, pad, index, bias = (t.contiguous() for t in (qkv, pad, index, bias))
     mask = None if mask is None else mask.contiguous()
     dims = _check(qkv, pad, index, bias, mask)
     b, length, windows, n, heads, dim = dims
@@ -115,7 +115,7 @@ def _backward_op(
     scale: float,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of qkv, pad and bias, from the forward's softmax."""
-    qkv, pad, index, probs = qkv.contiguous(), pad.contiguous(), index.contiguous(), probs.contiguous()
+    qkv, pad, index, probs = (t.contiguous() for t in (qkv, pad, index, probs))
     grad_out = grad_out.to(qkv.dtype).contiguous()
     b, length, _, heads, dim = qkv.shape
     n = probs.shape[-1]
@@ -183,8 +183,6 @@ def window_attention_cpu(
         [B, L, H * D]: the attention output of every token (padding slots' outputs dropped).
         Differentiable with respect to ``qkv``, ``pad`` and ``bias``.
     """
-    keep_probs = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (qkv, pad, bias)
-    )
+    keep_probs = torch.is_grad_enabled() and any(t.requires_grad for t in (qkv, pad, bias))
     out, _ = _forward_op(qkv, pad, index, bias, mask, float(scale), keep_probs)
     return out.flatten(2)
