@@ -3,6 +3,7 @@
 
     python benchmarks/bench_vs_official.py --official PATH [--extra-path DIR] [--rounds 4]
         [--repeats 3] [--threads 2] [--precision fp32 bf16 bf16+compile] [--skip-train]
+        [--official-cpu-runtime]
 
 PATH is a checkout of the official Mask2Former repository (github facebookresearch/Mask2Former);
 it is read, never modified. Its Swin backbone imports ``timm``: give a folder holding timm with
@@ -25,6 +26,12 @@ ratio official / project.
   step, each with its own optimizer recipe from the YAML (AdamW, per-parameter groups,
   full-model gradient clipping 0.01): the official trainer's ``build_optimizer`` and this
   project's.
+
+The project worker runs with the project's CPU runtime settings (config ``FLUSH_DENORMALS``,
+``REUSE_HOST_MEMORY``: ``mask2former.engine.setup_cpu_runtime``, which ``train_net.py`` and the
+prediction tool apply at start-up), the official worker as the official code runs (neither).
+``--official-cpu-runtime`` gives the official worker the same two settings, to show what they
+alone are worth there.
 """
 
 import argparse
@@ -37,6 +44,7 @@ import tempfile
 import time
 
 YAML = "configs/ade20k/semantic-segmentation/swin/maskformer2_swin_tiny_bs16_160k.yaml"
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON_OPTS = [
     "MODEL.WEIGHTS", "",
     "MODEL.DEVICE", "cpu",
@@ -72,9 +80,10 @@ def _build_official(official: str, opts):
 def _build_project(official: str, opts):
     from detectron2.modeling import build_model
 
-    from mask2former.engine import build_cfg, build_optimizer
+    from mask2former.engine import build_cfg, build_optimizer, setup_cpu_runtime
 
     cfg = build_cfg(os.path.join(official, YAML), COMMON_OPTS + list(opts))
+    setup_cpu_runtime(cfg)
     model = build_model(cfg)
     return model, lambda: build_optimizer(cfg, model)
 
@@ -98,12 +107,27 @@ def training_batch(torch, size=256, batch=2, masks=3):
     return inputs
 
 
+def _official_cpu_runtime() -> None:
+    """The project's CPU runtime settings in the official worker (which cannot import this
+    project: both packages are called ``mask2former``): its module, loaded from its file."""
+    import importlib.util
+
+    path = os.path.join(PROJECT_ROOT, "mask2former", "engine", "cpu_runtime.py")
+    spec = importlib.util.spec_from_file_location("project_cpu_runtime", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.flush_denormals()
+    module.reuse_freed_host_memory()
+
+
 def worker(args) -> None:
     """Build one implementation's model, time it, print one JSON line of seconds."""
     import torch
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.worker == "official" and args.official_cpu_runtime:
+        _official_cpu_runtime()
     opts = TASK_OPTS.get(args.task, [])
     build = _build_official if args.worker == "official" else _build_project
     model, make_optimizer = build(args.official, opts)
@@ -145,7 +169,7 @@ def _run_worker(args, which, task, stub_dir):
         sys.executable, os.path.abspath(__file__), "--official", args.official,
         "--worker", which, "--task", task,
         "--repeats", str(args.repeats), "--threads", str(args.threads),
-    ]  # fmt: skip
+    ] + (["--official-cpu-runtime"] if args.official_cpu_runtime else [])  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -166,6 +190,11 @@ def main(argv=None) -> None:
         "--precision", nargs="+", default=["fp32", "bf16"], choices=("fp32", *PROJECT_INFERENCE)
     )
     p.add_argument("--skip-train", action="store_true")
+    p.add_argument(
+        "--official-cpu-runtime",
+        action="store_true",
+        help="run the official worker with the project's CPU runtime settings too",
+    )
     p.add_argument("--worker", choices=("official", "project"), help=argparse.SUPPRESS)
     p.add_argument("--task", choices=("infer", *TASK_OPTS, "train"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -204,9 +233,10 @@ def main(argv=None) -> None:
         official = statistics.median(results[("official", official_task)])
         project = statistics.median(results[("project", project_task)])
         print(f"{label:58s} {official:10.3f} {project:10.3f} {official / project:6.2f}x")
+    runtime = "both with" if args.official_cpu_runtime else "the project with"
     print(
         f"(medians of {args.rounds} rounds x {args.repeats} runs, {args.threads} threads, "
-        "official / project alternating)"
+        f"official / project alternating; {runtime} the project's CPU runtime settings)"
     )
 
 

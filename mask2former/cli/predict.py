@@ -27,7 +27,7 @@ from mask2former.cli.command import (
 )
 from mask2former.data import register_datasets_from_cfg
 from mask2former.data.catalog.common import dataset_file_names
-from mask2former.engine import SafeCheckpointer
+from mask2former.engine import SafeCheckpointer, setup_cpu_runtime
 from mask2former.inference.image_inputs import predict_image_files
 from mask2former.inference.predictor import SemSegPredictor, predict_records
 from mask2former.inference.sinks import OverlaySink, ProbDumpSink, ScoreSink, SubmissionSink
@@ -80,6 +80,7 @@ def main(argv=None):
     setup_logger(name="mask2former")
     logger = setup_logger(name="predict")
     cfg = project_cfg(args)
+    setup_cpu_runtime(cfg)
     register_datasets_from_cfg(cfg)
     tta = args.tta or cfg.TEST.AUG.ENABLED  # the official meaning of TEST.AUG.ENABLED
     model = build_model(cfg)

@@ -21,16 +21,18 @@ from mask2former.engine import (
     check_num_classes,
     launch,
     run_training_checks,
+    setup_cpu_runtime,
 )
 
 
 def setup(args):
     """Config from the command line (Mask2Former + SeMask + DiNAT keys), registered datasets,
-    logging and output dir."""
+    logging, output dir and this process's CPU runtime settings."""
     cfg = project_cfg(args)
     default_setup(cfg, args)
     for name in ("mask2former", "semask", "dinat"):
         setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name=name)
+    setup_cpu_runtime(cfg)
     register_datasets_from_cfg(cfg)
     return cfg
 

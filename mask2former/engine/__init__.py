@@ -8,6 +8,7 @@ from .checkpoint import (
     UnsafeCheckpointError,
 )
 from .checks import check_num_classes, run_training_checks
+from .cpu_runtime import setup_cpu_runtime
 from .ema import EMAEvalHook, EMAHook, ModelEMA, export_ema_weights
 from .launch import launch
 from .optimizer import build_optimizer, get_param_groups
@@ -32,4 +33,5 @@ __all__ = [
     "get_project_cfg",
     "launch",
     "run_training_checks",
+    "setup_cpu_runtime",
 ]
