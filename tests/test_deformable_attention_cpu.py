@@ -1,7 +1,7 @@
 """The compiled CPU kernels: building into the kernel cache (atomic, shared by processes starting
-together) and the fallback when no compiler is there (deformable attention and matcher); for the
-deformable-attention kernels, thread-count independence, the generic channel path, input checks,
-the custom operators' registration and torch.compile. Values and gradients against the
+together) and the fallback when no compiler is there (deformable attention, matcher and Swin's
+window attention); for the deformable-attention kernels, thread-count independence, the generic
+channel path, input checks, the custom operators' registration and torch.compile. Values and gradients against the
 brute-force reference are in test_ms_deform_attn.py (the "cpu" implementation); the matcher's
 kernel is tested in test_matcher.py."""
 
@@ -30,7 +30,15 @@ _BUILD = textwrap.dedent(
     files = sorted(p.name for p in cache.iterdir()) if cache.exists() else []
     impl = op.resolve_impl("auto", __import__("torch").device("cpu"))
     matcher_impl = matcher._cpu_default()
-    print(json.dumps({"status": status, "files": files, "impl": impl, "matcher": matcher_impl}))
+    # Swin's window attention: the kernels, or the window-partition path without them
+    import torch
+    from mask2former.modeling.backbone.swin import SwinTransformerBlock
+    swin = SwinTransformerBlock(dim=8, num_heads=2, window_size=3).attn.uses_cpu_kernel(
+        torch.zeros(1, 4, 8)
+    )
+    print(json.dumps(
+        {"status": status, "files": files, "impl": impl, "matcher": matcher_impl, "swin": swin}
+    ))
     """
 )
 
@@ -49,6 +57,7 @@ def test_builds_once_into_the_cache_and_reuses_it(tmp_path):
     cache = tmp_path / "kernels"
     first, _ = _run({"MASK2FORMER_KERNEL_CACHE": str(cache)})
     assert first["status"] is None and first["impl"] == "cpu" and first["matcher"] == "cpu"
+    assert first["swin"] is True
     # one library, no temporary file left behind
     assert len(first["files"]) == 1 and first["files"][0].endswith(".so")
     assert ".tmp" not in first["files"][0]
@@ -85,9 +94,11 @@ def test_without_a_compiler_auto_falls_back_and_says_why(tmp_path):
     )
     assert "no C++ compiler found" in report["status"]
     assert report["impl"] == "fast" and report["matcher"] == "pytorch"
+    assert report["swin"] is False
     unavailable = "the compiled CPU kernels are not available (no C++ compiler found"
     assert f"Deformable attention on CPU: {unavailable}" in stderr
     assert f"The matcher's mask costs on CPU: {unavailable}" in stderr
+    assert f"Swin window attention on CPU: {unavailable}" in stderr
     assert report["files"] == []
 
 

@@ -60,7 +60,7 @@ def test_swin_train_resume_eval_and_submission(data_root, tmp_path):
     ]
 
     # 1. train 3 iterations: checkpoint at iteration 2, periodic evaluation at 2, final one at 3
-    run(
+    trained = run(
         "train_net.py",
         config,
         "--num-gpus",
@@ -75,6 +75,8 @@ def test_swin_train_resume_eval_and_submission(data_root, tmp_path):
         cwd=tmp_path,
     )
     assert (out / "model_0000001.pth").is_file() and (out / "model_final.pth").is_file()
+    runtime = "CPU runtime: flush_denormals=True, reuse_host_memory=True"
+    assert runtime in trained.stdout + trained.stderr
     assert (out / "last_checkpoint").read_text().strip() == "model_final.pth"
     first = metrics_lines(out)
     train_lines = [m for m in first if "total_loss" in m]
@@ -122,7 +124,7 @@ def test_swin_train_resume_eval_and_submission(data_root, tmp_path):
 
     # 4. submission + probability dump + overlays for the test split
     sub = tmp_path / "submission.csv"
-    run(
+    predicted = run(
         "tools/predict.py",
         config,
         "--weights",
@@ -140,6 +142,7 @@ def test_swin_train_resume_eval_and_submission(data_root, tmp_path):
         *opts,
         cwd=tmp_path,
     )
+    assert runtime in predicted.stdout + predicted.stderr
     test_names = [
         im["file_name"] for im in json.loads((data_root / "test.json").read_text())["images"]
     ]
