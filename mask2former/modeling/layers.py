@@ -66,10 +66,13 @@ def pointwise_conv2d(
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return F.linear(x.permute(0, 2, 3, 1), matrix, bias).permute(0, 3, 1, 2)
     x = x.contiguous().view(n, c, h * w)
-    if bias is None:
-        out = torch.matmul(matrix, x)
-    elif n == 1:
-        out = torch.addmm(bias[:, None], matrix, x[0])
+    # (torch.matmul of [C_out, C] and [N, C, HW] computes the transposed product and copies its
+    # result back: an extra pass over the output, and over its gradient in backward)
+    if n == 1:
+        first = x[0]
+        out = (matrix @ first if bias is None else torch.addmm(bias[:, None], matrix, first))[None]
+    elif bias is None:
+        out = torch.bmm(matrix.expand(n, -1, -1), x)
     else:
         out = torch.baddbmm(bias[None, :, None], matrix.expand(n, -1, -1), x)
     return out.view(n, -1, h, w)
