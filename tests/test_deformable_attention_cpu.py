@@ -1,9 +1,9 @@
 """The compiled CPU kernels: building into the kernel cache (atomic, shared by processes starting
 together) and the fallback when no compiler is there (deformable attention, matcher and Swin's
 window attention); for the deformable-attention kernels, thread-count independence, the generic
-channel path, input checks, the custom operators' registration and torch.compile. Values and gradients against the
-brute-force reference are in test_ms_deform_attn.py (the "cpu" implementation); the matcher's
-kernel is tested in test_matcher.py."""
+channel path, input checks, the custom operators' registration and torch.compile. Values and
+gradients against the brute-force reference are in test_ms_deform_attn.py (the "cpu"
+implementation); the matcher's kernel is tested in test_matcher.py."""
 
 import json
 import os

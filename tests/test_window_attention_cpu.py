@@ -144,6 +144,33 @@ def test_far_masked_keys_get_no_weight_and_the_float_mode_is_restored():
     assert (denormal * 1.0).item() != 0.0
 
 
+@pytest.mark.parametrize("h,w,window,shift,heads,dim", [(9, 9, 7, 3, 3, 32), (5, 7, 3, 1, 2, 12)])
+def test_bfloat16_forward_rounds_the_float32_result(h, w, window, shift, heads, dim):
+    qkv, pad, index, bias, mask, scale = random_problem(h, w, window, shift, heads, dim)
+    # the exact result of the bfloat16 inputs, then rounded once to bfloat16
+    qkv16, pad16, bias16 = (t.bfloat16() for t in (qkv, pad, bias))
+    mask16 = None if mask is None else mask.bfloat16()
+    exact = reference_attention(
+        qkv16.double(),
+        pad16.double(),
+        index,
+        bias16.double(),
+        None if mask16 is None else mask16.double(),
+        scale,
+    )
+    out = window_attention_cpu(qkv16, pad16, index, bias16, mask16, scale)
+    assert out.dtype == torch.bfloat16
+    # float32 accumulation, one rounding: within a bfloat16 step of the exact value
+    step = 2.0 ** (torch.floor(torch.log2(exact.abs().clamp_min(1e-30))) - 7)
+    assert ((out.double() - exact).abs() <= step * 0.51 + 1e-6).all()
+
+
+def test_bfloat16_has_no_backward():
+    qkv, pad, index, bias, mask, scale = random_problem(5, 7, 3, 1, 2, 4, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="no backward"):
+        window_attention_cpu(qkv.requires_grad_(), pad, index, bias, mask, scale)
+
+
 def test_no_softmax_is_kept_without_gradients():
     qkv, pad, index, bias, mask, scale = random_problem(5, 7, 3, 1, 2, 4, dtype=torch.float32)
     out, probs = _forward_op(qkv, pad, index, bias, mask, scale, False)
@@ -156,7 +183,7 @@ def test_no_softmax_is_kept_without_gradients():
 @pytest.mark.parametrize(
     "change,message",
     [
-        (lambda a: {**a, "qkv": a["qkv"].half()}, "float32 or float64"),
+        (lambda a: {**a, "qkv": a["qkv"].half()}, "float32, float64 or bfloat16"),
         (lambda a: {**a, "pad": a["pad"].float()}, "pad is torch.float32"),
         (lambda a: {**a, "pad": a["pad"][:2]}, "pad"),
         (lambda a: {**a, "bias": a["bias"][:, :, :5]}, "bias must be"),
@@ -211,8 +238,33 @@ def test_swin_block_uses_the_kernel_only_where_it_applies():
     assert block.attn.uses_cpu_kernel(x.double())
     assert not block.attn.uses_cpu_kernel(x.bfloat16())
     with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not block.attn.uses_cpu_kernel(x)  # training: the bfloat16 kernel has no backward
+        with torch.no_grad():
+            assert block.attn.uses_cpu_kernel(x)  # bf16 inference
+    with torch.autocast("cpu", dtype=torch.float16), torch.no_grad():
         assert not block.attn.uses_cpu_kernel(x)
     dropout = SwinTransformerBlock(dim=8, num_heads=2, window_size=3, attn_drop=0.1)
     assert not dropout.attn.uses_cpu_kernel(x)  # training mode: attention dropout
     assert dropout.eval().attn.uses_cpu_kernel(x)
     assert math.isclose(block.attn.scale, 4**-0.5)
+
+
+def test_swin_block_bf16_inference_kernel_path_close_to_partition_path(monkeypatch):
+    torch.manual_seed(0)
+    block = SwinTransformerBlock(dim=32, num_heads=2, window_size=4, shift_size=2).eval()
+    with torch.no_grad():
+        block.attn.relative_position_bias_table.normal_(0, 1.0)
+    layout = WindowLayout(9, 10, 4, 2, torch.device("cpu"))
+    x = torch.randn(2, 90, 32)
+    results = {}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for kernel in (True, False):
+            monkeypatch.setattr(type(block.attn), "uses_cpu_kernel", lambda self, x, k=kernel: k)
+            results[kernel] = block.attn.forward_map(x, layout).float()
+    with torch.no_grad():
+        exact = block.attn.forward_map(x, layout)  # float32
+    # both bfloat16 paths are within bfloat16 rounding of the float32 result, and of each other
+    scale = exact.abs().max()
+    for result in results.values():
+        assert (result - exact).abs().max() < 0.02 * scale
+    assert (results[True] - results[False]).abs().max() < 0.02 * scale

@@ -275,13 +275,17 @@ class WindowAttention(nn.Module):
 
     def uses_cpu_kernel(self, x: torch.Tensor) -> bool:
         """Whether :meth:`forward_map` runs the compiled CPU kernels for ``x``: a float32 /
-        float64 CPU tensor outside autocast, no attention dropout in training, and the kernels
-        built here (else a warning, once, says why not)."""
+        float64 CPU tensor outside autocast, or inside a bfloat16 autocast without gradients
+        (bf16 inference); no attention dropout in training; and the kernels built here (else a
+        warning, once, says why not)."""
+        if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+            return False
+        if torch.is_autocast_enabled("cpu"):
+            bf16 = torch.get_autocast_dtype("cpu") == torch.bfloat16
+            if not bf16 or (torch.is_grad_enabled() and self.qkv.weight.requires_grad):
+                return False
         return (
-            x.device.type == "cpu"
-            and x.dtype in (torch.float32, torch.float64)
-            and not torch.is_autocast_enabled("cpu")
-            and not (self.training and self.attn_drop.p > 0)
+            not (self.training and self.attn_drop.p > 0)
             and cpu_or_fallback("Swin window attention on CPU", "window partition") == "cpu"
         )
 
@@ -302,14 +306,15 @@ class WindowAttention(nn.Module):
         b, length, c = x.shape
         head_dim = c // self.num_heads
         # the projections of the real tokens only: a padding token (zeros) projects to the bias
+        # (in the projection's output dtype: bfloat16 under autocast, as bias and mask then are)
         qkv = self.qkv(x).view(b, length, 3, self.num_heads, head_dim)
         pad = self.qkv.bias if self.qkv.bias is not None else x.new_zeros(3 * c)
-        mask = None if layout.attn_mask is None else layout.attn_mask.to(x.dtype)
+        mask = None if layout.attn_mask is None else layout.attn_mask.to(qkv.dtype)
         out = window_attention_cpu(
             qkv,
-            pad.view(3, self.num_heads, head_dim),
+            pad.to(qkv.dtype).view(3, self.num_heads, head_dim),
             layout.partition_index,
-            self.relative_position_bias(),
+            self.relative_position_bias().to(qkv.dtype),
             mask,
             self.scale,
         )

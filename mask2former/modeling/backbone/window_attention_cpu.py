@@ -11,7 +11,9 @@ shift mask are applied inside the kernel, per window and head, in cache.
 
 They are wrapped as the operators ``mask2former::window_attention_cpu`` and its backward
 (``torch.library`` custom operators, so ``torch.compile`` keeps them as single calls), with
-autograd for ``qkv``, ``pad`` and ``bias``. Float32 and float64 (accumulation in that type).
+autograd for ``qkv``, ``pad`` and ``bias``. Float32 and float64 (accumulation in that type), and
+bfloat16 without gradients (``MODEL.PRECISION bf16`` inference: accumulation in float32, the
+output rounded to bfloat16).
 """
 
 import ctypes
@@ -25,6 +27,8 @@ from ..cpu_kernels import load_library
 __all__ = ["window_attention_cpu"]
 
 _DTYPES = {torch.float32: "f32", torch.float64: "f64"}
+# Types of qkv with a forward kernel (bfloat16: forward only).
+_FORWARD_DTYPES = {**_DTYPES, torch.bfloat16: "bf16"}
 
 
 @functools.cache
@@ -38,13 +42,17 @@ def _library() -> ctypes.CDLL:
         forward.argtypes = [ptr] * 7 + [i64] * 6 + [f64, i32]
         backward.argtypes = [ptr] * 8 + [i64] * 6 + [f64, i32]
         forward.restype = backward.restype = None
+    lib.window_attention_forward_bf16.argtypes = [ptr] * 6 + [i64] * 6 + [f64, i32]
+    lib.window_attention_forward_bf16.restype = None
     return lib
 
 
 def _check(qkv, pad, index, bias, mask) -> Tuple[int, ...]:
     """(B, L, nW, N, H, D) after checking devices, dtypes and shapes."""
-    if qkv.dtype not in _DTYPES:
-        raise TypeError(f"the CPU kernels take float32 or float64 tensors, got {qkv.dtype}")
+    if qkv.dtype not in _FORWARD_DTYPES:
+        raise TypeError(
+            f"the CPU kernels take float32, float64 or bfloat16 tensors, got {qkv.dtype}"
+        )
     tensors = {"qkv": qkv, "pad": pad, "bias": bias}
     if mask is not None:
         tensors["mask"] = mask
@@ -82,12 +90,24 @@ def _forward_op(
     scale: float,
     keep_probs: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(out [B, L, H, D], the softmax [B, nW, H, N, N] if ``keep_probs`` else an empty tensor)."""
+    """(out [B, L, H, D], the softmax [B, nW, H, N, N] if ``keep_probs`` else an empty tensor).
+    For bfloat16 ``qkv`` (no softmax kept), pad, bias and mask go to the kernel as float32."""
     qkv, pad, index, bias = (t.contiguous() for t in (qkv, pad, index, bias))
     mask = None if mask is None else mask.contiguous()
     dims = _check(qkv, pad, index, bias, mask)
     b, length, windows, n, heads, dim = dims
     out = qkv.new_empty(b, length, heads, dim)
+    if qkv.dtype == torch.bfloat16:
+        if keep_probs:
+            raise ValueError("the bfloat16 window attention has no backward (float32 training)")
+        pad, bias = pad.float(), bias.float()
+        mask = None if mask is None else mask.float()
+        _library().window_attention_forward_bf16(
+            qkv.data_ptr(), pad.data_ptr(), index.data_ptr(), bias.data_ptr(),
+            None if mask is None else mask.data_ptr(), out.data_ptr(), *dims, float(scale),
+            torch.get_num_threads(),
+        )  # fmt: skip
+        return out, qkv.new_empty(0)
     probs = qkv.new_empty(b, windows, heads, n, n) if keep_probs else qkv.new_empty(0)
     getattr(_library(), f"window_attention_forward_{_DTYPES[qkv.dtype]}")(
         qkv.data_ptr(), pad.data_ptr(), index.data_ptr(), bias.data_ptr(),
@@ -171,8 +191,10 @@ def window_attention_cpu(
     """(Shifted-)window multi-head self-attention over tokens in map order.
 
     Args:
-        qkv: [B, L, 3, H, D] q, k, v of the L tokens of each image (float32 or float64, CPU).
-        pad: [3, H, D] q, k, v of a padding token (the qkv projection's bias, or zeros).
+        qkv: [B, L, 3, H, D] q, k, v of the L tokens of each image (CPU; float32 or float64, or
+            bfloat16 without gradients).
+        pad: [3, H, D] q, k, v of a padding token (the qkv projection's bias, or zeros), in
+            ``qkv``'s dtype, as are ``bias`` and ``mask``.
         index: [nW * N] int64: the token of each window slot (windows row-major, tokens
             row-major inside a window), L for padding (``WindowLayout.partition_index``).
         bias: [H, N, N] relative position bias.

@@ -9,13 +9,13 @@
 // materialised. All arrays are contiguous, row-major:
 //
 //   qkv    [B, L, 3, H, D]   q, k, v of the L = h * w tokens of each image: the qkv projection
-//                            of the normalised map
+//                            of the normalised map (float, double, or bfloat16 in the forward)
 //   pad    [3, H, D]         q, k, v of a padding token (the projection of zeros: its bias)
 //   index  [nW * N] int64    the token in each window slot (windows row-major, tokens row-major
 //                            inside a window): in [0, L), or L for padding
 //   bias   [H, N, N]         relative position bias of every (query, key) pair of a window
 //   mask   [nW, N, N]        additive shift mask of each window, or null
-//   out    [B, L, H, D]      the attention output of every token
+//   out    [B, L, H, D]      the attention output of every token (in qkv's type)
 //   probs  [B, nW, H, N, N]  the softmax, kept by the forward for the backward (or null)
 //
 // Per image, window and head, with q scaled by `scale` first (as the official code does):
@@ -26,7 +26,8 @@
 // Each (window, head) works in small buffers that stay in cache: its rows of q, k, v gathered
 // (k transposed), the N x N scores, and five small matrix products written as register tiles of
 // vectors (64-byte vectors on x86-64-v4, 32 on x86-64-v3, 16 otherwise, chosen once at load).
-// Accumulation is in the input type (float or double). Denormals are flushed to zero
+// Accumulation is in the input type (float or double; float for bfloat16 inputs, whose other
+// arrays are float and whose output is rounded to the nearest bfloat16). Denormals are flushed to zero
 // (FlushDenormals): the shift mask's -100 makes weights of about e^-100 that would otherwise
 // be denormal floats, each product with one taking a slow path.
 //
@@ -50,9 +51,41 @@ namespace {
 // Windows per backward task (fixed: the order of the gradient sums depends on it).
 constexpr int64_t kWindowGroup = 8;
 
+// bfloat16 as stored: the upper half of a float's bits.
+struct BFloat16 {
+  uint16_t bits;
+};
+
+ALWAYS_INLINE float to_compute(BFloat16 x) {
+  const uint32_t bits = static_cast<uint32_t>(x.bits) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
 template <typename T>
+ALWAYS_INLINE T to_compute(T x) {
+  return x;
+}
+
+// The nearest bfloat16 (ties to even), as PyTorch rounds; NaN stays NaN.
+ALWAYS_INLINE void store_value(float x, BFloat16* out) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  if ((bits & 0x7fffffffu) > 0x7f800000u) {
+    out->bits = 0x7fc0;
+    return;
+  }
+  out->bits = static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+template <typename T>
+ALWAYS_INLINE void store_value(T x, T* out) {
+  *out = x;
+}
+
+// The problem; S is the type qkv and out are stored in (T, or BFloat16 with T float).
+template <typename T, typename S = T>
 struct Attention {
-  const T* qkv;
+  const S* qkv;
   const T* pad;
   const int64_t* index;
   const T* bias;
@@ -168,17 +201,23 @@ ALWAYS_INLINE void softmax_row(T* row, int64_t n, int64_t np) {
   }
 }
 
-// The q, k or v row (part 0, 1, 2) of window slot `slot` of image b, head h.
-template <typename T>
-ALWAYS_INLINE const T* qkv_row(const Attention<T>& a, int64_t b, int64_t slot, int part,
-                               int64_t h) {
+// The q, k or v row (part 0, 1, 2) of window slot `slot` of image b, head h, times `factor`,
+// into dst[d * stride] (in the compute type).
+template <typename T, typename S>
+ALWAYS_INLINE void read_row(const Attention<T, S>& a, int64_t b, int64_t slot, int part, int64_t h,
+                            T factor, T* dst, int64_t stride) {
   const int64_t token = a.index[slot];
-  if (token >= a.L) return a.pad + (part * a.H + h) * a.D;
-  return a.qkv + (((b * a.L + token) * 3 + part) * a.H + h) * a.D;
+  if (token >= a.L) {
+    const T* src = a.pad + (part * a.H + h) * a.D;
+    for (int64_t d = 0; d < a.D; ++d) dst[d * stride] = src[d] * factor;
+  } else {
+    const S* src = a.qkv + (((b * a.L + token) * 3 + part) * a.H + h) * a.D;
+    for (int64_t d = 0; d < a.D; ++d) dst[d * stride] = to_compute(src[d]) * factor;
+  }
 }
 
-template <typename T, int W>
-ALWAYS_INLINE void forward_range(const Attention<T>& a, T* out, T* probs, int64_t begin,
+template <typename T, typename S, int W>
+ALWAYS_INLINE void forward_range(const Attention<T, S>& a, S* out, T* probs, int64_t begin,
                                  int64_t end) {
   constexpr int kLanes = Vectors<T, W>::kLanes;
   const int64_t N = a.N, D = a.D, H = a.H, np = round_up(N, kLanes), dp = round_up(D, kLanes);
@@ -187,14 +226,9 @@ ALWAYS_INLINE void forward_range(const Attention<T>& a, T* out, T* probs, int64_
     const int64_t h = task % H, w = (task / H) % a.nW, b = task / (H * a.nW);
     const int64_t first = w * N;
     for (int64_t i = 0; i < N; ++i) {
-      const T* qr = qkv_row(a, b, first + i, 0, h);
-      const T* kr = qkv_row(a, b, first + i, 1, h);
-      const T* vr = qkv_row(a, b, first + i, 2, h);
-      for (int64_t d = 0; d < D; ++d) {
-        q[i * dp + d] = qr[d] * a.scale;
-        kt[d * np + i] = kr[d];
-      }
-      std::memcpy(v.data() + i * dp, vr, D * sizeof(T));
+      read_row(a, b, first + i, 0, h, a.scale, q.data() + i * dp, 1);
+      read_row(a, b, first + i, 1, h, T(1), kt.data() + i, np);
+      read_row(a, b, first + i, 2, h, T(1), v.data() + i * dp, 1);
     }
     product<T, W>(N, np / kLanes, D, q.data(), dp, 1, kt.data(), np, s.data(), np);
     const T* bias = a.bias + h * N * N;
@@ -212,7 +246,8 @@ ALWAYS_INLINE void forward_range(const Attention<T>& a, T* out, T* probs, int64_
     for (int64_t i = 0; i < N; ++i) {
       const int64_t token = a.index[first + i];
       if (token < a.L) {
-        std::memcpy(out + ((b * a.L + token) * H + h) * D, o.data() + i * dp, D * sizeof(T));
+        S* row = out + ((b * a.L + token) * H + h) * D;
+        for (int64_t d = 0; d < D; ++d) store_value(o[i * dp + d], row + d);
       }
     }
   }
@@ -239,13 +274,9 @@ ALWAYS_INLINE void backward_range(const Attention<T>& a, const T* grad_out, cons
       const int64_t first = w * N;
       for (int64_t i = 0; i < N; ++i) {
         const int64_t token = a.index[first + i];
-        const T* qr = qkv_row(a, b, first + i, 0, h);
-        const T* vr = qkv_row(a, b, first + i, 2, h);
-        for (int64_t d = 0; d < D; ++d) {
-          q[i * dp + d] = qr[d] * a.scale;
-          vt[d * np + i] = vr[d];
-        }
-        std::memcpy(k.data() + i * dp, qkv_row(a, b, first + i, 1, h), D * sizeof(T));
+        read_row(a, b, first + i, 0, h, a.scale, q.data() + i * dp, 1);
+        read_row(a, b, first + i, 1, h, T(1), k.data() + i * dp, 1);
+        read_row(a, b, first + i, 2, h, T(1), vt.data() + i, np);
         if (token < a.L) {
           std::memcpy(go.data() + i * dp, grad_out + ((b * a.L + token) * H + h) * D,
                       D * sizeof(T));
@@ -300,11 +331,11 @@ ALWAYS_INLINE void backward_range(const Attention<T>& a, const T* grad_out, cons
 
 // One entry per instruction-set level: the ranges above compiled for it.
 #define WINDOW_ATTENTION_TARGET(NAME, TARGET, W)                                               \
-  template <typename T>                                                                        \
-  TARGET void forward_##NAME(const Attention<T>& a, T* out, T* probs, int64_t begin,          \
+  template <typename T, typename S>                                                            \
+  TARGET void forward_##NAME(const Attention<T, S>& a, S* out, T* probs, int64_t begin,       \
                              int64_t end) {                                                    \
     FlushDenormals flush;                                                                      \
-    forward_range<T, W>(a, out, probs, begin, end);                                            \
+    forward_range<T, S, W>(a, out, probs, begin, end);                                         \
   }                                                                                            \
   template <typename T>                                                                        \
   TARGET void backward_##NAME(const Attention<T>& a, const T* grad_out, const T* probs,       \
@@ -329,13 +360,13 @@ int isa_level() {
   return 0;
 }
 
-template <typename T>
-void forward(const Attention<T>& a, T* out, T* probs, int threads) {
+template <typename T, typename S>
+void forward(const Attention<T, S>& a, S* out, T* probs, int threads) {
   static const int level = isa_level();
-  auto range = forward_base<T>;
+  auto range = forward_base<T, S>;
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-  if (level == 4) range = forward_v4<T>;
-  if (level == 3) range = forward_v3<T>;
+  if (level == 4) range = forward_v4<T, S>;
+  if (level == 3) range = forward_v3<T, S>;
 #endif
   parallel_for(a.B * a.nW * a.H, threads,
                [&](int64_t begin, int64_t end) { range(a, out, probs, begin, end); });
@@ -393,3 +424,14 @@ void backward(const Attention<T>& a, const T* grad_out, const T* probs, T* grad_
 
 WINDOW_ATTENTION_ENTRIES(float, f32)
 WINDOW_ATTENTION_ENTRIES(double, f64)
+
+// bfloat16 q, k, v and output (inference: no backward); pad, bias and mask in float.
+extern "C" void window_attention_forward_bf16(const uint16_t* qkv, const float* pad,
+                                              const int64_t* index, const float* bias,
+                                              const float* mask, uint16_t* out, int64_t B,
+                                              int64_t L, int64_t nW, int64_t N, int64_t H,
+                                              int64_t D, double scale, int threads) {
+  forward(Attention<float, BFloat16>{reinterpret_cast<const BFloat16*>(qkv), pad, index, bias,
+                                     mask, B, L, nW, N, H, D, float(scale)},
+          reinterpret_cast<BFloat16*>(out), static_cast<float*>(nullptr), threads);
+}
