@@ -203,6 +203,11 @@ def add_maskformer2_config(cfg):
     # (as the official Mask2Former backbone, which never calls the classifier's init: PyTorch's
     # default Linear init) or "trunc_normal" (truncated normal std 0.02, zero biases).
     cfg.MODEL.SWIN.INIT = "official"
+    # Window attention: "auto" runs the compiled CPU kernels (window_attention_cpu.cpp) for float32
+    # / float64 CPU tensors and bf16 inference, which skip the padding tokens' projections and never
+    # copy the windows; "partition" always pads, shifts and partitions the map (GPU, export). Same
+    # numbers either way.
+    cfg.MODEL.SWIN.ATTENTION_IMPL = "auto"
 
     # ------------------------------------------------------------------ datasets (project)
     # Competition data root (train_all.json, train.json, val.json, test.json + batch folders).

@@ -42,6 +42,8 @@ def test_export_config_selects_exportable_impls():
     )
     assert cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_ATTENTION_IMPL == "pytorch"
     assert cfg.MODEL.DINAT.ATTENTION_IMPL == "reference"
+    # Swin's window attention: the partition path (the CPU kernels are opaque to the exporter)
+    assert _tiny_cfg("m2f_swin_tiny", []).MODEL.SWIN.ATTENTION_IMPL == "partition"
 
 
 def test_export_config_records_the_fp32_eager_forward():

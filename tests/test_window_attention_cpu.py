@@ -231,6 +231,13 @@ def test_swin_block_kernel_path_equals_partition_path(h, w, window, shift, monke
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
 
 
+def test_partition_impl_never_uses_the_kernel_and_bad_impls_are_refused():
+    block = SwinTransformerBlock(dim=8, num_heads=2, window_size=3, attention_impl="partition")
+    assert not block.attn.uses_cpu_kernel(torch.randn(1, 12, 8))
+    with pytest.raises(ValueError, match="window attention impl"):
+        SwinTransformerBlock(dim=8, num_heads=2, window_size=3, attention_impl="cuda")
+
+
 def test_swin_block_uses_the_kernel_only_where_it_applies():
     block = SwinTransformerBlock(dim=8, num_heads=2, window_size=3, shift_size=1)
     x = torch.randn(1, 12, 8)

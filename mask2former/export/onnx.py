@@ -37,11 +37,13 @@ logger = logging.getLogger(__name__)
 # Implementation switches whose default ("auto") may pick a path that cannot be exported, and
 # the tested-equal implementation the export uses instead: the fast deformable attention is a
 # custom autograd function; DiNAT's tiled path builds its tiling from tensor values
-# (``torch.unique``), flex attention and NATTEN are kernels. DiNAT's reference path gathers
-# explicit neighbour indices (memory H * W * kernel_size**2 * channels).
+# (``torch.unique``), flex attention and NATTEN are kernels, as is Swin's CPU window attention.
+# DiNAT's reference path gathers explicit neighbour indices (memory H * W * kernel_size**2 *
+# channels).
 EXPORTABLE_IMPLS: Tuple[Tuple[str, str], ...] = (
     ("MODEL.SEM_SEG_HEAD.DEFORMABLE_ATTENTION_IMPL", "pytorch"),
     ("MODEL.DINAT.ATTENTION_IMPL", "reference"),
+    ("MODEL.SWIN.ATTENTION_IMPL", "partition"),
 )
 
 # The forward the graph records: fp32 and eager. A reduced ``MODEL.PRECISION`` would bake

@@ -57,6 +57,11 @@ __all__ = [
 # official value; exp(-100) is ~4e-44, so these keys get no weight).
 _MASKED = -100.0
 
+# Window attention implementations (MODEL.SWIN.ATTENTION_IMPL): "auto" runs the compiled CPU
+# kernels where they apply (WindowAttention.uses_cpu_kernel), "partition" always the window
+# partition path (both give the same numbers; the export uses "partition").
+WINDOW_ATTENTION_IMPLS = ("auto", "partition")
+
 
 def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
     """[B, H, W, C] (H, W multiples of the window) -> [B * nW, window_size**2, C], windows in
@@ -179,6 +184,7 @@ class WindowAttention(nn.Module):
         qk_scale: attention scale override (default head_dim ** -0.5).
         attn_drop: dropout on the attention weights.
         proj_drop: dropout on the output.
+        impl: one of :data:`WINDOW_ATTENTION_IMPLS` (for :meth:`forward_map`).
     """
 
     def __init__(
@@ -190,8 +196,14 @@ class WindowAttention(nn.Module):
         qk_scale: Optional[float] = None,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
+        impl: str = "auto",
     ):
         super().__init__()
+        if impl not in WINDOW_ATTENTION_IMPLS:
+            raise ValueError(
+                f"window attention impl must be one of {WINDOW_ATTENTION_IMPLS}, got {impl!r}"
+            )
+        self.impl = impl
         self.dim = dim
         self.window_size = tuple(window_size)
         self.num_heads = num_heads
@@ -274,10 +286,12 @@ class WindowAttention(nn.Module):
         return self.proj_drop(self.proj(x))
 
     def uses_cpu_kernel(self, x: torch.Tensor) -> bool:
-        """Whether :meth:`forward_map` runs the compiled CPU kernels for ``x``: a float32 /
-        float64 CPU tensor outside autocast, or inside a bfloat16 autocast without gradients
-        (bf16 inference); no attention dropout in training; and the kernels built here (else a
-        warning, once, says why not)."""
+        """Whether :meth:`forward_map` runs the compiled CPU kernels for ``x``: with impl "auto",
+        a float32 / float64 CPU tensor outside autocast, or inside a bfloat16 autocast without
+        gradients (bf16 inference); no attention dropout in training; and the kernels built here
+        (else a warning, once, says why not)."""
+        if self.impl != "auto":
+            return False
         if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
             return False
         if torch.is_autocast_enabled("cpu"):
@@ -343,6 +357,7 @@ class SwinTransformerBlock(nn.Module):
         attn_drop: float = 0.0,
         drop_path: float = 0.0,
         norm_layer=nn.LayerNorm,
+        attention_impl: str = "auto",
     ):
         super().__init__()
         if not 0 <= shift_size < window_size:
@@ -364,6 +379,7 @@ class SwinTransformerBlock(nn.Module):
             qk_scale=qk_scale,
             attn_drop=attn_drop,
             proj_drop=drop,
+            impl=attention_impl,
         )
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
@@ -463,6 +479,7 @@ class SwinStage(nn.Module):
         norm_layer=nn.LayerNorm,
         downsample: bool = False,
         use_checkpoint: bool = False,
+        attention_impl: str = "auto",
     ):
         super().__init__()
         self.window_size = window_size
@@ -487,6 +504,7 @@ class SwinStage(nn.Module):
                     attn_drop=attn_drop,
                     drop_path=drop_paths[i],
                     norm_layer=norm_layer,
+                    attention_impl=attention_impl,
                 )
                 for i in range(depth)
             ]
@@ -588,6 +606,7 @@ class SwinTransformer(nn.Module):
         init: "official" (the official Mask2Former backbone: Linear layers keep PyTorch's
             default init) or "trunc_normal" (:func:`init_swin_weights`). The relative position
             tables (and ``absolute_pos_embed``) are truncated normal std 0.02 in both.
+        attention_impl: window attention implementation, one of :data:`WINDOW_ATTENTION_IMPLS`.
     """
 
     def __init__(
@@ -613,6 +632,7 @@ class SwinTransformer(nn.Module):
         use_checkpoint: bool = False,
         stage_factory: Callable[..., nn.Module] = swin_stage,
         init: str = "official",
+        attention_impl: str = "auto",
     ):
         super().__init__()
         if init not in SWIN_INITS:
@@ -670,6 +690,7 @@ class SwinTransformer(nn.Module):
                     norm_layer=norm_layer,
                     downsample=i < built - 1,
                     use_checkpoint=use_checkpoint,
+                    attention_impl=attention_impl,
                 )
             )
         for i in self.out_indices:
@@ -784,6 +805,7 @@ class D2SwinTransformer(SwinTransformer, Backbone):
             "use_checkpoint": swin.USE_CHECKPOINT,
             "out_features": swin.OUT_FEATURES,
             "init": swin.INIT,
+            "attention_impl": swin.ATTENTION_IMPL,
         }
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
