@@ -21,6 +21,9 @@ products as with the real upstream gradients); "losses" is the matcher, the crit
 backward, "optimizer" the clipped AdamW step. "all" is the whole step (``model(batch)``, backward
 of the summed losses, optimizer step).
 
+The process runs with the project's CPU runtime settings (FLUSH_DENORMALS, REUSE_HOST_MEMORY),
+as ``train_net.py`` does.
+
 ``--profile``: afterwards, one more whole run under ``torch.profiler``: the matrix products' time
 and GFLOP/s per operator, the product shapes that lose the most time against the measured rate,
 and the operators with the most self time. The profiler inflates memory-bound operators on this
@@ -38,7 +41,7 @@ from detectron2.modeling import build_model
 from torch.utils.flop_counter import FlopCounterMode
 
 from dinat import add_dinat_config
-from mask2former.engine import build_cfg, build_optimizer
+from mask2former.engine import build_cfg, build_optimizer, setup_cpu_runtime
 from semask import add_semask_config
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "m2f_swin_t.yaml"
@@ -256,6 +259,7 @@ def main():
         ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "INPUT.MIN_SIZE_TEST", str(args.size)],
         (add_semask_config, add_dinat_config),
     )
+    setup_cpu_runtime(cfg)  # as train_net.py and the prediction tool do
     torch.manual_seed(0)
     rate = matmul_rate(torch.float32)
     if args.train:

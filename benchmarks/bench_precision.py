@@ -11,8 +11,9 @@ one compiles then; its compile time is printed), then the variants run in turn (
 C, ...) --repeats times; medians of wall-clock and of process CPU seconds, and their ratios to
 fp32. Agreement: without weights, over the pixels of the synthetic image (random init); with
 --weights and a registered --dataset (e.g. DATASETS.LABELMAP_SEMSEG with the CamVid val images),
-over all pixels of the dataset, predicted as tools/predict.py does (no TTA). Default config:
-configs/m2f_swin_t.yaml (Swin-T, 11 classes, official ADE20K semantic shape).
+over all pixels of the dataset, predicted as tools/predict.py does (no TTA), with its CPU
+runtime settings (FLUSH_DENORMALS, REUSE_HOST_MEMORY). Default config: configs/m2f_swin_t.yaml
+(Swin-T, 11 classes, official ADE20K semantic shape).
 """
 
 import argparse
@@ -26,7 +27,7 @@ from detectron2.modeling import build_model
 
 from dinat import add_dinat_config
 from mask2former.data import register_datasets_from_cfg
-from mask2former.engine import SafeCheckpointer, build_cfg
+from mask2former.engine import SafeCheckpointer, build_cfg, setup_cpu_runtime
 from mask2former.inference.predictor import SemSegPredictor, iterate_images
 from semask import add_semask_config
 
@@ -70,6 +71,7 @@ def build_models(args):
             ["MODEL.DEVICE", "cpu", *args.opts, *VARIANTS[name]],
             (add_semask_config, add_dinat_config),
         )
+        setup_cpu_runtime(cfg)  # as the prediction tool does
         torch.manual_seed(0)
         model = build_model(cfg).eval()
         if args.weights:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from detectron2.modeling import build_model
 
-from mask2former.engine.setup import build_cfg
+from mask2former.engine import build_cfg, setup_cpu_runtime
 from semask import SemanticLayer, add_semask_config
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "semask_swin_l.yaml"
@@ -101,6 +101,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = build_cfg(str(CONFIG), ["MODEL.DEVICE", "cpu"] + list(args.opts), (add_semask_config,))
+    setup_cpu_runtime(cfg)  # as the prediction tool does
     torch.manual_seed(0)
     model = build_model(cfg)
     params = sum(p.numel() for p in model.parameters()) / 1e6
