@@ -1,6 +1,7 @@
 """MODEL.PRECISION (bf16 / fp16 inference) and MODEL.COMPILE (torch.compile for inference) on the
 tiny configs: bf16 outputs against fp32 ones of the same weights, where autocast reaches (and does
-not reach) in the pixel decoder, refused values, training unaffected, compiled against eager."""
+not reach) in the pixel decoder and the transformer decoder, refused values, training unaffected,
+compiled against eager."""
 
 import functools
 import re
@@ -39,12 +40,13 @@ TINY_M2F = str(TINY / "m2f_swin_tiny_cpu.yaml")
 TINY_CONFIGS = [TINY_M2F, str(TINY / "semask_swin_tiny_cpu.yaml")]
 TINY_CONFIGS += [str(TINY / "m2f_dinat_tiny_cpu.yaml")]
 # bf16 vs fp32 on a 128x128 random image (seed 3), class logits x CLASS_LOGIT_SCALE, measured on
-# an AVX-512/AMX CPU: argmax agreement 1.0 on the three tiny models; masked-attention decisions
-# (mask sigmoid >= 0.5) of bf16 differ from fp32's on 0.7-0.9% of the entries (up to 1.5% over
-# image seeds 1-4): freshly initialised masks sit near the threshold. Each flip is a discrete
-# change of what a query attends to, so probabilities are compared with bf16 replaying fp32's
-# decisions: within 0.0007 (m2f), 0.0026 (SeMask), 0.0005 (DiNAT), over seeds 1-4 within 0.0092
-# (end to end, up to 0.054).
+# an AVX-512/AMX CPU (the transformer decoder runs in float32 under bf16, on bf16 features):
+# argmax agreement 1.0 on the three tiny models; masked-attention decisions (mask sigmoid >= 0.5)
+# of bf16 differ from fp32's on 0.2% (m2f), 0.3% (SeMask), 0.9% (DiNAT) of the entries (up to
+# 1.2% over image seeds 1-4): freshly initialised masks sit near the threshold. Each flip is a
+# discrete change of what a query attends to, so probabilities are compared with bf16 replaying
+# fp32's decisions: within 0.0001 (m2f), 0.0020 (SeMask), 0.0001 (DiNAT), over seeds 1-4 within
+# 0.0058 (end to end, up to 0.046).
 MIN_AGREEMENT = 0.99
 PROB_TOL = 0.03
 MAX_ATTENTION_FLIPS = 0.03
@@ -227,6 +229,39 @@ def test_bf16_reads_the_image_in_float32(backbone):
     assert seen["stem"][:2] == (torch.float32, torch.float32)
     assert seen["later"][1] == torch.bfloat16
     torch.testing.assert_close(seen["stem"][2], seen["fp32 stem"][2], rtol=1e-5, atol=1e-5)
+
+
+def test_transformer_decoder_runs_in_float32_under_bf16_inference_only():
+    """bf16 inference: the decoder's layers run in float32 on the bf16 features; a training
+    forward under autocast (AMP) reaches them."""
+    model = build(TINY_M2F, "MODEL.PRECISION", "bf16")
+    decoder = model.sem_seg_head.predictor
+    layers = {
+        "cross_attention": decoder.transformer_cross_attention_layers[0].norm,
+        "ffn": decoder.transformer_ffn_layers[0].linear1,
+        "mask_embed": decoder.mask_embed.layers[0],
+        "class_embed": decoder.class_embed,
+    }
+    dtypes, handles = _output_dtypes(layers)
+    predict(model, random_inputs(64))
+    assert dtypes == dict.fromkeys(layers, torch.float32)
+    # the same decoder alone: its eval outputs under bf16 autocast are its float32 outputs
+    features = [torch.randn(1, 64, s, s) for s in (2, 4, 8)]  # CONVS_DIM of the tiny config
+    mask_features = torch.randn(1, decoder.mask_embed.layers[-1].out_features, 16, 16)
+    with torch.no_grad():
+        expected = decoder.eval()(features, mask_features)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            actual = decoder(features, mask_features)
+    assert torch.equal(actual["pred_masks"], expected["pred_masks"])
+    assert torch.equal(actual["pred_logits"], expected["pred_logits"])
+    for handle in handles:
+        handle.remove()
+    dtypes, handles = _output_dtypes({"ffn": layers["ffn"]})
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        decoder.train()(features, mask_features)
+    for handle in handles:
+        handle.remove()
+    assert dtypes == {"ffn": torch.bfloat16}
 
 
 def test_fp32_pixel_decoder_ignores_an_enclosing_autocast():

@@ -13,14 +13,15 @@ class logits) appear in the backbone output next to the stage's features; a stag
 :meth:`SwinStage.forward_blocks` and :meth:`SwinStage.forward_downsample`. Layers with their own
 official initialisation opt out of the Swin one (:func:`init_swin_weights`).
 
-Same numbers as the official code, computed with fewer copies. On CPU in float32 / float64 the
-window attention runs in compiled kernels (:mod:`.window_attention_cpu`) that read the q, k, v of
-the tokens in map order through the window layout's index: padding, cyclic shift and window
-partition are never materialised, and the qkv and output projections skip the padding tokens
-(whose q, k, v are the qkv bias). Elsewhere (GPU, autocast, no C++ compiler) padding, cyclic shift
-and window partition (and their inverses) are one gather each (:class:`WindowLayout`, built once
-per stage), and without gradients the attention runs in ``scaled_dot_product_attention`` with the
-relative position bias and the shift mask folded into one additive mask.
+Same numbers as the official code, computed with fewer copies. On CPU (float32 / float64, and
+bf16 inference) the window attention runs in compiled kernels (:mod:`.window_attention_cpu`) that
+read the q, k, v of the tokens in map order through the window layout's index: padding, cyclic
+shift and window partition are never materialised, and the qkv and output projections skip the
+padding tokens (whose q, k, v are the qkv bias). Elsewhere (GPUs, other autocast uses, no C++
+compiler, ``attention_impl`` "partition") padding, cyclic shift and window partition (and their
+inverses) are one gather each (:class:`WindowLayout`, built once per stage), and without
+gradients the attention runs in ``scaled_dot_product_attention`` with the relative position bias
+and the shift mask folded into one additive mask.
 """
 
 import functools

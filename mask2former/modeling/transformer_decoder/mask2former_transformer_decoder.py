@@ -318,7 +318,21 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             raise ValueError(f"expected {self.num_feature_levels} feature maps, got {len(x)}")
         if return_aux is None:
             return_aux = self.training and self.deep_supervision
+        device_type = mask_features.device.type
+        if not self.training and torch.is_autocast_enabled(device_type):
+            # low-precision inference (MODEL.PRECISION): the decoder runs in float32. Its
+            # masked attention thresholds mask logits (sigmoid >= 0.5), and bfloat16 rounding
+            # flips decisions near the threshold, each changing what a query attends to (the
+            # largest source of bf16 / fp32 argmax differences measured on CamVid val); the
+            # decoder is a small share of the arithmetic.
+            with torch.autocast(device_type=device_type, enabled=False):
+                return self._forward([t.float() for t in x], mask_features.float(), return_aux)
+        return self._forward(x, mask_features, return_aux)
 
+    def _forward(
+        self, x: Sequence[torch.Tensor], mask_features: torch.Tensor, return_aux: bool
+    ) -> Dict[str, object]:
+        """:meth:`forward` in the dtypes it is given."""
         # per level: values (projected features + level embedding), keys (values + position
         # embedding), and the mask features resized to the level for the attention masks
         values, keys, level_mask_features = [], [], []
