@@ -72,11 +72,12 @@ def add_maskformer2_config(cfg):
 
     # ------------------------------------------------------------------ inference precision
     # Precision of the eval-mode forward (every inference path: evaluation, prediction, TTA,
-    # probability dumps); training keeps SOLVER.AMP.*. "fp32"; "bf16": backbone and pixel
-    # decoder layers under bfloat16 autocast; the backbone's convolution on the image, the
-    # deformable-attention sampling, the transformer decoder (its masked attention thresholds
-    # mask logits) and the semantic inference (class softmax x mask sigmoid, resize) in float32,
-    # float32 outputs (fast on CPUs with AMX / AVX512-BF16, several times slower without them);
+    # probability dumps); training keeps SOLVER.AMP.*. "fp32"; "bf16": backbone, pixel decoder
+    # layers and transformer decoder layers under bfloat16 autocast; the backbone's convolution
+    # on the image, the deformable-attention sampling, the transformer decoder's readout of the
+    # queries (class and mask heads, the mask logits its masked attention thresholds) and the
+    # semantic inference (class softmax x mask sigmoid, resize) in float32, float32 outputs (fast
+    # on CPUs with AMX / AVX512-BF16, several times slower on CPUs without them);
     # "fp16": the same in float16, CUDA only (refused on CPU).
     cfg.MODEL.PRECISION = "fp32"
     # torch.compile (inductor) the backbone + segmentation head for the eval-mode forward; the

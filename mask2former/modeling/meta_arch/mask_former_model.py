@@ -260,8 +260,8 @@ class MaskFormer(nn.Module):
             inference_precision: "fp32", "bf16" or "fp16" (CUDA only; see
                 ``INFERENCE_PRECISIONS``): the eval-mode backbone and head run under autocast to
                 that dtype (the pixel decoder lets it reach its layers only when built with
-                ``inference_autocast``; the transformer decoder runs in float32); the semantic
-                inference and the outputs are float32.
+                ``inference_autocast``; the transformer decoder reads its queries out in
+                float32); the semantic inference and the outputs are float32.
                 Training is not affected (SOLVER.AMP.* sets its precision).
             compile_inference: run the eval-mode backbone + head through ``torch.compile``
                 (inductor; one compilation per input size, on its first forward). Training
