@@ -121,6 +121,48 @@ def test_adamw_is_fused_on_cpu_and_matches_the_written_out_update():
         torch.testing.assert_close(p.detach().double(), e, rtol=1e-6, atol=1e-7)
 
 
+def _clipped(grads, clip):
+    """The gradients times min(1, clip / (global norm + 1e-6)), in float64."""
+    grads = [g.double() for g in grads]
+    total = torch.cat([g.flatten() for g in grads]).norm()
+    return [g * min(1.0, clip / (total.item() + 1e-6)) for g in grads]
+
+
+@pytest.mark.parametrize("with_grad_scaler", [False, True])
+def test_full_model_clipping_in_the_fused_adamw_matches_the_written_out_update(with_grad_scaler):
+    """The clip factor goes to the fused kernel: the update of the clipped gradients, and the
+    clipped gradients left in ``.grad``, as with a separate clipping pass; also behind a
+    GradScaler that unscaled first (the AMP trainer's order)."""
+    torch.manual_seed(0)
+    model = Toy()
+    cfg = _cfg()
+    cfg.SOLVER.CLIP_GRADIENTS.ENABLED = True
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "full_model"
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 0.01
+    opt = build_optimizer(cfg, model)
+    assert all(g["fused"] for g in opt.param_groups)
+    params = [g["params"][0] for g in opt.param_groups]
+    hyper = [(g["lr"], g["weight_decay"]) for g in opt.param_groups]
+    steps = [[torch.randn_like(p) for p in params] for _ in range(3)]
+    expected = _adamw_reference(params, [_clipped(grads, 0.01) for grads in steps], hyper)
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0) if with_grad_scaler else None
+    for grads in steps:
+        for p, g in zip(params, grads):
+            p.grad = g.clone() * (8.0 if scaler else 1.0)
+        if scaler:
+            scaler.scale(torch.zeros(()))  # (what a scaled loss does first: sets the scale up)
+            scaler.unscale_(opt)
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        for got, want in zip([p.grad for p in params], _clipped(grads, 0.01)):
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-9)
+        assert getattr(opt, "grad_scale", None) is None  # nothing left for the next step
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.detach().double(), e, rtol=1e-6, atol=1e-7)
+
+
 def test_adamw_falls_back_with_a_warning_off_the_fused_kernels_devices(caplog):
     meta = Toy().to("meta")
     with caplog.at_level("WARNING", logger="mask2former.engine.optimizer"):

@@ -60,13 +60,41 @@ def get_param_groups(cfg, model: torch.nn.Module) -> List[Dict[str, Any]]:
 
 
 def add_full_model_gradient_clipping(optim_cls, clip_norm: float):
-    """Subclass ``optim_cls`` so that ``step`` first clips the global grad norm of all params."""
+    """Subclass ``optim_cls`` so that ``step`` first clips the global grad norm of all params.
+
+    As ``torch.nn.utils.clip_grad_norm_``: the gradients are multiplied by
+    ``min(1, clip_norm / (total norm + 1e-6))``. With PyTorch's fused AdamW the factor is handed
+    to the fused kernel, which divides each gradient by its reciprocal while it reads it for the
+    update (its ``grad_scale``, the hook loss scaling uses) and writes the clipped gradient back,
+    instead of a separate pass over all gradients (the update is memory-bound: that pass was
+    about a seventh of the optimizer's time in a CPU training step). The clipped gradients and
+    the update are the same up to float rounding.
+    """
 
     class FullModelGradientClippingOptimizer(optim_cls):
+        def _clips_in_fused_kernel(self) -> bool:
+            # a grad_scale set by a GradScaler that did not unscale first: clip separately
+            return bool(self.defaults.get("fused")) and getattr(self, "grad_scale", None) is None
+
         def step(self, closure=None):
-            params = itertools.chain(*[g["params"] for g in self.param_groups])
-            torch.nn.utils.clip_grad_norm_(params, clip_norm)
-            return super().step(closure=closure)
+            params = list(itertools.chain(*[g["params"] for g in self.param_groups]))
+            if not self._clips_in_fused_kernel():
+                torch.nn.utils.clip_grad_norm_(params, clip_norm)
+                return super().step(closure=closure)
+            grads = [p.grad for p in params if p.grad is not None]
+            if not grads:
+                return super().step(closure=closure)
+            total_norm = torch.nn.utils.get_total_norm(grads)
+            factor = torch.clamp(clip_norm / (total_norm + 1e-6), max=1.0)
+            had_attribute = hasattr(self, "grad_scale")
+            self.grad_scale = factor.reciprocal()
+            try:
+                return super().step(closure=closure)
+            finally:
+                if had_attribute:
+                    self.grad_scale = None
+                else:
+                    del self.grad_scale
 
     FullModelGradientClippingOptimizer.__name__ = f"FullModelGradientClipping{optim_cls.__name__}"
     return FullModelGradientClippingOptimizer
