@@ -20,6 +20,17 @@
 // Helpers compiled into their caller (and so into each per-ISA clone or target of the caller).
 #define ALWAYS_INLINE __attribute__((always_inline)) inline
 
+// Per-target copies of a kernel with its own vector width: the copy for x86-64-v4 (AVX-512,
+// 64-byte vectors), for x86-64-v3 (AVX2 + FMA, 32-byte vectors) and a baseline, chosen once by
+// isa_level().
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define KERNEL_TARGETS 1
+#define TARGET_V4 __attribute__((target("arch=x86-64-v4")))
+#define TARGET_V3 __attribute__((target("arch=x86-64-v3")))
+#else
+#define KERNEL_TARGETS 0
+#endif
+
 namespace {
 
 // While alive, the thread's floating-point unit flushes denormal (subnormal) results to zero
@@ -37,6 +48,16 @@ class FlushDenormals {
   unsigned int saved_;
 #endif
 };
+
+// 4 on x86-64-v4 (AVX-512), 3 on x86-64-v3 (AVX2 + FMA), else 0.
+inline int isa_level() {
+#if KERNEL_TARGETS
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v4")) return 4;
+  if (__builtin_cpu_supports("x86-64-v3")) return 3;
+#endif
+  return 0;
+}
 
 // Runs fn(begin, end) over [0, n) split into one contiguous range per thread, on OpenMP's
 // thread pool. Built with -fopenmp, the library links libgomp.so.1; in a process where PyTorch

@@ -6,7 +6,7 @@
 // every shape, dtype and layout before a call. All arrays are float32, contiguous, row-major:
 //
 //   pred    [Q, H, W]  mask logits of the Q predictions (the kernel works on a channels-last
-//                      copy, [H, W, C] with C = Q rounded up to whole 8-lane vectors)
+//                      copy, [H, W, C] with C = Q rounded up to a multiple of 16)
 //   pixels  [P, 2]     sampling pixel (x, y) of each point; pixel centres are at integers
 //   weights [P]        point weights w, or null (all 1)
 //   tw      [T, P]     target values at the points times w
@@ -21,8 +21,9 @@
 //   s_t          [Q, T]  sum_p s tww
 //
 // from which matcher.py forms the sigmoid cross-entropy and dice costs. softplus and sigmoid
-// share one exponential, e^-|x|, evaluated 8 lanes at a time with a polynomial (relative error
-// about 1e-7, as the float32 library functions).
+// share one exponential, e^-|x|, evaluated a vector of channels at a time with a polynomial
+// (relative error about 1e-7, as the float32 library functions): 16 lanes on x86-64-v4, 8
+// elsewhere (the lanes compute the same values either way).
 //
 // Threads (OpenMP): the points are cut into blocks of a fixed size, each block's sums are kept
 // apart and added in block order, so the results do not depend on the number of threads.
@@ -35,20 +36,19 @@
 
 namespace {
 
-typedef float V8 __attribute__((vector_size(32)));
-constexpr int kLanes = 8;
-constexpr int64_t kBlock = 512;  // points per block of sums
-constexpr int kStep = 4;         // points in flight at a time
+constexpr int64_t kChannelAlign = 16;  // C: Q rounded up to this (whole vectors of any width)
+constexpr int64_t kBlock = 512;        // points per block of sums
+constexpr int kStep = 4;               // points in flight at a time
 
-// The vector helpers (ALWAYS_INLINE, kernel_common.h) are compiled into each per-ISA clone of
+// The vector helpers (ALWAYS_INLINE, kernel_common.h) are compiled into each per-target copy of
 // their caller. They work on K vectors at a time, step by step, so that K independent chains are
 // in flight.
 
 // log(1 + e) for 0 <= e <= 1, as 2 atanh(u) with u = e / (2 + e) <= 1/3 (no rounding of 1 + e,
 // so small e keep their relative precision): the odd series up to u^15 (error below 2e-9).
-template <int K>
-ALWAYS_INLINE void log1p_unit(const V8 (&e)[K], V8 (&out)[K]) {
-  V8 u[K], z[K], p[K];
+template <typename V, int K>
+ALWAYS_INLINE void log1p_unit(const V (&e)[K], V (&out)[K]) {
+  V u[K], z[K], p[K];
   for (int k = 0; k < K; ++k) {
     u[k] = e[k] / (e[k] + 2.0f);
     z[k] = u[k] * u[k];
@@ -73,17 +73,26 @@ struct Problem {
   int64_t T;
 };
 
-// dst[0:8] += value (dst need not be aligned)
-ALWAYS_INLINE void add_to(float* dst, const V8& value) {
-  V8 x;
+// dst[0:lanes] += value (dst need not be aligned)
+template <typename V>
+ALWAYS_INLINE void add_to(float* dst, const V& value) {
+  V x;
   std::memcpy(&x, dst, sizeof(x));
   x += value;
   std::memcpy(dst, &x, sizeof(x));
 }
 
 // The sums of the points [begin, end): 2 + 2T rows of C values (the padding channels past Q
-// are not read back): softplus, sigmoid, then x_t and s_t of each target.
-KERNEL_CLONES void block_sums(const Problem& p, int64_t begin, int64_t end, float* sums) {
+// are not read back): softplus, sigmoid, then x_t and s_t of each target. W: vector bytes.
+template <int W>
+struct FloatVector {
+  typedef float V __attribute__((vector_size(W)));
+};
+
+template <int W>
+ALWAYS_INLINE void block_sums(const Problem& p, int64_t begin, int64_t end, float* sums) {
+  typedef typename FloatVector<W>::V V;
+  constexpr int kLanes = W / sizeof(float);
   const int64_t C = p.C, T = p.T, n = (end - begin + kStep - 1) / kStep * kStep;
   // per point of the block (padded to whole steps with points of weight 0): the four corners
   // as offsets into pred with their bilinear weights (a corner outside the map reads pixel 0
@@ -108,15 +117,15 @@ KERNEL_CLONES void block_sums(const Problem& p, int64_t begin, int64_t end, floa
   float* __restrict x_t = sums + 2 * C;
   float* __restrict s_t = sums + (2 + T) * C;
   std::fill(sums, sums + (2 + 2 * T) * C, 0.0f);
-  for (int64_t q = 0; q < C; q += kLanes) {  // 8 channels at a time, over all the points
+  for (int64_t q = 0; q < C; q += kLanes) {  // a vector of channels at a time, over all points
     const float* pred = p.pred + q;
-    V8 softplus_sum = {}, sigmoid_sum = {};
+    V softplus_sum = {}, sigmoid_sum = {};
     for (int64_t i = 0; i < n; i += kStep) {
-      V8 x[kStep], minus_abs[kStep], e[kStep], log1p_e[kStep];
+      V x[kStep], minus_abs[kStep], e[kStep], log1p_e[kStep];
       for (int k = 0; k < kStep; ++k) {
-        x[k] = V8{};
+        x[k] = V{};
         for (int c = 0; c < 4; ++c) {
-          V8 corner;
+          V corner;
           std::memcpy(&corner, pred + at[4 * (i + k) + c], sizeof(corner));
           x[k] += bilinear[4 * (i + k) + c] * corner;
         }
@@ -125,9 +134,9 @@ KERNEL_CLONES void block_sums(const Problem& p, int64_t begin, int64_t end, floa
       exp_nonpositive(minus_abs, e);  // e^-|x|
       log1p_unit(e, log1p_e);
       for (int k = 0; k < kStep; ++k) {
-        const V8 inverse = 1.0f / (1.0f + e[k]);
-        const V8 sigmoid = x[k] >= 0.0f ? inverse : e[k] * inverse;
-        const V8 softplus = (x[k] > 0.0f ? x[k] : V8{}) + log1p_e[k];
+        const V inverse = 1.0f / (1.0f + e[k]);
+        const V sigmoid = x[k] >= 0.0f ? inverse : e[k] * inverse;
+        const V softplus = (x[k] > 0.0f ? x[k] : V{}) + log1p_e[k];
         softplus_sum += w[i + k] * softplus;
         sigmoid_sum += w[i + k] * sigmoid;
         for (int64_t t = 0; t < T; ++t) {
@@ -136,9 +145,31 @@ KERNEL_CLONES void block_sums(const Problem& p, int64_t begin, int64_t end, floa
         }
       }
     }
-    std::memcpy(sums + q, &softplus_sum, sizeof(V8));
-    std::memcpy(sums + C + q, &sigmoid_sum, sizeof(V8));
+    std::memcpy(sums + q, &softplus_sum, sizeof(V));
+    std::memcpy(sums + C + q, &sigmoid_sum, sizeof(V));
   }
+}
+
+typedef void (*BlockSums)(const Problem&, int64_t, int64_t, float*);
+#if KERNEL_TARGETS
+TARGET_V4 void block_sums_v4(const Problem& p, int64_t begin, int64_t end, float* sums) {
+  block_sums<64>(p, begin, end, sums);
+}
+TARGET_V3 void block_sums_v3(const Problem& p, int64_t begin, int64_t end, float* sums) {
+  block_sums<32>(p, begin, end, sums);
+}
+#endif
+void block_sums_base(const Problem& p, int64_t begin, int64_t end, float* sums) {
+  block_sums<32>(p, begin, end, sums);
+}
+
+BlockSums block_sums_for_this_cpu() {
+#if KERNEL_TARGETS
+  const int level = isa_level();
+  if (level == 4) return block_sums_v4;
+  if (level == 3) return block_sums_v3;
+#endif
+  return block_sums_base;
 }
 
 // pred [Q, H * W] -> [H * W, C], channels last with zeros past Q, in tiles of 16 pixels
@@ -160,9 +191,10 @@ void point_sums(const Problem& p, float* softplus_sum, float* sigmoid_sum, float
                 int threads) {
   const int64_t size = (2 + 2 * p.T) * p.C, blocks = (p.P + kBlock - 1) / kBlock;
   std::vector<float> sums(blocks * size);
+  static const BlockSums block = block_sums_for_this_cpu();
   parallel_for(blocks, threads, [&](int64_t first, int64_t last) {
     for (int64_t b = first; b < last; ++b) {
-      block_sums(p, b * kBlock, std::min(p.P, (b + 1) * kBlock), sums.data() + b * size);
+      block(p, b * kBlock, std::min(p.P, (b + 1) * kBlock), sums.data() + b * size);
     }
   });
   std::vector<float> total(size, 0.0f);
@@ -186,7 +218,7 @@ extern "C" void matcher_point_sums_f32(const float* pred, int64_t H, int64_t W, 
                                        const float* tw, const float* tww, int64_t T,
                                        float* softplus_sum, float* sigmoid_sum, float* x_t,
                                        float* s_t, int threads) {
-  const int64_t C = (Q + kLanes - 1) / kLanes * kLanes;
+  const int64_t C = (Q + kChannelAlign - 1) / kChannelAlign * kChannelAlign;
   std::vector<float> channels_last(H * W * C);
   to_channels_last(pred, H * W, Q, C, channels_last.data(), threads);
   point_sums(Problem{channels_last.data(), H, W, C, Q, pixels, weights, P, tw, tww, T},

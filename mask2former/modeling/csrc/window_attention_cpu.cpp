@@ -344,27 +344,17 @@ ALWAYS_INLINE void backward_range(const Attention<T>& a, const T* grad_out, cons
     backward_range<T, W>(a, grad_out, probs, grad_qkv, partials, begin, end);                  \
   }
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-WINDOW_ATTENTION_TARGET(v4, __attribute__((target("arch=x86-64-v4"))), 64)
-WINDOW_ATTENTION_TARGET(v3, __attribute__((target("arch=x86-64-v3"))), 32)
+#if KERNEL_TARGETS
+WINDOW_ATTENTION_TARGET(v4, TARGET_V4, 64)
+WINDOW_ATTENTION_TARGET(v3, TARGET_V3, 32)
 #endif
 WINDOW_ATTENTION_TARGET(base, , 16)
-
-// 4 on x86-64-v4 (AVX-512), 3 on x86-64-v3 (AVX2 + FMA), else 0.
-int isa_level() {
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("x86-64-v4")) return 4;
-  if (__builtin_cpu_supports("x86-64-v3")) return 3;
-#endif
-  return 0;
-}
 
 template <typename T, typename S>
 void forward(const Attention<T, S>& a, S* out, T* probs, int threads) {
   static const int level = isa_level();
   auto range = forward_base<T, S>;
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if KERNEL_TARGETS
   if (level == 4) range = forward_v4<T, S>;
   if (level == 3) range = forward_v3<T, S>;
 #endif
@@ -377,7 +367,7 @@ void backward(const Attention<T>& a, const T* grad_out, const T* probs, T* grad_
               T* grad_pad, T* grad_bias, int threads) {
   static const int level = isa_level();
   auto range = backward_base<T>;
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if KERNEL_TARGETS
   if (level == 4) range = backward_v4<T>;
   if (level == 3) range = backward_v3<T>;
 #endif
