@@ -1,10 +1,16 @@
 """Swin's window attention as compiled CPU kernels (backbone/window_attention_cpu.py): values and
 gradients (q, k, v, padding row, relative position bias) against a brute-force float64
 computation written from the definition, odd window / map / head sizes, shift masks, float32,
-thread-count independence, the floating-point mode left as it was, input checks, the custom
-operators' registration, and the Swin block's use of it against its window-partition path."""
+bfloat16, every instruction-set copy of the kernels (also the matcher's), thread-count
+independence, the floating-point mode left as it was, input checks, the custom operators'
+registration, and the Swin block's use of it against its window-partition path."""
 
 import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -275,3 +281,62 @@ def test_swin_block_bf16_inference_kernel_path_close_to_partition_path(monkeypat
     for result in results.values():
         assert (result - exact).abs().max() < 0.02 * scale
     assert (results[True] - results[False]).abs().max() < 0.02 * scale
+
+
+# Runs in a subprocess whose kernels are capped to one instruction-set copy: the window
+# attention (float64 values and gradients against the brute force, float32 and bfloat16 against
+# float64) and the matcher's mask costs against its PyTorch path.
+_ISA_CHECK = textwrap.dedent(
+    """
+    import sys, torch
+    sys.path.insert(0, sys.argv[1])
+    from test_window_attention_cpu import random_problem, reference_attention
+    from mask2former.modeling.backbone.window_attention_cpu import window_attention_cpu
+    from mask2former.modeling.matcher import mask_costs
+    for shape in [(5, 7, 3, 1, 2, 4), (9, 9, 7, 3, 3, 32), (6, 6, 3, 0, 1, 20)]:
+        qkv, pad, index, bias, mask, scale = random_problem(*shape)
+        leaves = [t.clone().requires_grad_() for t in (qkv, pad, bias)]
+        expected = reference_attention(leaves[0], leaves[1], index, leaves[2], mask, scale)
+        grad = torch.randn_like(expected)
+        want = torch.autograd.grad(expected, leaves, grad, allow_unused=True)
+        for dtype, tol in ((torch.float64, 1e-11), (torch.float32, 2e-5)):
+            inputs = [t.to(dtype, copy=True).requires_grad_() for t in (qkv, pad, bias)]
+            m = None if mask is None else mask.to(dtype)
+            out = window_attention_cpu(inputs[0], inputs[1], index, inputs[2], m, scale)
+            got = torch.autograd.grad(out, inputs, grad.to(dtype))
+            torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
+            for g, w in zip(got, want):
+                w = torch.zeros_like(g.double()) if w is None else w
+                torch.testing.assert_close(g.double(), w, rtol=tol, atol=tol)
+        b16 = [t.bfloat16() for t in (qkv, pad, bias)]
+        m16 = None if mask is None else mask.bfloat16()
+        out = window_attention_cpu(b16[0], b16[1], index, b16[2], m16, scale).double()
+        torch.testing.assert_close(out, expected, rtol=0.03, atol=0.03)
+    torch.manual_seed(0)
+    pred, coords = torch.randn(37, 11, 13), torch.rand(1000, 2)
+    targets = (torch.rand(3, 1000) > 0.5).float()
+    for got, want in zip(mask_costs(pred, coords, targets, None, "cpu"),
+                         mask_costs(pred, coords, targets, None, "pytorch")):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    from mask2former.modeling.cpu_kernels import kernel_isa_level
+    print("level", kernel_isa_level(), "ok")
+    """
+)
+
+
+@pytest.mark.parametrize("isa", ["v3", "base"])
+def test_every_instruction_set_copy_of_the_kernels_is_right(isa):
+    """The kernels carry a copy per instruction-set level (vector widths 64 / 32 / 16 bytes);
+    the CPU running the tests picks one, MASK2FORMER_KERNEL_ISA caps it to test the others."""
+    env = {**os.environ, "MASK2FORMER_KERNEL_ISA": isa}
+    tests = str(Path(__file__).resolve().parent)
+    proc = subprocess.run(
+        [sys.executable, "-c", _ISA_CHECK, tests],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+    level = int(proc.stdout.split()[-2])
+    assert level == 0 if isa == "base" else level in (0, 3)  # the cap took effect

@@ -33,6 +33,7 @@ __all__ = [
     "cpu_kernel_status",
     "cpu_or_fallback",
     "kernel_cache_dir",
+    "kernel_isa_level",
     "load_library",
 ]
 
@@ -139,6 +140,15 @@ def load_library() -> ctypes.CDLL:
     Callers declare the argument types of the functions they use (once: ctypes keeps them)."""
     with _LOCK:
         return _load()
+
+
+def kernel_isa_level() -> int:
+    """The instruction-set copy the kernels run: 4 (x86-64-v4, AVX-512: 64-byte vectors), 3
+    (x86-64-v3, AVX2 + FMA: 32 bytes) or 0 (baseline); ``$MASK2FORMER_KERNEL_ISA`` ("v3" or
+    "base") caps it, read when the library is loaded."""
+    lib = load_library()
+    lib.cpu_kernels_isa_level.restype = ctypes.c_int
+    return int(lib.cpu_kernels_isa_level())
 
 
 @functools.cache

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #if defined(__x86_64__) || defined(__SSE__)
 #include <xmmintrin.h>
@@ -49,14 +50,22 @@ class FlushDenormals {
 #endif
 };
 
-// 4 on x86-64-v4 (AVX-512), 3 on x86-64-v3 (AVX2 + FMA), else 0.
+// 4 on x86-64-v4 (AVX-512), 3 on x86-64-v3 (AVX2 + FMA), else 0. The environment variable
+// MASK2FORMER_KERNEL_ISA ("v3" or "base") caps it, so that the tests run every copy on one CPU.
 inline int isa_level() {
+  int level = 0;
 #if KERNEL_TARGETS
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("x86-64-v4")) return 4;
-  if (__builtin_cpu_supports("x86-64-v3")) return 3;
+  if (__builtin_cpu_supports("x86-64-v4")) {
+    level = 4;
+  } else if (__builtin_cpu_supports("x86-64-v3")) {
+    level = 3;
+  }
 #endif
-  return 0;
+  const char* cap = std::getenv("MASK2FORMER_KERNEL_ISA");
+  if (cap && std::strcmp(cap, "v3") == 0) level = std::min(level, 3);
+  if (cap && std::strcmp(cap, "base") == 0) level = 0;
+  return level;
 }
 
 // Runs fn(begin, end) over [0, n) split into one contiguous range per thread, on OpenMP's

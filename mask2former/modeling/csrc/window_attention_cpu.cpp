@@ -425,3 +425,6 @@ extern "C" void window_attention_forward_bf16(const uint16_t* qkv, const float* 
                                      mask, B, L, nW, N, H, D, float(scale)},
           reinterpret_cast<BFloat16*>(out), static_cast<float*>(nullptr), threads);
 }
+
+// The instruction-set copy the kernels of this library run (isa_level, kernel_common.h).
+extern "C" int cpu_kernels_isa_level() { return isa_level(); }
