@@ -82,13 +82,13 @@ ALWAYS_INLINE void add_to(float* dst, const V& value) {
   std::memcpy(dst, &x, sizeof(x));
 }
 
-// The sums of the points [begin, end): 2 + 2T rows of C values (the padding channels past Q
-// are not read back): softplus, sigmoid, then x_t and s_t of each target. W: vector bytes.
 template <int W>
 struct FloatVector {
   typedef float V __attribute__((vector_size(W)));
 };
 
+// The sums of the points [begin, end): 2 + 2T rows of C values (the padding channels past Q
+// are not read back): softplus, sigmoid, then x_t and s_t of each target. W: vector bytes.
 template <int W>
 ALWAYS_INLINE void block_sums(const Problem& p, int64_t begin, int64_t end, float* sums) {
   typedef typename FloatVector<W>::V V;
