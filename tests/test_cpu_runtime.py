@@ -11,8 +11,11 @@ import textwrap
 
 import pytest
 
-# Allocates and frees a 64 MiB tensor (filled, so its pages are touched) three times, and
-# returns the page faults of the last time.
+# Allocates and frees a 64 MiB tensor (filled, so its pages are touched) twelve times, and
+# returns the page faults of the last four times. (glibc serves the aligned allocations of
+# PyTorch with a small remainder split off behind each block; until those remainders are
+# consolidated the freed block cannot merge with its neighbours, so the heap takes a few
+# repetitions, depending on its layout, to settle: 1 to 6 here.)
 _SCRIPT = textwrap.dedent(
     """
     import json, logging, resource, sys
@@ -20,11 +23,13 @@ _SCRIPT = textwrap.dedent(
     from mask2former.engine import build_cfg, setup_cpu_runtime
 
     def faults_of_reallocation():
-        for _ in range(3):
+        faults = []
+        for _ in range(12):
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             x = torch.ones(16 << 20)
             del x
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        return sum(faults[-4:])
 
     def denormal_survives():
         return (torch.tensor([1e-40]) * 1.0).item() != 0.0
@@ -57,7 +62,7 @@ def test_defaults_flush_denormals_and_keep_freed_memory():
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert report["applied"]["reuse_host_memory"] is True
         # glibc maps a 64 MiB block anew each time (16k pages faulted in); then reuses it
-        assert report["faults_before"] > 10000
+        assert report["faults_before"] > 40000
         assert report["faults_after"] < 1000
     else:
         assert report["applied"]["reuse_host_memory"] is False
@@ -68,7 +73,7 @@ def test_config_keys_turn_them_off():
     assert report["applied"] == {"flush_denormals": False, "reuse_host_memory": False}
     assert report["denormal_before"] and report["denormal_after"]
     if platform.system() == "Linux":
-        assert report["faults_after"] > 10000
+        assert report["faults_after"] > 40000
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 timing property")

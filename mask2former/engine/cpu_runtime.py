@@ -53,8 +53,12 @@ def reuse_freed_host_memory() -> bool:
     2-core machine of the README. Here every block comes from the heap (``M_MMAP_MAX`` 0), whose
     top is trimmed only when more than 2 GiB of it are free (``M_TRIM_THRESHOLD``), with 256 MiB
     of extra growth per request (``M_TOP_PAD``): a process keeps the host memory of its peak, as
-    PyTorch's CUDA caching allocator does with GPU memory. When the heap cannot grow, glibc still
-    falls back to ``mmap``.
+    PyTorch's CUDA caching allocator does with GPU memory. The heap settles after a few
+    repetitions of the same allocations, not at once: glibc splits a small remainder off behind
+    each aligned block PyTorch asks for, and until those remainders are consolidated a freed block
+    cannot merge with its neighbours (a 64 MiB tensor allocated and freed in a loop faults its
+    pages in again 1 to 6 times, by the heap's layout, then never). When the heap cannot grow,
+    glibc still falls back to ``mmap``.
 
     Returns False (and changes nothing) where the C library is not glibc.
     """
