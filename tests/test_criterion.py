@@ -150,6 +150,93 @@ def test_no_targets_gives_zero_mask_losses_and_no_object_ce():
     assert pred_masks.grad is not None and pred_masks.grad.abs().sum() == 0
 
 
+class SequenceMatcher:
+    """Returns the given assignments, one per call (prediction set), in order."""
+
+    def __init__(self, per_call):
+        self.per_call = list(per_call)
+
+    def __call__(self, outputs, targets):
+        indices = self.per_call.pop(0)
+        return [(torch.tensor(i, dtype=torch.int64), torch.tensor(j)) for i, j in indices]
+
+
+def _reference_mask_losses(src, tgt, coords):
+    """Per-mask BCE and dice in float64 from the sampled points (pure Python sums)."""
+    xs = point_sample(src.double(), coords.double())[:, 0].tolist()
+    ys = point_sample(tgt.double(), coords.double())[:, 0].tolist()
+    terms = []
+    for x, y in zip(xs, ys):
+        bce = sum(softplus(xi) - xi * yi for xi, yi in zip(x, y)) / len(x)
+        s = [1 / (1 + math.exp(-xi)) for xi in x]
+        dice = 1 - (2 * sum(a * b for a, b in zip(s, y)) + 1) / (sum(s) + sum(y) + 1)
+        terms.append((bce, dice))
+    return terms
+
+
+def test_mask_losses_of_all_prediction_sets_evaluated_at_once():
+    """Three prediction sets with their own matchings (the middle one matching nothing): each
+    set's mask losses are the sums over its own matched masks, with the points of all sets'
+    masks drawn at once (in set order), and gradients reach only the matched queries."""
+    g = torch.Generator().manual_seed(3)
+    sets = [(torch.randn(2, 3, 6, 6, generator=g) * 2).requires_grad_() for _ in range(3)]
+    target_masks = torch.rand(2, 2, 12, 12, generator=g) > 0.6
+    matchings = [
+        [([1], [0]), ([0, 2], [1, 0])],
+        [([], []), ([], [])],
+        [([2], [0]), ([1], [0])],
+    ]
+    criterion = SetCriterion(
+        NUM_CLASSES,
+        matcher=SequenceMatcher(matchings),
+        weight_dict={},
+        eos_coef=EOS,
+        losses=["masks"],
+        num_points=16,
+        oversample_ratio=3.0,
+        importance_sample_ratio=0.75,
+    )
+    outputs = {
+        "pred_logits": torch.zeros(2, 3, 4),
+        "pred_masks": sets[0],
+        "aux_outputs": [{"pred_logits": torch.zeros(2, 3, 4), "pred_masks": m} for m in sets[1:]],
+    }
+    targets = [
+        {"labels": torch.tensor([0]), "masks": target_masks[0, :1]},
+        {"labels": torch.tensor([1, 2]), "masks": target_masks[1]},
+    ]
+    torch.manual_seed(5)
+    losses = criterion(outputs, targets)
+    assert set(losses) == {f"loss_{n}{s}" for n in ("mask", "dice") for s in ("", "_0", "_1")}
+
+    pairs = [  # (set, image, query, image's target) in set order, images in order
+        (0, 0, 1, 0),
+        (0, 1, 0, 1),
+        (0, 1, 2, 0),
+        (2, 0, 2, 0),
+        (2, 1, 1, 0),
+    ]
+    src = torch.stack([sets[k][b, q].detach() for k, b, q, _ in pairs])[:, None]
+    tgt = torch.stack([target_masks[b, t] for _, b, _, t in pairs])[:, None]
+    torch.manual_seed(5)
+    coords = get_uncertain_point_coords_with_randomness(src, calculate_uncertainty, 16, 3.0, 0.75)
+    terms = _reference_mask_losses(src, tgt, coords)
+    num_masks = 3
+    for suffix, rows in (("", [0, 1, 2]), ("_1", [3, 4])):
+        bce = sum(terms[r][0] for r in rows) / num_masks
+        dice = sum(terms[r][1] for r in rows) / num_masks
+        assert losses["loss_mask" + suffix].item() == pytest.approx(bce, rel=1e-5)
+        assert losses["loss_dice" + suffix].item() == pytest.approx(dice, rel=1e-5)
+    assert losses["loss_mask_0"].item() == 0 and losses["loss_dice_0"].item() == 0
+
+    sum(losses.values()).backward()
+    for k, masks in enumerate(sets):
+        matched = {(b, q) for kk, b, q, _ in pairs if kk == k}
+        for b in range(2):
+            for q in range(3):
+                assert (masks.grad[b, q].abs().sum() > 0) == ((b, q) in matched)
+
+
 def test_deep_supervision_keys_and_matcher_per_prediction_set():
     criterion = make_criterion([([0], [0])])
     prediction = {"pred_logits": torch.randn(1, 2, 4), "pred_masks": torch.randn(1, 2, 4, 4)}

@@ -534,20 +534,27 @@ def _decoder_inputs():
 
 def test_without_deep_supervision_one_matching_per_step_same_final_losses():
     feats, mask_features, targets = _decoder_inputs()
-    losses = {}
+    losses, outputs = {}, {}
     for deep_supervision in (True, False):
         # the loss weights of DEEP_SUPERVISION False: final prediction only
         criterion = _criterion(CountingMatcher(2.0, 5.0, 5.0, num_points=40))
-        outputs = _decoder(deep_supervision)(feats, mask_features)
+        outputs[deep_supervision] = _decoder(deep_supervision)(feats, mask_features)
         torch.manual_seed(8)
-        losses[deep_supervision] = criterion(outputs, targets)
+        losses[deep_supervision] = criterion(outputs[deep_supervision], targets)
         calls = criterion.matcher.calls
         assert calls == (4 if deep_supervision else 1)
-        assert len(outputs["aux_outputs"]) == (3 if deep_supervision else 0)
-    # before, the decoder returned the auxiliary predictions anyway: the final losses are those
+        assert len(outputs[deep_supervision]["aux_outputs"]) == (3 if deep_supervision else 0)
     assert set(losses[False]) == set(_criterion(None).weight_dict)
+    assert set(losses[True]) > set(losses[False])
+    # before, the decoder returned the auxiliary predictions anyway: the final prediction and its
+    # losses are those (the deep-supervised decoder's final prediction, scored alone)
+    for key in ("pred_logits", "pred_masks"):
+        assert torch.equal(outputs[False][key], outputs[True][key])
+    final_only = {key: outputs[True][key] for key in ("pred_logits", "pred_masks")}
+    torch.manual_seed(8)
+    expected = _criterion(CountingMatcher(2.0, 5.0, 5.0, num_points=40))(final_only, targets)
     for name, value in losses[False].items():
-        assert torch.equal(value, losses[True][name])
+        assert torch.equal(value, expected[name])
 
 
 def test_decoder_deep_supervision_from_config():
