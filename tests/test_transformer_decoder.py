@@ -288,3 +288,33 @@ def test_build_from_config_and_registry():
     assert len(decoder.train()(feats, mask_features)["aux_outputs"]) == 3
     with pytest.raises(ValueError):
         build_transformer_decoder(cfg, 16, mask_classification=False)
+
+
+def test_full_resolution_masks_of_all_predictions_in_one_product():
+    """The S predictions' mask logits from one product equal each prediction's own einsum, and
+    so do the gradients of the embeddings and of the (shared) mask features."""
+    g = torch.Generator().manual_seed(0)
+    embeds = [torch.randn(2, 5, 8, generator=g, dtype=torch.float64) for _ in range(3)]
+    features = torch.randn(2, 8, 6, 7, generator=g, dtype=torch.float64)
+    weights = [torch.randn(2, 5, 6, 7, generator=g, dtype=torch.float64) for _ in range(3)]
+    results = {}
+    for name in ("one product", "per prediction"):
+        leaves = [e.clone().requires_grad_() for e in embeds]
+        feats = features.clone().requires_grad_()
+        if name == "one product":
+            masks = MultiScaleMaskedTransformerDecoder._full_resolution_masks(leaves, feats)
+        else:
+            masks = [torch.einsum("bqc,bchw->bqhw", e, feats) for e in leaves]
+        sum((m * w).sum() for m, w in zip(masks, weights)).backward()
+        results[name] = (masks, [e.grad for e in leaves], feats.grad)
+    (masks, embed_grads, feature_grad), (ref_masks, ref_embed_grads, ref_feature_grad) = (
+        results["one product"],
+        results["per prediction"],
+    )
+    assert len(masks) == 3 and all(m.shape == (2, 5, 6, 7) for m in masks)
+    for got, want in zip(masks + embed_grads, ref_masks + ref_embed_grads):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(feature_grad, ref_feature_grad, rtol=1e-12, atol=1e-12)
+    # one prediction (inference): its product alone
+    single = MultiScaleMaskedTransformerDecoder._full_resolution_masks(embeds[:1], features)
+    torch.testing.assert_close(single[0], ref_masks[0].detach(), rtol=1e-12, atol=1e-12)

@@ -339,7 +339,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         output = self.query_feat.weight.unsqueeze(0).expand(batch_size, -1, -1)
 
         predictions_class: List[torch.Tensor] = []
-        predictions_mask: List[torch.Tensor] = []
+        returned_mask_embeds: List[torch.Tensor] = []
         attn_mask = None
         for i in range(self.num_layers + 1):
             if i > 0:
@@ -358,9 +358,10 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             )
             predictions_class.append(class_logits)
             if is_last or return_aux:
-                predictions_mask.append(torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features))
+                returned_mask_embeds.append(mask_embed)
             if not is_last:
                 attn_mask = masked_attention_mask(attn_logits)
+        predictions_mask = self._full_resolution_masks(returned_mask_embeds, mask_features)
 
         aux_outputs = []
         if return_aux:
@@ -373,6 +374,23 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             "pred_masks": predictions_mask[-1],
             "aux_outputs": aux_outputs,
         }
+
+    @staticmethod
+    def _full_resolution_masks(
+        mask_embeds: Sequence[torch.Tensor], mask_features: torch.Tensor
+    ) -> List[torch.Tensor]:
+        """
+        The mask logits ``einsum("bqc,bchw->bqhw", mask_embed, mask_features)`` [B, Q, H, W] of
+        each of S predictions, from one product of all their embeddings: [B, S * Q, C] x
+        [B, C, H * W] (in training with deep supervision S = 10: one large product instead of 10
+        with Q rows, and in the backward one product of inner size S * Q instead of 10 of Q whose
+        [B, C, H, W] gradients are summed). Each result is a view of image-contiguous blocks.
+        """
+        batch, channels, height, width = mask_features.shape
+        queries = mask_embeds[0].shape[1]
+        embeds = torch.cat(list(mask_embeds), dim=1) if len(mask_embeds) > 1 else mask_embeds[0]
+        logits = torch.bmm(embeds, mask_features.reshape(batch, channels, height * width))
+        return list(logits.view(batch, len(mask_embeds), queries, height, width).unbind(1))
 
     def _readout(
         self,
