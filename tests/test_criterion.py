@@ -174,10 +174,13 @@ def _reference_mask_losses(src, tgt, coords):
     return terms
 
 
-def test_mask_losses_of_all_prediction_sets_evaluated_at_once():
+@pytest.mark.parametrize("gather_limit", [None, 3 * 144])
+def test_mask_losses_of_all_prediction_sets_evaluated_at_once(gather_limit):
     """Three prediction sets with their own matchings (the middle one matching nothing): each
     set's mask losses are the sums over its own matched masks, with the points of all sets'
-    masks drawn at once (in set order), and gradients reach only the matched queries."""
+    masks drawn at once (in set order), and gradients reach only the matched queries. With a
+    gather limit of 3 target masks (of 12 x 12 pixels), the first two sets (3 masks) are drawn
+    together and the third (2 more) on its own, after them."""
     g = torch.Generator().manual_seed(3)
     sets = [(torch.randn(2, 3, 6, 6, generator=g) * 2).requires_grad_() for _ in range(3)]
     target_masks = torch.rand(2, 2, 12, 12, generator=g) > 0.6
@@ -205,6 +208,8 @@ def test_mask_losses_of_all_prediction_sets_evaluated_at_once():
         {"labels": torch.tensor([0]), "masks": target_masks[0, :1]},
         {"labels": torch.tensor([1, 2]), "masks": target_masks[1]},
     ]
+    if gather_limit is not None:
+        criterion.mask_loss_gather_limit = gather_limit
     torch.manual_seed(5)
     losses = criterion(outputs, targets)
     assert set(losses) == {f"loss_{n}{s}" for n in ("mask", "dice") for s in ("", "_0", "_1")}
@@ -219,8 +224,13 @@ def test_mask_losses_of_all_prediction_sets_evaluated_at_once():
     src = torch.stack([sets[k][b, q].detach() for k, b, q, _ in pairs])[:, None]
     tgt = torch.stack([target_masks[b, t] for _, b, _, t in pairs])[:, None]
     torch.manual_seed(5)
-    coords = get_uncertain_point_coords_with_randomness(src, calculate_uncertainty, 16, 3.0, 0.75)
-    terms = _reference_mask_losses(src, tgt, coords)
+    draws = [slice(0, 5)] if gather_limit is None else [slice(0, 3), slice(3, 5)]
+    terms = []
+    for rows in draws:
+        coords = get_uncertain_point_coords_with_randomness(
+            src[rows], calculate_uncertainty, 16, 3.0, 0.75
+        )
+        terms += _reference_mask_losses(src[rows], tgt[rows], coords)
     num_masks = 3
     for suffix, rows in (("", [0, 1, 2]), ("_1", [3, 4])):
         bce = sum(terms[r][0] for r in rows) / num_masks

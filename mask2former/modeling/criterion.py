@@ -221,6 +221,11 @@ class SetCriterion(nn.Module):
         matched = self._matched(indices, outputs["pred_masks"].device)
         return self.mask_losses_of_sets([outputs["pred_masks"]], targets, [matched], num_masks)[0]
 
+    # Target-mask pixels (float32 values) that one joint evaluation of the mask losses may
+    # gather: prediction sets are evaluated together while their matched target masks stay
+    # within it (64 MB), so that large batches keep the memory of one set at a time.
+    mask_loss_gather_limit = 1 << 24
+
     def mask_losses_of_sets(
         self,
         pred_masks: Sequence[torch.Tensor],
@@ -230,15 +235,35 @@ class SetCriterion(nn.Module):
     ) -> List[Dict[str, torch.Tensor]]:
         """
         "loss_mask" and "loss_dice" of several prediction sets (their "pred_masks" [B, Q, h, w]
-        and matchings), evaluated for the matched masks of all sets at once: one draw of points,
-        one sampling and one loss evaluation instead of one per set (the deep supervision's 10
-        sets cost 10 times the operators otherwise). Each mask gets its own independent points,
-        as with one draw per set; each set's losses are sums over its own masks.
+        and matchings), evaluated for the matched masks of several sets at once: one draw of
+        points, one sampling and one loss evaluation instead of one per set (the deep
+        supervision's 10 sets cost 10 times the operators otherwise). Consecutive sets are
+        joined while their matched target masks hold at most ``mask_loss_gather_limit`` pixels
+        (a set beyond it alone). Each mask gets its own independent points, as with one draw per
+        set; each set's losses are sums over its own masks.
         """
+        counts = [len(m.src) for m in matches]
+        height, width = targets[0]["masks"].shape[-2:] if targets else (0, 0)
+        groups: List[List[int]] = []
+        for i, count in enumerate(counts):
+            joined = sum(counts[j] for j in groups[-1]) + count if groups else None
+            if joined is None or joined * height * width > self.mask_loss_gather_limit:
+                groups.append([i])
+            else:
+                groups[-1].append(i)
+        losses: List[Dict[str, torch.Tensor]] = []
+        for group in groups:
+            losses += self._mask_losses_together(
+                [pred_masks[i] for i in group], targets, [matches[i] for i in group], num_masks
+            )
+        return losses
+
+    def _mask_losses_together(self, pred_masks, targets, matches, num_masks):
+        """:meth:`mask_losses_of_sets` of sets evaluated in one draw and one evaluation."""
         srcs = [masks[m.batch, m.src] for masks, m in zip(pred_masks, matches)]
         counts = [len(src) for src in srcs]
         if sum(counts) == 0:
-            # no target in the batch: zero losses that keep the graph connected
+            # no target in these sets: zero losses that keep the graph connected
             zeros = [masks.sum() * 0.0 for masks in pred_masks]
             return [{"loss_mask": zero, "loss_dice": zero.clone()} for zero in zeros]
         src_masks = torch.cat(srcs)[:, None]
