@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..criterion import SetCriterion
+from ..low_precision import LowPrecisionWeights
 from ..matcher import HungarianMatcher
 from ..point_sampling import bilinear_resize_matrix
 
@@ -293,6 +294,9 @@ class MaskFormer(nn.Module):
         # and the input (shape, dtype) it has been called with
         self._compiled_network_outputs = None
         self._compiled_inputs = set()
+        # the backbone and head with their autocast-cast weights kept between eager
+        # low-precision inference forwards (LowPrecisionWeights); made on the first such forward
+        self._low_precision_network = None
 
     @staticmethod
     def class_weight_args(cfg, num_classes: int) -> Dict:
@@ -446,6 +450,8 @@ class MaskFormer(nn.Module):
         ``network_outputs`` at the inference precision (autocast to ``inference_precision``'s
         dtype), through ``torch.compile`` if ``compile_inference``; "pred_logits" and
         "pred_masks" are returned as float32, so the semantic inference runs in float32.
+        Eager and without gradients, the weights autocast would cast at each forward are kept
+        cast between forwards (``_low_precision_modules``; same outputs).
         """
         dtype = inference_autocast_dtype(self.inference_precision, images.device.type)
         precision = contextlib.nullcontext()
@@ -454,6 +460,9 @@ class MaskFormer(nn.Module):
         with precision:
             if self.compile_inference:
                 outputs = self._run_compiled(images)
+            elif dtype is not None and not torch.is_grad_enabled():
+                backbone, head = self._low_precision_modules(dtype)
+                outputs = head(backbone(images))
             else:
                 outputs = self.network_outputs(images)
         return dict(
@@ -461,6 +470,30 @@ class MaskFormer(nn.Module):
             pred_logits=outputs["pred_logits"].float(),
             pred_masks=outputs["pred_masks"].float(),
         )
+
+    def _low_precision_modules(self, dtype: torch.dtype) -> Tuple[LowPrecisionWeights, ...]:
+        """The backbone and the head as ``LowPrecisionWeights`` of ``dtype``: without gradients,
+        the same outputs as under autocast alone, without casting their weights at every
+        forward (kept until the model is put in training mode)."""
+        kept = self._low_precision_network
+        if (
+            kept is None
+            or kept[0].dtype != dtype
+            or kept[0].module is not self.backbone
+            or kept[1].module is not self.sem_seg_head
+        ):
+            kept = (
+                LowPrecisionWeights(self.backbone, dtype),
+                LowPrecisionWeights(self.sem_seg_head, dtype),
+            )
+            self._low_precision_network = kept
+        return kept
+
+    def train(self, mode: bool = True):
+        if mode:
+            # training changes the weights: the low-precision copies would only be remade
+            self._low_precision_network = None
+        return super().train(mode)
 
     def _run_compiled(self, images: torch.Tensor) -> Dict:
         """``network_outputs`` through ``torch.compile`` with static shapes: each new input
