@@ -12,6 +12,7 @@ from dinat import add_dinat_config
 from mask2former.engine import build_optimizer, get_param_groups, get_project_cfg
 from mask2former.engine import setup as engine_setup
 from mask2former.engine.lr_scheduler import ResumableWarmupPolyLR, build_lr_scheduler
+from mask2former.engine.optimizer import total_gradient_norm
 from semask import add_semask_config
 
 # the configuration train_net.py builds: Mask2Former + SeMask + DiNAT keys
@@ -85,6 +86,30 @@ def test_full_model_gradient_clipping_clips_the_global_norm():
     assert torch.allclose(clipped, torch.full_like(clipped, 3.0 * 0.01 / total), rtol=1e-3)
     step = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, params)])
     assert torch.allclose(step.double(), 1e-4 * clipped.double(), rtol=0.2, atol=1e-9)
+
+
+def test_total_gradient_norm_is_the_float64_norm():
+    """Large, small, non-contiguous, 0-dim and empty gradients: within float32 rounding of the
+    norm summed in float64; half precision and mixed dtypes through get_total_norm."""
+    g = torch.Generator().manual_seed(0)
+    grads = [
+        torch.randn(1 << 20, generator=g) * 1e-3,
+        torch.randn(300, 257, generator=g).t(),  # non-contiguous
+        torch.randn(7, 1, 5, generator=g) * 40.0,
+        torch.tensor(2.5),
+        torch.empty(0),
+    ]
+    expected = torch.cat([x.double().flatten() for x in grads]).norm()
+    total = total_gradient_norm(grads)
+    assert total.dtype == torch.float32 and total.dim() == 0
+    assert total.double().item() == pytest.approx(expected.item(), rel=1e-6)
+    doubles = [x.double() for x in grads]
+    assert total_gradient_norm(doubles).item() == pytest.approx(expected.item(), rel=1e-12)
+    halves = [x.bfloat16() for x in grads[1:4]]
+    reference = torch.nn.utils.get_total_norm(halves)
+    assert torch.equal(total_gradient_norm(halves), reference)
+    mixed = [grads[1], grads[2].double()]
+    assert torch.equal(total_gradient_norm(mixed), torch.nn.utils.get_total_norm(mixed))
 
 
 def _adamw_reference(params, grads_per_step, groups, betas=(0.9, 0.999), eps=1e-8):
