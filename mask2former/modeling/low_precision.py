@@ -31,6 +31,12 @@ class LowPrecisionWeights:
     changed: another storage (``param.data = ...``, a move to another device) or an in-place
     update (optimizer step, ``load_state_dict``, an EMA swap: the tensor's version counter).
 
+    The copies are handed out as autocast hands out its casts, so that the outputs are the
+    same bit for bit: under ``torch.no_grad`` a cast of a parameter that requires grad requires
+    grad too (not under ``torch.inference_mode``), and PyTorch picks a linear layer's route by
+    it (with a strided input: one product with the bias added inside it, or a batched product
+    and the bias added in the low precision).
+
     For calls without gradients only: the copies are not connected to the parameters. Memory:
     the copies (half the float32 size of the substituted weights in bfloat16 / float16).
     """
@@ -40,8 +46,9 @@ class LowPrecisionWeights:
         self.dtype = dtype
         # parameter names substituted; None until the first call has recorded them
         self.names: Optional[Tuple[str, ...]] = None
-        # name -> (the parameter's tensor when copied, its version then, the copy)
-        self._copies: Dict[str, Tuple[torch.Tensor, int, torch.Tensor]] = {}
+        # name -> (the parameter's tensor when copied, its version then, the copy, the copy
+        # requiring grad as its parameter does)
+        self._copies: Dict[str, Tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, *args):
         if torch.is_grad_enabled():
@@ -91,6 +98,7 @@ class LowPrecisionWeights:
         """Parameter name -> its copy in ``dtype`` (remade where the parameter changed)."""
         weights = {}
         params = dict(self.module.named_parameters(remove_duplicate=False))
+        as_grad_mode_casts = not torch.is_inference_mode_enabled()
         for name in self.names:
             param = params[name]
             kept = self._copies.get(name)
@@ -103,7 +111,9 @@ class LowPrecisionWeights:
                 # the kept tensor shares the parameter's storage (so that storage cannot be
                 # reused by another tensor while a copy of it is kept) and its version counter
                 with torch.inference_mode(False), torch.no_grad():
-                    kept = (param.detach(), param._version, param.detach().to(self.dtype))
+                    copy = param.detach().to(self.dtype)
+                    alias = copy.detach().requires_grad_(param.requires_grad)
+                    kept = (param.detach(), param._version, copy, alias)
                 self._copies[name] = kept
-            weights[name] = kept[2]
+            weights[name] = kept[3] if as_grad_mode_casts else kept[2]
         return weights
