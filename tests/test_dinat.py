@@ -176,6 +176,26 @@ def test_drop_path_only_in_training():
     assert torch.all(per_sample.min(1).values == per_sample.max(1).values)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_drop_path_equals_the_written_out_scaling_with_its_gradient(dtype):
+    """Bit for bit the values and gradients of ``x / keep * mask`` with the same draws,
+    signed zeros of dropped negative values included."""
+    drop = DropPath(0.3).train()
+    x = torch.randn(16, 5, 7, dtype=dtype, requires_grad=True)
+    grad = torch.randn(16, 5, 7, dtype=dtype)
+    torch.manual_seed(4)
+    y = drop(x)
+    (dx,) = torch.autograd.grad(y, x, grad)
+    torch.manual_seed(4)
+    mask = torch.empty(16, 1, 1, dtype=dtype).bernoulli_(0.7)
+    assert 0 < mask.sum() < 16  # both kinds of samples
+    expected = x.detach() / 0.7 * mask
+    expected_grad = grad * mask / 0.7
+    assert torch.equal(y, expected) and torch.equal(dx, expected_grad)
+    assert torch.equal(torch.signbit(y), torch.signbit(expected))
+    assert torch.equal(torch.signbit(dx), torch.signbit(expected_grad))
+
+
 def test_eval_is_deterministic_and_training_uses_drop_path():
     model = _tiny(drop_path_rate=0.5)
     x = torch.randn(2, 3, 64, 64)
