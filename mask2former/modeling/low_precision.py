@@ -63,7 +63,7 @@ class LowPrecisionWeights:
     @contextlib.contextmanager
     def _recording(self) -> Iterator[None]:
         """Within, the forwards of ``module``'s ``WEIGHT_LAYERS`` are noted with whether an
-        autocast to ``dtype`` was active on their input's device; on exit, the float32
+        autocast to ``dtype`` was active on their weights' device; on exit, the float32
         parameters of the layers that only ran under it (and are not shared with a layer that
         ran outside it) become ``names``."""
         under: Dict[nn.Module, set] = {}
