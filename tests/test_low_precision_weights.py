@@ -12,6 +12,7 @@ from torch import nn
 
 from dinat import add_dinat_config
 from mask2former.engine import setup as engine_setup
+from mask2former.engine.ema import ModelEMA
 from mask2former.modeling.low_precision import LowPrecisionWeights
 from semask import add_semask_config
 
@@ -209,6 +210,27 @@ def test_parameter_changes_are_seen_at_the_next_forward():
         assert torch.equal(actual[0]["sem_seg"], expected)
         assert previous is None or not torch.equal(expected, previous)  # each change mattered
         previous = expected
+
+
+def test_evaluation_under_ema_weights_and_back():
+    """The EMA evaluation's swap (copies into the parameters, and back on exit): each bf16
+    evaluation sees the weights the model holds at that moment."""
+    model = _build("m2f")
+    inputs = _inputs()
+    ema = ModelEMA(model, decay=0.5)
+    with torch.no_grad():
+        for t in ema.shadow.values():
+            if t.is_floating_point():
+                t.mul_(0.9)
+        own_before = model(inputs)[0]["sem_seg"]
+        model(inputs)
+        with ema.applied_to(model):
+            under_ema = model(inputs)[0]["sem_seg"]
+            expected_ema = _autocast_outputs(model, inputs)
+        own_after = model(inputs)[0]["sem_seg"]
+        expected_own = _autocast_outputs(model, inputs)
+    assert torch.equal(under_ema, expected_ema) and not torch.equal(under_ema, own_before)
+    assert torch.equal(own_after, expected_own) and torch.equal(own_before, expected_own)
 
 
 def test_training_mode_drops_the_copies_and_gradients_bypass_them():
