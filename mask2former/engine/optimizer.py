@@ -69,10 +69,12 @@ def total_gradient_norm(grads: List[torch.Tensor]) -> torch.Tensor:
     products summing in blocks). Elsewhere (GPUs: one fused kernel; half precision)
     ``get_total_norm``.
     """
-    if grads and all(g.device.type == "cpu" and g.dtype == grads[0].dtype for g in grads):
-        if grads[0].dtype in (torch.float32, torch.float64):
-            flat = [g.reshape(-1) for g in grads]
-            return torch.stack([torch.dot(f, f) for f in flat]).sum().sqrt()
+    dtype = grads[0].dtype if grads else None
+    if dtype in (torch.float32, torch.float64) and all(
+        g.device.type == "cpu" and g.dtype == dtype for g in grads
+    ):
+        flat = [g.reshape(-1) for g in grads]
+        return torch.stack([torch.dot(f, f) for f in flat]).sum().sqrt()
     return torch.nn.utils.get_total_norm(grads)
 
 

@@ -1,7 +1,7 @@
 """Weights kept in the autocast dtype between low-precision inference forwards."""
 
 import contextlib
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -12,6 +12,17 @@ __all__ = ["LowPrecisionWeights", "WEIGHT_LAYERS"]
 # Layers whose weights autocast casts to its low-precision dtype when they run under it (their
 # forward is one autocast operator: linear or convolution).
 WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class _Copy(NamedTuple):
+    """One parameter's low-precision copy and what it was made from."""
+
+    # the parameter's tensor when copied: shares its storage (which therefore cannot be reused by
+    # another tensor while the copy is kept) and its version counter
+    source: torch.Tensor
+    version: int  # the source's version then
+    copy: torch.Tensor
+    copy_with_grad_flag: torch.Tensor  # the same copy, requiring grad as its parameter does
 
 
 class LowPrecisionWeights:
@@ -46,9 +57,7 @@ class LowPrecisionWeights:
         self.dtype = dtype
         # parameter names substituted; None until the first call has recorded them
         self.names: Optional[Tuple[str, ...]] = None
-        # name -> (the parameter's tensor when copied, its version then, the copy, the copy
-        # requiring grad as its parameter does)
-        self._copies: Dict[str, Tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]] = {}
+        self._copies: Dict[str, _Copy] = {}
 
     def __call__(self, *args):
         if torch.is_grad_enabled():
@@ -104,16 +113,14 @@ class LowPrecisionWeights:
             kept = self._copies.get(name)
             if (
                 kept is None
-                or kept[0].data_ptr() != param.data_ptr()
-                or kept[0].device != param.device
-                or kept[1] != param._version
+                or kept.source.data_ptr() != param.data_ptr()
+                or kept.source.device != param.device
+                or kept.version != param._version
             ):
-                # the kept tensor shares the parameter's storage (so that storage cannot be
-                # reused by another tensor while a copy of it is kept) and its version counter
                 with torch.inference_mode(False), torch.no_grad():
                     copy = param.detach().to(self.dtype)
-                    alias = copy.detach().requires_grad_(param.requires_grad)
-                    kept = (param.detach(), param._version, copy, alias)
+                    flagged = copy.detach().requires_grad_(param.requires_grad)
+                    kept = _Copy(param.detach(), param._version, copy, flagged)
                 self._copies[name] = kept
-            weights[name] = kept[3] if as_grad_mode_casts else kept[2]
+            weights[name] = kept.copy_with_grad_flag if as_grad_mode_casts else kept.copy
         return weights
