@@ -1,7 +1,9 @@
 """SemSegPredictor (calibration, multi-scale + flip TTA) and probability dumps."""
 
 import json
+import logging
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,8 +11,15 @@ import torch
 import torch.nn.functional as F
 from detectron2.data import transforms as T
 
-from mask2former.inference.predictor import SemSegPredictor, calibrate
+from dinat import add_dinat_config
+from mask2former.engine import build_cfg
+from mask2former.inference.predictor import (
+    SemSegPredictor,
+    calibrate,
+    tta_sizes_off_training_scale,
+)
 from mask2former.inference.prob_dump import ProbDumpReader, ProbDumpWriter
+from semask import add_semask_config
 
 
 class ColumnModel(torch.nn.Module):
@@ -125,3 +134,48 @@ def test_prob_dump_rejects_bad_input(tmp_path):
     w.close()
     index = json.loads((tmp_path / "d" / "index.json").read_text())
     assert index["images"][0]["file_name"] == "x.jpg"
+
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+
+
+def _config(path):
+    return build_cfg(str(path), add_configs=(add_semask_config, add_dinat_config))
+
+
+def test_tta_sizes_off_training_scale():
+    # the tiny demo model (trained at short sides 96..192) with the 512-px base config's TTA
+    off = tta_sizes_off_training_scale([384, 448, 512, 576, 640, 704, 768], [96, 192])
+    assert off == [384, 448, 512, 576, 640, 704, 768]
+    # 1.5x above the largest / below the smallest training side is the limit
+    assert tta_sizes_off_training_scale([64, 63, 288, 289, 128], [96, 144, 192]) == [63, 289]
+    assert tta_sizes_off_training_scale([135, 270], [180]) == []
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_test_at_their_training_scale(path):
+    """Every shipped config's TTA sizes lie within the tolerance of its training short sides (a
+    tiny config inheriting the base's 384..768 would test a 128-px model at 3x to 6x its scale),
+    and its single-scale test size within its training range."""
+    cfg = _config(path)
+    train = cfg.INPUT.MIN_SIZE_TRAIN
+    assert tta_sizes_off_training_scale(cfg.TEST.AUG.MIN_SIZES, train) == [], path
+    assert min(train) <= cfg.INPUT.MIN_SIZE_TEST <= max(train), path
+    assert cfg.INPUT.MIN_SIZE_TEST in cfg.TEST.AUG.MIN_SIZES, path
+
+
+def test_tta_far_from_the_training_scale_is_warned(caplog):
+    cfg = _config(CONFIGS[0]).clone()
+    cfg.defrost()
+    cfg.INPUT.MIN_SIZE_TRAIN = (96, 192)
+    cfg.INPUT.MIN_SIZE_TEST = 128
+    with caplog.at_level(logging.WARNING, logger="mask2former.inference.predictor"):
+        SemSegPredictor(cfg, ColumnModel(), tta=False)
+        assert not caplog.records  # single-scale: TEST.AUG is not used
+        cfg.TEST.AUG.MIN_SIZES = (96, 128, 160)
+        predictor = SemSegPredictor(cfg, ColumnModel(), tta=True)
+        assert predictor.test_sizes == (96, 128, 160) and not caplog.records
+        cfg.TEST.AUG.MIN_SIZES = (128, 256, 384)
+        SemSegPredictor(cfg, ColumnModel(), tta=True)
+    (record,) = caplog.records
+    assert "[384]" in record.getMessage() and "96..192" in record.getMessage()

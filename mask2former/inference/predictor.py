@@ -8,6 +8,7 @@ averaged: all views then vote with equal weight at every pixel, and the result c
 with other models as a probability map.
 """
 
+import logging
 from typing import Iterable, List, Mapping, Optional, Sequence
 
 import numpy as np
@@ -20,7 +21,29 @@ from ..data.coco.images import read_image_file
 from ..postprocess.labels import label_dtype
 from .sinks import Prediction, write_predictions
 
-__all__ = ["PredictorAsModel", "SemSegPredictor", "calibrate", "iterate_images", "predict_records"]
+__all__ = [
+    "PredictorAsModel",
+    "SemSegPredictor",
+    "calibrate",
+    "iterate_images",
+    "predict_records",
+    "tta_sizes_off_training_scale",
+]
+
+logger = logging.getLogger(__name__)
+
+# A test-time short side more than this factor above the largest (or below the smallest)
+# training short side shows objects at scales the model has not been trained on.
+TTA_SCALE_TOLERANCE = 1.5
+
+
+def tta_sizes_off_training_scale(
+    test_sizes: Sequence[int], train_sizes: Sequence[int], tolerance: float = TTA_SCALE_TOLERANCE
+) -> List[int]:
+    """The test short sides more than ``tolerance`` times above the largest or below the
+    smallest training short side (``INPUT.MIN_SIZE_TRAIN``, "choice" or "range" alike)."""
+    low, high = min(train_sizes) / tolerance, max(train_sizes) * tolerance
+    return [int(s) for s in test_sizes if not low <= s <= high]
 
 
 def calibrate(scores: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -75,6 +98,19 @@ class SemSegPredictor:
         tta = cfg.TEST.AUG.ENABLED if tta is None else tta
         if tta:
             sizes, max_size, flip = cfg.TEST.AUG.MIN_SIZES, cfg.TEST.AUG.MAX_SIZE, cfg.TEST.AUG.FLIP
+            off_scale = tta_sizes_off_training_scale(sizes, cfg.INPUT.MIN_SIZE_TRAIN)
+            if off_scale:
+                logger.warning(
+                    "TTA: TEST.AUG.MIN_SIZES %s are more than %.1fx away from the training "
+                    "short sides INPUT.MIN_SIZE_TRAIN %d..%d: those views show objects at scales "
+                    "the model was not trained on and usually lower the score. Set "
+                    "TEST.AUG.MIN_SIZES around INPUT.MIN_SIZE_TEST (%d), e.g. 0.75x to 1.5x.",
+                    off_scale,
+                    TTA_SCALE_TOLERANCE,
+                    min(cfg.INPUT.MIN_SIZE_TRAIN),
+                    max(cfg.INPUT.MIN_SIZE_TRAIN),
+                    cfg.INPUT.MIN_SIZE_TEST,
+                )
         else:
             sizes, max_size, flip = (cfg.INPUT.MIN_SIZE_TEST,), cfg.INPUT.MAX_SIZE_TEST, False
         return {
