@@ -134,57 +134,22 @@ def main(argv=None):
     t_train = time.time()
 
     weights = model_dir / "model_final.pth"
-    common = ["--config-file", CONFIG, "--weights", weights]
-    opts = ["DATASETS.TRASH_ROOT", data]
-    run(
-        [
-            py,
-            "tools/predict.py",
-            *common,
-            "--dataset",
-            "trash_val",
-            "--score",
-            "--score-dir",
-            out / "val_score",
-            "--overlays",
-            out / "overlays",
-            "--num-overlays",
-            8,
-            *opts,
-        ]
-    )
+
+    def predict(*args):
+        """tools/predict.py with the trained weights on the demo data."""
+        run([py, "tools/predict.py", "--config-file", CONFIG, "--weights", weights, *args,
+             "DATASETS.TRASH_ROOT", data])  # fmt: skip
+
+    predict("--dataset", "trash_val", "--score", "--score-dir", out / "val_score",
+            "--overlays", out / "overlays", "--num-overlays", 8)  # fmt: skip
     # the same with test-time augmentation (TEST.AUG.MIN_SIZES of the config + flip)
-    run(
-        [
-            py,
-            "tools/predict.py",
-            *common,
-            "--dataset",
-            "trash_val",
-            "--tta",
-            "--score",
-            "--score-dir",
-            out / "val_score_tta",
-            *opts,
-        ]
-    )
+    predict("--dataset", "trash_val", "--tta", "--score", "--score-dir", out / "val_score_tta")
     miou = val_miou(out / "val_score")
     miou_tta = val_miou(out / "val_score_tta")
     # the submission with whichever scored higher on val
     use_tta = miou_tta > miou
-    run(
-        [
-            py,
-            "tools/predict.py",
-            *common,
-            "--dataset",
-            "trash_test",
-            "--submission",
-            out / "submission.csv",
-            *(["--tta"] if use_tta else []),
-            *opts,
-        ]
-    )
+    predict("--dataset", "trash_test", "--submission", out / "submission.csv",
+            *(["--tta"] if use_tta else []))  # fmt: skip
     t_end = time.time()
 
     baseline = all_background_score(data)

@@ -28,6 +28,7 @@ __all__ = [
     "iterate_images",
     "predict_records",
     "tta_sizes_off_training_scale",
+    "warn_if_tta_off_training_scale",
 ]
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,24 @@ def tta_sizes_off_training_scale(
     smallest training short side (``INPUT.MIN_SIZE_TRAIN``, "choice" or "range" alike)."""
     low, high = min(train_sizes) / tolerance, max(train_sizes) * tolerance
     return [int(s) for s in test_sizes if not low <= s <= high]
+
+
+def warn_if_tta_off_training_scale(cfg) -> None:
+    """Log a warning naming the ``TEST.AUG.MIN_SIZES`` off the training scale, if any."""
+    train = cfg.INPUT.MIN_SIZE_TRAIN
+    off_scale = tta_sizes_off_training_scale(cfg.TEST.AUG.MIN_SIZES, train)
+    if off_scale:
+        logger.warning(
+            "TTA: TEST.AUG.MIN_SIZES %s are more than %.1fx away from the training short sides "
+            "INPUT.MIN_SIZE_TRAIN %d..%d: those views show objects at scales the model was not "
+            "trained on and usually lower the score. Set TEST.AUG.MIN_SIZES around "
+            "INPUT.MIN_SIZE_TEST (%d), e.g. 0.75x to 1.5x.",
+            off_scale,
+            TTA_SCALE_TOLERANCE,
+            min(train),
+            max(train),
+            cfg.INPUT.MIN_SIZE_TEST,
+        )
 
 
 def calibrate(scores: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -98,19 +117,7 @@ class SemSegPredictor:
         tta = cfg.TEST.AUG.ENABLED if tta is None else tta
         if tta:
             sizes, max_size, flip = cfg.TEST.AUG.MIN_SIZES, cfg.TEST.AUG.MAX_SIZE, cfg.TEST.AUG.FLIP
-            off_scale = tta_sizes_off_training_scale(sizes, cfg.INPUT.MIN_SIZE_TRAIN)
-            if off_scale:
-                logger.warning(
-                    "TTA: TEST.AUG.MIN_SIZES %s are more than %.1fx away from the training "
-                    "short sides INPUT.MIN_SIZE_TRAIN %d..%d: those views show objects at scales "
-                    "the model was not trained on and usually lower the score. Set "
-                    "TEST.AUG.MIN_SIZES around INPUT.MIN_SIZE_TEST (%d), e.g. 0.75x to 1.5x.",
-                    off_scale,
-                    TTA_SCALE_TOLERANCE,
-                    min(cfg.INPUT.MIN_SIZE_TRAIN),
-                    max(cfg.INPUT.MIN_SIZE_TRAIN),
-                    cfg.INPUT.MIN_SIZE_TEST,
-                )
+            warn_if_tta_off_training_scale(cfg)
         else:
             sizes, max_size, flip = (cfg.INPUT.MIN_SIZE_TEST,), cfg.INPUT.MAX_SIZE_TEST, False
         return {
