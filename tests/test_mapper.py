@@ -1,6 +1,8 @@
 """Train mapper: shapes, padding with ignore, instance "
 "masks, crop constraint, flip, copy-paste seam."""
 
+import random
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,9 @@ from detectron2.projects.point_rend import ColorAugSSDTransform
 from PIL import Image
 
 from mask2former.config import add_maskformer2_config
+from mask2former.data.augmentation.color import ColorAugSSDLookupTransform
 from mask2former.data.augmentation.mapper import MaskFormerSemanticDatasetMapper
+from mask2former.data.augmentation.resize_crop import ResizeShortestEdgeCrop
 
 H, W = 40, 50
 RED, BLUE, GREY = (250, 10, 10), (10, 10, 250), (120, 120, 120)
@@ -162,10 +166,15 @@ def test_from_config(record):
     cfg.DATASETS.POLYGON_DRAW_ORDER = "file"
     mapper = MaskFormerSemanticDatasetMapper(cfg, True)
     augs = mapper.augmentations.augs
-    assert isinstance(augs[0], T.ResizeShortestEdge) and augs[0].short_edge_length == (32, 48)
-    assert isinstance(augs[1], T.RandomCrop_CategoryAreaConstraint)
-    assert augs[1].single_category_max_area == 0.9 and augs[1].ignored_category == 254
-    assert any(isinstance(getattr(a, "tfm", a), ColorAugSSDTransform) for a in augs)
+    # resize and crop as one augmentation with Detectron2's two inside (same draws)
+    assert isinstance(augs[0], ResizeShortestEdgeCrop)
+    resize, crop = augs[0].resize, augs[0].crop
+    assert isinstance(resize, T.ResizeShortestEdge) and resize.short_edge_length == (32, 48)
+    assert isinstance(crop, T.RandomCrop_CategoryAreaConstraint)
+    assert crop.single_category_max_area == 0.9 and crop.ignored_category == 254
+    # the lookup-table colour jitter (same bytes as ColorAugSSDTransform, which it extends)
+    assert any(isinstance(getattr(a, "tfm", a), ColorAugSSDLookupTransform) for a in augs)
+    assert all(isinstance(getattr(a, "tfm", a), ColorAugSSDTransform) for a in augs[1:-1])
     assert isinstance(augs[-1], T.RandomFlip)
     assert (mapper.ignore_label, mapper.size_divisibility, mapper.draw_order) == (254, 32, "file")
     np.random.seed(0)
@@ -174,6 +183,46 @@ def test_from_config(record):
     check_instances(out, ignore=254)
     with pytest.raises(ValueError, match="DatasetMapper"):
         MaskFormerSemanticDatasetMapper(cfg, False)
+
+
+def test_config_mapper_maps_as_detectron2s_augmentations(record):
+    """The config's mapper (fused resize + crop, lookup-table colour jitter) against the same
+    recipe as Detectron2's four augmentations applied one after the other: equal labels and
+    masks, images within the bilinear coefficients' rounding, the same random draws."""
+    cfg = get_cfg()
+    add_deeplab_config(cfg)
+    add_maskformer2_config(cfg)
+    cfg.INPUT.MIN_SIZE_TRAIN = (30, 90)
+    cfg.INPUT.MAX_SIZE_TRAIN = 400
+    cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING = "range"
+    cfg.INPUT.CROP.ENABLED = True
+    cfg.INPUT.CROP.TYPE = "absolute"
+    cfg.INPUT.CROP.SIZE = (32, 32)
+    cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 0.8
+    cfg.INPUT.COLOR_AUG_SSD = True
+    cfg.INPUT.FORMAT = "RGB"
+    cfg.INPUT.SIZE_DIVISIBILITY = -1
+    mapper = MaskFormerSemanticDatasetMapper(cfg, True)
+    detectron2_augs = [
+        T.ResizeShortestEdge((30, 90), 400, "range"),
+        T.RandomCrop_CategoryAreaConstraint("absolute", (32, 32), 0.8, 255),
+        ColorAugSSDTransform("RGB"),
+        T.RandomFlip(),
+    ]
+    reference = make_mapper(detectron2_augs)
+    for seed in range(20):
+        outputs = []
+        for m in (reference, mapper):
+            np.random.seed(seed)
+            random.seed(seed)
+            outputs.append((m(record), np.random.rand(), random.random()))
+        (ref, *ref_next), (out, *out_next) = outputs
+        assert out_next == ref_next
+        assert torch.equal(out["sem_seg"], ref["sem_seg"])
+        assert torch.equal(out["instances"].gt_masks, ref["instances"].gt_masks)
+        assert torch.equal(out["instances"].gt_classes, ref["instances"].gt_classes)
+        assert out["image"].shape == ref["image"].shape
+        assert (out["image"].int() - ref["image"].int()).abs().max() <= 2
 
 
 class SwapToOther:

@@ -28,11 +28,12 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
-from detectron2.projects.point_rend import ColorAugSSDTransform
 from detectron2.structures import Instances
 
 from ..coco.images import UnreadableImageError, read_image_file
 from ..masks.rasterize import DRAW_ORDERS, record_to_label_map
+from .color import ColorAugSSDLookupTransform
+from .resize_crop import ResizeShortestEdgeCrop
 
 __all__ = ["MaskFormerSemanticDatasetMapper"]
 
@@ -125,24 +126,23 @@ class MaskFormerSemanticDatasetMapper:
 
     @classmethod
     def from_config(cls, cfg, is_train=True, copy_paste=None, fallback_records=None):
-        augs = [
-            T.ResizeShortestEdge(
-                cfg.INPUT.MIN_SIZE_TRAIN,
-                cfg.INPUT.MAX_SIZE_TRAIN,
-                cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING,
-            )
-        ]
+        resize = T.ResizeShortestEdge(
+            cfg.INPUT.MIN_SIZE_TRAIN,
+            cfg.INPUT.MAX_SIZE_TRAIN,
+            cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING,
+        )
+        augs = [resize]
         if cfg.INPUT.CROP.ENABLED:
-            augs.append(
-                T.RandomCrop_CategoryAreaConstraint(
-                    cfg.INPUT.CROP.TYPE,
-                    cfg.INPUT.CROP.SIZE,
-                    cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA,
-                    cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
-                )
+            crop = T.RandomCrop_CategoryAreaConstraint(
+                cfg.INPUT.CROP.TYPE,
+                cfg.INPUT.CROP.SIZE,
+                cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA,
+                cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
             )
+            # the same draws as the resize then the crop; only the crop window is resampled
+            augs = [ResizeShortestEdgeCrop(resize, crop)]
         if cfg.INPUT.COLOR_AUG_SSD:
-            augs.append(ColorAugSSDTransform(img_format=cfg.INPUT.FORMAT))
+            augs.append(ColorAugSSDLookupTransform(img_format=cfg.INPUT.FORMAT))
         augs.append(T.RandomFlip())
         return {
             "is_train": is_train,
