@@ -8,7 +8,9 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_util
 
+from mask2former.data.masks import rasterize
 from mask2former.data.masks.rasterize import (
+    RASTERIZE_IMPLS,
     draw_order_indices,
     polygon_area,
     polygon_mask,
@@ -25,8 +27,8 @@ def ann_to_mask(segmentation, height, width):
     return mask_util.decode(mask_util.merge(rles)).astype(bool)
 
 
-def full_mask(polygons, height, width):
-    mask, box = polygon_mask(polygons, height, width)
+def full_mask(polygons, height, width, impl=None):
+    mask, box = polygon_mask(polygons, height, width, impl)
     out = np.zeros((height, width), dtype=bool)
     if mask is not None:
         r0, r1, c0, c1 = box
@@ -50,8 +52,9 @@ def random_polygon(rng, height, width, kind):
     return xy.tolist()
 
 
+@pytest.mark.parametrize("impl", RASTERIZE_IMPLS)
 @pytest.mark.parametrize("kind", ["star", "tangled", "decimals", "grid"])
-def test_polygon_mask_matches_pycocotools(kind):
+def test_polygon_mask_matches_pycocotools(kind, impl):
     rng = np.random.default_rng(["star", "tangled", "decimals", "grid"].index(kind))
     for _ in range(150):
         height, width = (int(v) for v in rng.integers(1, 48, 2))
@@ -59,8 +62,35 @@ def test_polygon_mask_matches_pycocotools(kind):
             random_polygon(rng, height, width, kind) for _ in range(int(rng.integers(1, 4)))
         ]
         np.testing.assert_array_equal(
-            full_mask(polygons, height, width), ann_to_mask(polygons, height, width)
+            full_mask(polygons, height, width, impl), ann_to_mask(polygons, height, width)
         )
+
+
+def test_compiled_scan_equals_numpy_scan():
+    """The compiled toggles are NumPy's, in the same order, for every kind of polygon (long
+    edges, degenerate ones, vertices outside the image, 0 to 2 vertices)."""
+    rng = np.random.default_rng(5)
+    for trial in range(600):
+        height, width = (int(v) for v in rng.integers(1, 300, 2))
+        k = int(rng.integers(0, 40))
+        xy = rng.uniform(-0.3, 1.3, 2 * k) * np.tile([width, height], k)
+        if trial % 3 == 0:
+            xy = np.round(xy, 1)
+        if trial % 7 == 0 and k > 1:
+            xy[2:4] = xy[0:2]  # a zero-length edge
+        expected = rasterize._column_toggles(xy.tolist(), height, width, "numpy")
+        got = rasterize._column_toggles(xy.tolist(), height, width, "cpu")
+        for e, g in zip(expected, got):
+            assert g.dtype == np.int64
+            np.testing.assert_array_equal(g, e, err_msg=f"trial {trial}")
+        if len(expected[0]):
+            box = (int(expected[1].min()), height, int(expected[0].min()), width)
+            np.testing.assert_array_equal(
+                rasterize._fill_toggles(*got, box, "cpu"),
+                rasterize._fill_toggles(*expected, box, "numpy"),
+            )
+    with pytest.raises(ValueError, match="impl"):
+        polygon_mask([[0, 0, 4, 0, 4, 4]], 8, 8, impl="fortran")
 
 
 def test_polygon_entirely_outside_and_on_pixel_edges():
@@ -84,9 +114,9 @@ def test_real_taco_polygons_at_reduced_scale():
         img = images[ann["image_id"]]
         height, width = int(img["height"] * scale), int(img["width"] * scale)
         polygons = [[v * scale for v in p] for p in ann["segmentation"]]
-        np.testing.assert_array_equal(
-            full_mask(polygons, height, width), ann_to_mask(polygons, height, width)
-        )
+        expected = ann_to_mask(polygons, height, width)
+        for impl in RASTERIZE_IMPLS:
+            np.testing.assert_array_equal(full_mask(polygons, height, width, impl), expected)
         checked += 1
     assert checked > 700
 

@@ -3,8 +3,10 @@
 ``csrc/`` holds the kernels (plain C++17, no PyTorch headers): the deformable attention's
 forward and backward (``deformable_attention_cpu.cpp``, wrapped by
 ``pixel_decoder/deformable_attention_cpu.py``), the Hungarian matcher's point sums
-(``matcher_cpu.cpp``, used by ``matcher.py``) and Swin's window attention, forward and backward
-(``window_attention_cpu.cpp``, wrapped by ``backbone/window_attention_cpu.py``).
+(``matcher_cpu.cpp``, used by ``matcher.py``), Swin's window attention, forward and backward
+(``window_attention_cpu.cpp``, wrapped by ``backbone/window_attention_cpu.py``) and the COCO
+polygon scan and fill of the label maps (``rasterize_cpu.cpp``, used by
+``mask2former/data/masks/rasterize.py``).
 :func:`load_library` compiles them once per sources, compiler and flags into one shared library
 in the kernel cache
 (``$MASK2FORMER_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/trash-mask2former/kernels``, else
@@ -41,6 +43,7 @@ _CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = (
     _CSRC / "deformable_attention_cpu.cpp",
     _CSRC / "matcher_cpu.cpp",
+    _CSRC / "rasterize_cpu.cpp",
     _CSRC / "window_attention_cpu.cpp",
 )
 HEADERS = (_CSRC / "kernel_common.h",)

@@ -20,17 +20,29 @@ edge interpolation) are computed in image coordinates with the same IEEE double 
 the C code, which is what makes the agreement exact; shifting polygons to a local canvas before
 calling pycocotools would not be (``5 * (x - ox)`` rounds differently from ``5 * x - 5 * ox``).
 
+The scan and the fill run in the project's compiled CPU kernels (``csrc/rasterize_cpu.cpp``, the
+same double operations in the same order) when they can be built, else in NumPy (the functions
+below, with a warning saying why, once); ``impl`` ("cpu" / "numpy") picks one explicitly. On the
+CamVid photos traced to polygons (87 polygons, 13k vertices per image) the compiled scan is about
+15x faster than NumPy's.
+
 One pycocotools quirk is *not* reproduced: ``frPyObjects`` treats a polygon list whose first
 polygon has exactly 4 numbers as a list of boxes. Here a 2-point polygon is a degenerate polygon
 (it fills nothing); the COCO validator drops polygons with fewer than 3 points anyway.
 """
 
+import ctypes
+import functools
+
 import numpy as np
 from detectron2.data import detection_utils as utils
 from pycocotools import mask as mask_util
 
+from ...modeling.cpu_kernels import cpu_or_fallback, load_library
+
 __all__ = [
     "DRAW_ORDERS",
+    "RASTERIZE_IMPLS",
     "annotation_area",
     "draw_order_indices",
     "polygon_area",
@@ -63,7 +75,64 @@ def annotation_area(segmentation, height, width):
     return float(sum(polygon_area(p) for p in segmentation))
 
 
-def _column_toggles(polygon, height, width):
+RASTERIZE_IMPLS = ("cpu", "numpy")
+
+
+@functools.cache
+def _kernels():
+    """The compiled scan, boundary-point count and fill, with their argument types."""
+    lib = load_library()
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.polygon_boundary_points.argtypes = [ptr, i64]
+    lib.polygon_boundary_points.restype = i64
+    lib.polygon_column_toggles.argtypes = [ptr, i64, i64, i64, ptr, ptr]
+    lib.polygon_column_toggles.restype = i64
+    lib.fill_column_toggles.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, ptr]
+    lib.fill_column_toggles.restype = None
+    return lib
+
+
+def _resolve(impl):
+    """``impl`` or, for None, "cpu" where the compiled kernels load (else "numpy")."""
+    if impl is None:
+        return "cpu" if cpu_or_fallback("Polygon rasterisation", "numpy") == "cpu" else "numpy"
+    if impl not in RASTERIZE_IMPLS:
+        raise ValueError(f"unknown rasterisation impl {impl!r}; one of {RASTERIZE_IMPLS}")
+    return impl
+
+
+def _column_toggles(polygon, height, width, impl=None):
+    """Run toggles of pycocotools' ``rleFrPoly`` for one polygon (see
+    :func:`_column_toggles_numpy`), by ``impl``."""
+    if _resolve(impl) == "numpy":
+        return _column_toggles_numpy(polygon, height, width)
+    xy = np.ascontiguousarray(polygon, dtype=np.float64)
+    k = len(xy) // 2
+    lib = _kernels()
+    capacity = int(lib.polygon_boundary_points(xy.ctypes.data, k))
+    cols, rows = np.empty(capacity, np.int64), np.empty(capacity, np.int64)
+    count = lib.polygon_column_toggles(
+        xy.ctypes.data, k, int(height), int(width), cols.ctypes.data, rows.ctypes.data
+    )
+    return cols[:count], rows[:count]
+
+
+def _fill_toggles(cols, rows, box, impl=None):
+    """Per-column parity fill of toggles inside ``box = (r0, r1, c0, c1)`` -> bool mask, by
+    ``impl`` (see :func:`_fill_toggles_numpy`)."""
+    if _resolve(impl) == "numpy":
+        return _fill_toggles_numpy(cols, rows, box)
+    r0, r1, c0, c1 = box
+    cols = np.ascontiguousarray(cols, dtype=np.int64)
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    grid = np.empty((r1 - r0, c1 - c0), dtype=np.uint8)
+    _kernels().fill_column_toggles(
+        cols.ctypes.data, rows.ctypes.data, len(cols), r0, r1, c0, c1, grid.ctypes.data
+    )
+    return grid.view(bool)
+
+
+def _column_toggles_numpy(polygon, height, width):
     """Run toggles of pycocotools' ``rleFrPoly`` for one polygon.
 
     Returns two int64 arrays ``(cols, rows)``: in pixel column ``cols[i]`` the inside/outside
@@ -113,7 +182,7 @@ def _column_toggles(polygon, height, width):
     return xd[keep].astype(np.int64), yd[keep].astype(np.int64)
 
 
-def _fill_toggles(cols, rows, box):
+def _fill_toggles_numpy(cols, rows, box):
     """Per-column parity fill of toggles inside ``box = (r0, r1, c0, c1)`` -> bool mask."""
     r0, r1, c0, c1 = box
     inside = rows < r1  # toggles at or below the box bottom do not change pixels in the box
@@ -123,18 +192,20 @@ def _fill_toggles(cols, rows, box):
     return grid.view(bool)
 
 
-def polygon_mask(polygons, height, width):
+def polygon_mask(polygons, height, width, impl=None):
     """Union of the polygons of one annotation, in its bounding box.
 
     Args:
         polygons (list[list[float]]): COCO polygons of one annotation.
         height, width (int): image size.
+        impl: "cpu" (compiled), "numpy", or None: "cpu" where the kernels load.
 
     Returns:
         (mask, box): ``mask`` is a bool array for the rows ``box[0]:box[1]`` and columns
         ``box[2]:box[3]`` of the image; ``(None, None)`` if the annotation covers no pixel.
     """
-    toggles = [_column_toggles(p, height, width) for p in polygons]
+    impl = _resolve(impl)
+    toggles = [_column_toggles(p, height, width, impl) for p in polygons]
     toggles = [(c, r) for c, r in toggles if len(c)]
     if not toggles:
         return None, None
@@ -148,9 +219,9 @@ def polygon_mask(polygons, height, width):
     )
     if box[1] <= box[0]:
         return None, None
-    mask = _fill_toggles(toggles[0][0], toggles[0][1], box)
+    mask = _fill_toggles(toggles[0][0], toggles[0][1], box, impl)
     for cols, rows in toggles[1:]:
-        mask |= _fill_toggles(cols, rows, box)
+        mask |= _fill_toggles(cols, rows, box, impl)
     return mask, box
 
 
