@@ -22,9 +22,9 @@ calling pycocotools would not be (``5 * (x - ox)`` rounds differently from ``5 *
 
 The scan and the fill run in the project's compiled CPU kernels (``csrc/rasterize_cpu.cpp``, the
 same double operations in the same order) when they can be built, else in NumPy (the functions
-below, with a warning saying why, once); ``impl`` ("cpu" / "numpy") picks one explicitly. On the
-CamVid photos traced to polygons (87 polygons, 13k vertices per image) the compiled scan is about
-15x faster than NumPy's.
+below, with a warning saying why, once); ``impl`` ("cpu" / "numpy") picks one explicitly. The
+compiled path made the label maps of CamVid photos traced to polygons (87 polygons, 13k vertices
+per 512x512 image) 3.4x faster in the train mapper (79 -> 23 ms per image).
 
 One pycocotools quirk is *not* reproduced: ``frPyObjects`` treats a polygon list whose first
 polygon has exactly 4 numbers as a list of boxes. Here a 2-point polygon is a degenerate polygon
