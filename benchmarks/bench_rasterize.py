@@ -5,12 +5,14 @@ sizes up to 4000 px; no images needed: label maps are built at the json's sizes)
 
 * baseline (the competition baseline's loop): per image, annotations sorted by area (largest
   first), ``mask = coco.annToMask(ann); label[mask == 1] = label_id``;
-* ours: ``mask2former.data.masks.rasterize.polygons_to_label_map(anns, h, w, "area_desc")``.
+* ours: ``mask2former.data.masks.rasterize.polygons_to_label_map(anns, h, w, "area_desc")``,
+  with the scan and fill of each ``--impls`` entry: "cpu" (the compiled kernels), "numpy".
 
-Prints images/s and Mpx/s of each (median over repeats), the speed-up and the agreement (fraction
-of identical pixels over all images).
+Prints images/s and Mpx/s of each (median over repeats), the speed-ups over the loop and the
+agreement with it (fraction of identical pixels over all images).
 
     python benchmarks/bench_rasterize.py [--images 300] [--repeats 3] [--json PATH]
+        [--impls cpu numpy]
 """
 
 import argparse
@@ -24,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from pycocotools.coco import COCO
 
-from mask2former.data.masks.rasterize import polygons_to_label_map
+from mask2former.data.masks.rasterize import RASTERIZE_IMPLS, polygons_to_label_map
 
 DEFAULT_JSON = (
     Path(__file__).resolve().parents[1].parent / "shared" / "data" / "taco" / "annotations.json"
@@ -56,9 +58,9 @@ def baseline(coco, images, label_of):
     return out
 
 
-def ours(per_image_annotations, images):
+def ours(per_image_annotations, images, impl):
     return [
-        polygons_to_label_map(anns, img["height"], img["width"], "area_desc")
+        polygons_to_label_map(anns, img["height"], img["width"], "area_desc", impl=impl)
         for anns, img in zip(per_image_annotations, images)
     ]
 
@@ -79,6 +81,7 @@ def main():
     parser.add_argument("--json", default=str(DEFAULT_JSON))
     parser.add_argument("--images", type=int, default=300, help="first N annotated images")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--impls", nargs="+", default=["cpu", "numpy"], choices=RASTERIZE_IMPLS)
     args = parser.parse_args()
 
     coco, images, label_of = load(args.json, args.images)
@@ -94,19 +97,20 @@ def main():
     )
 
     t_base, ref = timed(lambda: baseline(coco, images, label_of), args.repeats)
-    t_ours, res = timed(lambda: ours(per_image, images), args.repeats)
-    same = sum(int((a == b).sum()) for a, b in zip(ref, res))
-    total = sum(a.size for a in ref)
-    differing_images = sum(int(not np.array_equal(a, b)) for a, b in zip(ref, res))
-    for name, t in (("pycocotools loop", t_base), ("polygons_to_label_map", t_ours)):
-        print(
-            f"{name:>22}: {len(images) / t:7.1f} images/s  {megapixels / t:7.1f} Mpx/s  ({t:.2f} s)"
-        )
-    print(f"{'speed-up':>22}: {t_base / t_ours:.1f}x")
-    print(
-        f"{'agreement':>22}: {same / total:.9f} of pixels "
-        f"identical ({differing_images} images differ)"
-    )
+    rows = [("pycocotools loop", t_base, None)]
+    for impl in args.impls:
+        t_ours, res = timed(lambda impl=impl: ours(per_image, images, impl), args.repeats)
+        rows.append((f"polygons_to_label_map {impl}", t_ours, res))
+    for name, t, res in rows:
+        line = f"{name:>27}: {len(images) / t:7.1f} images/s  {megapixels / t:7.1f} Mpx/s  "
+        line += f"({t:.2f} s)"
+        if res is not None:
+            same = sum(int((a == b).sum()) for a, b in zip(ref, res))
+            total = sum(a.size for a in ref)
+            differing = sum(int(not np.array_equal(a, b)) for a, b in zip(ref, res))
+            line += f"  {t_base / t:.1f}x; {same / total:.9f} of pixels identical "
+            line += f"({differing} images differ)"
+        print(line)
 
 
 if __name__ == "__main__":

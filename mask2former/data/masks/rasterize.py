@@ -249,7 +249,13 @@ def draw_order_indices(annotations, height, width, draw_order="area_desc"):
 
 
 def polygons_to_label_map(
-    annotations, height, width, draw_order="area_desc", dtype=np.uint8, uncovered_label=0
+    annotations,
+    height,
+    width,
+    draw_order="area_desc",
+    dtype=np.uint8,
+    uncovered_label=0,
+    impl=None,
 ):
     """Paint COCO annotations into one label map.
 
@@ -261,6 +267,8 @@ def polygons_to_label_map(
         dtype: dtype of the label map; label values must fit in it.
         uncovered_label (int): value of the pixels no annotation covers (0 = background, or the
             ignore label for datasets without a background class).
+        impl: polygon scan and fill, "cpu" (compiled), "numpy", or None: "cpu" where the
+            kernels load.
 
     Returns:
         np.ndarray: (height, width) label map, ``uncovered_label`` where no annotation covers a
@@ -280,7 +288,7 @@ def polygons_to_label_map(
             mask = mask_util.decode(_rle_of(segmentation, height, width)).astype(bool)
             np.copyto(label, category, where=mask)
             continue
-        mask, box = polygon_mask(segmentation, height, width)
+        mask, box = polygon_mask(segmentation, height, width, impl)
         if mask is not None:
             r0, r1, c0, c1 = box
             np.copyto(label[r0:r1, c0:c1], category, where=mask)
