@@ -76,15 +76,19 @@ extern "C" int64_t polygon_column_toggles(const double* xy, int64_t k, int64_t h
       const int64_t u = horizontal ? t + sx : interp;
       const int64_t v = horizontal ? interp : t + sy;
       if (started && u != u_prev) {
-        // a column crossing of the upsampled boundary, down to pixel column and row
+        // a column crossing of the upsampled boundary, down to pixel column and row: the
+        // pixel column (column + 0.5) / 5 - 0.5 is whole exactly when column % 5 == 2 (it is
+        // then (column - 2) / 5, exactly; otherwise at least 0.1 from a whole number)
         const int64_t column = u < u_prev ? u : u - 1;
-        const double xd = (static_cast<double>(column) + 0.5) / kScale - 0.5;
-        if (std::floor(xd) == xd && xd >= 0 && xd <= static_cast<double>(width - 1)) {
-          double yd = (static_cast<double>(std::min(v, v_prev)) + 0.5) / kScale - 0.5;
-          yd = std::ceil(std::min(std::max(yd, 0.0), static_cast<double>(height)));
-          cols[count] = static_cast<int64_t>(xd);
-          rows[count] = static_cast<int64_t>(yd);
-          ++count;
+        if (((column % 5) + 5) % 5 == 2) {
+          const int64_t pixel_column = (column - 2) / 5;
+          if (pixel_column >= 0 && pixel_column <= width - 1) {
+            double yd = (static_cast<double>(std::min(v, v_prev)) + 0.5) / kScale - 0.5;
+            yd = std::ceil(std::min(std::max(yd, 0.0), static_cast<double>(height)));
+            cols[count] = pixel_column;
+            rows[count] = static_cast<int64_t>(yd);
+            ++count;
+          }
         }
       }
       u_prev = u;
