@@ -148,20 +148,27 @@ def test_crop_category_area_constraint(tmp_path):
     assert sum(f >= 0.75 for f in unconstrained) >= 10
 
 
-def test_from_config(record):
+def augmentation_cfg(min_sizes, max_size, sampling, crop, max_area, size_divisibility):
+    """A config with the train mapper's augmentation keys: multi-scale resize, absolute crop
+    with the category-area constraint, SSD colour jitter, RGB."""
     cfg = get_cfg()
     add_deeplab_config(cfg)
     add_maskformer2_config(cfg)
-    cfg.INPUT.MIN_SIZE_TRAIN = (32, 48)
-    cfg.INPUT.MAX_SIZE_TRAIN = 200
-    cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING = "choice"
+    cfg.INPUT.MIN_SIZE_TRAIN = min_sizes
+    cfg.INPUT.MAX_SIZE_TRAIN = max_size
+    cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING = sampling
     cfg.INPUT.CROP.ENABLED = True
     cfg.INPUT.CROP.TYPE = "absolute"
-    cfg.INPUT.CROP.SIZE = (24, 24)
-    cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 0.9
+    cfg.INPUT.CROP.SIZE = crop
+    cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = max_area
     cfg.INPUT.COLOR_AUG_SSD = True
-    cfg.INPUT.SIZE_DIVISIBILITY = 32
+    cfg.INPUT.SIZE_DIVISIBILITY = size_divisibility
     cfg.INPUT.FORMAT = "RGB"
+    return cfg
+
+
+def test_from_config(record):
+    cfg = augmentation_cfg((32, 48), 200, "choice", (24, 24), 0.9, 32)
     cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE = 254
     cfg.DATASETS.POLYGON_DRAW_ORDER = "file"
     mapper = MaskFormerSemanticDatasetMapper(cfg, True)
@@ -189,19 +196,7 @@ def test_config_mapper_maps_as_detectron2s_augmentations(record):
     """The config's mapper (fused resize + crop, lookup-table colour jitter) against the same
     recipe as Detectron2's four augmentations applied one after the other: equal labels and
     masks, images within the bilinear coefficients' rounding, the same random draws."""
-    cfg = get_cfg()
-    add_deeplab_config(cfg)
-    add_maskformer2_config(cfg)
-    cfg.INPUT.MIN_SIZE_TRAIN = (30, 90)
-    cfg.INPUT.MAX_SIZE_TRAIN = 400
-    cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING = "range"
-    cfg.INPUT.CROP.ENABLED = True
-    cfg.INPUT.CROP.TYPE = "absolute"
-    cfg.INPUT.CROP.SIZE = (32, 32)
-    cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 0.8
-    cfg.INPUT.COLOR_AUG_SSD = True
-    cfg.INPUT.FORMAT = "RGB"
-    cfg.INPUT.SIZE_DIVISIBILITY = -1
+    cfg = augmentation_cfg((30, 90), 400, "range", (32, 32), 0.8, -1)
     mapper = MaskFormerSemanticDatasetMapper(cfg, True)
     detectron2_augs = [
         T.ResizeShortestEdge((30, 90), 400, "range"),
