@@ -108,8 +108,9 @@ class _StridedLinear(nn.Module):
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
 def test_copies_take_the_product_route_of_autocasts_casts(mode):
     """Under no_grad autocast's casts of parameters require grad, under inference_mode not;
-    PyTorch routes a linear layer on a strided input by it (the two routes round differently
-    in bfloat16: for this input, differences of up to 4e-3 with the other route)."""
+    PyTorch routes a linear layer on a strided input by it (on CPUs with oneDNN's bfloat16
+    kernels the two routes round differently: for this input, differences of up to 4e-3 with
+    the other route; without them, as on AVX2-only CPUs, both routes give the same values)."""
     torch.manual_seed(0)
     model = _StridedLinear(768)
     x = torch.randn(1, 11, 11, 768).to(BF16)
@@ -121,7 +122,8 @@ def test_copies_take_the_product_route_of_autocasts_casts(mode):
     with torch.no_grad():
         plain = nn.functional.linear(x[:, :8, :8], kept._copies["proj.weight"].copy)
         other = nn.functional.linear(x[:, :8, :8], kept._copies["proj.weight"].copy_with_grad_flag)
-    assert not torch.equal(plain, other)  # the two routes differ here: the test can fail
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        assert not torch.equal(plain, other)  # the two routes differ here: the test can fail
 
 
 def test_refused_with_gradients():
