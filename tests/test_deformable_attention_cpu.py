@@ -1,9 +1,10 @@
 """The compiled CPU kernels: building into the kernel cache (atomic, shared by processes starting
-together) and the fallback when no compiler is there (deformable attention, matcher and Swin's
-window attention); for the deformable-attention kernels, thread-count independence, the generic
-channel path, input checks, the custom operators' registration and torch.compile. Values and
-gradients against the brute-force reference are in test_ms_deform_attn.py (the "cpu"
-implementation); the matcher's kernel is tested in test_matcher.py."""
+together) and the fallback when no compiler is there (deformable attention, matcher, Swin's
+window attention and the polygon rasteriser); for the deformable-attention kernels,
+thread-count independence, the generic channel path, input checks, the custom operators'
+registration and torch.compile. Values and gradients against the brute-force reference are in
+test_ms_deform_attn.py (the "cpu" implementation); the matcher's kernel is tested in
+test_matcher.py, the rasteriser's in test_rasterize.py."""
 
 import json
 import os
@@ -36,8 +37,13 @@ _BUILD = textwrap.dedent(
     swin = SwinTransformerBlock(dim=8, num_heads=2, window_size=3).attn.uses_cpu_kernel(
         torch.zeros(1, 4, 8)
     )
+    # the rasteriser's choice, and a label map it paints (a 3 x 2 pixel square of class 2)
+    from mask2former.data.masks import rasterize
+    square = {"segmentation": [[1.0, 1.0, 4.0, 1.0, 4.0, 3.0, 1.0, 3.0]], "category_id": 2}
+    labels = rasterize.polygons_to_label_map([square], 5, 6)
     print(json.dumps(
-        {"status": status, "files": files, "impl": impl, "matcher": matcher_impl, "swin": swin}
+        {"status": status, "files": files, "impl": impl, "matcher": matcher_impl, "swin": swin,
+         "rasterize": rasterize.resolve_impl(None), "label_sum": int(labels.sum())}
     ))
     """
 )
@@ -58,6 +64,7 @@ def test_builds_once_into_the_cache_and_reuses_it(tmp_path):
     first, _ = _run({"MASK2FORMER_KERNEL_CACHE": str(cache)})
     assert first["status"] is None and first["impl"] == "cpu" and first["matcher"] == "cpu"
     assert first["swin"] is True
+    assert first["rasterize"] == "cpu" and first["label_sum"] == 12
     # one library, no temporary file left behind
     assert len(first["files"]) == 1 and first["files"][0].endswith(".so")
     assert ".tmp" not in first["files"][0]
@@ -95,10 +102,12 @@ def test_without_a_compiler_auto_falls_back_and_says_why(tmp_path):
     assert "no C++ compiler found" in report["status"]
     assert report["impl"] == "fast" and report["matcher"] == "pytorch"
     assert report["swin"] is False
+    assert report["rasterize"] == "numpy" and report["label_sum"] == 12  # the same label map
     unavailable = "the compiled CPU kernels are not available (no C++ compiler found"
     assert f"Deformable attention on CPU: {unavailable}" in stderr
     assert f"The matcher's mask costs on CPU: {unavailable}" in stderr
     assert f"Swin window attention on CPU: {unavailable}" in stderr
+    assert f"Polygon rasterisation: {unavailable}" in stderr
     assert report["files"] == []
 
 

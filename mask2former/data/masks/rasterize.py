@@ -43,6 +43,7 @@ from ...modeling.cpu_kernels import cpu_or_fallback, load_library
 __all__ = [
     "DRAW_ORDERS",
     "RASTERIZE_IMPLS",
+    "resolve_impl",
     "annotation_area",
     "draw_order_indices",
     "polygon_area",
@@ -92,7 +93,7 @@ def _kernels():
     return lib
 
 
-def _resolve(impl):
+def resolve_impl(impl):
     """``impl`` or, for None, "cpu" where the compiled kernels load (else "numpy")."""
     if impl is None:
         return "cpu" if cpu_or_fallback("Polygon rasterisation", "numpy") == "cpu" else "numpy"
@@ -104,7 +105,7 @@ def _resolve(impl):
 def _column_toggles(polygon, height, width, impl=None):
     """Run toggles of pycocotools' ``rleFrPoly`` for one polygon (see
     :func:`_column_toggles_numpy`), by ``impl``."""
-    if _resolve(impl) == "numpy":
+    if resolve_impl(impl) == "numpy":
         return _column_toggles_numpy(polygon, height, width)
     xy = np.ascontiguousarray(polygon, dtype=np.float64)
     k = len(xy) // 2
@@ -120,7 +121,7 @@ def _column_toggles(polygon, height, width, impl=None):
 def _fill_toggles(cols, rows, box, impl=None):
     """Per-column parity fill of toggles inside ``box = (r0, r1, c0, c1)`` -> bool mask, by
     ``impl`` (see :func:`_fill_toggles_numpy`)."""
-    if _resolve(impl) == "numpy":
+    if resolve_impl(impl) == "numpy":
         return _fill_toggles_numpy(cols, rows, box)
     r0, r1, c0, c1 = box
     cols = np.ascontiguousarray(cols, dtype=np.int64)
@@ -204,7 +205,7 @@ def polygon_mask(polygons, height, width, impl=None):
         (mask, box): ``mask`` is a bool array for the rows ``box[0]:box[1]`` and columns
         ``box[2]:box[3]`` of the image; ``(None, None)`` if the annotation covers no pixel.
     """
-    impl = _resolve(impl)
+    impl = resolve_impl(impl)
     toggles = [_column_toggles(p, height, width, impl) for p in polygons]
     toggles = [(c, r) for c, r in toggles if len(c)]
     if not toggles:
