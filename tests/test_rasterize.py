@@ -91,6 +91,17 @@ def test_compiled_scan_equals_numpy_scan():
             )
     with pytest.raises(ValueError, match="impl"):
         polygon_mask([[0, 0, 4, 0, 4, 4]], 8, 8, impl="fortran")
+    for impl in RASTERIZE_IMPLS:
+        with pytest.raises(ValueError, match="non-finite"):
+            polygon_mask([[0, 0, 4, float("nan"), 4, 4]], 8, 8, impl=impl)
+    record = {
+        "file_name": "photos/a.jpg",
+        "height": 8,
+        "width": 8,
+        "annotations": [{"segmentation": [[0, 0, 4, float("inf"), 4, 4]], "category_id": 1}],
+    }
+    with pytest.raises(ValueError, match="photos/a.jpg: annotations: polygon with non-finite"):
+        record_to_label_map(record, "file")
 
 
 def test_polygon_entirely_outside_and_on_pixel_edges():

@@ -105,9 +105,12 @@ def resolve_impl(impl):
 def _column_toggles(polygon, height, width, impl=None):
     """Run toggles of pycocotools' ``rleFrPoly`` for one polygon (see
     :func:`_column_toggles_numpy`), by ``impl``."""
-    if resolve_impl(impl) == "numpy":
-        return _column_toggles_numpy(polygon, height, width)
     xy = np.ascontiguousarray(polygon, dtype=np.float64)
+    if not np.isfinite(xy).all():
+        # (the COCO validator drops such polygons; rounding them to pixels is undefined)
+        raise ValueError(f"polygon with non-finite coordinates: {xy.tolist()[:8]}...")
+    if resolve_impl(impl) == "numpy":
+        return _column_toggles_numpy(xy, height, width)
     k = len(xy) // 2
     lib = _kernels()
     capacity = int(lib.polygon_boundary_points(xy.ctypes.data, k))
@@ -316,10 +319,13 @@ def record_to_label_map(record, draw_order=None):
                 f"got shape {label.shape}"
             )
         return label
-    return polygons_to_label_map(
-        record.get("annotations", []),
-        record["height"],
-        record["width"],
-        draw_order=draw_order or "area_desc",
-        uncovered_label=record.get("uncovered_label", 0),
-    )
+    try:
+        return polygons_to_label_map(
+            record.get("annotations", []),
+            record["height"],
+            record["width"],
+            draw_order=draw_order or "area_desc",
+            uncovered_label=record.get("uncovered_label", 0),
+        )
+    except ValueError as e:
+        raise ValueError(f"{record.get('file_name', 'a record')}: annotations: {e}") from e
