@@ -99,3 +99,15 @@ def test_no_resize_draw_still_crops():
     assert ref_next == fused_next
     np.testing.assert_array_equal(fused.image, ref.image)
     np.testing.assert_array_equal(fused.sem_seg, ref.sem_seg)
+
+
+def test_plain_random_crop_draws_as_resize_then_crop():
+    image, sem_seg = photo_like(96, 128), label_map(96, 128)
+    resize = T.ResizeShortestEdge((48, 260), 400, "range")
+    for seed in range(10):
+        ref, fused, ref_next, fused_next = apply_both(
+            resize, T.RandomCrop("absolute", (64, 64)), image, sem_seg, seed
+        )
+        assert ref_next == fused_next
+        np.testing.assert_array_equal(fused.sem_seg, ref.sem_seg)
+        assert np.abs(fused.image.astype(int) - ref.image.astype(int)).max() <= 2

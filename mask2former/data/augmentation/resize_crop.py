@@ -73,7 +73,11 @@ class ResizeShortestEdgeCrop(T.Augmentation):
         resize = self.resize.get_transform(image)
         if isinstance(resize, NoOpTransform):
             return T.TransformList([resize, self._crop_transform(image, sem_seg)])
-        resized_seg = None if sem_seg is None else resize.apply_segmentation(sem_seg)
+        # the label map is resized for the crop's draw only when the crop reads it (it is
+        # resized again, with the image, when the transform is applied)
+        resized_seg = None
+        if sem_seg is not None and self._crop_reads_labels():
+            resized_seg = resize.apply_segmentation(sem_seg)
         # the crop draws from the resized size only: a zero-stride stand-in for the image
         resized_image = np.broadcast_to(np.zeros((), image.dtype), (resize.new_h, resize.new_w))
         crop = self._crop_transform(resized_image, resized_seg)
@@ -81,8 +85,16 @@ class ResizeShortestEdgeCrop(T.Augmentation):
             return T.TransformList([resize, crop])
         return ResizedCropTransform(resize, crop)
 
+    def _crop_reads_labels(self) -> bool:
+        """False for a category-area crop without a constraint (it reads the image's shape
+        only, as ``RandomCrop``); True otherwise."""
+        crop = self.crop
+        if isinstance(crop, T.RandomCrop_CategoryAreaConstraint):
+            return crop.single_category_max_area < 1.0
+        return not isinstance(crop, T.RandomCrop)
+
     def _crop_transform(self, image, sem_seg) -> Transform:
-        if sem_seg is None:
+        if isinstance(self.crop, T.RandomCrop):  # reads the image's shape only
             return self.crop.get_transform(image)
         return self.crop.get_transform(image, sem_seg)
 
