@@ -15,7 +15,7 @@ import textwrap
 import pytest
 import torch
 
-from mask2former.modeling import cpu_kernels
+from mask2former.kernels import loader as cpu_kernels
 from mask2former.modeling.pixel_decoder import deformable_attention as op
 from mask2former.modeling.pixel_decoder import deformable_attention_cpu as cpu_op
 from mask2former.modeling.pixel_decoder.deformable_attention import MSDeformAttn
@@ -24,7 +24,8 @@ from mask2former.modeling.pixel_decoder.deformable_attention import MSDeformAttn
 _BUILD = textwrap.dedent(
     """
     import json, sys
-    from mask2former.modeling import cpu_kernels, matcher
+    from mask2former.kernels import loader as cpu_kernels
+    from mask2former.modeling import matcher
     from mask2former.modeling.pixel_decoder import deformable_attention as op
     status = cpu_kernels.cpu_kernel_status()
     cache = cpu_kernels.kernel_cache_dir()

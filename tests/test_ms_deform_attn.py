@@ -291,7 +291,7 @@ def test_auto_impl_uses_the_compiled_kernels_on_cpu(monkeypatch):
 
 
 def test_resolve_impl_per_device():
-    from mask2former.modeling.cpu_kernels import cpu_kernel_status
+    from mask2former.kernels import cpu_kernel_status
     from mask2former.modeling.pixel_decoder import deformable_attention as op
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)

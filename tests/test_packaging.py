@@ -112,12 +112,12 @@ def test_the_cpu_kernel_sources_are_package_data():
     """The C++ sources and headers the kernel library is built from ship with the package."""
     from fnmatch import fnmatch
 
-    from mask2former.modeling import cpu_kernels
+    from mask2former import kernels as cpu_kernels
 
     with open(REPO / "pyproject.toml", "rb") as f:
         package_data = tomllib.load(f)["tool"]["setuptools"]["package-data"]
-    package_dir = REPO / "mask2former" / "modeling"
-    globs = package_data["mask2former.modeling"]
+    package_dir = REPO / "mask2former" / "kernels"
+    globs = package_data["mask2former.kernels"]
     files = cpu_kernels.SOURCES + cpu_kernels.HEADERS
     assert files and all(path.is_file() for path in files)
     for path in files:

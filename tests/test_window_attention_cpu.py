@@ -318,7 +318,7 @@ _ISA_CHECK = textwrap.dedent(
     for got, want in zip(mask_costs(pred, coords, targets, None, "cpu"),
                          mask_costs(pred, coords, targets, None, "pytorch")):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    from mask2former.modeling.cpu_kernels import kernel_isa_level
+    from mask2former.kernels import kernel_isa_level
     print("level", kernel_isa_level(), "ok")
     """
 )

@@ -8,7 +8,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from .cpu_kernels import cpu_or_fallback, load_library
+from ..kernels import cpu_or_fallback, load_library
 from .point_sampling import point_sample
 
 # Matching cost given to NaN / inf entries (finite costs are within a few tens).
@@ -85,7 +85,7 @@ def _point_sums_kernel():
 
 def _mask_costs_cpu(pred_masks, coords, tgt_points, weights):
     """The costs of :func:`mask_costs` from the sums of the compiled CPU kernel
-    (``csrc/matcher_cpu.cpp``): the points are sampled and the sums taken without forming the
+    (``mask2former/kernels/csrc/matcher_cpu.cpp``): the points are sampled and the sums taken without forming the
     [Q, P] point values."""
     tensors = {"pred_masks": pred_masks, "coords": coords, "tgt_points": tgt_points}
     if weights is not None:

@@ -20,7 +20,7 @@ edge interpolation) are computed in image coordinates with the same IEEE double 
 the C code, which is what makes the agreement exact; shifting polygons to a local canvas before
 calling pycocotools would not be (``5 * (x - ox)`` rounds differently from ``5 * x - 5 * ox``).
 
-The scan and the fill run in the project's compiled CPU kernels (``csrc/rasterize_cpu.cpp``, the
+The scan and the fill run in the project's compiled CPU kernels (``mask2former/kernels/csrc/rasterize_cpu.cpp``, the
 same double operations in the same order) when they can be built, else in NumPy (the functions
 below, with a warning saying why, once); ``impl`` ("cpu" / "numpy") picks one explicitly. The
 compiled path made the label maps of CamVid photos traced to polygons (87 polygons, 13k vertices
@@ -38,7 +38,7 @@ import numpy as np
 from detectron2.data import detection_utils as utils
 from pycocotools import mask as mask_util
 
-from ...modeling.cpu_kernels import cpu_or_fallback, load_library
+from ...kernels import cpu_or_fallback, load_library
 
 __all__ = [
     "DRAW_ORDERS",

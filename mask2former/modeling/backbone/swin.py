@@ -34,7 +34,7 @@ from detectron2.config import configurable
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone, ShapeSpec
 from torch import nn
 
-from ..cpu_kernels import cpu_or_fallback
+from ...kernels import cpu_or_fallback
 from ..layers import DropPath, Mlp, in_weight_dtype
 from .window_attention_cpu import window_attention_cpu
 

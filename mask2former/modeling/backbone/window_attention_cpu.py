@@ -1,7 +1,7 @@
 """Swin's (shifted-)window attention for CPU tensors: C++ kernels compiled on first use.
 
-``../csrc/window_attention_cpu.cpp`` holds the forward and backward kernels, built with the
-project's other CPU kernels into one library by :mod:`mask2former.modeling.cpu_kernels`.
+``mask2former/kernels/csrc/window_attention_cpu.cpp`` holds the forward and backward kernels, built with the
+project's other CPU kernels into one library by :mod:`mask2former.kernels`.
 
 The kernels take the q, k, v projections of the tokens in map order and the window layout's slot
 index, so the zero padding, the cyclic shift and the window partition (and their inverses) are
@@ -22,7 +22,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..cpu_kernels import load_library
+from ...kernels import load_library
 
 __all__ = ["window_attention_cpu"]
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ..cpu_kernels import cpu_or_fallback
+from ...kernels import cpu_or_fallback
 from .deformable_attention_cpu import ms_deform_attn_cpu_logits, ms_deform_attn_cpu_pixels
 from .deformable_attention_triton import ms_deform_attn_triton, triton_available
 

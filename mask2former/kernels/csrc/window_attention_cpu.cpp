@@ -1,7 +1,7 @@
 // Swin's (shifted-)window multi-head self-attention on the CPU: forward and backward kernels.
 //
 // Plain C++17 with no PyTorch headers, built with the other kernels of this folder
-// (mask2former/modeling/cpu_kernels.py) and called through ctypes by
+// (mask2former/kernels/loader.py) and called through ctypes by
 // backbone/window_attention_cpu.py, which checks every shape, dtype and layout before a call.
 //
 // The kernels read the tokens in map order and find the tokens of each window through an index,

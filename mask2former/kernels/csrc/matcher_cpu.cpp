@@ -2,7 +2,7 @@
 // for Q predicted masks against T target masks, without forming the [Q, P] point values.
 //
 // Plain C++17 with no PyTorch headers, built with the other kernels of this folder
-// (mask2former/modeling/cpu_kernels.py) and called through ctypes by matcher.py, which checks
+// (mask2former/kernels/loader.py) and called through ctypes by matcher.py, which checks
 // every shape, dtype and layout before a call. All arrays are float32, contiguous, row-major:
 //
 //   pred    [Q, H, W]  mask logits of the Q predictions (the kernel works on a channels-last

@@ -2,9 +2,10 @@
 
 ``csrc/`` holds the kernels (plain C++17, no PyTorch headers): the deformable attention's
 forward and backward (``deformable_attention_cpu.cpp``, wrapped by
-``pixel_decoder/deformable_attention_cpu.py``), the Hungarian matcher's point sums
-(``matcher_cpu.cpp``, used by ``matcher.py``), Swin's window attention, forward and backward
-(``window_attention_cpu.cpp``, wrapped by ``backbone/window_attention_cpu.py``) and the COCO
+``mask2former/modeling/pixel_decoder/deformable_attention_cpu.py``), the Hungarian matcher's
+point sums (``matcher_cpu.cpp``, used by ``mask2former/modeling/matcher.py``), Swin's window
+attention, forward and backward (``window_attention_cpu.cpp``, wrapped by
+``mask2former/modeling/backbone/window_attention_cpu.py``) and the COCO
 polygon scan and fill of the label maps (``rasterize_cpu.cpp``, used by
 ``mask2former/data/masks/rasterize.py``).
 :func:`load_library` compiles them once per sources, compiler and flags into one shared library

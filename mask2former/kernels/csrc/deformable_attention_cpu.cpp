@@ -1,7 +1,7 @@
 // Multi-scale deformable attention on the CPU: forward and backward kernels.
 //
 // Plain C++17 with no PyTorch headers, so that it compiles in about a second; it is built on
-// first use (mask2former/modeling/cpu_kernels.py) and called through ctypes by
+// first use (mask2former/kernels/loader.py) and called through ctypes by
 // pixel_decoder/deformable_attention_cpu.py, which also checks every shape, dtype and layout
 // before a call. All arrays are contiguous, row-major:
 //
