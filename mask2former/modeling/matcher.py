@@ -85,8 +85,8 @@ def _point_sums_kernel():
 
 def _mask_costs_cpu(pred_masks, coords, tgt_points, weights):
     """The costs of :func:`mask_costs` from the sums of the compiled CPU kernel
-    (``mask2former/kernels/csrc/matcher_cpu.cpp``): the points are sampled and the sums taken without forming the
-    [Q, P] point values."""
+    (``mask2former/kernels/csrc/matcher_cpu.cpp``): the points are sampled and the sums taken
+    without forming the [Q, P] point values."""
     tensors = {"pred_masks": pred_masks, "coords": coords, "tgt_points": tgt_points}
     if weights is not None:
         tensors["weights"] = weights

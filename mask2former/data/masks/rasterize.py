@@ -20,11 +20,12 @@ edge interpolation) are computed in image coordinates with the same IEEE double 
 the C code, which is what makes the agreement exact; shifting polygons to a local canvas before
 calling pycocotools would not be (``5 * (x - ox)`` rounds differently from ``5 * x - 5 * ox``).
 
-The scan and the fill run in the project's compiled CPU kernels (``mask2former/kernels/csrc/rasterize_cpu.cpp``, the
-same double operations in the same order) when they can be built, else in NumPy (the functions
-below, with a warning saying why, once); ``impl`` ("cpu" / "numpy") picks one explicitly. The
-compiled path made the label maps of CamVid photos traced to polygons (87 polygons, 13k vertices
-per 512x512 image) 3.4x faster in the train mapper (79 -> 23 ms per image).
+The scan and the fill run in the project's compiled CPU kernels
+(``mask2former/kernels/csrc/rasterize_cpu.cpp``, the same double operations in the same order) when
+they can be built, else in NumPy (the functions below, with a warning saying why, once); ``impl``
+("cpu" / "numpy") picks one explicitly. The compiled path made the label maps of CamVid photos
+traced to polygons (87 polygons, 13k vertices per 512x512 image) 3.4x faster in the train mapper (79
+-> 23 ms per image).
 
 One pycocotools quirk is *not* reproduced: ``frPyObjects`` treats a polygon list whose first
 polygon has exactly 4 numbers as a list of boxes. Here a 2-point polygon is a degenerate polygon

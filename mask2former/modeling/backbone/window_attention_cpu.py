@@ -1,7 +1,7 @@
 """Swin's (shifted-)window attention for CPU tensors: C++ kernels compiled on first use.
 
-``mask2former/kernels/csrc/window_attention_cpu.cpp`` holds the forward and backward kernels, built with the
-project's other CPU kernels into one library by :mod:`mask2former.kernels`.
+``mask2former/kernels/csrc/window_attention_cpu.cpp`` holds the forward and backward kernels,
+built with the project's other CPU kernels into one library by :mod:`mask2former.kernels`.
 
 The kernels take the q, k, v projections of the tokens in map order and the window layout's slot
 index, so the zero padding, the cyclic shift and the window partition (and their inverses) are

@@ -1,7 +1,7 @@
 """Multi-scale deformable attention for CPU tensors: C++ kernels compiled on first use.
 
-``mask2former/kernels/csrc/deformable_attention_cpu.cpp`` holds the forward and backward kernels, built with the
-project's other CPU kernels into one library by :mod:`mask2former.kernels` (on the
+``mask2former/kernels/csrc/deformable_attention_cpu.cpp`` holds the forward and backward kernels,
+built with the project's other CPU kernels into one library by :mod:`mask2former.kernels` (on the
 first call in a process that does not find it in the kernel cache).
 
 The kernels are wrapped as the operators ``mask2former::ms_deform_attn_cpu`` and its backward
