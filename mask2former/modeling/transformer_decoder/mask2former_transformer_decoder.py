@@ -19,6 +19,7 @@ from torch.nn import functional as F
 from ..layers import PointwiseConv2d
 from ..point_sampling import resize_bilinear
 from ..position_encoding import PositionEmbeddingSine
+from .mask_product import mask_logits
 from .registry import TRANSFORMER_DECODER_REGISTRY
 
 
@@ -389,7 +390,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         batch, channels, height, width = mask_features.shape
         queries = mask_embeds[0].shape[1]
         embeds = torch.cat(list(mask_embeds), dim=1) if len(mask_embeds) > 1 else mask_embeds[0]
-        logits = torch.bmm(embeds, mask_features.reshape(batch, channels, height * width))
+        logits = mask_logits(embeds, mask_features.reshape(batch, channels, height * width))
         return list(logits.view(batch, len(mask_embeds), queries, height, width).unbind(1))
 
     def _readout(
