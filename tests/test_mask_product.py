@@ -63,6 +63,22 @@ def test_values_and_gradients_equal_the_brute_force_sums(live_rows):
     torch.testing.assert_close(f.grad, want_grad_features, rtol=1e-12, atol=1e-12)
 
 
+def test_a_nan_in_the_gradient_propagates_as_in_the_dense_backward():
+    embeds, features, _ = _inputs(batch=2, rows=6, channels=4, points=5, seed=2)
+    grad = torch.zeros(2, 6, 5, dtype=torch.float64)
+    grad[0, 3, 1] = float("nan")
+    grad[1, 0] = 1.0
+    results = []
+    for product in (mask_logits, torch.bmm):
+        e, f = embeds.clone().requires_grad_(), features.clone().requires_grad_()
+        product(e, f).backward(grad)
+        results.append((e.grad, f.grad))
+    (e_sparse, f_sparse), (e_dense, f_dense) = results
+    assert e_sparse[0, 3].isnan().all() and f_sparse[0, :, 1].isnan().all()
+    torch.testing.assert_close(e_sparse, e_dense, equal_nan=True)
+    torch.testing.assert_close(f_sparse, f_dense, equal_nan=True)
+
+
 @pytest.mark.parametrize("needs", ["embeds", "features"])
 def test_one_input_needing_a_gradient(needs):
     embeds, features, _ = _inputs(batch=2, rows=6, channels=4, points=5, seed=1)

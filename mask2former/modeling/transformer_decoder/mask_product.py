@@ -38,7 +38,8 @@ class _MaskProduct(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         embeds, features = ctx.saved_tensors
         need_embeds, need_features = ctx.needs_input_grad
-        live = grad.ne(0).any(dim=2)  # [B, N]: rows with a gradient
+        # [B, N]: rows with a gradient (NaN rows included, so that a NaN still propagates)
+        live = grad.abs().amax(dim=2) != 0
         counts = live.sum(dim=1).tolist()
         if max(counts, default=0) > _SPARSE_ROW_FRACTION * embeds.shape[1]:
             grad_embeds = torch.bmm(grad, features.transpose(1, 2)) if need_embeds else None
