@@ -4,12 +4,18 @@
 autograd's dense backward, side by side in one process.
 
     python benchmarks/bench_mask_product.py [--repeats 20] [--threads 2] [--live 3]
+    python benchmarks/bench_mask_product.py --step [--size 256] [--rounds 4] [--repeats 3]
 
 The shapes are those of the Swin-T training step with deep supervision (batch 2, 10 prediction
 sets of 100 queries, 256 mask channels) at 256x256 and 512x512 input (64x64 and 128x128 mask
 logits). The upstream gradient is the mask losses' pattern: non-zero on ``--live`` matched
 queries per prediction set and image, zero elsewhere. Medians after one warm-up; the two are
 timed alternately.
+
+``--step``: the whole training step of ``bench_floor.py --train`` (Swin-T, batch 2 of
+``--size`` x ``--size``, forward, backward, AdamW; the project's CPU runtime settings) with the
+row-skipping backward and with the dense one (``mask_product.SPARSE_ROW_FRACTION`` 0), in one
+process: ``--rounds`` rounds alternate the two, each one warm-up and ``--repeats`` timed steps.
 """
 
 import argparse
@@ -18,6 +24,7 @@ import time
 
 import torch
 
+from mask2former.modeling.transformer_decoder import mask_product
 from mask2former.modeling.transformer_decoder.mask_product import mask_logits
 
 SHAPES = {"256x256 input": 64, "512x512 input": 128}
@@ -32,14 +39,60 @@ def step(product, embeds, features, grad):
     return time.perf_counter() - start
 
 
+def whole_step(args):
+    """Median seconds of the training step with the dense and with the row-skipping backward."""
+    from bench_floor import CONFIG, training_step
+    from bench_vs_official import training_batch
+    from detectron2.modeling import build_model
+
+    from dinat import add_dinat_config
+    from mask2former.engine import build_cfg, build_optimizer, setup_cpu_runtime
+    from semask import add_semask_config
+
+    cfg = build_cfg(
+        str(CONFIG),
+        ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""],
+        (add_semask_config, add_dinat_config),
+    )
+    setup_cpu_runtime(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    step = training_step(model, training_batch(torch, size=args.size), build_optimizer(cfg, model))
+    fractions = {"dense backward": 0.0, "row-skipping": mask_product.SPARSE_ROW_FRACTION}
+    times = {name: [] for name in fractions}
+    for _ in range(args.rounds):
+        for name, fraction in fractions.items():
+            mask_product.SPARSE_ROW_FRACTION = fraction
+            step()  # warm-up
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - start)
+    mask_product.SPARSE_ROW_FRACTION = fractions["row-skipping"]
+    dense, sparse = (statistics.median(times[name]) for name in fractions)
+    print(
+        f"training step, Swin-T, batch 2 of {args.size}x{args.size}, {torch.get_num_threads()} "
+        f"threads, medians of {args.rounds} x {args.repeats} steps each"
+    )
+    print(f"dense backward {dense:.3f} s, row-skipping {sparse:.3f} s: {dense / sparse:.3f}x")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=None, help="timed runs (default 20; --step: 3)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: as set)")
     p.add_argument("--live", type=int, default=3, help="matched queries per set and image")
+    p.add_argument("--step", action="store_true", help="time the whole training step instead")
+    p.add_argument("--size", type=int, default=256, help="--step: image side")
+    p.add_argument("--rounds", type=int, default=4, help="--step: alternations")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.step:
+        args.repeats = args.repeats or 3
+        whole_step(args)
+        return
+    args.repeats = args.repeats or 20
     batch, sets, queries, channels = 2, 10, 100, 256
     g = torch.Generator().manual_seed(0)
     print(

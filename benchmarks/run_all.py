@@ -17,6 +17,7 @@ BENCHMARKS = [
     ("bench_submission.py", []),
     ("bench_pixel_decoder.py", []),
     ("bench_matcher.py", []),
+    ("bench_mask_product.py", []),
     ("bench_mask2former.py", []),
     ("bench_neighborhood_attention.py", []),
     ("bench_semask.py", []),

@@ -151,8 +151,8 @@ def test_the_criterion_leaves_unmatched_rows_without_gradient_and_both_backwards
         t["masks"] = t["masks"].double()
 
     grads = {}
-    for name, fraction in (("sparse", mask_product._SPARSE_ROW_FRACTION), ("dense", -1.0)):
-        monkeypatch.setattr(mask_product, "_SPARSE_ROW_FRACTION", fraction)
+    for name, fraction in (("sparse", mask_product.SPARSE_ROW_FRACTION), ("dense", 0.0)):
+        monkeypatch.setattr(mask_product, "SPARSE_ROW_FRACTION", fraction)
         decoder.zero_grad()
         torch.manual_seed(3)  # the same points in both runs
         outputs = decoder(feats, mask_features)

@@ -20,9 +20,10 @@ import torch
 
 __all__ = ["mask_logits"]
 
-# The sparse backward is used while at most this fraction of the rows of an image carry a
-# gradient; above it (e.g. a dense upstream gradient) the dense products are as fast.
-_SPARSE_ROW_FRACTION = 0.5
+# The sparse backward is used while at most this fraction of the rows of every image carry a
+# gradient; above it (e.g. a dense upstream gradient) the dense products are as fast. 0.0 makes
+# every backward with a gradient dense (benchmarks/bench_mask_product.py --step compares both).
+SPARSE_ROW_FRACTION = 0.5
 
 
 class _MaskProduct(torch.autograd.Function):
@@ -41,7 +42,7 @@ class _MaskProduct(torch.autograd.Function):
         # [B, N]: rows with a gradient (NaN rows included, so that a NaN still propagates)
         live = grad.abs().amax(dim=2) != 0
         counts = live.sum(dim=1).tolist()
-        if max(counts, default=0) > _SPARSE_ROW_FRACTION * embeds.shape[1]:
+        if max(counts, default=0) > SPARSE_ROW_FRACTION * embeds.shape[1]:
             grad_embeds = torch.bmm(grad, features.transpose(1, 2)) if need_embeds else None
             grad_features = torch.bmm(embeds.transpose(1, 2), grad) if need_features else None
             return grad_embeds, grad_features
