@@ -17,8 +17,10 @@ semantic inference with resizing) is counted and timed on its own; "all" is the 
 ``--train``: the training step of ``bench_vs_official.py`` (batch 2 of 256x256, 3 masks each,
 the project's optimizer recipe). Each component runs forward and backward on its own, from the
 previous component's outputs detached into leaves (backward of the sum of its outputs: the same
-products as with the real upstream gradients); "losses" is the matcher, the criterion and their
-backward, "optimizer" the clipped AdamW step. "all" is the whole step (``model(batch)``, backward
+products as with the real upstream gradients, except the transformer decoder's mask logits,
+whose backward the losses make sparse: the component runs it dense, the whole step as in
+training); "losses" is the matcher, the criterion and their backward, "optimizer" the clipped
+AdamW step. "all" is the whole step (``model(batch)``, backward
 of the summed losses, optimizer step).
 
 The process runs with the project's CPU runtime settings (FLUSH_DENORMALS, REUSE_HOST_MEMORY),
