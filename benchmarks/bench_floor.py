@@ -49,6 +49,19 @@ from semask import add_semask_config
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "m2f_swin_t.yaml"
 
 
+def swin_t_cfg(opts=()):
+    """The benchmarked Swin-T config (CPU, random init, ``opts`` on top), with the project's
+    CPU runtime settings applied to this process, as ``train_net.py`` and the prediction tool
+    do."""
+    cfg = build_cfg(
+        str(CONFIG),
+        ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", *opts],
+        (add_semask_config, add_dinat_config),
+    )
+    setup_cpu_runtime(cfg)
+    return cfg
+
+
 def matmul_rate(dtype, sizes=(512, 1024, 2048), repeats=5):
     """GFLOP/s of ``n x n @ n x n`` products: the best over ``sizes`` of the median run."""
     best = 0.0
@@ -256,12 +269,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    cfg = build_cfg(
-        str(CONFIG),
-        ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "INPUT.MIN_SIZE_TEST", str(args.size)],
-        (add_semask_config, add_dinat_config),
-    )
-    setup_cpu_runtime(cfg)  # as train_net.py and the prediction tool do
+    cfg = swin_t_cfg(["INPUT.MIN_SIZE_TEST", str(args.size)])
     torch.manual_seed(0)
     rate = matmul_rate(torch.float32)
     if args.train:

@@ -41,32 +41,26 @@ def step(product, embeds, features, grad):
 
 def whole_step(args):
     """Median seconds of the training step with the dense and with the row-skipping backward."""
-    from bench_floor import CONFIG, training_step
+    from bench_floor import swin_t_cfg, training_step
     from bench_vs_official import training_batch
     from detectron2.modeling import build_model
 
-    from dinat import add_dinat_config
-    from mask2former.engine import build_cfg, build_optimizer, setup_cpu_runtime
-    from semask import add_semask_config
+    from mask2former.engine import build_optimizer
 
-    cfg = build_cfg(
-        str(CONFIG),
-        ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""],
-        (add_semask_config, add_dinat_config),
-    )
-    setup_cpu_runtime(cfg)
+    cfg = swin_t_cfg()
     torch.manual_seed(0)
     model = build_model(cfg).train()
-    step = training_step(model, training_batch(torch, size=args.size), build_optimizer(cfg, model))
+    batch = training_batch(torch, size=args.size)
+    train_step = training_step(model, batch, build_optimizer(cfg, model))
     fractions = {"dense backward": 0.0, "row-skipping": mask_product.SPARSE_ROW_FRACTION}
     times = {name: [] for name in fractions}
     for _ in range(args.rounds):
         for name, fraction in fractions.items():
             mask_product.SPARSE_ROW_FRACTION = fraction
-            step()  # warm-up
+            train_step()  # warm-up
             for _ in range(args.repeats):
                 start = time.perf_counter()
-                step()
+                train_step()
                 times[name].append(time.perf_counter() - start)
     mask_product.SPARSE_ROW_FRACTION = fractions["row-skipping"]
     dense, sparse = (statistics.median(times[name]) for name in fractions)

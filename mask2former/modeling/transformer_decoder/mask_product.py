@@ -69,7 +69,6 @@ def mask_logits(embeds: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         and embeds.device.type == "cpu"
         and features.device.type == "cpu"
         and not torch.is_autocast_enabled("cpu")
-        and embeds.dtype == features.dtype
     )
     if not sparse_backward:
         return torch.bmm(embeds, features)
