@@ -6,10 +6,20 @@ sizes up to 4000 px; no images needed: label maps are built at the json's sizes)
 * baseline (the competition baseline's loop): per image, annotations sorted by area (largest
   first), ``mask = coco.annToMask(ann); label[mask == 1] = label_id``;
 * ours: ``mask2former.data.masks.rasterize.polygons_to_label_map(anns, h, w, "area_desc")``,
-  with the scan and fill of each ``--impls`` entry: "cpu" (the compiled kernels), "numpy".
+  with the scan and fill of each ``--impls`` entry: "cpu" (the compiled kernels, which paint all
+  polygon annotations of an image in one call), "numpy";
+* with "cpu" in ``--impls``, also the compiled scan and fill called one annotation at a time
+  (``polygon_mask`` of each annotation, in the same order, painted into the map by NumPy), the
+  way ``polygons_to_label_map`` used them before the one-call painting.
 
-Prints images/s and Mpx/s of each (median over repeats), the speed-ups over the loop and the
-agreement with it (fraction of identical pixels over all images).
+Any COCO polygon json can be given with ``--json``, e.g. CamVid's label maps traced to polygons
+(many small staircase polygons per image): ``m2f-labelmap-to-coco --labels
+../shared/data/camvid/train/labels --output camvid.json --ignore-label 11 --no-background
+--num-classes 11``.
+
+Prints images/s and Mpx/s of each (median over repeats; the label maps are built and dropped
+image by image, as a data loader does), the speed-ups over the loop and the agreement with it
+(fraction of identical pixels over all images).
 
     python benchmarks/bench_rasterize.py [--images 300] [--repeats 3] [--json PATH]
         [--impls cpu numpy]
@@ -17,6 +27,7 @@ agreement with it (fraction of identical pixels over all images).
 
 import argparse
 import contextlib
+import functools
 import io
 import json
 import statistics
@@ -26,7 +37,12 @@ from pathlib import Path
 import numpy as np
 from pycocotools.coco import COCO
 
-from mask2former.data.masks.rasterize import RASTERIZE_IMPLS, polygons_to_label_map
+from mask2former.data.masks.rasterize import (
+    RASTERIZE_IMPLS,
+    draw_order_indices,
+    polygon_mask,
+    polygons_to_label_map,
+)
 
 DEFAULT_JSON = (
     Path(__file__).resolve().parents[1].parent / "shared" / "data" / "taco" / "annotations.json"
@@ -47,31 +63,40 @@ def load(json_file, n_images):
     return coco, images, label_of
 
 
-def baseline(coco, images, label_of):
-    out = []
-    for img in images:
-        label = np.zeros((img["height"], img["width"]), dtype=np.uint8)
-        for ann in sorted(coco.imgToAnns[img["id"]], key=lambda a: -a["area"]):
-            mask = coco.annToMask(ann)
-            label[mask == 1] = label_of[ann["category_id"]]
-        out.append(label)
-    return out
+def baseline(coco, label_of, img):
+    label = np.zeros((img["height"], img["width"]), dtype=np.uint8)
+    for ann in sorted(coco.imgToAnns[img["id"]], key=lambda a: -a["area"]):
+        mask = coco.annToMask(ann)
+        label[mask == 1] = label_of[ann["category_id"]]
+    return label
 
 
-def ours(per_image_annotations, images, impl):
-    return [
-        polygons_to_label_map(anns, img["height"], img["width"], "area_desc", impl=impl)
-        for anns, img in zip(per_image_annotations, images)
-    ]
+def ours(anns, img, impl):
+    return polygons_to_label_map(anns, img["height"], img["width"], "area_desc", impl=impl)
 
 
-def timed(fn, repeats):
-    times, result = [], None
+def per_annotation(anns, img):
+    """The compiled scan and fill called one annotation at a time (``polygon_mask``)."""
+    height, width = img["height"], img["width"]
+    label = np.full((height, width), 0, dtype=np.uint8)  # as polygons_to_label_map does
+    for index in draw_order_indices(anns, height, width, "area_desc"):
+        mask, box = polygon_mask(anns[index]["segmentation"], height, width, "cpu")
+        if mask is not None:
+            r0, r1, c0, c1 = box
+            np.copyto(label[r0:r1, c0:c1], anns[index]["category_id"], where=mask)
+    return label
+
+
+def timed(label_map, per_image, images, repeats):
+    """Median seconds to build every image's label map with ``label_map(anns, img)`` (the maps
+    are not kept: each run allocates as a data loader does)."""
+    times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        result = fn()
+        for anns, img in zip(per_image, images):
+            label_map(anns, img)
         times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+    return statistics.median(times)
 
 
 def main():
@@ -96,18 +121,30 @@ def main():
         f"{megapixels:.0f} Mpx, {args.repeats} repeats (median)"
     )
 
-    t_base, ref = timed(lambda: baseline(coco, images, label_of), args.repeats)
-    rows = [("pycocotools loop", t_base, None)]
+    def loop(anns, img):
+        return baseline(coco, label_of, img)
+
+    reference = [loop(anns, img) for anns, img in zip(per_image, images)]
+    variants = [("pycocotools loop", loop)]
     for impl in args.impls:
-        t_ours, res = timed(lambda impl=impl: ours(per_image, images, impl), args.repeats)
-        rows.append((f"polygons_to_label_map {impl}", t_ours, res))
-    for name, t, res in rows:
-        line = f"{name:>27}: {len(images) / t:7.1f} images/s  {megapixels / t:7.1f} Mpx/s  "
+        variants.append((f"polygons_to_label_map {impl}", functools.partial(ours, impl=impl)))
+        if impl == "cpu":
+            variants.append(("cpu, one annotation per call", per_annotation))
+    rows = [
+        (name, timed(label_map, per_image, images, args.repeats), label_map)
+        for name, label_map in variants
+    ]
+    t_base = rows[0][1]
+    for name, t, label_map in rows:
+        line = f"{name:>30}: {len(images) / t:7.1f} images/s  {megapixels / t:7.1f} Mpx/s  "
         line += f"({t:.2f} s)"
-        if res is not None:
-            same = sum(int((a == b).sum()) for a, b in zip(ref, res))
-            total = sum(a.size for a in ref)
-            differing = sum(int(not np.array_equal(a, b)) for a, b in zip(ref, res))
+        if name != "pycocotools loop":
+            same = differing = 0
+            for anns, img, expected in zip(per_image, images, reference):
+                equal = label_map(anns, img) == expected
+                same += int(equal.sum())
+                differing += int(not equal.all())
+            total = sum(a.size for a in reference)
             line += f"  {t_base / t:.1f}x; {same / total:.9f} of pixels identical "
             line += f"({differing} images differ)"
         print(line)

@@ -25,7 +25,9 @@ The scan and the fill run in the project's compiled CPU kernels
 they can be built, else in NumPy (the functions below, with a warning saying why, once); ``impl``
 ("cpu" / "numpy") picks one explicitly. The compiled path made the label maps of CamVid photos
 traced to polygons (87 polygons, 13k vertices per 512x512 image) 3.4x faster in the train mapper (79
--> 23 ms per image).
+-> 23 ms per image). For a uint8 label map it paints each run of consecutive polygon annotations
+(in painting order; RLE annotations end a run) in one call, the scan, fill and paint of every
+annotation in C++ (1.34x faster again on those CamVid label maps: 8.4 -> 6.3 ms per image).
 
 One pycocotools quirk is *not* reproduced: ``frPyObjects`` treats a polygon list whose first
 polygon has exactly 4 numbers as a list of boxes. Here a 2-point polygon is a degenerate polygon
@@ -34,6 +36,7 @@ polygon has exactly 4 numbers as a list of boxes. Here a 2-point polygon is a de
 
 import ctypes
 import functools
+import itertools
 
 import numpy as np
 from detectron2.data import detection_utils as utils
@@ -91,6 +94,8 @@ def _kernels():
     lib.polygon_column_toggles.restype = i64
     lib.fill_column_toggles.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, ptr]
     lib.fill_column_toggles.restype = None
+    lib.paint_polygon_annotations.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ptr]
+    lib.paint_polygon_annotations.restype = None
     return lib
 
 
@@ -281,6 +286,10 @@ def polygons_to_label_map(
     """
     label = np.full((height, width), uncovered_label, dtype=dtype)
     max_label = np.iinfo(dtype).max
+    # one compiled call per run of consecutive polygon annotations (in painting order) where
+    # the kernels and a uint8 map allow it, else one annotation at a time
+    one_call = resolve_impl(impl) == "cpu" and label.dtype == np.uint8
+    run: list = []
     for index in draw_order_indices(annotations, height, width, draw_order):
         ann = annotations[index]
         category = int(ann["category_id"])
@@ -290,14 +299,61 @@ def polygons_to_label_map(
             )
         segmentation = ann["segmentation"]
         if isinstance(segmentation, dict):
+            _paint_polygon_run(label, run)
+            run = []
             mask = mask_util.decode(_rle_of(segmentation, height, width)).astype(bool)
             np.copyto(label, category, where=mask)
-            continue
-        mask, box = polygon_mask(segmentation, height, width, impl)
-        if mask is not None:
-            r0, r1, c0, c1 = box
-            np.copyto(label[r0:r1, c0:c1], category, where=mask)
+        elif one_call:
+            run.append((segmentation, category))
+        else:
+            mask, box = polygon_mask(segmentation, height, width, impl)
+            if mask is not None:
+                r0, r1, c0, c1 = box
+                np.copyto(label[r0:r1, c0:c1], category, where=mask)
+    _paint_polygon_run(label, run)
     return label
+
+
+def _paint_polygon_run(label, run):
+    """Paint ``run``, a list of (COCO polygons, value) annotations in painting order, into the
+    uint8 ``label`` in one call of the compiled kernel: the pixels of :func:`polygon_mask` with
+    ``impl="cpu"``, one annotation after the other."""
+    if not run:
+        return
+    polygons = [
+        p.ravel() if isinstance(p, np.ndarray) else p
+        for segmentation, _ in run
+        for p in segmentation
+    ]
+    lengths = [len(p) for p in polygons]
+    try:
+        xy = np.fromiter(itertools.chain.from_iterable(polygons), np.float64, sum(lengths))
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"polygons must be flat lists [x1, y1, x2, y2, ...] of numbers: {e}"
+        ) from e
+    if not np.isfinite(xy).all():
+        # name the first polygon that has one (as the one-polygon path does)
+        bad = next(p for p in polygons if not np.isfinite(np.asarray(p, np.float64)).all())
+        raise ValueError(
+            f"polygon with non-finite coordinates: {np.asarray(bad, np.float64).tolist()[:8]}..."
+        )
+    polygon_start = np.zeros(len(polygons) + 1, np.int64)
+    np.cumsum(lengths, out=polygon_start[1:])
+    annotation_start = np.zeros(len(run) + 1, np.int64)
+    np.cumsum([len(segmentation) for segmentation, _ in run], out=annotation_start[1:])
+    values = np.array([value for _, value in run], np.uint8)
+    height, width = label.shape
+    _kernels().paint_polygon_annotations(
+        xy.ctypes.data,
+        polygon_start.ctypes.data,
+        annotation_start.ctypes.data,
+        values.ctypes.data,
+        len(run),
+        height,
+        width,
+        label.ctypes.data,
+    )
 
 
 def record_to_label_map(record, draw_order=None):

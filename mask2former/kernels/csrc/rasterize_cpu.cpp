@@ -1,6 +1,7 @@
 // Polygon rasterisation of mask2former/data/masks/rasterize.py, compiled: the column toggles of
 // one polygon (the even-odd column scan of its boundary upsampled 5x, as pycocotools fills
-// polygons) and their per-column parity fill in a bounding box. The Python module documents the
+// polygons), their per-column parity fill in a bounding box, and both applied to every polygon
+// annotation of an image, painted into its label map in one call. The Python module documents the
 // semantics and keeps a NumPy version of both functions; this file computes the same values with
 // the same IEEE double operations in the same order, so the two agree exactly.
 //
@@ -113,5 +114,75 @@ extern "C" void fill_column_toggles(const int64_t* cols, const int64_t* rows, in
     uint8_t* row = grid + r * box_width;
     const uint8_t* above = row - box_width;
     for (int64_t c = 0; c < box_width; ++c) row[c] ^= above[c];
+  }
+}
+
+namespace {
+
+// label[r][c] = value where the (r1 - r0) x (c1 - c0) mask is set (a select per byte, which
+// vectorises: the mask and the label map do not overlap).
+void paint_box(const uint8_t* __restrict mask, int64_t r0, int64_t r1, int64_t c0, int64_t c1,
+               uint8_t value, int64_t width, uint8_t* __restrict label) {
+  const int64_t box_width = c1 - c0;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* __restrict inside = mask + (r - r0) * box_width;
+    uint8_t* __restrict out = label + r * width + c0;
+    for (int64_t c = 0; c < box_width; ++c) out[c] = inside[c] ? value : out[c];
+  }
+}
+
+}  // namespace
+
+// Paints the polygon annotations of one image into its label map in one call: annotation a
+// (in painting order, later ones on top) is the union of its polygons
+// annotation_start[a] .. annotation_start[a + 1] - 1, polygon p the doubles
+// xy[polygon_start[p] .. polygon_start[p + 1]) (x0 y0 x1 y1 ..., a trailing odd value unused);
+// its pixels get values[a]. The same scan, bounding box and per-polygon parity fill as
+// polygon_column_toggles and fill_column_toggles called polygon by polygon (rasterize.py's
+// polygon_mask), with their buffers kept between polygons: the label map is height x width,
+// row-major.
+extern "C" void paint_polygon_annotations(const double* xy, const int64_t* polygon_start,
+                                          const int64_t* annotation_start, const uint8_t* values,
+                                          int64_t num_annotations, int64_t height, int64_t width,
+                                          uint8_t* label) {
+  std::vector<int64_t> cols, rows, ends;  // the annotation's toggles, each polygon's end
+  std::vector<uint8_t> grid, part;
+  for (int64_t a = 0; a < num_annotations; ++a) {
+    cols.clear();
+    rows.clear();
+    ends.clear();
+    for (int64_t p = annotation_start[a]; p < annotation_start[a + 1]; ++p) {
+      const double* points = xy + polygon_start[p];
+      const int64_t k = (polygon_start[p + 1] - polygon_start[p]) / 2;
+      const size_t used = cols.size();
+      const int64_t capacity = polygon_boundary_points(points, k);
+      cols.resize(used + capacity);
+      rows.resize(used + capacity);
+      const int64_t count =
+          polygon_column_toggles(points, k, height, width, cols.data() + used, rows.data() + used);
+      cols.resize(used + count);
+      rows.resize(used + count);
+      if (count > 0) ends.push_back(static_cast<int64_t>(cols.size()));
+    }
+    if (cols.empty()) continue;
+    const int64_t r0 = *std::min_element(rows.begin(), rows.end());
+    const int64_t r1 = std::min(*std::max_element(rows.begin(), rows.end()), height);
+    const int64_t c0 = *std::min_element(cols.begin(), cols.end());
+    const int64_t c1 = *std::max_element(cols.begin(), cols.end()) + 1;
+    if (r1 <= r0) continue;
+    const int64_t box_size = (r1 - r0) * (c1 - c0);
+    grid.resize(box_size);
+    part.resize(box_size);
+    int64_t begin = 0;
+    for (size_t i = 0; i < ends.size(); ++i) {
+      uint8_t* target = i == 0 ? grid.data() : part.data();
+      fill_column_toggles(cols.data() + begin, rows.data() + begin, ends[i] - begin, r0, r1, c0,
+                          c1, target);
+      if (i > 0) {
+        for (int64_t j = 0; j < box_size; ++j) grid[j] |= part[j];
+      }
+      begin = ends[i];
+    }
+    paint_box(grid.data(), r0, r1, c0, c1, values[a], width, label);
   }
 }
