@@ -145,34 +145,36 @@ extern "C" void paint_polygon_annotations(const double* xy, const int64_t* polyg
                                           const int64_t* annotation_start, const uint8_t* values,
                                           int64_t num_annotations, int64_t height, int64_t width,
                                           uint8_t* label) {
-  std::vector<int64_t> cols, rows, ends;  // the annotation's toggles, each polygon's end
+  // the annotation's toggles (the first `used` entries; the buffers only grow, so nothing is
+  // zero-filled again per polygon) and each polygon's end among them
+  std::vector<int64_t> cols, rows, ends;
   std::vector<uint8_t> grid, part;
   for (int64_t a = 0; a < num_annotations; ++a) {
-    cols.clear();
-    rows.clear();
+    int64_t used = 0;
     ends.clear();
     for (int64_t p = annotation_start[a]; p < annotation_start[a + 1]; ++p) {
       const double* points = xy + polygon_start[p];
       const int64_t k = (polygon_start[p + 1] - polygon_start[p]) / 2;
-      const size_t used = cols.size();
       const int64_t capacity = polygon_boundary_points(points, k);
-      cols.resize(used + capacity);
-      rows.resize(used + capacity);
+      if (static_cast<int64_t>(cols.size()) < used + capacity) {
+        cols.resize(used + capacity);
+        rows.resize(used + capacity);
+      }
       const int64_t count =
           polygon_column_toggles(points, k, height, width, cols.data() + used, rows.data() + used);
-      cols.resize(used + count);
-      rows.resize(used + count);
-      if (count > 0) ends.push_back(static_cast<int64_t>(cols.size()));
+      used += count;
+      if (count > 0) ends.push_back(used);
     }
-    if (cols.empty()) continue;
-    const int64_t r0 = *std::min_element(rows.begin(), rows.end());
-    const int64_t r1 = std::min(*std::max_element(rows.begin(), rows.end()), height);
-    const int64_t c0 = *std::min_element(cols.begin(), cols.end());
-    const int64_t c1 = *std::max_element(cols.begin(), cols.end()) + 1;
+    if (used == 0) continue;
+    const int64_t r0 = *std::min_element(rows.begin(), rows.begin() + used);
+    const int64_t r1 = std::min(*std::max_element(rows.begin(), rows.begin() + used), height);
+    const int64_t c0 = *std::min_element(cols.begin(), cols.begin() + used);
+    const int64_t c1 = *std::max_element(cols.begin(), cols.begin() + used) + 1;
     if (r1 <= r0) continue;
     const int64_t box_size = (r1 - r0) * (c1 - c0);
-    grid.resize(box_size);
-    part.resize(box_size);
+    // (fill_column_toggles zeroes its grid itself)
+    if (static_cast<int64_t>(grid.size()) < box_size) grid.resize(box_size);
+    if (ends.size() > 1 && static_cast<int64_t>(part.size()) < box_size) part.resize(box_size);
     int64_t begin = 0;
     for (size_t i = 0; i < ends.size(); ++i) {
       uint8_t* target = i == 0 ? grid.data() : part.data();
